@@ -1,0 +1,125 @@
+"""Batching: `batchify`, BPTT windows, random window lengths rounded up to buckets.
+
+Layouts are time-major: a batchified stream is `[n, B]`, column j the contiguous stretch
+`ids[j*n : (j+1)*n]` (SPEC.md section 1). A window at row i of length L has inputs
+`rows[i : i+L]` and targets `rows[i+1 : i+1+L]`, with L cut to `n - 1 - i` at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from mos_jax.errors import DataError
+
+
+def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
+    """`[n, B]` int32 with `n = len(ids) // B`; the remainder is dropped."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise DataError(f"batchify expects a 1-D id stream, got shape {ids.shape}")
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    n = len(ids) // batch_size
+    if n < 2:
+        raise DataError(
+            f"a stream of {len(ids):,} tokens is too short for batch size {batch_size}: "
+            f"each of the {batch_size} columns needs at least 2 tokens (an input and a "
+            f"target). Use a batch size of at most {max(len(ids) // 2, 1)}.")
+    return np.ascontiguousarray(
+        ids[: n * batch_size].reshape(batch_size, n).T.astype(np.int32))
+
+
+def window(rows: np.ndarray, i: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs `rows[i:i+L]` and targets `rows[i+1:i+1+L]`, L cut at the stream's end."""
+    length = min(length, len(rows) - 1 - i)
+    if length < 1:
+        raise DataError(f"no window starts at row {i} of a {len(rows)}-row stream")
+    return rows[i:i + length], rows[i + 1:i + 1 + length]
+
+
+def padded_window(rows: np.ndarray, i: int, length: int, padded_length: int
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """`window(rows, i, length)` zero-padded at the end to `padded_length` rows.
+
+    Returns inputs and targets of shape `[padded_length, B]` and the true length; the
+    model masks the padded steps (they neither score nor advance the carry).
+    """
+    inputs, targets = window(rows, i, length)
+    length = len(inputs)
+    if length > padded_length:
+        raise ValueError(f"window of {length} rows does not fit in {padded_length}")
+    pad = ((0, padded_length - length), (0, 0))
+    return np.pad(inputs, pad), np.pad(targets, pad), length
+
+
+def eval_windows(n_rows: int, bptt: int) -> Iterator[tuple[int, int]]:
+    """Fixed windows `(start, length)` covering every target of an `n_rows` stream."""
+    for i in range(0, n_rows - 1, bptt):
+        yield i, min(bptt, n_rows - 1 - i)
+
+
+def sample_seq_len(rng: np.random.Generator, bptt: int, max_len: int) -> int:
+    """The reference's random BPTT length (SPEC.md section 3).
+
+    `base = bptt` with probability 0.95, else `bptt / 2`; `max(5, int(normal(base, 5)))`
+    (int truncates), capped at `max_len`.
+    """
+    base = bptt if rng.random() < 0.95 else bptt / 2
+    return min(max(5, int(rng.normal(base, 5))), max_len)
+
+
+def default_buckets(bptt: int, max_len: int, multiple: int = 8) -> tuple[int, ...]:
+    """A few padded lengths covering 5..max_len, dense near `bptt` where most land.
+
+    For bptt 70, max_len 110: (40, 56, 64, 72, 80, 88, 110).
+    """
+    fractions = (0.5, 0.75, 0.875, 1.0, 1.125, 1.25)
+    sizes = {min(-(-int(np.ceil(f * bptt)) // multiple) * multiple, max_len)
+             for f in fractions}
+    sizes.add(max_len)
+    return tuple(sorted(s for s in sizes if s >= 1))
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `length`."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainWindow:
+    """One training step's window.
+
+    `seq_len` is the drawn length (it scales the step's lr, as in the reference);
+    `length` is the rows actually used (cut at the stream's end); `padded` its bucket.
+    """
+
+    start: int
+    seq_len: int
+    length: int
+    padded: int
+
+
+def train_windows(n_rows: int, rng: np.random.Generator, bptt: int, max_len: int,
+                  buckets: Sequence[int] | None = None, start: int = 0
+                  ) -> Iterator[TrainWindow]:
+    """The windows of one training epoch with random lengths (SPEC.md section 3).
+
+    Each step draws `sample_seq_len`, advances by that many rows and is padded to its
+    bucket. The last window is cut at the stream's end; the epoch ends when fewer than
+    one target row remains. `start` resumes mid-epoch (the caller restores `rng`).
+    """
+    buckets = tuple(buckets or default_buckets(bptt, max_len))
+    if max(buckets) < max_len:
+        raise ValueError(f"buckets {buckets} do not cover max_len {max_len}")
+    i = start
+    while i < n_rows - 2:
+        seq_len = sample_seq_len(rng, bptt, max_len)
+        length = min(seq_len, n_rows - 1 - i)
+        yield TrainWindow(i, seq_len, length, bucket_for(length, buckets))
+        i += seq_len

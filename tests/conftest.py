@@ -1,0 +1,26 @@
+"""Shared test set-up: the real corpora, when present, and the import path."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # numpy_reference
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep the corpus id cache out of the user's home directory."""
+    monkeypatch.setenv("MOS_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def shared_corpus(name: str) -> Path:
+    """`../shared/data/NAME`, or skip the test with a message when it is absent."""
+    path = SHARED_DATA / name
+    if not (path / "train.txt").is_file():
+        pytest.skip(f"the {name} corpus is not at {path} (tests read the real corpora "
+                    "from ../shared/data beside the repository)")
+    return path

@@ -1,0 +1,62 @@
+"""batchify, windows, random BPTT lengths and buckets."""
+
+import numpy as np
+import pytest
+
+from mos_jax import batching
+from mos_jax.errors import DataError
+
+
+def test_batchify_by_hand():
+    rows = batching.batchify(np.arange(11), 3)
+    # n = 3 rows; column j is ids[3j : 3j+3]; the last two ids are dropped.
+    assert rows.tolist() == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert rows.dtype == np.int32
+    with pytest.raises(DataError, match="at most 5"):
+        batching.batchify(np.arange(11), 6)
+
+
+def test_windows_cut_at_the_end():
+    rows = np.arange(10)[:, None]
+    x, y = batching.window(rows, 7, 5)
+    assert x[:, 0].tolist() == [7, 8] and y[:, 0].tolist() == [8, 9]
+    assert list(batching.eval_windows(10, 4)) == [(0, 4), (4, 4), (8, 1)]
+    px, py, n = batching.padded_window(rows, 7, 5, 6)
+    assert n == 2 and px.shape == (6, 1)
+    assert px[:, 0].tolist() == [7, 8, 0, 0, 0, 0] and py[:, 0].tolist() == [8, 9, 0, 0, 0, 0]
+
+
+def test_seq_len_follows_the_reference_rule():
+    rng = np.random.default_rng(0)
+    lens = np.array([batching.sample_seq_len(rng, 70, 110) for _ in range(20_000)])
+    assert lens.min() >= 5 and lens.max() <= 110
+    short = lens < 52  # from the bptt/2 = 35 component (70 - 3.6 sigma)
+    assert short.mean() == pytest.approx(0.05, abs=0.006)
+    # int() truncates toward zero: the mean of the long component is about 70 - 0.5.
+    assert lens[~short].mean() == pytest.approx(69.5, abs=0.15)
+    # Same generator state, same draw (the training loop relies on this for resume).
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [batching.sample_seq_len(a, 70, 110) for _ in range(50)] == \
+           [batching.sample_seq_len(b, 70, 110) for _ in range(50)]
+
+
+def test_default_buckets_cover_all_lengths():
+    buckets = batching.default_buckets(70, 110)
+    assert buckets == (40, 56, 64, 72, 80, 88, 110)
+    for length in range(1, 111):
+        b = batching.bucket_for(length, buckets)
+        assert b >= length and all(c < length for c in buckets if c < b)
+    assert len(batching.default_buckets(70, 90)) <= 8
+
+
+def test_train_windows_tile_the_stream():
+    n_rows = 5000
+    wins = list(batching.train_windows(n_rows, np.random.default_rng(1), 70, 110))
+    assert wins[0].start == 0
+    for a, b in zip(wins, wins[1:]):
+        assert b.start == a.start + a.seq_len  # advance by the drawn length
+        assert a.length == a.seq_len
+    last = wins[-1]
+    assert last.start + last.length == n_rows - 1  # the last target is the last row
+    assert {w.padded for w in wins} <= set(batching.default_buckets(70, 110))
+    assert all(w.length <= w.padded for w in wins)

@@ -1,0 +1,121 @@
+"""Corpus reading, the id cache, errors, and the synthetic Markov corpus."""
+
+import numpy as np
+import pytest
+
+from conftest import shared_corpus
+from mos_jax import data
+from mos_jax.errors import DataError
+
+
+def write_corpus(path, train, valid, test, mode="w"):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in zip(data.SPLITS, (train, valid, test)):
+        (path / f"{name}.txt").write_text(text, encoding="utf-8")
+    return path
+
+
+def test_vocabulary_order_and_eos_by_hand(tmp_path):
+    d = write_corpus(tmp_path / "c", " a b \n\n c a \n", "b d\n   \n", "e a\n")
+    c = data.read_corpus(d, cache=False)
+    # First occurrence over train, valid, test; blank lines are a lone <eos>.
+    assert c.vocab == ("a", "b", "<eos>", "c", "d", "e")
+    assert c.train.tolist() == [0, 1, 2, 2, 3, 0, 2]
+    assert c.valid.tolist() == [1, 4, 2, 2]
+    assert c.test.tolist() == [5, 0, 2]
+    assert c.train.dtype == np.int32
+    assert c.decode(c.encode(["e", "a"])) == ["e", "a"]
+
+
+def test_ptb_counts_and_ids():
+    c = data.read_corpus(shared_corpus("ptb"))
+    assert (len(c.train), len(c.valid), len(c.test)) == (929_589, 73_760, 82_430)
+    assert c.vocab_size == 10_000
+    assert (c.vocab[0], c.vocab[24], c.vocab[9999]) == ("aer", "<eos>", "unilab")
+
+
+def test_wikitext2_counts():
+    c = data.read_corpus(shared_corpus("wikitext-2"))
+    assert (len(c.train), len(c.valid), len(c.test)) == (2_088_628, 217_646, 245_569)
+    assert c.vocab_size == 33_278
+    assert c.word_to_id["<eos>"] == 0
+
+
+def test_cache_is_used_and_keyed_by_content(tmp_path, monkeypatch):
+    d = write_corpus(tmp_path / "c", "a b\n", "b\n", "a\n")
+    cache = tmp_path / "cache"
+    first = data.read_corpus(d, cache_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 1
+
+    def fail(*a, **k):
+        raise AssertionError("tokenised again despite the cache")
+    monkeypatch.setattr(data, "build_corpus", fail)
+    second = data.read_corpus(d, cache_dir=cache)
+    assert second.vocab == first.vocab
+    assert np.array_equal(second.train, first.train)
+    monkeypatch.undo()
+
+    (d / "test.txt").write_text("a c\n")  # new content -> new key, new vocabulary
+    third = data.read_corpus(d, cache_dir=cache)
+    assert "c" in third.vocab and len(list(cache.glob("*.npz"))) == 2
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    d = write_corpus(tmp_path / "c", "a b\n", "b\n", "a\n")
+    cache = tmp_path / "cache"
+    data.read_corpus(d, cache_dir=cache)
+    (entry,) = cache.glob("*.npz")
+    entry.write_bytes(b"not a zip file")
+    assert data.read_corpus(d, cache_dir=cache).train.tolist() == [0, 1, 2]
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.read_corpus(tmp_path / "nowhere")
+    d = write_corpus(tmp_path / "c", "a\n", "a\n", "a\n")
+    (d / "valid.txt").unlink()
+    with pytest.raises(DataError, match=r"missing corpus file .*valid\.txt"):
+        data.read_corpus(d)
+    write_corpus(d, "a\n", " \n\n", "a\n")
+    with pytest.raises(DataError, match=r"valid\.txt is empty"):
+        data.read_corpus(d, cache=False)
+    write_corpus(d, "a\n", "a\n", "a\n")
+    (d / "test.txt").write_bytes(b"ok\ncaf\xe9\n")
+    with pytest.raises(DataError, match=r"not UTF-8 .*line 2"):
+        data.read_corpus(d, cache=False)
+    write_corpus(d, "a b\n", "a zz\n", "qq b\n")
+    with pytest.raises(DataError, match=r"valid split .* 'zz'"):
+        data.read_corpus(d, vocab=["a", "b", "<eos>"])
+    with pytest.raises(DataError, match="unknown split"):
+        data.read_corpus(d, cache=False).split("dev")
+    with pytest.raises(DataError, match="'nope'"):
+        data.read_corpus(d, cache=False).encode(["a", "nope"])
+
+
+def test_synthetic_chain_is_exact():
+    chain = data.make_markov_chain(vocab_size=40, peakedness=2.0, seed=3)
+    p = np.exp(chain.log_transition)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(chain.stationary @ p, chain.stationary, atol=1e-12)
+    # Entropy rate by an independent formula: H = -sum_ij pi_i P_ij log P_ij.
+    h = -np.sum(chain.stationary[:, None] * p * np.log(p))
+    assert chain.entropy_rate == pytest.approx(h, rel=1e-12)
+    # High rank: the softmax bottleneck cannot represent it with d << V.
+    assert np.linalg.matrix_rank(chain.log_transition) >= 39
+
+
+def test_synthetic_corpus_samples_the_chain():
+    c = data.synthetic_corpus(vocab_size=30, train_tokens=60_000, valid_tokens=100,
+                              test_tokens=100, peakedness=1.5, seed=7)
+    chain = data.make_markov_chain(30, 1.5, 7)
+    assert c.entropy_rate == pytest.approx(chain.entropy_rate)
+    # The sample's own NLL under the true chain converges to the entropy rate.
+    nll = -chain.log_transition[c.train[:-1], c.train[1:]].mean()
+    assert nll == pytest.approx(c.entropy_rate, rel=0.03)
+    freq = np.bincount(c.train, minlength=30) / len(c.train)
+    np.testing.assert_allclose(freq, chain.stationary, atol=0.02)
+    again = data.load_corpus("synthetic", vocab_size=30, train_tokens=60_000,
+                             valid_tokens=100, test_tokens=100, peakedness=1.5, seed=7)
+    assert np.array_equal(again.train, c.train) and again.vocab[:2] == ("w0", "w1")
+    with pytest.raises(DataError, match="at least 2 tokens"):
+        data.synthetic_corpus(test_tokens=1)
