@@ -1,0 +1,201 @@
+"""The AWD-LSTM language model with a pluggable output head, and its training loss.
+
+`LanguageModel` = tied embedding (with embedding dropout) -> locked dropout -> L
+weight-dropped LSTM layers (locked dropout between them) -> locked dropout -> head.
+Parameters (Flax names; SPEC.md section 2 gives the reference's):
+
+    embedding            [V, D]    U(-0.1, 0.1), also the decoder weight
+    lstm_{l}/ih_kernel   [I_l, 4H_l], hh_kernel [H_l, 4H_l], ih_bias, hh_bias [4H_l]
+    head/...             see `mos_jax.heads`
+
+The functional entry points are `init_params`, `init_carry`, `apply` and
+`regularized_loss`; `ModelConfig` is hashable, so it can be a static jit argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from typing import Any, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mos_jax import heads as heads_lib
+from mos_jax.errors import ConfigError
+from mos_jax.layers import (Carry, WeightDropLSTM, embedding_dropout, locked_dropout,
+                            uniform_init)
+
+Params = Any  # a pytree of arrays
+ModelCarry = tuple[Carry, ...]  # one (h, c) per layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and dropout rates. Defaults are the paper's PTB model."""
+
+    vocab_size: int
+    emsize: int = 280
+    nhid: int = 960
+    nhidlast: int = 620
+    nlayers: int = 3
+    head: str = "mos"
+    n_experts: int = 15
+    dropout: float = 0.4
+    dropouth: float = 0.225
+    dropouti: float = 0.4
+    dropoute: float = 0.1
+    dropoutl: float = 0.29
+    wdrop: float = 0.5
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        heads_lib.get_head(self.head)  # raises on an unknown name
+        for f in ("vocab_size", "emsize", "nhid", "nhidlast", "nlayers", "n_experts"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"model.{f} must be at least 1, got {getattr(self, f)}")
+        for f in ("dropout", "dropouth", "dropouti", "dropoute", "dropoutl", "wdrop"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                raise ConfigError(f"model.{f} is a dropout rate in [0, 1), got "
+                                  f"{getattr(self, f)}")
+        if self.head == "softmax" and self.nhidlast != self.emsize:
+            raise ConfigError(
+                f"the softmax head ties its decoder to the embedding, so nhidlast "
+                f"({self.nhidlast}) must equal emsize ({self.emsize})")
+        try:
+            jnp.dtype(self.compute_dtype)
+        except TypeError:
+            raise ConfigError(f"model.compute_dtype {self.compute_dtype!r} is not a "
+                              "dtype: use float32 or bfloat16") from None
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(self.nhid if l < self.nlayers - 1 else self.nhidlast
+                     for l in range(self.nlayers))
+
+    @property
+    def input_sizes(self) -> tuple[int, ...]:
+        return tuple(self.emsize if l == 0 else self.nhid for l in range(self.nlayers))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a mapping (e.g. a ConfigDict); unknown keys are errors."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"unknown model config key {key!r}.{hint}")
+        return cls(**dict(d))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class ModelOutput(NamedTuple):
+    target_logprobs: jax.Array | None  # [T, B]
+    logprobs: jax.Array | None  # [T, B, V] when asked for
+    output: jax.Array  # [T, B, nhidlast], last layer after its dropout (AR)
+    raw_output: jax.Array  # [T, B, nhidlast], last layer before dropout (TAR)
+    carry: ModelCarry
+
+
+class LanguageModel(nn.Module):
+    """AWD-LSTM encoder + head with tied weights. Time-major inputs [T, B]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, carry: ModelCarry,
+                 targets: jax.Array | None = None, *, deterministic: bool = True,
+                 length: jax.Array | int | None = None,
+                 return_logprobs: bool = False) -> ModelOutput:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.compute_dtype)
+
+        def rng():
+            return None if deterministic else self.make_rng("dropout")
+
+        embedding = self.param("embedding", uniform_init(0.1),
+                               (cfg.vocab_size, cfg.emsize))
+        valid = None
+        if length is not None:
+            valid = jnp.arange(inputs.shape[0]) < length
+        x = embedding_dropout(embedding, inputs, cfg.dropoute, rng())
+        x = locked_dropout(x, cfg.dropouti, rng())
+        new_carry = []
+        for l, size in enumerate(cfg.hidden_sizes):
+            x, c = WeightDropLSTM(size, cfg.wdrop, dtype, name=f"lstm_{l}")(
+                x, carry[l], deterministic=deterministic, valid=valid)
+            new_carry.append(c)
+            if l < cfg.nlayers - 1:
+                x = locked_dropout(x, cfg.dropouth, rng())
+        raw_output = x
+        output = locked_dropout(x, cfg.dropout, rng())
+        head = heads_lib.get_head(cfg.head)(
+            n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype, name="head")
+        out = head(output, embedding, targets, deterministic=deterministic,
+                   return_logprobs=return_logprobs)
+        return ModelOutput(out.target_logprobs, out.logprobs, output, raw_output,
+                           tuple(new_carry))
+
+
+def init_carry(config: ModelConfig, batch_size: int) -> ModelCarry:
+    """Zero `(h, c)` for every layer, each [batch_size, H_l] float32."""
+    return tuple((jnp.zeros((batch_size, h), jnp.float32),
+                  jnp.zeros((batch_size, h), jnp.float32))
+                 for h in config.hidden_sizes)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Fresh parameters with the reference's initialisation (SPEC.md section 2)."""
+    dummy = jnp.zeros((2, 1), jnp.int32)
+    return LanguageModel(config).init(rng, dummy, init_carry(config, 1), dummy)["params"]
+
+
+def param_count(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def apply(config: ModelConfig, params: Params, inputs: jax.Array, carry: ModelCarry,
+          targets: jax.Array | None = None, *, rng: jax.Array | None = None,
+          length: jax.Array | int | None = None,
+          return_logprobs: bool = False) -> ModelOutput:
+    """One forward pass; dropout is on exactly when `rng` is given."""
+    rngs = None if rng is None else {"dropout": rng}
+    return LanguageModel(config).apply(
+        {"params": params}, inputs, carry, targets, deterministic=rng is None,
+        length=length, return_logprobs=return_logprobs, rngs=rngs)
+
+
+def regularized_loss(model_config: ModelConfig, params: Params, inputs: jax.Array,
+                     targets: jax.Array, carry: ModelCarry, alpha: float, beta: float,
+                     rng: jax.Array | None = None,
+                     length: jax.Array | int | None = None
+                     ) -> tuple[jax.Array, dict[str, Any]]:
+    """The training loss of one window (SPEC.md section 2, item 6).
+
+    `NLL + alpha * mean(output^2) + beta * mean((raw_{t+1} - raw_t)^2)`, NLL the mean
+    over the window's targets. `inputs`, `targets`: [T, B] int. With `length`, only the
+    first `length` steps are real (the rest is bucket padding): they alone are scored
+    and averaged, and the carry stops there. No dropout when `rng` is None.
+
+    Returns `(loss, aux)` with aux keys `nll`, `ar`, `tar` (unweighted means) and
+    `carry` (the new carry; stop its gradient before the next window).
+    """
+    out = apply(model_config, params, inputs, carry, targets, rng=rng, length=length)
+    steps, batch = targets.shape
+    n = steps if length is None else length
+    valid = (jnp.arange(steps) < n).astype(jnp.float32)
+    nll = -jnp.sum(out.target_logprobs * valid[:, None]) / (n * batch)
+    width = out.output.shape[-1]
+    ar = jnp.sum(jnp.square(out.output) * valid[:, None, None]) / (n * batch * width)
+    diff = out.raw_output[1:] - out.raw_output[:-1]
+    pairs = valid[1:]  # both steps of the pair are real
+    tar = (jnp.sum(jnp.square(diff) * pairs[:, None, None])
+           / (jnp.maximum(n - 1, 1) * batch * width))
+    loss = nll + alpha * ar + beta * tar
+    return loss, {"nll": nll, "ar": ar, "tar": tar, "carry": out.carry}
