@@ -1,0 +1,300 @@
+"""Weights in the reference's layout: import (`.npz`, `.pt`) and export.
+
+The reference names and layouts are those of SPEC.md section 2 (`encoder.weight` [V, D],
+`rnns.{l}.weight_ih` [4H, I], ...). The names the reference code actually saves are
+accepted too: `rnns.{l}.module.weight_hh_l0_raw` (weight-dropped LSTM),
+`rnns.{l}.weight_ih_l0`, `latent.0.weight` (a Sequential), a leading `module.`
+(DataParallel), and `decoder.weight` (tied, so ignored). PyTorch weights are the
+transposes of Flax kernels; gate blocks are in the same order (i, f, g, o).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mos_jax.errors import CheckpointError
+from mos_jax.model import ModelConfig, Params
+
+_ALIASES = [  # (pattern on a reference name, SPEC.md name)
+    (re.compile(r"^rnns\.(\d+)\.(?:module\.)?weight_hh(?:_l0)?_raw$"), r"rnns.\1.weight_hh"),
+    (re.compile(r"^rnns\.(\d+)\.(?:module\.)?(weight_ih|weight_hh|bias_ih|bias_hh)(?:_l0)?$"),
+     r"rnns.\1.\2"),
+    (re.compile(r"^latent\.0\.(weight|bias)$"), r"latent.\1"),
+]
+_LSTM_PARTS = {"weight_ih": "ih_kernel", "weight_hh": "hh_kernel",
+               "bias_ih": "ih_bias", "bias_hh": "hh_bias"}
+
+
+def normalize_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Map a reference state dict to SPEC.md names as float32 NumPy arrays.
+
+    Unknown keys are dropped. A raw (un-dropped) recurrent weight wins over a derived
+    `weight_hh_l0` saved beside it.
+    """
+    out: dict[str, np.ndarray] = {}
+    raw_seen: set[str] = set()
+    for key, value in state.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        is_raw = name.endswith("_raw")
+        for pattern, repl in _ALIASES:
+            if pattern.match(name):
+                name = pattern.sub(repl, name)
+                break
+        if name in raw_seen and not is_raw:
+            continue
+        if is_raw:
+            raw_seen.add(name)
+        out[name] = np.asarray(value, dtype=np.float32)
+    return out
+
+
+def _require(state: Mapping[str, np.ndarray], name: str, shape=None) -> np.ndarray:
+    if name not in state:
+        raise CheckpointError(f"the weights lack {name!r}: is this an AWD-LSTM(-MoS) "
+                              f"state dict? Keys found: {', '.join(sorted(state)[:12])}")
+    value = state[name]
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise CheckpointError(f"{name} has shape {tuple(value.shape)}, expected "
+                              f"{tuple(shape)} from the other weights")
+    return value
+
+
+def from_reference_state(state: Mapping[str, Any], head: str | None = None,
+                         **config_overrides) -> tuple[ModelConfig, Params]:
+    """Infer the architecture from the shapes and return `(ModelConfig, params)`.
+
+    `head` picks between heads with the same weights: `mos` (default when `prior.weight`
+    is present) or `moc`; without `prior.weight` the head is `softmax`. Dropout rates
+    are not stored in weights: they keep `ModelConfig`'s defaults unless overridden.
+    """
+    state = normalize_state(state)
+    emb = _require(state, "encoder.weight")
+    if emb.ndim != 2:
+        raise CheckpointError(f"encoder.weight must be [V, D], got shape {emb.shape}")
+    vocab_size, emsize = emb.shape
+    nlayers = 0
+    while f"rnns.{nlayers}.weight_hh" in state:
+        nlayers += 1
+    if nlayers == 0:
+        raise CheckpointError("the weights hold no LSTM layer (rnns.0.weight_hh)")
+    sizes = [state[f"rnns.{l}.weight_hh"].shape[1] for l in range(nlayers)]
+    nhid, nhidlast = sizes[0] if nlayers > 1 else sizes[-1], sizes[-1]
+    has_prior = "prior.weight" in state
+    if head is None:
+        head = "mos" if has_prior else "softmax"
+    if head in ("mos", "moc") and not has_prior:
+        raise CheckpointError(f"head {head!r} needs prior.weight and latent.weight, "
+                              "which these weights lack (a softmax model?)")
+    if head == "softmax" and has_prior:
+        raise CheckpointError("these weights have a mixture head (prior.weight); "
+                              "import them with head='mos' or head='moc'")
+    n_experts = state["prior.weight"].shape[0] if has_prior else 1
+    config = ModelConfig(vocab_size=vocab_size, emsize=emsize, nhid=nhid,
+                         nhidlast=nhidlast, nlayers=nlayers, head=head,
+                         n_experts=n_experts, **config_overrides)
+    params: dict[str, Any] = {"embedding": emb}
+    for l, (h, i) in enumerate(zip(config.hidden_sizes, config.input_sizes)):
+        shapes = {"weight_ih": (4 * h, i), "weight_hh": (4 * h, h),
+                  "bias_ih": (4 * h,), "bias_hh": (4 * h,)}
+        layer = {}
+        for ref, flax_name in _LSTM_PARTS.items():
+            value = _require(state, f"rnns.{l}.{ref}", shapes[ref])
+            layer[flax_name] = value.T if ref.startswith("weight") else value
+        params[f"lstm_{l}"] = layer
+    head_params = {"decoder_bias": _require(state, "decoder.bias", (vocab_size,))}
+    if has_prior:
+        e, d = n_experts, emsize
+        head_params["prior_kernel"] = _require(state, "prior.weight", (e, nhidlast)).T
+        head_params["latent_kernel"] = _require(state, "latent.weight", (e * d, nhidlast)).T
+        head_params["latent_bias"] = _require(state, "latent.bias", (e * d,))
+    params["head"] = head_params
+    return config, _to_jax(params)
+
+
+def _to_jax(tree):
+    import jax
+    import jax.numpy as jnp
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(np.ascontiguousarray(x)), tree)
+
+
+def to_reference_state(model_config: ModelConfig, params: Params,
+                       style: str = "spec") -> dict[str, np.ndarray]:
+    """Export params to the reference's names and layouts (inverse of the import).
+
+    `style="spec"` uses SPEC.md's names (`rnns.0.weight_hh`, `latent.weight`);
+    `style="reference"` the names the reference code's `state_dict()` has
+    (`rnns.0.module.weight_hh_l0_raw`, `latent.0.weight`, and `decoder.weight`).
+    """
+    if style not in ("spec", "reference"):
+        raise ValueError(f"style must be 'spec' or 'reference', got {style!r}")
+    p = params
+    out = {"encoder.weight": np.asarray(p["embedding"])}
+    for l in range(model_config.nlayers):
+        layer = p[f"lstm_{l}"]
+        for ref, flax_name in _LSTM_PARTS.items():
+            value = np.asarray(layer[flax_name])
+            value = value.T if ref.startswith("weight") else value
+            if style == "spec":
+                out[f"rnns.{l}.{ref}"] = value
+            else:
+                raw = "_raw" if ref == "weight_hh" and model_config.wdrop > 0 else ""
+                mod = "module." if model_config.wdrop > 0 else ""
+                out[f"rnns.{l}.{mod}{ref}_l0{raw}"] = value
+    head = p["head"]
+    if "prior_kernel" in head:
+        lat = "latent" if style == "spec" else "latent.0"
+        out["prior.weight"] = np.asarray(head["prior_kernel"]).T
+        out[f"{lat}.weight"] = np.asarray(head["latent_kernel"]).T
+        out[f"{lat}.bias"] = np.asarray(head["latent_bias"])
+    out["decoder.bias"] = np.asarray(head["decoder_bias"])
+    if style == "reference":
+        out["decoder.weight"] = out["encoder.weight"]
+    return out
+
+
+def load_reference_npz(path: str | os.PathLike, head: str | None = None,
+                       **config_overrides) -> tuple[ModelConfig, Params]:
+    """Read an `.npz` of reference-named weights; returns `(model_config, params)`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no weight file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable .npz file ({e})") from None
+    return from_reference_state(state, head=head, **config_overrides)
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch checkpoints (torch is imported only here).
+
+class _Stub:
+    """Stands in for a class the pickle names but this process cannot import."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    """Resolves torch, NumPy and stdlib classes; stubs any other (the reference's own
+    `model.RNNModel`, `weight_drop.WeightDrop`), so a pickled module loads without its
+    source code."""
+
+    _TRUSTED = ("torch", "collections", "numpy", "builtins", "copyreg", "_codecs")
+
+    def find_class(self, module, name):
+        if module.split(".")[0] in self._TRUSTED:
+            try:
+                return super().find_class(module, name)
+            except (AttributeError, ImportError):
+                if module.startswith("torch.nn"):
+                    return type(name, (_Stub,), {})
+                raise
+        return type(name, (_Stub,), {})
+
+
+class _TolerantPickle:
+    Unpickler = _TolerantUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "mos_jax_tolerant_pickle"
+
+
+def _module_state(obj, prefix="") -> dict[str, Any]:
+    """The parameters of a (stubbed or real) torch module tree, by dotted name."""
+    state = {}
+    attrs = getattr(obj, "__dict__", {})
+    for name, value in (attrs.get("_parameters") or {}).items():
+        if value is not None:
+            state[prefix + name] = value
+    for name, value in (attrs.get("_buffers") or {}).items():
+        if value is not None:
+            state[prefix + name] = value
+    for name, child in (attrs.get("_modules") or {}).items():
+        if child is not None:
+            state.update(_module_state(child, f"{prefix}{name}."))
+    return state
+
+
+def read_torch_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A reference checkpoint (a state dict or a pickled module) as NumPy arrays."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError("importing .pt files needs PyTorch: "
+                              "pip install 'mos-jax[torch]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # A whole pickled model (the reference saves `torch.save(model)`): load it
+        # with its classes stubbed. Only do this for files you trust.
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False,
+                             pickle_module=_TolerantPickle)
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+    if isinstance(obj, (list, tuple)) and obj and not isinstance(obj[0], torch.Tensor):
+        obj = obj[0]  # finetune.py saves [model, criterion, optimizer]-like tuples
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict):
+        state = obj
+    else:
+        state = _module_state(obj)
+        if not state:
+            raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a model "
+                                  "or a state dict")
+    return {k: v.detach().float().cpu().numpy() for k, v in state.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def import_torch(path: str | os.PathLike, out_dir: str | os.PathLike,
+                 head: str | None = None) -> tuple[ModelConfig, Params]:
+    """Convert a reference `.pt` file; writes `weights.npz` and `model.json` to out_dir."""
+    state = read_torch_state(path)
+    config, params = from_reference_state(state, head=head)
+    save_weights(out_dir, config, params)
+    return config, params
+
+
+def save_weights(out_dir: str | os.PathLike, config: ModelConfig, params: Params) -> None:
+    """`weights.npz` (SPEC.md names) and `model.json` (the ModelConfig) in out_dir."""
+    import dataclasses
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(out_dir / "weights.npz", **to_reference_state(config, params))
+    (out_dir / "model.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+
+def load_weights(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
+    """Read what `save_weights` wrote (dropout rates and head from model.json)."""
+    directory = Path(directory)
+    meta = directory / "model.json"
+    if not meta.is_file():
+        raise CheckpointError(f"{directory} has no model.json: is it an output of "
+                              "`mos-jax import-torch`?")
+    config = ModelConfig.from_dict(json.loads(meta.read_text()))
+    not_in_weights = {k: getattr(config, k) for k in (
+        "dropout", "dropouth", "dropouti", "dropoute", "dropoutl", "wdrop", "compute_dtype")}
+    loaded, params = load_reference_npz(directory / "weights.npz", head=config.head,
+                                        **not_in_weights)
+    if loaded != config:
+        raise CheckpointError(f"{directory}/weights.npz holds a {loaded} model, but "
+                              f"model.json describes {config}")
+    return config, params

@@ -1,0 +1,72 @@
+"""The `mos-jax` command: evaluation end to end, clear errors, the console script."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from mos_jax import cli, convert, data
+
+
+@pytest.fixture(scope="module")
+def synthetic_model(tmp_path_factory):
+    """Random reference-layout weights for the built-in synthetic corpus, imported."""
+    corpus = data.load_corpus("synthetic")
+    state = ref.random_state(np.random.default_rng(0), vocab=corpus.vocab_size, emsize=4,
+                             nhid=6, nhidlast=5, nlayers=3, n_experts=2, head="mos",
+                             scale=0.3)
+    out = tmp_path_factory.mktemp("model")
+    np.savez(out / "w.npz", **state)
+    convert.save_weights(out, *convert.load_reference_npz(out / "w.npz"))
+    return corpus, state, out
+
+
+def test_evaluate_matches_the_numpy_reference(synthetic_model, tmp_path, capsys):
+    corpus, state, weights = synthetic_model
+    dump = tmp_path / "logp.npy"
+    rc = cli.main(["evaluate", "--weights", str(weights), "--data", "synthetic",
+                   "--split", "valid", "--batch-size", "4", "--bptt", "35",
+                   "--dump", str(dump)])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = ref.token_logprobs(state, corpus.valid, 4, 35, "mos")
+    assert result["tokens"] == want.size
+    assert result["ppl"] == pytest.approx(float(np.exp(-want.mean())), rel=1e-5)
+    np.testing.assert_allclose(np.load(dump), want, atol=1e-5)
+
+
+def test_evaluate_refuses_a_corpus_with_another_vocabulary(synthetic_model, tmp_path,
+                                                           capsys):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for split in data.SPLITS:
+        (d / f"{split}.txt").write_text("w0 w1 w2\n")
+    rc = cli.main(["evaluate", "--weights", str(synthetic_model[2]), "--data", str(d)])
+    assert rc == 2
+    assert "500-word vocabulary" in capsys.readouterr().err
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
+    assert cli.main(["evaluate", "--weights", str(tmp_path), "--data", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "model.json" in err and "Traceback" not in err
+    assert cli.main(["import-torch", str(tmp_path / "x.pt"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and ("x.pt" in err or "PyTorch" in err)
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("mos-jax")
+    if exe is None:
+        pytest.skip("the package is not installed (pip install -e '.[test]')")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for command in ("download", "import-torch", "evaluate"):
+        assert command in out.stdout
+    out = subprocess.run([sys.executable, "-m", "mos_jax.cli", "download", "nope",
+                          "--dest", "x"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
