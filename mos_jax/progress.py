@@ -1,0 +1,101 @@
+"""Progress output on long work, and the metrics log of a work directory.
+
+`Progress` redraws one status line on a terminal (`\\r`) and prints plain lines at most
+every `every_s` seconds elsewhere (logs, CI). `MetricsWriter` appends one JSON record per
+evaluation to `metrics.jsonl` and mirrors scalars to TensorBoard when `tensorboardX` is
+installed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class Progress:
+    """Step, tokens/s, loss and lr of a long loop, on stderr."""
+
+    def __init__(self, label: str, total: int, batch_size: int, start: int = 0,
+                 every_s: float = 10.0, stream=None):
+        self.label, self.total, self.batch_size = label, total, batch_size
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every_s = every_s
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+        self.done = start
+        self.loss = self.lr = None
+        self._last_print = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.elapsed, 1e-9)
+
+    def update(self, done: int, rows: int, loss: float | None = None,
+               lr: float | None = None) -> None:
+        self.done = done
+        self.tokens += rows * self.batch_size
+        if loss is not None:
+            self.loss = loss
+        if lr is not None:
+            self.lr = lr
+        now = time.perf_counter()
+        if self.tty or now - self._last_print >= self.every_s:
+            self._last_print = now
+            self._emit(final=False)
+
+    def _line(self) -> str:
+        parts = [f"{self.label}: {self.done}/{self.total}",
+                 f"{self.tokens_per_s:,.0f} tok/s"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.3f}")
+        if self.lr is not None:
+            parts.append(f"lr {self.lr:.2f}")
+        return " | ".join(parts)
+
+    def _emit(self, final: bool) -> None:
+        if self.tty:
+            end = "\n" if final else ""
+            print("\r" + self._line().ljust(78), end=end, file=self.stream, flush=True)
+        else:
+            print(self._line(), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            self._emit(final=True)
+
+
+class MetricsWriter:
+    """`metrics.jsonl` in `workdir` (one JSON object a line), plus TensorBoard."""
+
+    def __init__(self, workdir: str | Path):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        try:
+            from tensorboardX import SummaryWriter  # optional
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, float):
+                    self._tb.add_scalar(f"{record.get('mode', 'run')}/{k}", v,
+                                        record["step"])
+            self._tb.flush()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

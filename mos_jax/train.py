@@ -1,0 +1,490 @@
+"""Training: the jitted train step, the epoch loop with NT-ASGD, finetuning, resume.
+
+`train_and_evaluate(config, workdir)` runs the procedure of SPEC.md section 3 and
+`finetune(config, workdir)` the finetune stage; both share one loop (`_run`). Every
+step's randomness derives from the config seed: dropout keys are
+`fold_in(key(seed), step)` (then one `fold_in` per column group), window lengths come
+from `np.random.default_rng([seed, epoch])`. So the checkpoint needs no RNG state, and
+a run interrupted anywhere and resumed produces bit-identical parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mos_jax import config as config_lib
+from mos_jax import data as data_lib
+from mos_jax import evaluate
+from mos_jax import model as model_lib
+from mos_jax import optim
+from mos_jax.batching import batchify, default_buckets, padded_window, train_windows
+from mos_jax.checkpoint import CheckpointStore
+from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
+from mos_jax.progress import MetricsWriter, Progress
+
+
+class TrainingError(MosJaxError):
+    """Training cannot go on (a non-finite loss, say)."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimiser steps taken
+    params: Any
+    opt_state: Any
+    averaging: optim.AveragingState
+    carry: model_lib.ModelCarry  # one (h, c) per layer, [B, H_l]
+
+
+# ------------------------------------------------------------------------ config glue
+
+def model_config_from(config, vocab_size: int) -> model_lib.ModelConfig:
+    return model_lib.ModelConfig.from_dict({**config.model.to_dict(),
+                                            "vocab_size": vocab_size})
+
+
+def load_corpus_from(config) -> data_lib.Corpus:
+    source = config.data.dir
+    if source == "synthetic":
+        return data_lib.load_corpus(source, **config.data.synthetic.to_dict())
+    if source.startswith("tfds:"):
+        kwargs = {}
+        if config.data.tfds_data_dir:
+            kwargs["data_dir"] = config.data.tfds_data_dir
+        if config.data.tfds_manual_dir:
+            kwargs["manual_dir"] = config.data.tfds_manual_dir
+        return data_lib.load_corpus(source, **kwargs)
+    return data_lib.load_corpus(source)
+
+
+def column_groups(batch_size: int, small_batch_size: int) -> int:
+    """How many gradient-accumulation groups the batch columns form."""
+    if small_batch_size in (-1, 0) or small_batch_size == batch_size:
+        return 1
+    if small_batch_size < 0 or batch_size % small_batch_size:
+        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise ConfigError(
+            f"data.small_batch_size={small_batch_size} must divide data.batch_size="
+            f"{batch_size}: use one of {divisors} (or -1 for no accumulation)")
+    return batch_size // small_batch_size
+
+
+# -------------------------------------------------------------------------- the step
+
+class TrainStep:
+    """The jitted train step `(state, inputs, targets, length, seq_len, lr) -> (state, m)`.
+
+    `inputs`, `targets`: [T, B] (T a bucket; the first `length` rows are real). The
+    batch columns form `n_groups` contiguous groups, each with its own carry and dropout
+    masks; their gradients are accumulated, each weighted by its share of the batch
+    (1 / n_groups). Then global-norm clipping, weight decay, and SGD with learning rate
+    `lr * seq_len / bptt`; the NT-ASGD average takes in the new iterate. `length`,
+    `seq_len` and `lr` are traced, so only a new bucket T compiles a new program;
+    `traces` counts the programs compiled. `state` is donated.
+    """
+
+    def __init__(self, model_config: model_lib.ModelConfig, *, alpha: float, beta: float,
+                 bptt: int, n_groups: int, seed: int, clip: float, wdecay: float):
+        self.tx = optim.sgd_transform(clip, wdecay)
+        self.traces = 0
+        self.model_config, self.alpha, self.beta = model_config, alpha, beta
+        self.bptt, self.n_groups, self.seed = bptt, n_groups, seed
+        self._jitted = jax.jit(self._step, donate_argnums=0)
+
+    def __call__(self, state, inputs, targets, length, seq_len, lr):
+        return self._jitted(state, inputs, targets, length, seq_len, lr)
+
+    def _loss(self, params, inputs, targets, carry, rng, length):
+        return model_lib.regularized_loss(self.model_config, params, inputs, targets,
+                                          carry, self.alpha, self.beta, rng=rng,
+                                          length=length)
+
+    def _step(self, state: TrainState, inputs, targets, length, seq_len, lr):
+        self.traces += 1  # runs once per compilation
+        n_groups = self.n_groups
+        steps, batch = inputs.shape
+        b = batch // n_groups
+        step_key = jax.random.fold_in(jax.random.key(self.seed), state.step)
+
+        def split(x):  # [..., B, F] -> [G, ..., b, F] with contiguous column groups
+            return jnp.moveaxis(x.reshape(*x.shape[:-2], n_groups, b, x.shape[-1]), -3, 0)
+
+        grouped_in = jnp.moveaxis(inputs.reshape(steps, n_groups, b), 1, 0)
+        grouped_tg = jnp.moveaxis(targets.reshape(steps, n_groups, b), 1, 0)
+        grouped_carry = jax.tree_util.tree_map(split, state.carry)
+
+        def group(grads, xs):
+            g, inp, tgt, carry = xs
+            (loss, aux), g_grads = jax.value_and_grad(self._loss, has_aux=True)(
+                state.params, inp, tgt, carry, jax.random.fold_in(step_key, g), length)
+            grads = jax.tree_util.tree_map(lambda a, x: a + x / n_groups, grads, g_grads)
+            return grads, (loss, aux["nll"], jax.lax.stop_gradient(aux["carry"]))
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        grads, (losses, nlls, carries) = jax.lax.scan(
+            group, zeros, (jnp.arange(n_groups), grouped_in, grouped_tg, grouped_carry))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optim.apply_updates(state.params, updates, lr * seq_len / self.bptt)
+        averaging = optim.averaging_update(state.averaging, params)
+        carry = jax.tree_util.tree_map(lambda x: x.reshape(batch, x.shape[-1]), carries)
+        metrics = {"loss": jnp.mean(losses), "nll": jnp.mean(nlls),
+                   "grad_norm": optax.tree.norm(grads)}
+        return TrainState(state.step + 1, params, opt_state, averaging, carry), metrics
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_step(model_config: model_lib.ModelConfig, *, alpha: float, beta: float,
+                    bptt: int, n_groups: int, seed: int, clip: float,
+                    wdecay: float) -> TrainStep:
+    """A `TrainStep`, shared by runs with the same arguments (and so compiled once)."""
+    return TrainStep(model_config, alpha=alpha, beta=beta, bptt=bptt, n_groups=n_groups,
+                     seed=seed, clip=clip, wdecay=wdecay)
+
+
+def init_state(model_config: model_lib.ModelConfig, params, batch_size: int,
+               tx: optax.GradientTransformation, averaging_active: bool = False
+               ) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      averaging=optim.averaging_init(params, averaging_active),
+                      carry=model_lib.init_carry(model_config, batch_size))
+
+
+def _state_tree(state: TrainState) -> dict:
+    # The optimiser chain (clipping, weight decay, plain SGD) is stateless; what a
+    # checkpoint must hold is the rest.
+    assert not jax.tree_util.tree_leaves(state.opt_state), "stateful optimiser"
+    return {"step": state.step, "params": state.params,
+            "averaging": state.averaging._asdict(), "carry": state.carry}
+
+
+def _state_from_tree(tree: dict, tx) -> TrainState:
+    carry = tuple(tuple(layer) for layer in tree["carry"])
+    return TrainState(step=jnp.asarray(tree["step"]), params=tree["params"],
+                      opt_state=tx.init(tree["params"]),
+                      averaging=optim.AveragingState(**tree["averaging"]), carry=carry)
+
+
+# -------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class LoopRecord:
+    """Where the loop is, and what it has seen: the JSON part of a checkpoint."""
+
+    mode: str  # "train" or "finetune"
+    epoch: int = 1  # the epoch to run next (1-based)
+    batch_in_epoch: int = 0  # windows of that epoch already done
+    history: list = dataclasses.field(default_factory=list)  # validation losses
+    best_val: float | None = None
+    best_epoch: int | None = None
+    switched_at_epoch: int | None = None  # NT-ASGD switch
+    epoch_loss_sum: float = 0.0  # training loss summed over this epoch's steps
+    epoch_steps: int = 0
+    done: bool = False
+    result: dict | None = None
+
+
+class _Interrupt:
+    """Turns Ctrl-C into a flag the loop checks after each step (then saves)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _validation_loss(model_config, params, ids, config) -> float:
+    if config.train.eval_max_tokens:
+        ids = ids[: config.train.eval_max_tokens]
+    logp = evaluate.token_logprobs(model_config, params, ids,
+                                   config.data.eval_batch_size, config.data.bptt)
+    return -float(np.mean(logp, dtype=np.float64))
+
+
+def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> dict:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_config_matches_workdir(config, workdir)
+    corpus = load_corpus_from(config)
+    model_config = model_config_from(config, corpus.vocab_size)
+    d, o, t = config.data, config.optim, config.train
+    n_groups = column_groups(d.batch_size, d.small_batch_size)
+    train_rows = batchify(corpus.train, d.batch_size)
+    max_len = d.bptt + d.max_seq_len_delta
+    buckets = default_buckets(d.bptt, max_len)
+    step_fn = make_train_step(model_config, alpha=o.alpha, beta=o.beta, bptt=d.bptt,
+                              n_groups=n_groups, seed=t.seed, clip=o.clip, wdecay=o.wdecay)
+    tx = step_fn.tx
+    store = CheckpointStore(workdir)
+    finetuning = mode == "finetune"
+    lr = config.finetune.lr if finetuning else o.lr
+    max_epochs = config.finetune.max_epochs if finetuning else t.max_epochs
+    metrics = MetricsWriter(workdir)
+
+    abstract = jax.eval_shape(lambda: _state_tree(init_state(
+        model_config, model_lib.init_params(model_config, jax.random.key(0)),
+        d.batch_size, tx)))
+    if store.latest_step() is not None:
+        tree, meta = store.restore(abstract)
+        state = _state_from_tree(tree, tx)
+        record = LoopRecord(**meta)
+        if record.mode != mode:
+            raise CheckpointError(
+                f"{workdir} holds a {record.mode} run; use another --workdir for {mode}")
+        log(f"resuming {mode} from step {int(state.step)} (epoch {record.epoch}, "
+            f"batch {record.batch_in_epoch}) in {workdir}")
+    else:
+        record = LoopRecord(mode=mode)
+        if finetuning:
+            params, start_val = _finetune_start(config, model_config, corpus, log)
+            record.best_val, record.best_epoch = start_val, 0
+            state = init_state(model_config, params, d.batch_size, tx, averaging_active=True)
+            store.save_best(0, params, {"val_loss": start_val, "epoch": 0})
+        else:
+            params = model_lib.init_params(model_config, jax.random.key(t.seed))
+            state = init_state(model_config, params, d.batch_size, tx)
+        log(f"{mode}: {model_lib.param_count(state.params):,} parameters, "
+            f"{corpus!r}, workdir {workdir}")
+    if record.done:
+        log(f"{workdir} has finished: {json.dumps(record.result)}")
+        store.close()
+        return record.result or {}
+
+    traces_before = step_fn.traces
+    start_time = time.perf_counter()
+    last_save = start_time
+
+    def save():
+        store.save(int(state.step), _state_tree(state), dataclasses.asdict(record))
+
+    stop_reason = None
+    with _Interrupt() as interrupt:
+        while record.epoch <= max_epochs and stop_reason is None:
+            epoch = record.epoch
+            windows = list(train_windows(len(train_rows), np.random.default_rng([t.seed, epoch]),
+                                         d.bptt, max_len, buckets))
+            if record.batch_in_epoch == 0:
+                state = state.replace(carry=model_lib.init_carry(model_config, d.batch_size))
+            progress = Progress(f"{mode} epoch {epoch}", len(windows), d.batch_size,
+                                start=record.batch_in_epoch)
+            for k in range(record.batch_in_epoch, len(windows)):
+                w = windows[k]
+                inputs, targets, length = padded_window(train_rows, w.start, w.length, w.padded)
+                state, m = step_fn(state, inputs, targets, length, w.seq_len, lr)
+                record.batch_in_epoch = k + 1
+                last = k + 1 == len(windows)
+                if (k + 1) % t.log_every_steps == 0 or last:
+                    loss = float(m["loss"])
+                    if not math.isfinite(loss):
+                        raise TrainingError(
+                            f"the training loss became {loss} at step {int(state.step)} "
+                            f"(epoch {epoch}): lower --config.optim.lr (now {lr}) or "
+                            f"--config.optim.clip; the last checkpoint in {workdir} "
+                            "predates this step and is intact")
+                    record.epoch_loss_sum += loss
+                    record.epoch_steps += 1
+                    progress.update(k + 1, w.length, loss=loss,
+                                    lr=lr * w.seq_len / d.bptt)
+                else:
+                    progress.update(k + 1, w.length)
+                now = time.perf_counter()
+                if interrupt.requested:
+                    save()
+                    progress.close()
+                    store.close()
+                    raise KeyboardInterrupt(
+                        f"checkpoint saved at step {int(state.step)}; continue with "
+                        f"`mos-jax {mode} --workdir {workdir}`")
+                if t.stop_at_step and int(state.step) >= t.stop_at_step:
+                    stop_reason = f"reached train.stop_at_step={t.stop_at_step}"
+                elif t.time_budget_s and now - start_time >= t.time_budget_s:
+                    stop_reason = f"used the time budget of {t.time_budget_s:g} s"
+                if stop_reason and not last:
+                    break
+                if now - last_save >= t.checkpoint_every_s and not last:
+                    save()
+                    last_save = now
+            progress.close()
+            if record.batch_in_epoch < len(windows):
+                break  # stopped mid-epoch
+            stop = _end_of_epoch(config, mode, record, state, store, model_config,
+                                 corpus, metrics, progress, log)
+            if record.switched_at_epoch == epoch:
+                state = state.replace(averaging=optim.switch_on(state.averaging))
+            record.epoch += 1
+            record.batch_in_epoch = 0
+            record.epoch_loss_sum, record.epoch_steps = 0.0, 0
+            save()
+            last_save = time.perf_counter()
+            if stop:
+                log(f"finetune: validation stopped improving (non-monotone rule, "
+                    f"nonmono={o.nonmono}); stopping after epoch {epoch}")
+                break
+    compilations = step_fn.traces - traces_before
+    log(f"compiled train-step programs: {compilations}")
+    if stop_reason is not None:
+        save()
+        store.close()
+        log(f"stopped: {stop_reason}; continue with `mos-jax {mode} --workdir {workdir}`")
+        return {"stopped": stop_reason, "step": int(state.step),
+                "epoch": record.epoch, "compilations": compilations}
+    result = _finish(config, record, store, model_config, corpus, metrics, abstract, log)
+    result["compilations"] = compilations
+    record.done, record.result = True, result
+    save()
+    store.close()
+    return result
+
+
+def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metrics,
+                  progress, log) -> bool:
+    """Validate, log, keep the best weights, apply the NT-ASGD rule.
+
+    Returns True when finetuning should stop (the same non-monotone rule).
+    """
+    epoch = record.epoch
+    params = optim.eval_params(state.averaging, state.params)
+    val = _validation_loss(model_config, params, corpus.valid, config)
+    averaged = params is state.averaging.average
+    if record.best_val is None or val < record.best_val:
+        record.best_val, record.best_epoch = val, epoch
+        store.save_best(int(state.step), params, {"val_loss": val, "epoch": epoch})
+    nonmono = config.optim.nonmono
+    trigger = optim.should_switch(record.history, val, nonmono)
+    if mode == "train" and config.optim.asgd and record.switched_at_epoch is None and trigger:
+        record.switched_at_epoch = epoch
+        log(f"epoch {epoch}: switching to averaged SGD (NT-ASGD)")
+    record.history.append(val)
+    train_loss = record.epoch_loss_sum / max(record.epoch_steps, 1)
+    lr = config.finetune.lr if mode == "finetune" else config.optim.lr
+    entry = {"mode": mode, "epoch": epoch, "step": int(state.step),
+             "train_loss": train_loss, "valid_loss": val, "valid_ppl": math.exp(val),
+             "lr": lr, "averaging": bool(averaged or mode == "finetune"),
+             "tokens_per_s": progress.tokens_per_s, "wall_time": progress.elapsed}
+    metrics.write(entry)
+    log(f"{mode} epoch {epoch}: train loss {train_loss:.3f} | valid ppl {math.exp(val):.2f}"
+        f"{' (averaged)' if averaged else ''} | best {math.exp(record.best_val):.2f}")
+    return mode == "finetune" and trigger
+
+
+def _finish(config, record, store, model_config, corpus, metrics, abstract, log) -> dict:
+    """Test the best weights with the test batch size; the run's result."""
+    params, meta = store.restore_best(abstract["params"])
+    result = {"best_epoch": meta["epoch"], "valid_loss": meta["val_loss"],
+              "valid_ppl": math.exp(meta["val_loss"])}
+    if record.mode == "finetune" and meta["epoch"] == 0:
+        log("finetune: no epoch improved on the starting weights; keeping them")
+    if config.train.test:
+        logp = evaluate.token_logprobs(model_config, params, corpus.test,
+                                       config.data.test_batch_size, config.data.bptt)
+        test = -float(np.mean(logp, dtype=np.float64))
+        result.update(test_loss=test, test_ppl=math.exp(test))
+    metrics.write({"mode": record.mode, "final": True, **result})
+    log(f"{record.mode} finished: " + ", ".join(
+        f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return result
+
+
+def _finetune_start(config, model_config, corpus, log):
+    source = config.finetune.init_from
+    if not source:
+        raise ConfigError("finetuning starts from a training run: set "
+                          "--config.finetune.init_from to its work directory")
+    store = CheckpointStore(source, read_only=True)
+    if not store.has_best():
+        raise CheckpointError(f"{source} has no best weights (best/): is it the work "
+                              "directory of a `mos-jax train` run?")
+    abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+    params, meta = store.restore_best(abstract)
+    store.close()
+    val = _validation_loss(model_config, params, corpus.valid, config)
+    log(f"finetune: starting from {source} (epoch {meta['epoch']}), valid ppl "
+        f"{math.exp(val):.2f}")
+    return params, val
+
+
+def _check_config_matches_workdir(config, workdir: Path) -> None:
+    """Save the config on first use; on resume, refuse a different architecture."""
+    path = workdir / "config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        new = config.to_dict()
+        for section in ("model", "data"):
+            for key, value in new.get(section, {}).items():
+                if section == "data" and key not in ("dir", "batch_size", "bptt",
+                                                     "small_batch_size", "synthetic"):
+                    continue
+                if old.get(section, {}).get(key) != value:
+                    raise ConfigError(
+                        f"{workdir} was started with {section}.{key}="
+                        f"{old.get(section, {}).get(key)!r}, not {value!r}: resume it "
+                        "with its own config (omit --config), or use a new --workdir")
+    path.write_text(config_lib.to_json(config))
+
+
+def _print(msg: str) -> None:
+    import sys
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train_and_evaluate(config, workdir: str | Path,
+                       log: Callable[[str], None] = _print) -> dict:
+    """Train from scratch or resume the run in `workdir`; returns the final result."""
+    return _run(config, workdir, "train", log)
+
+
+def finetune(config, workdir: str | Path, log: Callable[[str], None] = _print) -> dict:
+    """The finetune stage from `config.finetune.init_from`'s best weights."""
+    return _run(config, workdir, "finetune", log)
+
+
+def load_run_config(workdir: str | Path):
+    """The config a run in `workdir` was started with (its `config.json`)."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{workdir} has no config.json: is it the work directory "
+                              "of a `mos-jax train` run?")
+    return config_lib.from_json(path.read_text())
+
+
+def load_best(workdir: str | Path):
+    """`(config, corpus, model_config, params)` of the best weights saved in `workdir`."""
+    config = load_run_config(workdir)
+    corpus = load_corpus_from(config)
+    model_config = model_config_from(config, corpus.vocab_size)
+    store = CheckpointStore(workdir, read_only=True)
+    if not store.has_best():
+        raise CheckpointError(f"{workdir} has no best weights yet: train at least one "
+                              "epoch first")
+    abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+    params, _ = store.restore_best(abstract)
+    store.close()
+    return config, corpus, model_config, params
