@@ -175,6 +175,7 @@ def default_config() -> ConfigDict:
         max_epochs=1000,
         time_budget_s=0.0,  # stop (with a checkpoint) after this much wall time; 0: none
         stop_at_step=0,  # stop (with a checkpoint) at this global step; 0: never
+        steps_per_epoch=0,  # cap on the windows of an epoch (short epochs); 0: all
         checkpoint_every_s=600.0,  # mid-epoch checkpoints
         log_every_steps=20,
         eval_max_tokens=0,  # validate on only the first N tokens; 0: all

@@ -273,10 +273,12 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
             state = init_state(model_config, params, d.batch_size, tx)
         log(f"{mode}: {model_lib.param_count(state.params):,} parameters, "
             f"{corpus!r}, workdir {workdir}")
-    if record.done:
-        log(f"{workdir} has finished: {json.dumps(record.result)}")
+    if record.done and (finetuning or record.epoch > max_epochs):
+        log(f"{workdir} has finished: {json.dumps(record.result)} (raise "
+            f"--config.{'finetune' if finetuning else 'train'}.max_epochs to train on)")
         store.close()
         return record.result or {}
+    record.done = False
 
     traces_before = step_fn.traces
     start_time = time.perf_counter()
@@ -291,6 +293,8 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
             epoch = record.epoch
             windows = list(train_windows(len(train_rows), np.random.default_rng([t.seed, epoch]),
                                          d.bptt, max_len, buckets))
+            if t.steps_per_epoch:
+                windows = windows[:t.steps_per_epoch]
             if record.batch_in_epoch == 0:
                 state = state.replace(carry=model_lib.init_carry(model_config, d.batch_size))
             progress = Progress(f"{mode} epoch {epoch}", len(windows), d.batch_size,

@@ -4,12 +4,16 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import numpy_reference as ref
 from mos_jax import cli, convert, data
+from mos_jax.progress import read_metrics
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +74,23 @@ def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "mos_jax.cli", "download", "nope",
                           "--dest", "x"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_train_continue_and_evaluate(tmp_path, capsys):
+    w = str(tmp_path / "run")
+    assert cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", w,
+                     "--config.train.max_epochs", "1", "--config.train.test=false"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["best_epoch"] == 1
+    # Continue the finished run for one more epoch, from its own config.
+    assert cli.main(["train", "--workdir", w, "--config.train.max_epochs=2"]) == 0
+    records = [r for r in read_metrics(w) if not r.get("final")]
+    assert [r["epoch"] for r in records] == [1, 2]
+    best = min(r["valid_ppl"] for r in records)
+    # evaluate --workdir scores the best weights: same ppl as the training loop saw.
+    assert cli.main(["evaluate", "--workdir", w, "--split", "valid", "--batch-size", "8",
+                     "--bptt", "20"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ppl"] == pytest.approx(best, rel=1e-9)
+    assert cli.main(["evaluate", "--workdir", w, "--weights", w]) == 2
+    assert "exactly one" in capsys.readouterr().err
