@@ -6,6 +6,7 @@
     mos-jax finetune --config configs/ptb_finetune.py --workdir DIR
     mos-jax evaluate --workdir DIR | --weights DIR [--data CORPUS] [--split test]
                      [--batch-size 1] [--bptt 70] [--dump FILE.npy]
+    mos-jax dynamic-eval --workdir DIR | --weights DIR [--preset ptb] [--lr --lamb ...]
     mos-jax plot --workdir DIR [--workdir DIR ...] [--out curves.png]
     mos-jax download ptb|wikitext-2 --dest DIR
     mos-jax import-torch FILE.pt --out DIR [--head mos|moc|softmax]
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from mos_jax.errors import MosJaxError
 
+PRESET_NAMES = ("default", "ptb", "wt2")  # mos_jax.dynamic_eval.PRESETS, without JAX
+
 
 def _cmd_download(args) -> None:
     from mos_jax.download import download_corpus
@@ -40,16 +43,28 @@ def _cmd_import_torch(args) -> None:
 
 
 class _Progress:
-    """A one-line progress report on stderr: rows done, tokens/s."""
+    """A one-line progress report on stderr: units done, tokens/s.
 
-    def __init__(self, label: str, batch_size: int):
-        self.label, self.batch_size, self.start = label, batch_size, time.perf_counter()
+    `tokens_per_unit` converts the units counted (rows, windows) to tokens.
+    """
+
+    def __init__(self, label: str, tokens_per_unit: int, unit: str = "rows"):
+        self.label, self.per_unit, self.unit = label, tokens_per_unit, unit
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
-        rate = done * self.batch_size / max(time.perf_counter() - self.start, 1e-9)
-        end = "\n" if done == total else ""
-        print(f"\r{self.label}: {done}/{total} rows, {rate:,.0f} tokens/s",
-              end=end, file=sys.stderr, flush=True)
+        now = time.perf_counter()
+        if not self.tty and done != total and now - self.last < 10:
+            return
+        self.last = now
+        rate = done * self.per_unit / max(now - self.start, 1e-9)
+        line = f"{self.label}: {done}/{total} {self.unit}, {rate:,.0f} tokens/s"
+        if self.tty:
+            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
 def _run_config(args):
@@ -75,18 +90,15 @@ def _cmd_train(args) -> None:
     print(json.dumps(run(config, workdir)))
 
 
-def _cmd_evaluate(args) -> None:
-    import math
-
-    import numpy as np
-
-    from mos_jax import convert, data, evaluate
+def _load_model(args):
+    """`(model_config, params, corpus)` from --workdir or --weights (+ --data)."""
+    from mos_jax import convert, data
     if (args.weights is None) == (args.workdir is None):
         raise MosJaxError("give exactly one of --workdir (a training run) or --weights "
                           "(a directory written by import-torch)")
     if args.workdir is not None:
         from mos_jax import train
-        run_config, corpus, config, params = train.load_best(args.workdir)
+        _, corpus, config, params = train.load_best(args.workdir)
         if args.data is not None:
             corpus = data.load_corpus(args.data)
     else:
@@ -99,9 +111,19 @@ def _cmd_evaluate(args) -> None:
             f"the weights have a {config.vocab_size:,}-word vocabulary but {args.data} "
             f"has {corpus.vocab_size:,} words: evaluate on the corpus the model was "
             "trained on")
+    return config, params, corpus
+
+
+def _cmd_evaluate(args) -> None:
+    import math
+
+    import numpy as np
+
+    from mos_jax import evaluate
+    config, params, corpus = _load_model(args)
     ids = corpus.split(args.split)
     logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
-                                   progress=_Progress(f"{args.split}", args.batch_size))
+                                   progress=_Progress(args.split, args.batch_size))
     nll = -float(np.mean(logp, dtype=np.float64))
     result = {"split": args.split, "tokens": int(logp.size), "nll": nll,
               "ppl": math.exp(nll), "batch_size": args.batch_size, "bptt": args.bptt}
@@ -109,6 +131,62 @@ def _cmd_evaluate(args) -> None:
         np.save(args.dump, logp)
         result["dump"] = str(args.dump)
     print(json.dumps(result))
+
+
+def _params_digest(params) -> str:
+    import hashlib
+
+    import jax
+    import numpy as np
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(params):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cmd_dynamic_eval(args) -> None:
+    import numpy as np
+
+    from mos_jax import dynamic_eval as de
+    config, params, corpus = _load_model(args)
+    settings = dict(de.PRESETS[args.preset])
+    for key in ("lr", "lamb", "epsilon"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    home = Path(args.workdir or args.weights) / "dynamic_eval"
+    key = (f"{_params_digest(params)}-b{args.stats_batch_size}-t{args.bptt}"
+           f"-m{args.max_batches or 0}-{'rms' if args.rms else 'sum'}")
+    cache = home / f"stats-{key}.npz"
+    start = time.perf_counter()
+    if cache.is_file():
+        stats = de.load_statistics(cache, params, settings["lamb"])
+        print(f"gradient statistics from {cache}", file=sys.stderr)
+    else:
+        stats = de.gradient_statistics(
+            config, params, corpus.train, lamb=settings["lamb"],
+            batch_size=args.stats_batch_size, bptt=args.bptt,
+            max_batches=args.max_batches, rms=args.rms,
+            progress=_Progress("gradient statistics", args.stats_batch_size * args.bptt,
+                               unit="windows"))
+        de.save_statistics(cache, stats)
+    stats_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = de.dynamic_evaluate(
+        config, params, stats.ms, stats.decrate, corpus.split(args.split), bptt=args.bptt,
+        batch_size=args.batch_size,
+        progress=_Progress(f"dynamic evaluation ({args.split})",
+                           args.batch_size * args.bptt, unit="windows"), **settings)
+    out = {"split": args.split, "tokens": int(result.token_logprobs.size),
+           "nll": result.nll, "ppl": result.perplexity, **settings, "bptt": args.bptt,
+           "batch_size": args.batch_size, "stats_windows": stats.windows,
+           "stats_cache": str(cache), "stats_seconds": round(stats_s, 2),
+           "eval_seconds": round(time.perf_counter() - start, 2)}
+    if args.dump:
+        np.save(args.dump, result.token_logprobs)
+        out["dump"] = str(args.dump)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    print(json.dumps(out))
 
 
 def _cmd_plot(args) -> None:
@@ -152,6 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bptt", type=int, default=70)
     p.add_argument("--dump", type=Path, help="save per-token log-probs [rows, batch] as .npy")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("dynamic-eval", help="dynamic evaluation (Krause et al.) of a "
+                       "run's best weights or of imported weights")
+    p.add_argument("--workdir", type=Path, help="a training run's work directory")
+    p.add_argument("--weights", type=Path, help="a directory written by import-torch")
+    p.add_argument("--data", default=None, help="corpus (default with --workdir: the run's)")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--preset", default="default", choices=sorted(PRESET_NAMES),
+                   help="lr/lamb/epsilon of the paper: ptb (lamb 0.075), wt2 (eps 0.002)")
+    p.add_argument("--lr", type=float, help="eta (default 0.002)")
+    p.add_argument("--lamb", type=float, help="decay towards the trained weights")
+    p.add_argument("--epsilon", type=float)
+    p.add_argument("--bptt", type=int, default=5, help="window length")
+    p.add_argument("--batch-size", type=int, default=1, help="evaluation columns")
+    p.add_argument("--stats-batch-size", type=int, default=100)
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="windows of the gradient statistics pass (default: all)")
+    p.add_argument("--rms", action="store_true", help="MS = sqrt(mean g^2), not sum")
+    p.add_argument("--dump", type=Path, help="save per-token log-probs as .npy")
+    p.add_argument("--out", type=Path, help="also write the JSON result here")
+    p.set_defaults(func=_cmd_dynamic_eval)
 
     for name, text in (("train", "train a model (or continue the run in --workdir)"),
                        ("finetune", "the finetune stage from a run's best weights")):
