@@ -94,15 +94,26 @@ class TrainStep:
     `lr * seq_len / bptt`; the NT-ASGD average takes in the new iterate. `length`,
     `seq_len` and `lr` are traced, so only a new bucket T compiles a new program;
     `traces` counts the programs compiled. `state` is donated.
+
+    With `axis_name`, `per_device_step` is the body of a data-parallel step (for
+    `jax.pmap` or `shard_map` over that axis; see `mos_jax.parallel`): each device's
+    dropout keys fold in its axis index, and gradients and metrics are averaged over
+    the axis before the (then identical) update.
     """
 
     def __init__(self, model_config: model_lib.ModelConfig, *, alpha: float, beta: float,
-                 bptt: int, n_groups: int, seed: int, clip: float, wdecay: float):
+                 bptt: int, n_groups: int, seed: int, clip: float, wdecay: float,
+                 axis_name: str | None = None):
         self.tx = optim.sgd_transform(clip, wdecay)
         self.traces = 0
         self.model_config, self.alpha, self.beta = model_config, alpha, beta
         self.bptt, self.n_groups, self.seed = bptt, n_groups, seed
+        self.axis_name = axis_name
         self._jitted = jax.jit(self._step, donate_argnums=0)
+
+    @property
+    def per_device_step(self):
+        return self._step
 
     def __call__(self, state, inputs, targets, length, seq_len, lr):
         return self._jitted(state, inputs, targets, length, seq_len, lr)
@@ -118,6 +129,8 @@ class TrainStep:
         steps, batch = inputs.shape
         b = batch // n_groups
         step_key = jax.random.fold_in(jax.random.key(self.seed), state.step)
+        if self.axis_name is not None:
+            step_key = jax.random.fold_in(step_key, jax.lax.axis_index(self.axis_name))
 
         def split(x):  # [..., B, F] -> [G, ..., b, F] with contiguous column groups
             return jnp.moveaxis(x.reshape(*x.shape[:-2], n_groups, b, x.shape[-1]), -3, 0)
@@ -136,11 +149,14 @@ class TrainStep:
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         grads, (losses, nlls, carries) = jax.lax.scan(
             group, zeros, (jnp.arange(n_groups), grouped_in, grouped_tg, grouped_carry))
+        losses, nlls = jnp.mean(losses), jnp.mean(nlls)
+        if self.axis_name is not None:  # every device holds an equal share of columns
+            grads, losses, nlls = jax.lax.pmean((grads, losses, nlls), self.axis_name)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optim.apply_updates(state.params, updates, lr * seq_len / self.bptt)
         averaging = optim.averaging_update(state.averaging, params)
         carry = jax.tree_util.tree_map(lambda x: x.reshape(batch, x.shape[-1]), carries)
-        metrics = {"loss": jnp.mean(losses), "nll": jnp.mean(nlls),
+        metrics = {"loss": losses, "nll": nlls,
                    "grad_norm": optax.tree.norm(grads)}
         return TrainState(state.step + 1, params, opt_state, averaging, carry), metrics
 
