@@ -1,0 +1,141 @@
+"""The empirical rank of a model's log-probability matrix (the softmax bottleneck).
+
+Yang et al. (ICLR 2018) frame language modelling as matrix factorisation: over N
+contexts, the model's log-probabilities form an `[N, V]` matrix. A softmax head with
+hidden size d computes `H W^T + 1 b^T - lse 1^T` (context vectors H [N, d], tied decoder
+W [V, d], bias b [V], log-normaliser lse [N]), so its rank is at most d + 2, and d + 1
+while the decoder bias is zero (it starts at zero). The paper, which folds the bias
+into the hidden size, states the bound as d + 1. A mixture of softmaxes is a nonlinear
+function of those matrices, so its rank can be as high as min(N, V).
+
+`logprob_matrix` computes that matrix for a trained model over the first N positions
+of a token stream; `empirical_rank` counts its singular values above a round-off
+threshold.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mos_jax import model as model_lib
+from mos_jax.errors import MosJaxError
+from mos_jax.model import ModelConfig, Params
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _window_logprobs(config: ModelConfig, params: Params, carry, inputs, length):
+    """Full log-probabilities [T, B, V] of one padded window, and the carry after it."""
+    out = model_lib.apply(config, params, inputs, carry, None, length=length,
+                          return_logprobs=True)
+    return out.logprobs, out.carry
+
+
+def logprob_matrix(model_config: ModelConfig, params: Params, ids: np.ndarray,
+                   n_contexts: int, batch_size: int = 1, bptt: int = 70) -> np.ndarray:
+    """Next-word log-probabilities at the first `n_contexts` positions of `ids`.
+
+    Row t is `log p(. | ids[:t+1])`: the full distribution over the vocabulary after
+    reading `ids[0..t]`, without dropout, the LSTM carry starting from zeros. Only
+    `ids[:n_contexts]` is read (the inputs); the next words themselves are not needed.
+
+    With `batch_size` B > 1 the `n_contexts` positions are cut into B contiguous
+    columns of `ceil(n_contexts / B)` positions that run in parallel, each column's
+    carry starting from zeros: row t then sees the history back to the start of its
+    column only. With B = 1 (the default) every row sees the whole prefix. Columns are
+    scored in windows of `bptt` steps, the carry passed across windows; every window is
+    padded to `bptt` steps so one compiled program serves them all.
+
+    Returns:
+      float32 array `[n_contexts, V]` (the model computes in float32; every row's
+      exponentials sum to 1 up to float32 round-off).
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise MosJaxError(f"logprob_matrix expects a 1-D id stream, got shape {ids.shape}")
+    if n_contexts < 1 or n_contexts > len(ids):
+        raise MosJaxError(f"n_contexts must be between 1 and the stream's length "
+                          f"{len(ids):,}, got {n_contexts:,}")
+    if batch_size < 1 or bptt < 1:
+        raise MosJaxError(f"batch_size and bptt must be positive, got {batch_size} "
+                          f"and {bptt}")
+    batch_size = min(batch_size, n_contexts)
+    steps = -(-n_contexts // batch_size)  # positions per column
+    stream = np.zeros(steps * batch_size, np.int32)
+    stream[:n_contexts] = ids[:n_contexts]  # padding only ever follows real positions
+    columns = stream.reshape(batch_size, steps).T  # [steps, B], column j contiguous
+    carry = model_lib.init_carry(model_config, batch_size)
+    pieces = []
+    for start in range(0, steps, bptt):
+        length = min(bptt, steps - start)
+        inputs = np.zeros((bptt, batch_size), np.int32)
+        inputs[:length] = columns[start:start + length]
+        logp, carry = _window_logprobs(model_config, params, carry, inputs, length)
+        pieces.append(np.asarray(logp[:length]))
+    out = np.concatenate(pieces)  # [steps, B, V], row r of column j = position j*steps+r
+    out = out.transpose(1, 0, 2).reshape(steps * batch_size, -1)
+    return np.ascontiguousarray(out[:n_contexts], dtype=np.float32)
+
+
+class RankResult(NamedTuple):
+    """`rank`: singular values above `threshold`; `singular_values`: all, descending."""
+
+    rank: int
+    singular_values: np.ndarray
+    threshold: float
+
+
+def default_tolerance(singular_values: np.ndarray, shape: tuple[int, int],
+                      eps: float) -> float:
+    """Numerical Recipes' round-off threshold, `0.5 * sqrt(m + n + 1) * s_max * eps`."""
+    m, n = shape
+    s_max = float(singular_values[0]) if len(singular_values) else 0.0
+    return 0.5 * float(np.sqrt(m + n + 1.0)) * s_max * eps
+
+
+def _round_off_eps(dtype: np.dtype) -> float:
+    """Machine epsilon of the precision a matrix of `dtype` was computed in.
+
+    float16 and bfloat16 keep their own (larger) epsilon; anything else counts as
+    float32 results, the precision of the model's log-probabilities.
+    """
+    try:
+        info = jnp.finfo(dtype)  # knows bfloat16, unlike np.finfo
+    except ValueError:  # integers, booleans
+        info = np.finfo(np.float32)
+    return float(max(info.eps, np.finfo(np.float32).eps))
+
+
+def empirical_rank(matrix: np.ndarray, tol: float | None = None,
+                   eps: float | None = None) -> RankResult:
+    """The numerical rank of `matrix` [m, n]: its singular values above a threshold.
+
+    The singular values are computed in float64 whatever the input dtype. The default
+    threshold is the one of Numerical Recipes (Press et al., 2007, section 2.6), which
+    the paper's rank measurement follows: `tol = 0.5 * sqrt(m + n + 1) * s_max * eps`,
+    with `s_max` the largest singular value and `eps` the machine epsilon of the
+    precision the matrix was *computed* in. That is float32 (eps ~1.19e-7) for model
+    log-probabilities, which carry float32 round-off even when stored as float64, so by
+    default `eps` is that of the matrix's dtype when it is float32 or narrower, and
+    float32's otherwise (a float64 matrix is assumed to be float32 results, widened).
+    Pass `eps=np.finfo(np.float64).eps` for a matrix that is exact in float64, or an
+    explicit `tol` to override the threshold altogether.
+
+    Returns:
+      `RankResult(rank, singular_values [min(m, n)] float64 descending, threshold)`.
+    """
+    a = np.asarray(matrix)
+    if a.ndim != 2:
+        raise MosJaxError(f"empirical_rank expects a 2-D matrix, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise MosJaxError("the matrix has non-finite entries (a log-probability of "
+                          "-inf?): its rank is undefined")
+    if eps is None:
+        eps = _round_off_eps(a.dtype)
+    s = np.linalg.svd(a.astype(np.float64), compute_uv=False)
+    threshold = default_tolerance(s, a.shape, eps) if tol is None else float(tol)
+    return RankResult(int(np.sum(s > threshold)), s, threshold)
