@@ -6,6 +6,7 @@ scale kept values by `1 / (1 - rate)`; a rate of 0 returns the input unchanged.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -54,6 +55,78 @@ def locked_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Arra
     return x * _keep_mask(rng, rate, x.shape[1:])[None]
 
 
+def _cell(z, c):
+    """Gate activations (i, f, g, o) and the new (h, c) from pre-activations z [B, 4H]."""
+    zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+    i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
+    c_new = f * c + i * g
+    tanh_c = jnp.tanh(c_new)
+    return (i, f, g, o), o * tanh_c, c_new, tanh_c
+
+
+def _recurrence_scan(x_proj, hh, h0, c0, valid, dtype):
+    """The forward recurrence; also returns what the backward pass needs."""
+    def step(state, inp):
+        h, c = state
+        xp, ok = inp
+        gates, h_new, c_new, tanh_c = _cell(xp + dot(h, hh, dtype), c)
+        state = (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c))
+        return state, (h_new, (h, c, jnp.concatenate(gates, axis=-1), tanh_c))
+
+    (h, c), (outputs, saved) = jax.lax.scan(step, (h0, c0), (x_proj, valid))
+    return outputs, h, c, saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def lstm_recurrence(x_proj, hh, h0, c0, valid, dtype=jnp.float32):
+    """LSTM over time from pre-computed input projections.
+
+    `x_proj` [T, B, 4H] holds `x W_ih + b_ih + b_hh`, `hh` [H, 4H] the (dropped)
+    recurrent kernel, `valid` [T] bool the real steps (state frozen on the others).
+    Returns outputs [T, B, H] and the final (h, c).
+
+    The custom backward pass runs a reverse scan that emits each step's gate gradient
+    dz_t [B, 4H], then forms `d hh = sum_t h_{t-1}^T dz_t` as one matmul over all T*B
+    rows, instead of autodiff's accumulation into a [H, 4H] buffer at every step.
+    """
+    outputs, h, c, _ = _recurrence_scan(x_proj, hh, h0, c0, valid, dtype)
+    return outputs, h, c
+
+
+def _recurrence_fwd(x_proj, hh, h0, c0, valid, dtype):
+    outputs, h, c, saved = _recurrence_scan(x_proj, hh, h0, c0, valid, dtype)
+    return (outputs, h, c), (hh, valid, saved)
+
+
+def _recurrence_bwd(dtype, residuals, cotangents):
+    hh, valid, (h_prev, c_prev, gates, tanh_c) = residuals
+    d_out, d_h, d_c = cotangents
+    hh_t = hh.T
+
+    def step(carry, inp):
+        dh_state, dc_state = carry  # gradients reaching the state after step t
+        d_o_t, ok, c_p, g_t, t_c = inp
+        i, f, g, o = jnp.split(g_t, 4, axis=-1)
+        dh_new = d_o_t + jnp.where(ok, dh_state, 0.0)
+        dc_new = jnp.where(ok, dc_state, 0.0) + dh_new * o * (1.0 - t_c * t_c)
+        dz = jnp.concatenate([dc_new * g * i * (1.0 - i),
+                              dc_new * c_p * f * (1.0 - f),
+                              dc_new * i * (1.0 - g * g),
+                              dh_new * t_c * o * (1.0 - o)], axis=-1)
+        dh_prev = dot(dz, hh_t, dtype) + jnp.where(ok, 0.0, dh_state)
+        dc_prev = dc_new * f + jnp.where(ok, 0.0, dc_state)
+        return (dh_prev, dc_prev), dz
+
+    (dh0, dc0), dz = jax.lax.scan(step, (d_h, d_c), (d_out, valid, c_prev, gates, tanh_c),
+                                  reverse=True)
+    rows = h_prev.shape[0] * h_prev.shape[1]
+    d_hh = dot(h_prev.reshape(rows, -1).T, dz.reshape(rows, -1), dtype)
+    return dz, d_hh.astype(hh.dtype), dh0, dc0, None
+
+
+lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
 class WeightDropLSTM(nn.Module):
     """One LSTM layer with DropConnect on the recurrent matrix (SPEC.md section 2).
 
@@ -92,17 +165,6 @@ class WeightDropLSTM(nn.Module):
         x_proj = dot(x, ih_kernel, self.dtype) + (ih_bias + hh_bias)
         if valid is None:
             valid = jnp.ones(x.shape[:1], dtype=bool)
-        hh = hh_kernel.astype(self.dtype)
-
-        def step(state, inp):
-            h, c = state
-            xp, ok = inp
-            z = xp + dot(h, hh, self.dtype)
-            i, f, g, o = jnp.split(z, 4, axis=-1)
-            c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-            h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
-            state = (jnp.where(ok, h_new, h), jnp.where(ok, c_new, c))
-            return state, h_new
-
-        carry, outputs = jax.lax.scan(step, carry, (x_proj, valid))
-        return outputs, carry
+        outputs, h, c = lstm_recurrence(x_proj, hh_kernel, carry[0], carry[1], valid,
+                                        self.dtype)
+        return outputs, (h, c)
