@@ -27,15 +27,18 @@ def main():
     p.add_argument("--config", default="configs/ptb.py")
     p.add_argument("--vocab", type=int, default=10000)
     p.add_argument("--windows", type=int, default=2 * de.CHUNK,
-                   help="timed windows per pass (a multiple of CHUNK)")
+                   help="timed windows per pass (a multiple of --chunk)")
     p.add_argument("--stats-batch", type=int, default=100)
+    p.add_argument("--chunk", type=int, default=de.CHUNK,
+                   help="windows per compiled scan call (smaller: a quicker benchmark)")
     args = p.parse_args()
+    de.CHUNK = args.chunk
     c = config_lib.load_config(args.config)
     mc = train.model_config_from(c, args.vocab)
     params = train.model_lib.init_params(mc, jax.random.key(0))
     rng = np.random.default_rng(0)
     out = {"config": args.config, "device": jax.devices()[0].device_kind,
-           "chunk": de.CHUNK}
+           "chunk": args.chunk, "timed_windows": args.windows}
 
     def stats_run(n_windows):
         ids = rng.integers(0, args.vocab, size=args.stats_batch * (n_windows * 5 + 1))

@@ -2,7 +2,9 @@
 
 The "small config" of the benchmarks (emsize 64, nhid 128, nhidlast 64, 4 experts, the
 full 10k vocabulary), trained with the paper's procedure; dropouts are scaled down for
-the smaller model. BENCHMARKS.md records what it reaches.
+the smaller model. Epochs are cut to 400 steps (168k tokens, about 2 minutes here) so
+that two of them take a few minutes; set --config.train.steps_per_epoch=0 for full
+passes over the corpus. BENCHMARKS.md records what it reaches.
 
     mos-jax train --config configs/ptb_small.py --config.data.dir ../shared/data/ptb
 """
@@ -25,6 +27,7 @@ def get_config():
     c.model.dropoute = 0.05
     c.model.dropoutl = 0.1
     c.model.wdrop = 0.2
-    c.train.max_epochs = 3
+    c.train.steps_per_epoch = 400
+    c.train.max_epochs = 2
     c.train.log_every_steps = 100
     return c
