@@ -27,7 +27,7 @@ class Progress:
         self.tokens = 0
         self.done = start
         self.loss = self.lr = None
-        self._last_print = 0.0
+        self._last_print = self.t0  # no line before `every_s` has passed
 
     @property
     def elapsed(self) -> float:
