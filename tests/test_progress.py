@@ -1,0 +1,47 @@
+"""Progress lines and the metrics log (JSON lines, TensorBoard when installed)."""
+
+import io
+import sys
+import types
+
+from mos_jax import progress
+
+
+def test_metrics_jsonl_and_tensorboard_mirror(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeWriter:  # stands in for tensorboardX.SummaryWriter
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            calls.append("flush")
+
+    monkeypatch.setitem(sys.modules, "tensorboardX",
+                        types.SimpleNamespace(SummaryWriter=FakeWriter))
+    writer = progress.MetricsWriter(tmp_path)
+    writer.write({"mode": "train", "epoch": 1, "step": 40, "valid_ppl": 90.5,
+                  "averaging": False})
+    writer.write({"mode": "train", "final": True, "test_ppl": 80.25})
+    assert progress.read_metrics(tmp_path) == [
+        {"mode": "train", "epoch": 1, "step": 40, "valid_ppl": 90.5, "averaging": False},
+        {"mode": "train", "final": True, "test_ppl": 80.25}]
+    assert calls[0] == ("init", str(tmp_path / "tensorboard"))
+    assert ("train/valid_ppl", 90.5, 40) in calls and "flush" in calls
+    assert not any(c[0] == "train/test_ppl" for c in calls if isinstance(c, tuple))
+
+
+def test_progress_lines_off_a_terminal(monkeypatch):
+    stream = io.StringIO()
+    clock = iter([0.0, 0.5, 11.0, 11.0, 11.0, 30.0, 30.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    p = progress.Progress("train epoch 1", total=3, batch_size=4, every_s=10.0,
+                          stream=stream)
+    p.update(1, rows=5, loss=4.0, lr=20.0)  # at 0.5 s: too soon for a line
+    p.update(2, rows=5)  # at 11 s: one line, 40 tokens in 11 s
+    lines = stream.getvalue().splitlines()
+    assert lines == ["train epoch 1: 2/3 | 4 tok/s | loss 4.000 | lr 20.00"]
+    assert p.tokens == 40
