@@ -67,6 +67,10 @@ class _Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _run_config(args):
     """The config of a train/finetune call: a file, or the work directory's own."""
     from mos_jax import config as config_lib
@@ -119,11 +123,13 @@ def _cmd_evaluate(args) -> None:
 
     import numpy as np
 
-    from mos_jax import evaluate
+    from mos_jax import parallel
     config, params, corpus = _load_model(args)
     ids = corpus.split(args.split)
-    logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
-                                   progress=_Progress(args.split, args.batch_size))
+    plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
+    logp = parallel.token_logprobs(plan, config, params, ids, args.batch_size, args.bptt,
+                                   progress=_Progress(args.split, args.batch_size),
+                                   log=_note)
     nll = -float(np.mean(logp, dtype=np.float64))
     result = {"split": args.split, "tokens": int(logp.size), "nll": nll,
               "ppl": math.exp(nll), "batch_size": args.batch_size, "bptt": args.bptt}
@@ -148,7 +154,9 @@ def _cmd_dynamic_eval(args) -> None:
     import numpy as np
 
     from mos_jax import dynamic_eval as de
+    from mos_jax import parallel
     config, params, corpus = _load_model(args)
+    plan = parallel.local_plan(args.num_devices)
     settings = dict(de.PRESETS[args.preset])
     for key in ("lr", "lamb", "epsilon"):
         if getattr(args, key) is not None:
@@ -162,15 +170,19 @@ def _cmd_dynamic_eval(args) -> None:
         stats = de.load_statistics(cache, params, settings["lamb"])
         print(f"gradient statistics from {cache}", file=sys.stderr)
     else:
-        stats = de.gradient_statistics(
-            config, params, corpus.train, lamb=settings["lamb"],
+        stats = parallel.gradient_statistics(
+            plan, config, params, corpus.train, lamb=settings["lamb"],
             batch_size=args.stats_batch_size, bptt=args.bptt,
             max_batches=args.max_batches, rms=args.rms,
             progress=_Progress("gradient statistics", args.stats_batch_size * args.bptt,
-                               unit="windows"))
+                               unit="windows"), log=_note)
         de.save_statistics(cache, stats)
     stats_s = time.perf_counter() - start
     start = time.perf_counter()
+    if note := parallel.dynamic_eval_note(plan, args.batch_size):
+        _note(note)
+    if plan is not None:
+        params = plan.local_copy(params)
     result = de.dynamic_evaluate(
         config, params, stats.ms, stats.decrate, corpus.split(args.split), bptt=args.bptt,
         batch_size=args.batch_size,
@@ -229,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--bptt", type=int, default=70)
     p.add_argument("--dump", type=Path, help="save per-token log-probs [rows, batch] as .npy")
+    p.add_argument("--num-devices", type=int, default=0,
+                   help="devices to split the columns over (default 0: all local devices)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("dynamic-eval", help="dynamic evaluation (Krause et al.) of a "
@@ -250,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rms", action="store_true", help="MS = sqrt(mean g^2), not sum")
     p.add_argument("--dump", type=Path, help="save per-token log-probs as .npy")
     p.add_argument("--out", type=Path, help="also write the JSON result here")
+    p.add_argument("--num-devices", type=int, default=0,
+                   help="devices for the gradient statistics (default 0: all local "
+                   "devices); the update pass runs on one")
     p.set_defaults(func=_cmd_dynamic_eval)
 
     for name, text in (("train", "train a model (or continue the run in --workdir)"),

@@ -186,4 +186,13 @@ def default_config() -> ConfigDict:
         lr=25.0,
         max_epochs=500,
     ))
+    c.parallel = ConfigDict(dict(  # data parallelism (mos_jax.parallel)
+        strategy="mesh",  # "mesh" (jit + shard_map on a Mesh), "pmap", or "none"
+        num_devices=0,  # devices per process; 0: all local devices (one: no parallelism)
+        # Multi-host launch settings (not kept in a run's config.json):
+        coordinator_address="",  # process 0's host:port; "": from
+        # JAX_COORDINATOR_ADDRESS, else one process; "auto": JAX's cluster detection
+        num_processes=0,  # 0: from JAX_NUM_PROCESSES or cluster detection
+        process_id=-1,  # -1: from JAX_PROCESS_ID or cluster detection
+    ))
     return c

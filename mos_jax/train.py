@@ -27,9 +27,9 @@ import optax
 
 from mos_jax import config as config_lib
 from mos_jax import data as data_lib
-from mos_jax import evaluate
 from mos_jax import model as model_lib
 from mos_jax import optim
+from mos_jax import parallel
 from mos_jax.batching import batchify, default_buckets, padded_window, train_windows
 from mos_jax.checkpoint import CheckpointStore
 from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
@@ -240,15 +240,19 @@ class _Interrupt:
 def _validation_loss(model_config, params, ids, config) -> float:
     if config.train.eval_max_tokens:
         ids = ids[: config.train.eval_max_tokens]
-    logp = evaluate.token_logprobs(model_config, params, ids,
-                                   config.data.eval_batch_size, config.data.bptt)
+    logp = parallel.token_logprobs(parallel.from_config(config), model_config, params,
+                                   ids, config.data.eval_batch_size, config.data.bptt)
     return -float(np.mean(logp, dtype=np.float64))
 
 
 def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> dict:
+    par = parallel.from_config(config)  # first: a multi-host run joins before JAX work
+    primary = par is None or par.is_primary  # only process 0 logs and writes metrics
+    if not primary:
+        log = lambda message: None  # noqa: E731
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_config_matches_workdir(config, workdir)
+    _check_config_matches_workdir(config, workdir, write=primary)
     corpus = load_corpus_from(config)
     model_config = model_config_from(config, corpus.vocab_size)
     d, o, t = config.data, config.optim, config.train
@@ -256,18 +260,29 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     train_rows = batchify(corpus.train, d.batch_size)
     max_len = d.bptt + d.max_seq_len_delta
     buckets = default_buckets(d.bptt, max_len)
-    step_fn = make_train_step(model_config, alpha=o.alpha, beta=o.beta, bptt=d.bptt,
-                              n_groups=n_groups, seed=t.seed, clip=o.clip, wdecay=o.wdecay)
+    if par is None:
+        step_fn = make_train_step(model_config, alpha=o.alpha, beta=o.beta, bptt=d.bptt,
+                                  n_groups=n_groups, seed=t.seed, clip=o.clip,
+                                  wdecay=o.wdecay)
+    else:
+        step_fn = parallel.make_train_step(
+            par, TrainStep, model_config, alpha=o.alpha, beta=o.beta, bptt=d.bptt,
+            batch_size=d.batch_size, small_batch_size=d.small_batch_size, seed=t.seed,
+            clip=o.clip, wdecay=o.wdecay)
+        train_rows = par.local_columns(train_rows)  # this host's columns only
+        log(f"{par.describe()}, {step_fn.per_device} columns each")
+        par.note_evaluation((d.eval_batch_size, d.test_batch_size), log)
     tx = step_fn.tx
     store = CheckpointStore(workdir)
     finetuning = mode == "finetune"
     lr = config.finetune.lr if finetuning else o.lr
     max_epochs = config.finetune.max_epochs if finetuning else t.max_epochs
-    metrics = MetricsWriter(workdir)
+    metrics = MetricsWriter(workdir) if primary else parallel.NullMetrics()
 
     abstract = jax.eval_shape(lambda: _state_tree(init_state(
         model_config, model_lib.init_params(model_config, jax.random.key(0)),
         d.batch_size, tx)))
+    abstract = parallel.restore_target(par, abstract)  # any layout restores into ours
     if store.latest_step() is not None:
         tree, meta = store.restore(abstract)
         state = _state_from_tree(tree, tx)
@@ -301,7 +316,8 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     last_save = start_time
 
     def save():
-        store.save(int(state.step), _state_tree(state), dataclasses.asdict(record))
+        placed = state if par is None else par.place_state(state)
+        store.save(int(placed.step), _state_tree(placed), dataclasses.asdict(record))
 
     stop_reason = None
     with _Interrupt() as interrupt:
@@ -314,7 +330,8 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
             if record.batch_in_epoch == 0:
                 state = state.replace(carry=model_lib.init_carry(model_config, d.batch_size))
             progress = Progress(f"{mode} epoch {epoch}", len(windows), d.batch_size,
-                                start=record.batch_in_epoch)
+                                start=record.batch_in_epoch,
+                                **({} if primary else {"stream": parallel.NullStream()}))
             for k in range(record.batch_in_epoch, len(windows)):
                 w = windows[k]
                 inputs, targets, length = padded_window(train_rows, w.start, w.length, w.padded)
@@ -336,7 +353,13 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
                 else:
                     progress.update(k + 1, w.length)
                 now = time.perf_counter()
-                if interrupt.requested:
+                requested, elapsed, since_save = (interrupt.requested, now - start_time,
+                                                  now - last_save)
+                if par is not None:  # every process takes the same branches
+                    requested, elapsed, since_save = par.agree(
+                        (k + 1) % t.log_every_steps == 0 or last, requested, elapsed,
+                        since_save)
+                if requested:
                     save()
                     progress.close()
                     store.close()
@@ -345,11 +368,11 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
                         f"`mos-jax {mode} --workdir {workdir}`")
                 if t.stop_at_step and int(state.step) >= t.stop_at_step:
                     stop_reason = f"reached train.stop_at_step={t.stop_at_step}"
-                elif t.time_budget_s and now - start_time >= t.time_budget_s:
+                elif t.time_budget_s and elapsed >= t.time_budget_s:
                     stop_reason = f"used the time budget of {t.time_budget_s:g} s"
                 if stop_reason and not last:
                     break
-                if now - last_save >= t.checkpoint_every_s and not last:
+                if since_save >= t.checkpoint_every_s and not last:
                     save()
                     last_save = now
             progress.close()
@@ -423,8 +446,9 @@ def _finish(config, record, store, model_config, corpus, metrics, abstract, log)
     if record.mode == "finetune" and meta["epoch"] == 0:
         log("finetune: no epoch improved on the starting weights; keeping them")
     if config.train.test:
-        logp = evaluate.token_logprobs(model_config, params, corpus.test,
-                                       config.data.test_batch_size, config.data.bptt)
+        logp = parallel.token_logprobs(parallel.from_config(config), model_config, params,
+                                       corpus.test, config.data.test_batch_size,
+                                       config.data.bptt, log=log)
         test = -float(np.mean(logp, dtype=np.float64))
         result.update(test_loss=test, test_ppl=math.exp(test))
     metrics.write({"mode": record.mode, "final": True, **result})
@@ -443,6 +467,7 @@ def _finetune_start(config, model_config, corpus, log):
         raise CheckpointError(f"{source} has no best weights (best/): is it the work "
                               "directory of a `mos-jax train` run?")
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
+    abstract = parallel.restore_target(parallel.from_config(config), abstract)
     params, meta = store.restore_best(abstract)
     store.close()
     val = _validation_loss(model_config, params, corpus.valid, config)
@@ -451,8 +476,12 @@ def _finetune_start(config, model_config, corpus, log):
     return params, val
 
 
-def _check_config_matches_workdir(config, workdir: Path) -> None:
-    """Save the config on first use; on resume, refuse a different architecture."""
+def _check_config_matches_workdir(config, workdir: Path, write: bool = True) -> None:
+    """Save the config on first use; on resume, refuse a different architecture.
+
+    In a multi-process run every process checks and process 0 alone writes
+    (atomically, so that no process reads a half-written file).
+    """
     path = workdir / "config.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -467,7 +496,12 @@ def _check_config_matches_workdir(config, workdir: Path) -> None:
                         f"{workdir} was started with {section}.{key}="
                         f"{old.get(section, {}).get(key)!r}, not {value!r}: resume it "
                         "with its own config (omit --config), or use a new --workdir")
-    path.write_text(config_lib.to_json(config))
+    if write:
+        saved = json.loads(config_lib.to_json(config))
+        if "parallel" in saved:  # where this launch ran, not what the run is: a resume
+            saved["parallel"].update(parallel.CLUSTER_DEFAULTS)  # takes them anew
+        data_lib.atomic_write_bytes(
+            path, json.dumps(saved, indent=2, sort_keys=True).encode())
 
 
 def _print(msg: str) -> None:
@@ -505,6 +539,6 @@ def load_best(workdir: str | Path):
         raise CheckpointError(f"{workdir} has no best weights yet: train at least one "
                               "epoch first")
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
-    params, _ = store.restore_best(abstract)
+    params, _ = store.restore_best(parallel.restore_target(None, abstract))
     store.close()
     return config, corpus, model_config, params

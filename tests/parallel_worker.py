@@ -1,0 +1,267 @@
+"""Worker for tests/test_parallel.py: runs in a fresh process (XLA_FLAGS must be set
+before JAX starts), does one task, prints one JSON line on stdout.
+
+    python tests/parallel_worker.py TASK WORKDIR [ARGS...]
+
+Tasks: `step` (one train step, 1 vs N devices), `train` (short runs, every strategy),
+`eval` (evaluation and gradient statistics), `multihost PROCESS_ID PORT STRATEGY`
+(one process of a 2-process run; the environment sets the device count).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mos_jax import config as config_lib  # noqa: E402
+from mos_jax import dynamic_eval, evaluate, model, parallel, train  # noqa: E402
+
+STRATEGIES_2P = ("mesh",)  # references of the 2-process test (pmap's are the same)
+NO_DROPOUT = dict(dropout=0.0, dropouth=0.0, dropouti=0.0, dropoute=0.0, dropoutl=0.0,
+                  wdrop=0.0)
+
+
+def tree_max_diff(a, b) -> float:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(la, lb))
+
+
+def host(tree):
+    return jax.tree_util.tree_map(lambda x: np.array(x), tree)
+
+
+def fresh(tree):
+    """Copies on the default device (the steps donate their state)."""
+    return jax.tree_util.tree_map(lambda x: jnp.array(np.array(x)), tree)
+
+
+# ------------------------------------------------------------------------------ step
+
+def task_step(workdir):
+    n = jax.device_count()
+    out = {"devices": n}
+    B, T = 2 * n, 9
+    cfg = model.ModelConfig(vocab_size=30, emsize=6, nhid=8, nlayers=2, nhidlast=6,
+                            n_experts=3, **NO_DROPOUT)
+    params = host(model.init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, 30, size=(T + 1, B)).astype(np.int32)
+    inputs, targets = seq[:-1], seq[1:]
+    carry0 = host(jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+        model.init_carry(cfg, B)))
+    kw = dict(alpha=2.0, beta=1.0, bptt=T, seed=0, clip=1e6, wdecay=0.0)
+
+    # One device: the plain jitted step. With lr 1, no clipping and no weight decay its
+    # update is the gradient (tests/test_train.py checks the step against jax.grad).
+    ref_step = train.TrainStep(cfg, n_groups=1, **kw)
+    state = train.init_state(cfg, fresh(params), B, ref_step.tx).replace(carry=fresh(carry0))
+    ref, ref_m = ref_step(state, inputs, targets, T, T, 1.0)
+    ref, ref_m = host(ref), host(ref_m)
+    grads = jax.tree_util.tree_map(lambda p, q: p - q, params, ref.params)
+    grad_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(grads))))
+    out["single"] = {"grad_norm": grad_norm, "metric_grad_norm": float(ref_m["grad_norm"])}
+
+    for strategy in ("mesh", "pmap"):
+        plan = parallel.DataParallel(strategy, tuple(jax.devices()))
+        for small in ((-1, 1) if strategy == "mesh" else (-1,)):
+            step = parallel.make_train_step(plan, train.TrainStep, cfg, batch_size=B,
+                                            small_batch_size=small, **kw)
+            state = train.init_state(cfg, fresh(params), B, step.tx).replace(
+                carry=fresh(carry0))
+            new, m = step(state, inputs, targets, T, T, 1.0)
+            new, m = host(new), host(m)
+            update = jax.tree_util.tree_map(lambda p, q: p - q, params, new.params)
+            update_norm = float(np.sqrt(sum(np.sum(np.square(u))
+                                            for u in jax.tree_util.tree_leaves(update))))
+            out[f"{strategy}_{small}"] = {
+                "groups": step.step.n_groups,
+                "loss": abs(float(m["loss"]) - float(ref_m["loss"])),
+                "nll": abs(float(m["nll"]) - float(ref_m["nll"])),
+                "grad_norm_ratio": float(m["grad_norm"]) / grad_norm,
+                "update_norm_ratio": update_norm / grad_norm,
+                "grads": tree_max_diff(update, grads),
+                "params": tree_max_diff(new.params, ref.params),
+                "carry": tree_max_diff(new.carry, ref.carry),
+                "carry_shape": list(jax.tree_util.tree_leaves(new.carry)[0].shape),
+                "step": int(new.step),
+            }
+
+    # Dropout on: every device gets the same columns; different masks give different
+    # carries, and the same call twice gives the same result.
+    cfg_d = cfg.replace(dropout=0.3, dropouti=0.3, dropouth=0.3, wdrop=0.3, dropoutl=0.3)
+    block = seq[:, :2]
+    same = np.tile(block, (1, n))
+    dropout = {}
+    for strategy in ("mesh", "pmap"):
+        plan = parallel.DataParallel(strategy, tuple(jax.devices()))
+        step = parallel.make_train_step(plan, train.TrainStep, cfg_d, batch_size=B,
+                                        small_batch_size=-1, **kw)
+        runs = []
+        for _ in range(2):
+            state = train.init_state(cfg_d, fresh(params), B, step.tx)
+            new, m = step(state, same[:-1], same[1:], T, T, 1.0)
+            runs.append(host((new, m)))
+        (a, ma), (b, mb) = runs
+        h = np.asarray(a.carry[-1][0])  # [B, H]: device d holds rows 2d, 2d+1
+        blocks = [h[2 * d:2 * d + 2] for d in range(n)]
+        dropout[strategy] = {
+            "repeat_diff": tree_max_diff(a, b),
+            "min_block_diff": min(float(np.max(np.abs(blocks[i] - blocks[j])))
+                                  for i in range(n) for j in range(i + 1, n)),
+            "params": a.params, "loss": float(ma["loss"])}
+    out["dropout"] = {
+        "mesh_repeat": dropout["mesh"]["repeat_diff"],
+        "pmap_repeat": dropout["pmap"]["repeat_diff"],
+        "mesh_min_block_diff": dropout["mesh"]["min_block_diff"],
+        "pmap_min_block_diff": dropout["pmap"]["min_block_diff"],
+        "mesh_vs_pmap": tree_max_diff(dropout["mesh"]["params"], dropout["pmap"]["params"]),
+        "loss_diff": abs(dropout["mesh"]["loss"] - dropout["pmap"]["loss"]),
+    }
+    return out
+
+
+# ----------------------------------------------------------------------------- train
+
+def tiny(**overrides):
+    c = config_lib.load_config_file(ROOT / "configs" / "tiny.py")
+    c.train.max_epochs = 2
+    c.train.steps_per_epoch = 8
+    c.data.max_seq_len_delta = 0  # few buckets and one evaluation shape: few compilations
+    c.data.test_batch_size = c.data.eval_batch_size
+    c.train.log_every_steps = 4
+    c.train.checkpoint_every_s = 1e9
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        c[section][name] = value
+    return c
+
+
+def no_dropout(c):
+    for key, value in NO_DROPOUT.items():
+        c.model[key] = value
+    return c
+
+
+def checksums(workdir, c):
+    """Per-leaf sums of the final checkpoint (params, averaging, carry)."""
+    from mos_jax.checkpoint import CheckpointStore
+    plan = parallel.from_config(c)
+    mc = train.model_config_from(c, c.data.synthetic.vocab_size)
+    tx = train.optim.sgd_transform(c.optim.clip, c.optim.wdecay)
+    abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
+        mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
+    if plan is not None:
+        abstract = plan.abstract(abstract)
+    store = CheckpointStore(workdir, read_only=True)
+    tree, meta = store.restore(abstract)
+    store.close()
+    sums = jax.jit(lambda t: [jnp.sum(x.astype(jnp.float32))
+                              for x in jax.tree_util.tree_leaves(t)])(tree)
+    return [float(s) for s in sums], meta["history"]
+
+
+def run(c, workdir, **kw):
+    logs = []
+    result = train.train_and_evaluate(c, workdir, log=logs.append, **kw)
+    return result, logs
+
+
+def task_train(workdir):
+    workdir = Path(workdir)
+    out = {"devices": jax.device_count()}
+    results = {}
+    for strategy in ("none", "mesh", "pmap"):
+        c = no_dropout(tiny(parallel__strategy=strategy))
+        result, logs = run(c, workdir / f"nodrop-{strategy}")
+        results[strategy] = result
+        out[f"logs_{strategy}"] = logs
+    out["nodrop"] = results
+    # A checkpoint of one device continues on all of them, and the reverse.
+    c = no_dropout(tiny(parallel__strategy="none", train__stop_at_step=5))
+    run(c, workdir / "switch")
+    c = no_dropout(tiny(parallel__strategy="mesh"))
+    out["switch"], _ = run(c, workdir / "switch")
+    c = no_dropout(tiny(parallel__strategy="pmap", train__stop_at_step=5))
+    run(c, workdir / "switch-back")
+    c = no_dropout(tiny(parallel__strategy="none"))
+    out["switch_back"], _ = run(c, workdir / "switch-back")
+    # The reference of the 2-process test: dropout on, stopped and resumed.
+    for strategy in STRATEGIES_2P:
+        c = tiny(parallel__strategy=strategy, train__stop_at_step=6)
+        run(c, workdir / f"ref-{strategy}")
+        c = tiny(parallel__strategy=strategy)
+        result, _ = run(c, workdir / f"ref-{strategy}")
+        sums, history = checksums(workdir / f"ref-{strategy}", c)
+        out[f"ref_{strategy}"] = {"result": result, "sums": sums, "history": history}
+    out["workdir"] = str(workdir / "nodrop-mesh")
+    return out
+
+
+# ------------------------------------------------------------------------------ eval
+
+def task_eval(workdir):
+    n = jax.device_count()
+    out = {"devices": n}
+    cfg = model.ModelConfig(vocab_size=40, emsize=6, nhid=8, nlayers=2, nhidlast=6,
+                            n_experts=3)
+    params = model.init_params(cfg, jax.random.key(3))
+    ids = np.random.default_rng(1).integers(0, 40, size=3001).astype(np.int32)
+    ref = evaluate.token_logprobs(cfg, params, ids, 2 * n, 7)
+    stats_ref = dynamic_eval.gradient_statistics(cfg, params, ids, batch_size=2 * n,
+                                                 bptt=5, max_batches=40)
+    notes = []
+    for strategy in ("mesh", "pmap"):
+        plan = parallel.DataParallel(strategy, tuple(jax.devices()))
+        logp = parallel.token_logprobs(plan, cfg, params, ids, 2 * n, 7)
+        stats = parallel.gradient_statistics(plan, cfg, params, ids, batch_size=2 * n,
+                                             bptt=5, max_batches=40)
+        rel = max(float(np.max(np.abs(a - b) / (np.abs(b) + 1e-12)))
+                  for a, b in zip(jax.tree_util.tree_leaves(stats.ms),
+                                  jax.tree_util.tree_leaves(stats_ref.ms)))
+        out[strategy] = {"shape": list(logp.shape), "logp": float(np.max(np.abs(logp - ref))),
+                         "stats_rel": rel, "windows": [stats.windows, stats_ref.windows]}
+        # Batch 1 (and 3) cannot split: one device, with a note.
+        one = parallel.token_logprobs(plan, cfg, params, ids, 1, 7, log=notes.append)
+        out[strategy]["batch1"] = float(np.max(np.abs(
+            one - evaluate.token_logprobs(cfg, params, ids, 1, 7))))
+        out[strategy]["dyn_note"] = parallel.dynamic_eval_note(plan, 1)
+    out["notes"] = notes
+    return out
+
+
+# ------------------------------------------------------------------------- multihost
+
+def task_multihost(workdir, process_id, port, strategy):
+    c = tiny(parallel__strategy=strategy, parallel__coordinator_address=f"127.0.0.1:{port}",
+             parallel__num_processes=2, parallel__process_id=int(process_id),
+             train__stop_at_step=6)
+    first, logs1 = run(c, workdir)  # joins the run, trains 6 steps, checkpoints
+    c = tiny(parallel__strategy=strategy, parallel__coordinator_address=f"127.0.0.1:{port}",
+             parallel__num_processes=2, parallel__process_id=int(process_id))
+    result, logs2 = run(c, workdir)  # restores, trains to the end
+    sums, history = checksums(workdir, c)
+    return {"process": jax.process_index(), "processes": jax.process_count(),
+            "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+            "first": first, "result": result, "sums": sums, "history": history,
+            "logs": len(logs1) + len(logs2)}
+
+
+def main():
+    task, workdir, *args = sys.argv[1:]
+    out = {"step": task_step, "train": task_train, "eval": task_eval,
+           "multihost": task_multihost}[task](workdir, *args)
+    print(json.dumps(out, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

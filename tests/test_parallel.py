@@ -1,0 +1,238 @@
+"""Data parallelism: 4 fake CPU devices against one, both strategies, and 2 processes.
+
+JAX reads the device count when it starts, so the multi-device checks run in fresh
+processes (`tests/parallel_worker.py`, with `XLA_FLAGS=--xla_force_host_platform_
+device_count=N`) and report JSON; this file compares. Each worker runs once per module.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mos_jax import config as config_lib, parallel
+from mos_jax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("parallel_worker.py")
+TOL = 1e-5
+
+
+def worker_env(devices: int) -> dict:
+    """N host devices; XLA's backend optimisations off, since compiling the tiny
+    models takes far longer than running them (every comparison is between runs with
+    the same flags)."""
+    env = dict(os.environ)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                         "--xla_backend_optimization_level=0",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(key, None)
+    return env
+
+
+def last_json(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"the worker printed no JSON:\n{stdout[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def run_worker(task: str, workdir: Path, devices: int = 4, timeout: float = 240) -> dict:
+    proc = subprocess.run([sys.executable, str(WORKER), task, str(workdir)],
+                          env=worker_env(devices), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.fail(f"worker {task} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return last_json(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def step_report(tmp_path_factory):
+    return run_worker("step", tmp_path_factory.mktemp("step"))
+
+
+@pytest.fixture(scope="module")
+def train_report(tmp_path_factory):
+    return run_worker("train", tmp_path_factory.mktemp("train"))
+
+
+# --------------------------------------------------------------- no devices needed
+
+def test_batch_that_does_not_divide_names_the_nearest_sizes():
+    with pytest.raises(ConfigError, match=r"data\.batch_size=10 does not split over 4 "
+                       r"devices.*multiple of 4, the nearest being 8 or 12"):
+        parallel.check_divisible(10, 4)
+    with pytest.raises(ConfigError, match=r"nearest being 4 .*num_devices one of \[1, 3\]"):
+        parallel.check_divisible(3, 4, local_devices=4)
+    with pytest.raises(ConfigError, match="data.eval_batch_size=1 .* nearest being 4"):
+        parallel.check_divisible(1, 4, key="data.eval_batch_size")
+    assert parallel.check_divisible(12, 4) == 3
+
+
+def test_small_batch_size_must_divide_each_devices_columns():
+    assert parallel.groups_per_device(12, -1, 4) == 1
+    assert parallel.groups_per_device(12, 6, 4) == 1  # 3 columns a device: no groups
+    assert parallel.groups_per_device(24, 2, 4) == 3
+    with pytest.raises(ConfigError, match=r"small_batch_size=4 must divide the 6 columns "
+                       r"each device holds .*one of \[1, 2, 3, 6\]"):
+        parallel.groups_per_device(24, 4, 4)
+
+
+def test_defaults_keep_one_device_on_the_plain_path():
+    c = config_lib.default_config()
+    assert c.parallel.strategy == "mesh" and c.parallel.num_devices == 0
+    assert c.parallel.coordinator_address == "" and c.parallel.process_id == -1
+    import jax
+    if jax.device_count() == 1:  # this pytest process: one CPU device
+        assert parallel.from_config(c) is None
+        with pytest.raises(ConfigError, match=r"asked for 2 devices .* this process has 1"):
+            parallel.local_plan(2)
+    with pytest.raises(ConfigError, match="strategy must be one of"):
+        parallel.local_plan(0, strategy="dp")
+    assert parallel.dynamic_eval_note(None, 1) is None
+    with pytest.raises(ConfigError, match="coordinator"):
+        parallel.initialize_distributed("", 2, 0)
+
+
+# ------------------------------------------------------------------ one train step
+
+@pytest.mark.parametrize("strategy, small", [("mesh", -1), ("mesh", 1), ("pmap", -1)])
+def test_one_step_on_4_devices_equals_one_device(step_report, strategy, small):
+    assert step_report["devices"] == 4
+    single = step_report["single"]
+    assert single["metric_grad_norm"] == pytest.approx(single["grad_norm"], rel=TOL)
+    r = step_report[f"{strategy}_{small}"]
+    assert r["groups"] == (1 if small == -1 else 2)
+    assert r["loss"] < TOL and r["nll"] < TOL
+    assert r["grads"] < TOL  # lr 1, no clipping or decay: the update is the gradient
+    assert r["params"] < TOL and r["carry"] < TOL
+    assert r["carry_shape"] == [8, 8] and r["step"] == 1  # the global [B, H] layout
+
+
+@pytest.mark.parametrize("strategy", ["mesh", "pmap"])
+def test_gradients_are_averaged_not_summed(step_report, strategy):
+    # A sum over the 4 devices (grad of replicated parameters under shard_map with
+    # varying-axis checks, then pmean) would give ratios of 4.
+    r = step_report[f"{strategy}_-1"]
+    assert r["grad_norm_ratio"] == pytest.approx(1.0, abs=TOL)
+    assert r["update_norm_ratio"] == pytest.approx(1.0, abs=TOL)
+
+
+def test_dropout_masks_differ_per_device_and_are_reproducible(step_report):
+    d = step_report["dropout"]
+    assert d["mesh_repeat"] == 0.0 and d["pmap_repeat"] == 0.0
+    assert d["mesh_min_block_diff"] > 1e-3 and d["pmap_min_block_diff"] > 1e-3
+    assert d["mesh_vs_pmap"] < TOL and d["loss_diff"] < TOL  # same keys either way
+
+
+# ------------------------------------------------------------------ short training
+
+def test_training_gives_the_same_perplexity_on_4_devices(train_report):
+    results = train_report["nodrop"]
+    one = results["none"]
+    for strategy in ("mesh", "pmap"):
+        r = results[strategy]
+        assert r["valid_ppl"] == pytest.approx(one["valid_ppl"], rel=1e-4)
+        assert r["test_ppl"] == pytest.approx(one["test_ppl"], rel=1e-4)
+        assert r["best_epoch"] == one["best_epoch"]
+        assert r["compilations"] == one["compilations"] <= 2  # buckets (16, 20)
+        assert any("data parallel" in line for line in train_report[f"logs_{strategy}"])
+    assert not any("data parallel" in line for line in train_report["logs_none"])
+
+
+def test_checkpoints_move_between_device_counts(train_report):
+    one = train_report["nodrop"]["none"]
+    assert train_report["switch"]["valid_ppl"] == pytest.approx(one["valid_ppl"], rel=1e-4)
+    assert train_report["switch_back"]["valid_ppl"] == pytest.approx(one["valid_ppl"], rel=1e-4)
+
+
+def test_a_4_device_run_loads_on_one_device(train_report):
+    import jax
+    from mos_jax import evaluate, train
+    c, corpus, mc, params = train.load_best(train_report["workdir"])
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(params))
+    ppl = evaluate.perplexity(mc, params, corpus.valid, c.data.eval_batch_size, c.data.bptt)
+    assert ppl == pytest.approx(train_report["nodrop"]["mesh"]["valid_ppl"], rel=1e-4)
+
+
+def test_evaluation_splits_columns_and_batch_1_stays_on_one_device(tmp_path):
+    r = run_worker("eval", tmp_path)
+    for strategy in ("mesh", "pmap"):
+        assert r[strategy]["shape"] == [3001 // 8 - 1, 8]
+        assert r[strategy]["logp"] < TOL and r[strategy]["batch1"] == 0.0
+        assert r[strategy]["stats_rel"] < 1e-4
+        assert r[strategy]["windows"][0] == r[strategy]["windows"][1] == 40
+        assert "runs on one device" in r[strategy]["dyn_note"]
+    assert set(r["notes"]) == {"evaluation with batch size 1 does not split over 4 "
+                               "devices: it runs on one device"}
+
+
+# ------------------------------------------------------------------ two processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(workdir: Path, strategy: str, timeout: float = 150) -> list[dict]:
+    """Both processes of a 2-process run on 127.0.0.1 (2 CPU devices each); if one fails
+    or time runs out, the other is killed at once (it would wait for its peer)."""
+    port = free_port()
+    logs = workdir.parent
+    procs = []
+    try:
+        for i in range(2):
+            with open(logs / f"p{i}.out", "w") as out, open(logs / f"p{i}.err", "w") as err:
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(WORKER), "multihost", str(workdir), str(i),
+                     str(port), strategy], env=worker_env(2), stdout=out, stderr=err,
+                    cwd=ROOT, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(c for c in codes if c is not None):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+    failed = [f"process {i} ended with {p.returncode}:\n"
+              f"{(logs / f'p{i}.err').read_text()[-3000:]}"
+              for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:  # -9: killed, after the other failed or at the time limit
+        pytest.fail(f"the 2-process run failed (limit {timeout:g} s):\n" + "\n".join(failed))
+    return [last_json((logs / f"p{i}.out").read_text()) for i in range(2)]
+
+
+@pytest.mark.parametrize("strategy", ["mesh", "pmap"])
+def test_two_processes_train_checkpoint_restore_like_one(train_report, tmp_path, strategy):
+    """2 processes x 2 devices = the single-process run on 4 devices (dropout on: the
+    same masks; mesh and pmap give the same results, see the step test)."""
+    reports = run_two_processes(tmp_path / "run", strategy)
+    ref = train_report["ref_mesh"]
+    for i, r in enumerate(reports):
+        assert (r["process"], r["processes"], r["devices"], r["local_devices"]) == (i, 2, 4, 2)
+        assert r["first"]["stopped"].startswith("reached") and r["first"]["step"] == 6
+        assert r["result"]["valid_ppl"] == pytest.approx(ref["result"]["valid_ppl"], rel=1e-5)
+        assert r["result"]["test_ppl"] == pytest.approx(ref["result"]["test_ppl"], rel=1e-5)
+        np.testing.assert_allclose(r["history"], ref["history"], rtol=1e-5)
+        np.testing.assert_allclose(r["sums"], ref["sums"], rtol=1e-4, atol=1e-5)
+    assert reports[0]["logs"] > 0 and reports[1]["logs"] == 0  # only process 0 logs
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in records] == [1, 2, None]  # written once, by process 0
+    assert math.isfinite(records[-1]["test_ppl"])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["parallel"]
+    assert saved == {"strategy": strategy, "num_devices": 0, "coordinator_address": "",
+                     "num_processes": 0, "process_id": -1}  # launch settings not kept
