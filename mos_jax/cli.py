@@ -231,12 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="head to read the weights as (default: from the weights)")
     p.set_defaults(func=_cmd_import_torch)
 
+    def model_source(p):
+        p.add_argument("--workdir", type=Path, help="a training run's work directory")
+        p.add_argument("--weights", type=Path, help="a directory written by import-torch")
+        p.add_argument("--data", default=None, help="corpus directory, 'synthetic', or "
+                       "'tfds:NAME' (default with --workdir: the run's corpus)")
+
     p = sub.add_parser("evaluate", help="perplexity of a run's best weights or of "
                        "imported weights on a split")
-    p.add_argument("--workdir", type=Path, help="a training run's work directory")
-    p.add_argument("--weights", type=Path, help="a directory written by import-torch")
-    p.add_argument("--data", default=None, help="corpus directory, 'synthetic', or "
-                   "'tfds:NAME' (default with --workdir: the run's corpus)")
+    model_source(p)
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--bptt", type=int, default=70)
@@ -247,9 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dynamic-eval", help="dynamic evaluation (Krause et al.) of a "
                        "run's best weights or of imported weights")
-    p.add_argument("--workdir", type=Path, help="a training run's work directory")
-    p.add_argument("--weights", type=Path, help="a directory written by import-torch")
-    p.add_argument("--data", default=None, help="corpus (default with --workdir: the run's)")
+    model_source(p)
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--preset", default="default", choices=sorted(PRESET_NAMES),
                    help="lr/lamb/epsilon of the paper: ptb (lamb 0.075), wt2 (eps 0.002)")
