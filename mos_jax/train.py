@@ -207,8 +207,8 @@ class LoopRecord:
     best_val: float | None = None
     best_epoch: int | None = None
     switched_at_epoch: int | None = None  # NT-ASGD switch
-    epoch_loss_sum: float = 0.0  # training loss summed over this epoch's steps
-    epoch_steps: int = 0
+    epoch_loss_sum: float = 0.0  # training loss summed over this epoch's steps so far
+    epoch_steps: int = 0  # the steps in that sum (all steps done in this epoch)
     done: bool = False
     result: dict | None = None
 
@@ -315,7 +315,15 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     start_time = time.perf_counter()
     last_save = start_time
 
+    pending = []  # this epoch's step losses (device scalars) not yet in the record
+
+    def fold_losses():
+        record.epoch_loss_sum += sum(float(x) for x in pending)
+        record.epoch_steps += len(pending)
+        pending.clear()
+
     def save():
+        fold_losses()
         placed = state if par is None else par.place_state(state)
         store.save(int(placed.step), _state_tree(placed), dataclasses.asdict(record))
 
@@ -336,6 +344,7 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
                 w = windows[k]
                 inputs, targets, length = padded_window(train_rows, w.start, w.length, w.padded)
                 state, m = step_fn(state, inputs, targets, length, w.seq_len, lr)
+                pending.append(m["loss"])  # no host sync here
                 record.batch_in_epoch = k + 1
                 last = k + 1 == len(windows)
                 if (k + 1) % t.log_every_steps == 0 or last:
@@ -346,8 +355,7 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
                             f"(epoch {epoch}): lower --config.optim.lr (now {lr}) or "
                             f"--config.optim.clip; the last checkpoint in {workdir} "
                             "predates this step and is intact")
-                    record.epoch_loss_sum += loss
-                    record.epoch_steps += 1
+                    fold_losses()
                     progress.update(k + 1, w.length, loss=loss,
                                     lr=lr * w.seq_len / d.bptt)
                 else:

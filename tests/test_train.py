@@ -137,6 +137,9 @@ def test_resume_after_stops_is_bit_identical(reference_run, tmp_path):
                                           log=lambda m: None)
         if stop:
             assert result["stopped"].startswith("reached") and result["step"] == stop
+        if stop == 37:  # the epoch's train loss counts every step, not only logged ones
+            _, meta = final_tree(workdir)
+            assert meta["epoch_steps"] == 37 and meta["batch_in_epoch"] == 37
     ref_tree, ref_meta = final_tree(ref_dir)
     tree, meta = final_tree(workdir)
     assert_bit_identical(tree, ref_tree)
