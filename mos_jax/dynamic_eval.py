@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,13 +87,20 @@ def _keep_if(valid, new, old):
     return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(2, 3))
-def _stats_chunk(config: ModelConfig, params, sq_sum, carry, inputs, targets, lengths):
+def stats_scan(config: ModelConfig, params, sq_sum, carry, inputs, targets, lengths,
+               axis_name: str | None = None):
+    """Add the squared window gradients of a chunk of windows to `sq_sum`.
+
+    With `axis_name` (the body of a data-parallel map, `mos_jax.parallel`), each device
+    holds some of the columns and the window's gradient is their mean over the axis.
+    """
     def body(state, window):
         sq_sum, carry = state
         inp, tgt, length = window
         grads, (_, new_carry) = jax.grad(_window_loss, argnums=1, has_aux=True)(
             config, params, inp, tgt, carry, length)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
         valid = length > 0
         sq_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.where(valid, g * g, 0.0),
                                         sq_sum, grads)
@@ -101,6 +108,10 @@ def _stats_chunk(config: ModelConfig, params, sq_sum, carry, inputs, targets, le
 
     (sq_sum, carry), _ = jax.lax.scan(body, (sq_sum, carry), (inputs, targets, lengths))
     return sq_sum, carry
+
+
+_stats_chunk = jax.jit(stats_scan, static_argnums=0, static_argnames="axis_name",
+                       donate_argnums=(2, 3))
 
 
 class GradientStatistics(NamedTuple):

@@ -9,7 +9,6 @@ instead, SPEC.md section 3; mos-jax does not).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -21,10 +20,13 @@ from mos_jax.batching import batchify, eval_windows, padded_window
 from mos_jax.model import ModelConfig, Params
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _score_window(config: ModelConfig, params: Params, carry, inputs, targets, length):
+def score_window(config: ModelConfig, params: Params, carry, inputs, targets, length):
+    """Target log-probabilities [T, B] of one window, no dropout, and the new carry."""
     out = model_lib.apply(config, params, inputs, carry, targets, length=length)
     return out.target_logprobs, out.carry
+
+
+_score_window = jax.jit(score_window, static_argnums=0, donate_argnums=2)
 
 
 def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,

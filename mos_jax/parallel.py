@@ -573,14 +573,9 @@ def make_train_step(plan: DataParallel, step_class, model_config: ModelConfig, *
 
 # ---------------------------------------------------------------------- evaluation
 
-def _score(config: ModelConfig, params, carry, inputs, targets, length):
-    out = model_lib.apply(config, params, inputs, carry, targets, length=length)
-    return out.target_logprobs, out.carry
-
-
 @functools.lru_cache(maxsize=16)
 def _score_fn(plan: DataParallel, config: ModelConfig):
-    body = functools.partial(_score, config)
+    body = functools.partial(evaluate.score_window, config)
     if plan.strategy == "mesh":
         return jax.jit(shard_map(
             body, mesh=plan.mesh,
@@ -660,25 +655,9 @@ def dynamic_eval_note(plan: DataParallel | None, batch_size: int) -> str | None:
             f"{plan.n_devices} available")
 
 
-def _stats_body(config: ModelConfig, params, sq_sum, carry, inputs, targets, lengths):
-    def body(state, window):
-        sq_sum, carry = state
-        inp, tgt, length = window
-        grads, (_, new_carry) = jax.grad(de._window_loss, argnums=1, has_aux=True)(
-            config, params, inp, tgt, carry, length)
-        grads = jax.lax.pmean(grads, AXIS)  # the whole window's gradient
-        valid = length > 0
-        sq_sum = jax.tree_util.tree_map(lambda s, g: s + jnp.where(valid, g * g, 0.0),
-                                        sq_sum, grads)
-        return (sq_sum, de._keep_if(valid, new_carry, carry)), None
-
-    (sq_sum, carry), _ = jax.lax.scan(body, (sq_sum, carry), (inputs, targets, lengths))
-    return sq_sum, carry
-
-
 @functools.lru_cache(maxsize=8)
 def _stats_fn(plan: DataParallel, config: ModelConfig):
-    body = functools.partial(_stats_body, config)
+    body = functools.partial(de.stats_scan, config, axis_name=AXIS)
     if plan.strategy == "mesh":
         return jax.jit(shard_map(
             body, mesh=plan.mesh,

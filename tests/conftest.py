@@ -1,6 +1,5 @@
 """Shared test set-up: the real corpora, when present, and the import path."""
 
-import os
 import sys
 from pathlib import Path
 

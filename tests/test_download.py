@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import shutil
 import socket
 import threading
 import urllib.request

@@ -1,6 +1,5 @@
 """The train step, the epoch loop, NT-ASGD, finetuning and exact resume."""
 
-import math
 import os
 import signal
 from pathlib import Path
