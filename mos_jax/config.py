@@ -165,7 +165,10 @@ def default_config() -> ConfigDict:
     c.model = ConfigDict(dict(
         emsize=280, nhid=960, nhidlast=620, nlayers=3, head="mos", n_experts=15,
         dropout=0.4, dropouth=0.225, dropouti=0.4, dropoute=0.1, dropoutl=0.29,
-        wdrop=0.5, compute_dtype="float32"))
+        wdrop=0.5,
+        compute_dtype="auto",  # matmul operands; auto: float32 on CPU, bfloat16 on GPU/TPU
+        vocab_chunk="auto",  # head: 0 whole logits, N stream over N-word chunks, auto
+    ))
     c.optim = ConfigDict(dict(
         lr=20.0, clip=0.25, wdecay=1.2e-6, alpha=2.0, beta=1.0, nonmono=5,
         asgd=True,  # switch to averaged SGD by the non-monotone trigger

@@ -11,6 +11,10 @@ decoder bias `decoder_bias` [V] (zeros at init) belongs to the head. Heads are l
 up by name in `HEADS`; `register_head` adds one.
 
 All log-space arithmetic is float32; `dtype` only sets the operand type of matmuls.
+`vocab_chunk` (0, a chunk size, or "auto"; `mos_jax.streaming.resolve_chunk`) selects
+the streaming path for target log-probabilities: per-row log-normalisers accumulated
+over vocabulary chunks, so no [rows, V] logits are materialised forward or backward.
+Full distributions (`return_logprobs`) always take the plain path.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mos_jax.errors import ConfigError
 from mos_jax.layers import dot, locked_dropout, uniform_init
+from mos_jax.streaming import chunked_logsumexp, resolve_chunk
 
 
 class HeadOutput(NamedTuple):
@@ -69,12 +75,28 @@ def decoder_logits(context: jax.Array, embedding: jax.Array, bias: jax.Array,
     return logits.reshape(*context.shape[:-1], embedding.shape[0])
 
 
+def log_normalisers(context: jax.Array, embedding: jax.Array, bias: jax.Array,
+                    dtype, vocab_chunk=0) -> tuple[jax.Array, jax.Array | None]:
+    """`(lse, logits)` of `context @ embedding^T + bias` for context [..., D].
+
+    `lse` [...] float32; `logits` [..., V] on the plain path, None when streamed.
+    """
+    rows = int(np.prod(context.shape[:-1]))
+    chunk = resolve_chunk(vocab_chunk, rows, embedding.shape[0])
+    if chunk:
+        flat = context.reshape(rows, context.shape[-1])
+        lse = chunked_logsumexp(flat, embedding, bias, chunk, jnp.dtype(dtype))
+        return lse.reshape(context.shape[:-1]), None
+    logits = decoder_logits(context, embedding, bias, dtype)
+    return logsumexp(logits), logits
+
+
 def _softmax_output(context: jax.Array, embedding: jax.Array, bias: jax.Array,
                     targets: jax.Array | None, return_logprobs: bool,
-                    dtype) -> HeadOutput:
+                    dtype, vocab_chunk=0) -> HeadOutput:
     """log softmax(context @ embedding^T + bias) for context [..., D]."""
-    logits = decoder_logits(context, embedding, bias, dtype)
-    lse = logsumexp(logits)
+    lse, logits = log_normalisers(context, embedding, bias, dtype,
+                                  0 if return_logprobs else vocab_chunk)
     target_lp = None
     if targets is not None:
         target_logit = jnp.einsum("...d,...d->...", context.astype(jnp.float32),
@@ -90,6 +112,7 @@ class Softmax(nn.Module):
     n_experts: int = 1
     dropoutl: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    vocab_chunk: int | str = 0
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
@@ -101,7 +124,7 @@ class Softmax(nn.Module):
                 f"({embedding.shape[-1]}): set model.nhidlast = model.emsize")
         bias = self.param("decoder_bias", nn.initializers.zeros, (embedding.shape[0],))
         return _softmax_output(hidden, embedding, bias, targets, return_logprobs,
-                               self.dtype)
+                               self.dtype, self.vocab_chunk)
 
 
 class _Mixture(nn.Module):
@@ -110,6 +133,7 @@ class _Mixture(nn.Module):
     n_experts: int = 15
     dropoutl: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    vocab_chunk: int | str = 0
 
     def mixture(self, hidden, embedding, deterministic):
         """Log prior [T, B, E], latent [T, B, E, D] (after dropout), decoder bias."""
@@ -139,8 +163,9 @@ class MixtureOfSoftmaxes(_Mixture):
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False) -> HeadOutput:
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
-        logits = decoder_logits(latent, embedding, bias, self.dtype)  # [T, B, E, V]
-        lse = logsumexp(logits)  # [T, B, E]
+        # [T, B, E] normalisers; logits [T, B, E, V] unless streamed
+        lse, logits = log_normalisers(latent, embedding, bias, self.dtype,
+                                      0 if return_logprobs else self.vocab_chunk)
         target_lp = None
         if targets is not None:
             target_emb = jnp.take(embedding, targets, axis=0)  # [T, B, D]
@@ -164,4 +189,4 @@ class MixtureOfContexts(_Mixture):
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
         context = jnp.einsum("tbe,tbed->tbd", jnp.exp(log_prior), latent)
         return _softmax_output(context, embedding, bias, targets, return_logprobs,
-                               self.dtype)
+                               self.dtype, self.vocab_chunk)

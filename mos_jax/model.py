@@ -49,7 +49,8 @@ class ModelConfig:
     dropoute: float = 0.1
     dropoutl: float = 0.29
     wdrop: float = 0.5
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"  # matmul operands: float32, bfloat16, or auto
+    vocab_chunk: int | str = "auto"  # streaming head: 0 plain, n chunk size, or auto
 
     def __post_init__(self):
         heads_lib.get_head(self.head)  # raises on an unknown name
@@ -64,11 +65,30 @@ class ModelConfig:
             raise ConfigError(
                 f"the softmax head ties its decoder to the embedding, so nhidlast "
                 f"({self.nhidlast}) must equal emsize ({self.emsize})")
-        try:
-            jnp.dtype(self.compute_dtype)
-        except TypeError:
-            raise ConfigError(f"model.compute_dtype {self.compute_dtype!r} is not a "
-                              "dtype: use float32 or bfloat16") from None
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.compute_dtype {self.compute_dtype!r}: use float32, "
+                              "bfloat16, or auto (float32 on CPU, bfloat16 on GPU/TPU)")
+        chunk = self.vocab_chunk
+        if isinstance(chunk, str) and chunk.strip().lower() == "auto":
+            chunk = "auto"
+        else:
+            try:
+                chunk = int(chunk)
+                if chunk < 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(
+                    f"model.vocab_chunk {self.vocab_chunk!r}: use 0 (whole logits), a "
+                    "positive chunk size in words, or auto") from None
+        object.__setattr__(self, "vocab_chunk", chunk)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The matmul operand dtype; `auto` is float32 on CPU, bfloat16 elsewhere."""
+        name = self.compute_dtype
+        if name == "auto":
+            name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        return jnp.dtype(name)
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -113,7 +133,7 @@ class LanguageModel(nn.Module):
                  length: jax.Array | int | None = None,
                  return_logprobs: bool = False) -> ModelOutput:
         cfg = self.config
-        dtype = jnp.dtype(cfg.compute_dtype)
+        dtype = cfg.dtype
 
         def rng():
             return None if deterministic else self.make_rng("dropout")
@@ -135,7 +155,8 @@ class LanguageModel(nn.Module):
         raw_output = x
         output = locked_dropout(x, cfg.dropout, rng())
         head = heads_lib.get_head(cfg.head)(
-            n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype, name="head")
+            n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype,
+            vocab_chunk=cfg.vocab_chunk, name="head")
         out = head(output, embedding, targets, deterministic=deterministic,
                    return_logprobs=return_logprobs)
         return ModelOutput(out.target_logprobs, out.logprobs, output, raw_output,

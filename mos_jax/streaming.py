@@ -1,0 +1,115 @@
+"""Log-normalisers of tied decoders, streamed over vocabulary chunks.
+
+`chunked_logsumexp(x, embedding, bias, chunk)` is `logsumexp(x @ embedding^T + bias)`
+over the vocabulary for every row of `x` [N, D], computed chunk by chunk with a running
+maximum and sum, so the [N, V] logits never exist at once, forward or backward: the
+backward pass (a `jax.custom_vjp`) recomputes each chunk's logits and accumulates the
+gradients of `x`, of the embedding rows and of the bias chunk by chunk.
+
+A head that needs only target log-probabilities (training, scoring) gets everything from
+these normalisers and the target logits, which are a gather. The plain path (whole
+logits) stays for full distributions and for comparison; `use_streaming` decides.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Padding rows of a last, partial chunk get this bias: exp(_PAD - m) is exactly 0.
+_PAD = -1e30
+
+
+def _chunks(embedding: jax.Array, bias: jax.Array, chunk: int):
+    """[V, D], [V] -> [C, chunk, D], [C, chunk], padding V up to a multiple of chunk."""
+    v, d = embedding.shape
+    n = -(-v // chunk)
+    pad = n * chunk - v
+    if pad:
+        embedding = jnp.concatenate([embedding, jnp.zeros((pad, d), embedding.dtype)])
+        bias = jnp.concatenate([bias, jnp.full((pad,), _PAD, bias.dtype)])
+    return embedding.reshape(n, chunk, d), bias.reshape(n, chunk)
+
+
+def _chunk_logits(x, emb_c, bias_c, dtype):
+    return jnp.matmul(x.astype(dtype), emb_c.astype(dtype).T,
+                      preferred_element_type=jnp.float32) + bias_c
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def chunked_logsumexp(x: jax.Array, embedding: jax.Array, bias: jax.Array,
+                      chunk: int, dtype=jnp.float32) -> jax.Array:
+    """`logsumexp(x @ embedding^T + bias, axis=-1)` for x [N, D]: [N] float32.
+
+    Matmul operands are cast to `dtype` (accumulation in float32); the running
+    max/sum and the result are float32.
+    """
+    return _forward(x, embedding, bias, chunk, dtype)
+
+
+def _forward(x, embedding, bias, chunk, dtype):
+    emb_c, bias_c = _chunks(embedding, bias, chunk)
+    n = x.shape[0]
+
+    def body(state, c):
+        m, s = state
+        logits = _chunk_logits(x, c[0], c[1], dtype)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=-1)
+        return (m_new, s), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
+    (m, s), _ = jax.lax.scan(body, init, (emb_c, bias_c))
+    return m + jnp.log(s)
+
+
+def _fwd(x, embedding, bias, chunk, dtype):
+    lse = _forward(x, embedding, bias, chunk, dtype)
+    return lse, (x, embedding, bias, lse)
+
+
+def _bwd(chunk, dtype, residuals, g):
+    x, embedding, bias, lse = residuals
+    emb_c, bias_c = _chunks(embedding, bias, chunk)
+    xd = x.astype(dtype)
+
+    def body(dx, c):
+        logits = _chunk_logits(xd, c[0], c[1], dtype)
+        # d lse / d logits = softmax; times the incoming cotangent of each row.
+        dlogits = jnp.exp(logits - lse[:, None]) * g[:, None]
+        dx = dx + jnp.matmul(dlogits.astype(dtype), c[0].astype(dtype),
+                             preferred_element_type=jnp.float32)
+        demb = jnp.matmul(dlogits.astype(dtype).T, xd, preferred_element_type=jnp.float32)
+        return dx, (demb, jnp.sum(dlogits, axis=0))
+
+    dx, (demb, dbias) = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32),
+                                     (emb_c, bias_c))
+    v = embedding.shape[0]
+    demb = demb.reshape(-1, embedding.shape[1])[:v].astype(embedding.dtype)
+    dbias = dbias.reshape(-1)[:v].astype(bias.dtype)
+    return dx.astype(x.dtype), demb, dbias
+
+
+chunked_logsumexp.defvjp(_fwd, _bwd)
+
+
+# `auto` streams when the whole logits would be at least this large (float32 bytes):
+# below it the plain path's single matmul is as fast and memory is no issue.
+AUTO_MIN_LOGITS_BYTES = 64 << 20
+AUTO_CHUNK = 2048
+
+
+def resolve_chunk(vocab_chunk, rows: int, vocab: int) -> int:
+    """The chunk size a head uses for `rows` x `vocab` logits; 0 means the plain path.
+
+    `vocab_chunk`: an int (0 = plain, n > 0 = chunks of n words) or "auto", which
+    streams in chunks of `AUTO_CHUNK` once the logits reach `AUTO_MIN_LOGITS_BYTES`.
+    """
+    if vocab_chunk == "auto":
+        return AUTO_CHUNK if rows * vocab * 4 >= AUTO_MIN_LOGITS_BYTES else 0
+    chunk = int(vocab_chunk)
+    if chunk <= 0 or chunk >= vocab:
+        return 0
+    return chunk
