@@ -10,6 +10,8 @@
     mos-jax plot --workdir DIR [--workdir DIR ...] [--out curves.png]
     mos-jax download ptb|wikitext-2 --dest DIR
     mos-jax import-torch FILE.pt --out DIR [--head mos|moc|softmax]
+    mos-jax bench [--config configs/ptb.py] [--batch 12] [--bptt 70] [--dtype float32]
+                  [--vocab-chunk auto] [--num-devices 1] [--only train,eval] [--out F]
 
 A user mistake (missing file, bad key, ...) prints one line starting with `error:` and
 exits with status 2; no traceback.
@@ -208,6 +210,26 @@ def _cmd_plot(args) -> None:
     print(f"wrote {out}")
 
 
+def _cmd_bench(args) -> None:
+    from mos_jax import bench
+    from mos_jax import config as config_lib
+    overrides = config_lib.parse_overrides(args.overrides)
+    for key, value in (("model.head", args.head), ("model.compute_dtype", args.dtype),
+                       ("model.vocab_chunk", args.vocab_chunk)):
+        if value is not None:
+            overrides.append((key, value))
+    config = config_lib.load_config(args.config, overrides)
+    workloads = tuple(w.strip() for w in args.only.split(",")) if args.only else \
+        bench.WORKLOADS
+    settings = bench.BenchSettings(
+        vocab=args.vocab, batch=args.batch, bptt=args.bptt, eval_batch=args.eval_batch,
+        num_devices=args.num_devices, warmup=args.warmup, repeats=args.repeats,
+        dyn_windows=args.dyn_windows, workloads=workloads)
+    result = bench.run_bench(config, settings, log=_note)
+    result["config"] = str(args.config)
+    bench.main_print(result, args.out)
+
+
 def _cmd_demo(args) -> None:
     from mos_jax.demo import run_demo
     run_demo(args.workdir)
@@ -285,6 +307,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("learning_curves.png"))
     p.set_defaults(func=_cmd_plot)
 
+    p = sub.add_parser("bench", help="tokens/s, compile time, peak memory and MFU of a "
+                       "config's train step, evaluation and dynamic evaluation",
+                       epilog="Any config key can be overridden: --config.model.nhid=512")
+    p.add_argument("--config", type=Path, default=Path("configs/ptb.py"))
+    p.add_argument("--vocab", type=int, default=10000, help="vocabulary size (PTB: 10000)")
+    p.add_argument("--batch", type=int, default=0, help="train batch (default: config)")
+    p.add_argument("--bptt", type=int, default=0, help="window length (default: config)")
+    p.add_argument("--eval-batch", type=int, default=0, help="default: config")
+    p.add_argument("--head", default=None, help="model.head (default: config)")
+    p.add_argument("--dtype", default=None, help="model.compute_dtype: float32, "
+                   "bfloat16 or auto (default: config)")
+    p.add_argument("--vocab-chunk", default=None,
+                   help="model.vocab_chunk: 0 (whole logits), N, or auto (default: config)")
+    p.add_argument("--num-devices", type=int, default=1,
+                   help="devices for the train step (0: all local devices)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per workload")
+    p.add_argument("--dyn-windows", type=int, default=32,
+                   help="dynamic-evaluation windows per timed call")
+    p.add_argument("--only", default=None,
+                   help="comma-separated workloads: train,eval,dynamic_eval (one per "
+                   "process gives a clean peak-memory figure on CPU)")
+    p.add_argument("--out", type=Path, help="also write the JSON result here")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("demo", help="softmax vs MoS on the built-in high-rank corpus")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.set_defaults(func=_cmd_demo)
@@ -295,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.overrides = rest
-    if rest and args.command not in ("train", "finetune"):
+    if rest and args.command not in ("train", "finetune", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.func(args)

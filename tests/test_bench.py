@@ -1,0 +1,48 @@
+"""`mos-jax bench`: FLOP counts by hand, and the command's JSON on the tiny config."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mos_jax import bench, cli, model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_model_flops_per_token_of_the_ptb_config_by_hand():
+    mc = model.ModelConfig(vocab_size=10000)  # emsize 280, nhid 960, nhidlast 620, E 15
+    f = bench.model_flops_per_token(mc)
+    # LSTM layer l: 4 gates x H_l x (I_l + H_l) multiply-adds, 2 FLOPs each.
+    lstm = 2 * 4 * (960 * (280 + 960) + 960 * (960 + 960) + 620 * (960 + 620))
+    # prior 620x15, latent 620x(15*280), then 15 decoder products 280x10000.
+    head = 2 * (620 * 15 + 620 * 15 * 280 + 15 * 280 * 10000)
+    assert f == {"lstm": lstm, "head": head, "forward": lstm + head}
+    assert f["lstm"] / 1e6 == pytest.approx(32.2, abs=0.1)  # SPEC.md section 6
+    soft = bench.model_flops_per_token(mc.replace(head="softmax", nhidlast=280))
+    assert soft["head"] == 2 * 280 * 10000
+
+
+def test_bench_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--vocab", "50",
+                   "--only", "eval,dynamic_eval", "--repeats", "2", "--dyn-windows", "4",
+                   "--out", str(out)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == printed
+    assert "train" not in printed and printed["vocab"] == 50
+    for name, tokens in (("eval", 8 * 20), ("dynamic_eval", 4 * 5)):
+        r = printed[name]
+        t = r["tokens_per_s"]
+        assert r["compile_s"] > 0 and t["runs"] == 2 and 0 < t["min"] <= t["median"] <= t["max"]
+        per_token = printed["model_flops_per_token"]["forward"] * (3 if name != "eval" else 1)
+        assert r["model_gflops_per_s"] == pytest.approx(t["median"] * per_token / 1e9,
+                                                        rel=1e-2, abs=0.01)
+        assert r["peak_memory_mb"] > 0
+    assert printed["matmul_peak_gflops"] > 0
+
+
+def test_bench_rejects_an_unknown_workload(capsys):
+    rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--only", "trian"])
+    assert rc == 2 and "unknown workload" in capsys.readouterr().err
