@@ -7,6 +7,10 @@
     mos-jax evaluate --workdir DIR | --weights DIR [--data CORPUS] [--split test]
                      [--batch-size 1] [--bptt 70] [--dump FILE.npy]
     mos-jax dynamic-eval --workdir DIR | --weights DIR [--preset ptb] [--lr --lamb ...]
+    mos-jax rank --workdir DIR | --weights DIR --data CORPUS [--split valid]
+                 [--contexts N] [--max-memory-gb 4] [--plot FILE.png] [--out FILE]
+    mos-jax generate --workdir DIR | --weights DIR --data CORPUS [--prompt "words ..."]
+                     [--words 100] [--temperature 1.0] [--seed 0] [--out FILE]
     mos-jax plot --workdir DIR [--workdir DIR ...] [--out curves.png]
     mos-jax download ptb|wikitext-2 --dest DIR
     mos-jax import-torch FILE.pt --out DIR [--head mos|moc|softmax]
@@ -203,6 +207,68 @@ def _cmd_dynamic_eval(args) -> None:
     print(json.dumps(out))
 
 
+def _cmd_rank(args) -> None:
+    from mos_jax import rank
+    if args.contexts is not None and args.contexts < 1:
+        raise MosJaxError(f"--contexts must be at least 1, got {args.contexts}")
+    config, params, corpus = _load_model(args)
+    result = rank.analyse(config, params, corpus.split(args.split), args.contexts,
+                          max_memory_gb=args.max_memory_gb, batch_size=args.batch_size,
+                          bptt=args.bptt, log=_note)
+    s = result.pop("singular_values")
+    plot = args.plot or Path(args.workdir or ".") / "rank_spectrum.png"
+    title = (f"{config.head} head, d={config.nhidlast}: rank {result['rank']:,} of "
+             f"{result['contexts']:,} x {result['vocab_size']:,} ({args.split})")
+    rank.plot_spectrum(s, result["threshold"], plot, title=title)
+    out = {"split": args.split, **result,
+           "threshold_rule": "0.5 * sqrt(N + V + 1) * s_max * eps (Numerical Recipes)",
+           "batch_size": args.batch_size, "bptt": args.bptt, "plot": str(plot)}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        out["out"] = str(args.out)
+    print(json.dumps(out))
+
+
+def _cmd_generate(args) -> None:
+    import math
+
+    import numpy as np
+
+    from mos_jax import data, generate
+    if not args.temperature > 0 or not math.isfinite(args.temperature):
+        raise MosJaxError(f"--temperature must be a positive number, got "
+                          f"{args.temperature} (1 samples the model's distribution, "
+                          "smaller values approach its most likely words)")
+    if args.words < 1:
+        raise MosJaxError(f"--words must be at least 1, got {args.words}")
+    config, params, corpus = _load_model(args)
+    shown = []  # the prompt words printed before the sample
+    if args.prompt is not None and args.prompt.split():
+        prompt = generate.encode_prompt(corpus.vocab, args.prompt, corpus.name)
+        shown = generate.decode(corpus.vocab, prompt)
+    elif data.EOS in corpus.word_to_id:  # start a fresh sentence
+        prompt = np.asarray([corpus.word_to_id[data.EOS]], np.int32)
+    else:  # no sentence ends (a synthetic corpus): the first word of the train split
+        prompt = corpus.train[:1]
+        shown = generate.decode(corpus.vocab, prompt)
+    timings: dict = {}
+    ids, logp = generate.sample(config, params, prompt, args.words,
+                                temperature=args.temperature, seed=args.seed,
+                                return_logprobs=True, timings=timings)
+    text = generate.render(shown + generate.decode(corpus.vocab, ids))
+    seconds = timings["sample_seconds"]
+    stats = {"words": int(ids.size), "prompt_words": int(prompt.size),
+             "temperature": args.temperature, "seed": args.seed,
+             "seconds": round(seconds, 4), "words_per_s": round(ids.size / seconds, 1),
+             "compile_seconds": round(timings["compile_seconds"], 2),
+             "sample_ppl": math.exp(-float(np.mean(logp, dtype=np.float64)))}
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        stats["out"] = str(args.out)
+    print(text, flush=True)
+    print(json.dumps(stats), file=sys.stderr)
+
+
 def _cmd_plot(args) -> None:
     from mos_jax.plot import plot_learning_curves
     runs = {Path(w).name or str(w): w for w in args.workdir}
@@ -291,6 +357,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="devices for the gradient statistics (default 0: all local "
                    "devices); the update pass runs on one")
     p.set_defaults(func=_cmd_dynamic_eval)
+
+    p = sub.add_parser("rank", help="empirical rank of the log-probability matrix "
+                       "[contexts, V] and its singular value spectrum (the softmax "
+                       "bottleneck)")
+    model_source(p)
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"],
+                   help="the contexts are the first N positions of this split")
+    p.add_argument("--contexts", type=int, default=None, help="N (default: min(V, "
+                   "tokens in the split), capped to fit --max-memory-gb)")
+    p.add_argument("--max-memory-gb", type=float, default=4.0,
+                   help="memory for the [N, V] matrix and its SVD (about 20 N V bytes)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="parallel columns (1: every context sees its whole prefix)")
+    p.add_argument("--bptt", type=int, default=70, help="window length")
+    p.add_argument("--plot", type=Path, default=None, help="the spectrum as a PNG "
+                   "(default: rank_spectrum.png in --workdir, or here with --weights)")
+    p.add_argument("--out", type=Path, help="also write the JSON result here")
+    p.set_defaults(func=_cmd_rank)
+
+    p = sub.add_parser("generate", help="sample text from a run's best weights or from "
+                       "imported weights",
+                       epilog="The text goes to stdout, a JSON line of statistics to "
+                       "stderr; <eos> is printed as a line break.")
+    model_source(p)
+    p.add_argument("--prompt", default=None, help="words to start from, e.g. \"the "
+                   "company said\" (default: a fresh sentence after <eos>)")
+    p.add_argument("--words", type=int, default=100, help="number of words to sample")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="> 0: below 1 sharper (towards the most likely words), above 1 "
+                   "flatter")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="also write the text here")
+    p.set_defaults(func=_cmd_generate)
 
     for name, text in (("train", "train a model (or continue the run in --workdir)"),
                        ("finetune", "the finetune stage from a run's best weights")):

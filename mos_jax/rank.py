@@ -16,6 +16,7 @@ threshold.
 from __future__ import annotations
 
 import functools
+import time
 from typing import NamedTuple
 
 import jax
@@ -139,3 +140,133 @@ def empirical_rank(matrix: np.ndarray, tol: float | None = None,
     s = np.linalg.svd(a.astype(np.float64), compute_uv=False)
     threshold = default_tolerance(s, a.shape, eps) if tol is None else float(tol)
     return RankResult(int(np.sum(s > threshold)), s, threshold)
+
+
+# ------------------------------------------------------------------ the experiment
+
+# Peak bytes per matrix entry of `analyse`: the float32 matrix, its float64 copy and
+# LAPACK's working copy of that (the singular values alone need O(m + n) more).
+BYTES_PER_ENTRY = 4 + 8 + 8
+
+
+def default_contexts(vocab_size: int, n_tokens: int, max_memory_gb: float = 4.0
+                     ) -> tuple[int, str | None]:
+    """The number of contexts N of the rank experiment, and a note when it was capped.
+
+    As many as the rank can use, `min(V, n_tokens)` (the rank is at most `min(N, V)`),
+    but no more than fit the memory cap: the `[N, V]` matrix and its SVD take about
+    `BYTES_PER_ENTRY * N * V` bytes.
+    """
+    if max_memory_gb <= 0:
+        raise MosJaxError(f"the memory cap must be positive, got {max_memory_gb} GB")
+    wanted = min(vocab_size, n_tokens)
+    fits = int(max_memory_gb * 2**30 // (BYTES_PER_ENTRY * vocab_size))
+    if fits < 1:
+        raise MosJaxError(f"not even one context of the {vocab_size:,}-word vocabulary "
+                          f"fits in {max_memory_gb} GB: raise --max-memory-gb")
+    if fits >= wanted:
+        return wanted, None
+    return fits, (f"contexts capped at {fits:,} (of {wanted:,}) so the [N, V] matrix and "
+                  f"its SVD fit in {max_memory_gb:g} GB; raise --max-memory-gb for more")
+
+
+def matrix_gb(n_contexts: int, vocab_size: int) -> float:
+    """The memory `analyse` needs for `n_contexts` contexts, in GiB."""
+    return BYTES_PER_ENTRY * n_contexts * vocab_size / 2**30
+
+
+def analyse(model_config: ModelConfig, params: Params, ids: np.ndarray,
+            n_contexts: int | None = None, *, max_memory_gb: float = 4.0,
+            batch_size: int = 1, bptt: int = 70, log=None) -> dict:
+    """The rank experiment of Yang et al.: the empirical rank of `logprob_matrix`.
+
+    The model computes in float32 whatever its `compute_dtype` (bfloat16 round-off
+    would read as rank), and the rank counts the singular values above the Numerical
+    Recipes threshold for float32 results (`empirical_rank`).
+
+    Args:
+      ids: the token stream whose first `n_contexts` positions are the contexts.
+      n_contexts: None for `default_contexts(V, len(ids), max_memory_gb)`; an explicit
+        number must fit in `max_memory_gb` too.
+      batch_size, bptt: as in `logprob_matrix` (batch size 1: every row sees its whole
+        prefix).
+      log: called with progress notes, and a note when the default number of contexts
+        was capped.
+
+    Returns:
+      a dict: `rank`, `max_rank` (min(N, V)), `contexts` (N), `vocab_size` (V),
+      `hidden_size` (d, the last layer's size: a softmax head's rank is at most d + 2),
+      `head`, `threshold`, `eps`, `s_max`, `s_min`, `matrix_seconds`, `svd_seconds`,
+      `capped` (the note, or None) and `singular_values` (a float64 array, descending).
+    """
+    vocab_size = model_config.vocab_size
+    capped = None
+    if n_contexts is None:
+        n_contexts, capped = default_contexts(vocab_size, len(ids), max_memory_gb)
+        if capped and log is not None:
+            log(f"note: {capped}")
+    elif matrix_gb(n_contexts, vocab_size) > max_memory_gb:
+        raise MosJaxError(
+            f"{n_contexts:,} contexts of a {vocab_size:,}-word vocabulary need about "
+            f"{matrix_gb(n_contexts, vocab_size):.1f} GB for the matrix and its SVD, over "
+            f"the cap of {max_memory_gb:g} GB: lower --contexts or raise --max-memory-gb")
+    log = log or (lambda message: None)
+    config = model_config.replace(compute_dtype="float32")
+    log(f"log-probability matrix: {n_contexts:,} contexts x {vocab_size:,} words")
+    start = time.perf_counter()
+    matrix = logprob_matrix(config, params, ids, n_contexts, batch_size, bptt)
+    matrix_s = time.perf_counter() - start
+    eps = _round_off_eps(matrix.dtype)
+    log(f"singular values of the {n_contexts:,} x {vocab_size:,} matrix")
+    start = time.perf_counter()
+    result = empirical_rank(matrix, eps=eps)
+    svd_s = time.perf_counter() - start
+    s = result.singular_values
+    return {"rank": result.rank, "max_rank": int(min(matrix.shape)),
+            "contexts": int(n_contexts), "vocab_size": vocab_size,
+            "hidden_size": model_config.nhidlast, "head": model_config.head,
+            "threshold": result.threshold, "eps": eps, "s_max": float(s[0]),
+            "s_min": float(s[-1]), "matrix_seconds": round(matrix_s, 3),
+            "svd_seconds": round(svd_s, 3), "capped": capped, "singular_values": s}
+
+
+def plot_spectrum(singular_values: np.ndarray, threshold: float, out_png,
+                  title: str | None = None, size_inches: tuple[float, float] = (8.0, 5.0),
+                  dpi: int = 100):
+    """The singular values (descending, log scale) and the rank threshold, as a PNG.
+
+    Zero singular values sit at the bottom of the plot. Returns the PNG's path.
+    """
+    from pathlib import Path
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MosJaxError("plotting needs matplotlib: pip install matplotlib") from None
+    s = np.asarray(singular_values, dtype=np.float64)
+    rank = int(np.sum(s > threshold))
+    positive = s[s > 0]
+    floor = min(positive.min() if positive.size else 1.0, threshold) / 10
+    fig, ax = plt.subplots(figsize=size_inches, dpi=dpi)
+    try:
+        index = np.arange(1, len(s) + 1)
+        ax.plot(index, np.maximum(s, floor), lw=1.5, marker="." if len(s) <= 200 else None,
+                label=f"singular values ({len(s):,})")
+        ax.axhline(threshold, color="tab:red", lw=1, ls="--",
+                   label=f"round-off threshold {threshold:.3g}")
+        if 0 < rank < len(s):
+            ax.axvline(rank + 0.5, color="gray", lw=1, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"index (empirical rank {rank:,})")
+        ax.set_ylabel("singular value")
+        if title:
+            ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+        out = Path(out_png)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return out

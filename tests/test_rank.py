@@ -139,3 +139,101 @@ def test_mos_rank_goes_far_above_d():
     result = rank.empirical_rank(matrix)
     assert result.rank >= V - 2  # full rank, up to the smallest singular values
     assert result.rank > 4 * (D + 2)
+
+
+# ------------------------------------------------------------------ the experiment
+
+def test_default_contexts_rule():
+    # As many as the vocabulary allows, when they fit.
+    assert rank.default_contexts(50, 1_000) == (50, None)
+    assert rank.default_contexts(10_000, 82_430, 4.0) == (10_000, None)  # PTB: 1.9 GB
+    # Fewer tokens than words: all the tokens.
+    assert rank.default_contexts(100, 30) == (30, None)
+    # WikiText-2's 33,278 words: capped so 20 bytes per entry fit in 4 GiB.
+    n, note = rank.default_contexts(33_278, 217_646, 4.0)
+    assert n == 4 * 2**30 // (20 * 33_278) == 6453
+    assert "capped at 6,453 (of 33,278)" in note and "--max-memory-gb" in note
+    assert rank.matrix_gb(n, 33_278) <= 4.0 < rank.matrix_gb(n + 1, 33_278)
+    with pytest.raises(MosJaxError, match="max-memory-gb"):
+        rank.default_contexts(10_000, 82_430, 1e-6)
+    with pytest.raises(MosJaxError, match="positive"):
+        rank.default_contexts(10_000, 82_430, 0.0)
+
+
+def test_analyse_reports_the_rank_of_the_logprob_matrix():
+    config, params = make("softmax", scale=4.0, bias_scale=1.0)
+    ids = stream(3 * V, seed=3)
+    notes = []
+    got = rank.analyse(config, params, ids, max_memory_gb=1.0, bptt=64, log=notes.append)
+    assert got["rank"] == D + 2 and got["contexts"] == V and got["max_rank"] == V
+    assert got["capped"] is None and got["hidden_size"] == D and got["head"] == "softmax"
+    matrix = rank.logprob_matrix(config, params, ids, V, bptt=64).astype(np.float64)
+    s = np.linalg.svd(matrix, compute_uv=False)
+    np.testing.assert_allclose(got["singular_values"], s, rtol=1e-6, atol=1e-9)
+    assert got["s_max"] == pytest.approx(s[0]) and got["s_min"] == got["singular_values"][-1]
+    assert got["threshold"] == pytest.approx(
+        0.5 * np.sqrt(2 * V + 1) * s[0] * np.finfo(np.float32).eps, rel=1e-6)
+    # The default, capped: 30 contexts fit (20 bytes an entry), with a note.
+    cap = 30.5 * 20 * V / 2**30
+    got = rank.analyse(config, params, ids, max_memory_gb=cap, bptt=64, log=notes.append)
+    assert got["contexts"] == 30 and got["max_rank"] == 30 and "capped at 30" in notes[-3]
+    with pytest.raises(MosJaxError, match="--contexts"):
+        rank.analyse(config, params, ids, 31, max_memory_gb=cap)
+
+
+def test_plot_spectrum_writes_a_png(tmp_path):
+    s = np.array([10.0, 1.0, 1e-3, 1e-9, 0.0])
+    out = rank.plot_spectrum(s, 1e-6, tmp_path / "sub" / "s.png", title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from mos_jax import cli
+    w = tmp_path_factory.mktemp("rank") / "run"
+    configs = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+    assert cli.main(["train", "--config", str(configs / "tiny.py"), "--workdir", str(w),
+                     "--config.train.max_epochs=1", "--config.train.test=false",
+                     "--config.data.synthetic.train_tokens=4000"]) == 0
+    return w
+
+
+def test_rank_command(tiny_run, tmp_path, capsys):
+    import json
+
+    from mos_jax import cli, train
+    capsys.readouterr()
+    out, png = tmp_path / "rank.json", tmp_path / "spectrum.png"
+    assert cli.main(["rank", "--workdir", str(tiny_run), "--out", str(out),
+                     "--plot", str(png)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.loads(out.read_text())
+    assert printed.pop("out") == str(out) and printed == written
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and written["plot"] == str(png)
+    # The default contexts: min(V, valid tokens) = the 50 words of the tiny corpus.
+    assert written["contexts"] == written["vocab_size"] == 50
+    assert written["split"] == "valid" and written["capped"] is None
+    # Independently: one forward pass over the first 50 valid words, and NumPy's rank
+    # with the Numerical Recipes tolerance for float32 results.
+    _, corpus, config, params = train.load_best(tiny_run)
+    n = 50
+    logp = jit_apply(config.replace(compute_dtype="float32"), params,
+                     jnp.asarray(corpus.valid[:n, None]), model.init_carry(config, 1),
+                     return_logprobs=True).logprobs[:, 0]
+    matrix = np.asarray(logp, np.float64)
+    s_max = np.linalg.norm(matrix, 2)
+    tol = 0.5 * np.sqrt(n + corpus.vocab_size + 1) * s_max * np.finfo(np.float32).eps
+    assert written["rank"] == np.linalg.matrix_rank(matrix, tol=tol)
+    assert written["s_max"] == pytest.approx(s_max, rel=1e-5)
+    assert written["threshold"] == pytest.approx(tol, rel=1e-5)
+    # Default plot: in the work directory. Fewer contexts, on the test split.
+    assert cli.main(["rank", "--workdir", str(tiny_run), "--contexts", "20",
+                     "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["contexts"] == 20 and result["max_rank"] == 20
+    assert (tiny_run / "rank_spectrum.png").is_file()
+    # Over the memory cap: a one-line error.
+    assert cli.main(["rank", "--workdir", str(tiny_run), "--contexts", "50",
+                     "--max-memory-gb", "1e-6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--max-memory-gb" in err
