@@ -28,7 +28,7 @@ import numpy as np
 
 from mos_jax.errors import ConfigError
 from mos_jax.layers import dot, locked_dropout, uniform_init
-from mos_jax.streaming import chunked_logsumexp, resolve_chunk
+from mos_jax.streaming import chunked_logsumexp, resolve_chunk, transform_logits
 
 
 class HeadOutput(NamedTuple):
@@ -190,3 +190,268 @@ class MixtureOfContexts(_Mixture):
         context = jnp.einsum("tbe,tbed->tbd", jnp.exp(log_prior), latent)
         return _softmax_output(context, embedding, bias, targets, return_logprobs,
                                self.dtype, self.vocab_chunk)
+
+
+# Sigsoftmax (Kanai et al., NeurIPS 2018), mixture of sigsoftmaxes (same paper) and
+# Mixtape (Yang et al., NeurIPS 2019).
+
+
+def sig_log_normalisers(context: jax.Array, embedding: jax.Array, bias: jax.Array,
+                        dtype, vocab_chunk=0) -> tuple[jax.Array, jax.Array | None]:
+    """`(lse, g)` of the sigsoftmax logits of context [..., D].
+
+    `z = context @ embedding^T + bias`, `g = z + log_sigmoid(z)` (so `exp(g) = exp(z)
+    sigmoid(z)`), `lse = logsumexp_v g_v` [...] float32; `g` [..., V] on the plain path,
+    None when streamed (`chunked_logsumexp(..., transform="sigsoftmax")`).
+    """
+    rows = int(np.prod(context.shape[:-1]))
+    chunk = resolve_chunk(vocab_chunk, rows, embedding.shape[0])
+    if chunk:
+        flat = context.reshape(rows, context.shape[-1])
+        lse = chunked_logsumexp(flat, embedding, bias, chunk, jnp.dtype(dtype),
+                                "sigsoftmax")
+        return lse.reshape(context.shape[:-1]), None
+    g = transform_logits(decoder_logits(context, embedding, bias, dtype), "sigsoftmax")
+    return logsumexp(g), g
+
+
+@register_head("sigsoftmax")
+class Sigsoftmax(nn.Module):
+    """Tied sigsoftmax: `p(w) = exp(z_w) sigmoid(z_w) / sum_v exp(z_v) sigmoid(z_v)`.
+
+    `z = hidden @ E^T + b`; in log space `log p(w) = g(z_w) - logsumexp_v g(z_v)` with
+    `g(z) = z + log_sigmoid(z)`. Like the softmax head the decoder is the embedding, so
+    nhidlast must equal emsize (no projection; a ConfigError otherwise). Parameters:
+    `decoder_bias` [V] (V in all). Streams (`vocab_chunk`) like the softmax head.
+    """
+
+    n_experts: int = 1
+    dropoutl: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    vocab_chunk: int | str = 0
+
+    @nn.compact
+    def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
+                 return_logprobs=False) -> HeadOutput:
+        if hidden.shape[-1] != embedding.shape[-1]:
+            raise ConfigError(
+                f"the sigsoftmax head ties its decoder to the embedding, so the last "
+                f"layer's size (nhidlast={hidden.shape[-1]}) must equal emsize "
+                f"({embedding.shape[-1]}): set model.nhidlast = model.emsize")
+        bias = self.param("decoder_bias", nn.initializers.zeros, (embedding.shape[0],))
+        lse, g = sig_log_normalisers(hidden, embedding, bias, self.dtype,
+                                     0 if return_logprobs else self.vocab_chunk)
+        target_lp = None
+        if targets is not None:
+            z = jnp.einsum("...d,...d->...", hidden.astype(jnp.float32),
+                           jnp.take(embedding, targets, axis=0)) + jnp.take(bias, targets)
+            target_lp = transform_logits(z, "sigsoftmax") - lse
+        return HeadOutput(target_lp, g - lse[..., None] if return_logprobs else None)
+
+
+@register_head("moss")
+class MixtureOfSigsoftmaxes(_Mixture):
+    """Mixture of sigsoftmaxes: MoS with each component a sigsoftmax, in log space.
+
+    With `_Mixture`'s prior and latent (`latent_e = dropoutl(tanh(hidden W_lat + b_lat))`
+    [D] per expert e) and `z_e = latent_e @ E^T + b`:
+    `log p(w) = logsumexp_e(log prior_e + g(z_e,w) - logsumexp_v g(z_e,v))`,
+    `g(z) = z + log_sigmoid(z)`. Parameters as MoS: `prior_kernel` [H, E],
+    `latent_kernel` [H, E*D], `latent_bias` [E*D], `decoder_bias` [V], i.e.
+    `H*E + E*D*(H + 1) + V`. Target log-probabilities stream over the vocabulary.
+    """
+
+    @nn.compact
+    def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
+                 return_logprobs=False) -> HeadOutput:
+        log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
+        # [T, B, E] normalisers; g [T, B, E, V] unless streamed
+        lse, g = sig_log_normalisers(latent, embedding, bias, self.dtype,
+                                     0 if return_logprobs else self.vocab_chunk)
+        target_lp = None
+        if targets is not None:
+            target_emb = jnp.take(embedding, targets, axis=0)  # [T, B, D]
+            z = jnp.einsum("tbed,tbd->tbe", latent.astype(jnp.float32),
+                           target_emb) + jnp.take(bias, targets)[..., None]
+            target_lp = jax.nn.logsumexp(
+                log_prior + transform_logits(z, "sigsoftmax") - lse, axis=-1)
+        logprobs = None
+        if return_logprobs:
+            logprobs = jax.nn.logsumexp((log_prior - lse)[..., None] + g, axis=-2)
+        return HeadOutput(target_lp, logprobs)
+
+
+def sigmoid_tree_paths(k: int) -> tuple[tuple[tuple[int, bool], ...], ...]:
+    """Root-to-leaf paths of the sigmoid tree with `k` leaves: `((gate, left), ...)`.
+
+    The tree is the full binary tree in heap order with internal nodes (gates)
+    0..k-2 (children of node n: 2n+1 left, 2n+2 right) and leaf j at node k-1+j; for a
+    power of two it is the balanced tree. For k=4: leaf 0 = (g0 left, g1 left),
+    leaf 1 = (g0 left, g1 right), leaf 2 = (g0 right, g2 left), leaf 3 = (g0 right,
+    g2 right).
+    """
+    paths = []
+    for leaf in range(k):
+        node, path = k - 1 + leaf, []
+        while node > 0:
+            parent = (node - 1) // 2
+            path.append((parent, node == 2 * parent + 1))
+            node = parent
+        paths.append(tuple(reversed(path)))
+    return tuple(paths)
+
+
+def sigmoid_tree_log_priors(gate_logits: jax.Array, k: int, axis: int = -1) -> jax.Array:
+    """`log pi` [.., k, ..] from pre-sigmoid gate logits [.., k-1, ..] along `axis`.
+
+    `pi_j = prod over the path of leaf j of sigmoid(l_gate)` (left branch) or
+    `1 - sigmoid(l_gate) = sigmoid(-l_gate)` (right branch), so `sum_j pi_j = 1`. For
+    k=4 (s_i = sigmoid(l_i)): pi = (s0 s1, s0 (1-s1), (1-s0) s2, (1-s0) (1-s2)).
+    Float32: `log pi = A log_sigmoid(l) + B log_sigmoid(-l)` with the 0/1 path matrices
+    A, B [k, k-1] (left / right branches), contracted at full float32 precision.
+    """
+    axis = axis % gate_logits.ndim
+    if k == 1:
+        shape = list(gate_logits.shape)
+        shape[axis] = 1
+        return jnp.zeros(shape, jnp.float32)
+    left_of, right_of = np.zeros((k, k - 1), np.float32), np.zeros((k, k - 1), np.float32)
+    for leaf, path in enumerate(sigmoid_tree_paths(k)):
+        for gate, is_left in path:
+            (left_of if is_left else right_of)[leaf, gate] = 1.0
+    gates = gate_logits.astype(jnp.float32)
+    log_pi = sum(jnp.tensordot(m, jax.nn.log_sigmoid(sign * gates), axes=([1], [axis]),
+                               precision=jax.lax.Precision.HIGHEST)
+                 for m, sign in ((left_of, 1.0), (right_of, -1.0)))
+    return jnp.moveaxis(log_pi, 0, axis)
+
+
+def default_gate_shared_from(vocab_size: int) -> int:
+    """Mixtape's gate-sharing threshold S: word ids >= S share one gate vector.
+
+    `ceil(V / 4)`: the first quarter of the ids get their own gates. mos-jax numbers
+    words in order of first occurrence in the training text, which tracks frequency
+    (frequent words appear early), so this is a config-free stand-in for the paper's
+    "frequent words" (exact for a frequency-sorted vocabulary).
+    """
+    return max(1, -(-vocab_size // 4))
+
+
+@register_head("mixtape")
+class Mixtape(nn.Module):
+    """Mixtape: K contexts gated per word in logit space, then ONE softmax.
+
+    Equations (K = n_experts, g = hidden [H], E the tied embedding [V, D], w_x = E[x];
+    S = gate_shared_from, default `default_gate_shared_from(V)`; r(x) = min(x, S) the
+    gate row of word x, so every word with id >= S uses the one shared row S):
+
+        h_k       = dropoutl(tanh(g W_k + c_k))                    k = 1..K, in R^D
+        l_{x,j}   = v_{r(x)} . tanh(g U_j) + u_j . g + b_{r(x),j}  j = 1..K-1 (gates)
+        pi_{x,.}  = sigmoid tree over l_{x,.} (`sigmoid_tree_log_priors`; for K=4:
+                    s1 s2, s1 (1-s2), (1-s1) s3, (1-s1)(1-s3), s_j = sigmoid(l_{x,j}))
+        f_x       = sum_k pi_{x,k} h_k . w_x + b_x
+        log p(x)  = f_x - logsumexp_x' f_x'
+
+    These are the paper's logit-space vector gating (its l_{c,x,k} = v_x^T tanh(U_k g_c)
+    + u_k^T g_c + b_{x,k}), sigmoid tree decomposition (generalised to any K with a
+    heap-ordered full binary tree; the paper uses K = 4) and gate sharing. h_k are MoS's
+    latent contexts (same parameter names and init, locked dropout p = dropoutl).
+
+    Gate sharing also makes the head cheap: for the V-S shared words pi is the same, so
+    their logits are `(sum_k pibar_k h_k) @ E[S:]^T + b[S:]`, one matmul; only the S
+    gated words need the [rows, K, S] per-context logits (and gate logits [rows, K-1,
+    S+1], the shared row included). A target's logit is a gather from the gated block
+    (id < S) or `context . w_t + b_t` (id >= S), so no gates are recomputed for targets.
+
+    Streaming: only the shared block streams over vocabulary chunks (`vocab_chunk`,
+    through `chunked_logsumexp`; lse = logaddexp(lse_gated, lse_shared)). The gated block
+    [rows, K, S] is always computed whole: its logits are a word-dependent non-linear
+    mix of K matmuls, not one `x @ E^T + b`, so the streaming primitive does not apply
+    (streaming it would need its own chunked custom VJP). Full distributions
+    (`return_logprobs`) take the plain path.
+
+    Parameters (d2 = gate_dim, default D; S' = S + 1 if S < V else S):
+        latent_kernel [H, K*D] (W_k), latent_bias [K*D] (c_k), decoder_bias [V] (b_x),
+        and for K > 1: gate_kernel [H, (K-1)*d2] (U_j), gate_context_kernel [H, K-1]
+        (u_j), gate_embedding [S', d2] (v), gate_bias [S', K-1] (b_{.,j});
+    in all K*D*(H + 1) + V + (K-1)*(H*d2 + H + S') + S'*d2 (the last two terms only
+    for K > 1). Matmul operands in `dtype`, all gating and log-space math in float32.
+    """
+
+    n_experts: int = 4
+    dropoutl: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    vocab_chunk: int | str = 0
+    gate_dim: int | None = None  # d2; None: the embedding size D
+    gate_shared_from: int | None = None  # S; None: default_gate_shared_from(V)
+
+    @nn.compact
+    def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
+                 return_logprobs=False) -> HeadOutput:
+        lead, n_in = hidden.shape[:-1], hidden.shape[-1]
+        v, d = embedding.shape
+        k = self.n_experts
+        s = (default_gate_shared_from(v) if self.gate_shared_from is None
+             else int(self.gate_shared_from))
+        if not 1 <= s <= v:
+            raise ConfigError(f"mixtape: gate_shared_from={s} must be in [1, V={v}]")
+        d2 = d if self.gate_dim is None else int(self.gate_dim)
+        shared = s < v
+        rows = int(np.prod(lead))
+        init = uniform_init(n_in ** -0.5)
+        latent_kernel = self.param("latent_kernel", init, (n_in, k * d))
+        latent_bias = self.param("latent_bias", init, (k * d,))
+        bias = self.param("decoder_bias", nn.initializers.zeros, (v,))
+        latent = jnp.tanh(dot(hidden, latent_kernel, self.dtype) + latent_bias)
+        rng = None if deterministic or self.dropoutl == 0.0 else self.make_rng("dropout")
+        latent = locked_dropout(latent, self.dropoutl, rng)
+        h = latent.reshape(rows, k, d)  # [rows, K, D]
+        g = hidden.reshape(rows, n_in)
+
+        n_gate_rows = s + 1 if shared else s  # row S: the one shared by ids >= S
+        if k > 1:
+            gate_kernel = self.param("gate_kernel", init, (n_in, (k - 1) * d2))
+            gate_context_kernel = self.param("gate_context_kernel", init, (n_in, k - 1))
+            gate_embedding = self.param("gate_embedding", uniform_init(0.1),
+                                        (n_gate_rows, d2))
+            gate_bias = self.param("gate_bias", nn.initializers.zeros,
+                                   (n_gate_rows, k - 1))
+            q = jnp.tanh(dot(g, gate_kernel, self.dtype))  # [rows, (K-1)*d2]
+            qu = dot(g, gate_context_kernel, self.dtype)  # [rows, K-1]
+            # l for every gate row: [rows, K-1, S']
+            gates = (dot(q.reshape(rows * (k - 1), d2), gate_embedding.T, self.dtype)
+                     .reshape(rows, k - 1, n_gate_rows) + qu[..., None] + gate_bias.T)
+        else:
+            gates = jnp.zeros((rows, 0, n_gate_rows), jnp.float32)
+        pi = jnp.exp(sigmoid_tree_log_priors(gates, k, axis=1))  # [rows, K, S']
+
+        # Gated block: f_x for x < S, [rows, S].
+        context_logits = dot(h.reshape(rows * k, d), embedding[:s].T,
+                             self.dtype).reshape(rows, k, s)
+        gated = jnp.sum(pi[..., :s] * context_logits, axis=1) + bias[:s]
+        lse = logsumexp(gated)
+        logits = gated
+        if shared:  # one mixed context for the words S..V-1
+            context = jnp.einsum("nk,nkd->nd", pi[..., s], h.astype(jnp.float32))
+            chunk = resolve_chunk(0 if return_logprobs else self.vocab_chunk, rows, v - s)
+            if chunk:
+                lse_shared = chunked_logsumexp(context, embedding[s:], bias[s:], chunk,
+                                               jnp.dtype(self.dtype))
+                lse = jnp.logaddexp(lse, lse_shared)
+            else:
+                logits = jnp.concatenate(
+                    [gated, dot(context, embedding[s:].T, self.dtype) + bias[s:]], axis=-1)
+                lse = logsumexp(logits)
+
+        target_lp = None
+        if targets is not None:  # f_t: a gather from the gated block, or context . w_t
+            t = targets.reshape(rows)
+            f_t = jnp.take_along_axis(gated, jnp.minimum(t, s - 1)[:, None], axis=-1)[:, 0]
+            if shared:
+                f_shared = jnp.einsum("nd,nd->n", context, jnp.take(embedding, t, axis=0))
+                f_t = jnp.where(t < s, f_t, f_shared + jnp.take(bias, t))
+            target_lp = (f_t - lse).reshape(lead)
+        logprobs = None
+        if return_logprobs:
+            logprobs = (logits - lse[:, None]).reshape(*lead, v)
+        return HeadOutput(target_lp, logprobs)

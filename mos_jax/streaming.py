@@ -6,6 +6,11 @@ maximum and sum, so the [N, V] logits never exist at once, forward or backward: 
 backward pass (a `jax.custom_vjp`) recomputes each chunk's logits and accumulates the
 gradients of `x`, of the embedding rows and of the bias chunk by chunk.
 
+`transform` (static, default "identity") applies an element-wise g to the logits before
+the logsumexp: "sigsoftmax" is g(z) = z + log_sigmoid(z) (Kanai et al., 2018), whose
+normaliser is logsumexp_v(g(z_v)); the backward pass multiplies softmax(g) by
+g'(z) = 2 - sigmoid(z).
+
 A head that needs only target log-probabilities (training, scoring) gets everything from
 these normalisers and the target logits, which are a gather. The plain path (whole
 logits) stays for full distributions and for comparison; `use_streaming` decides.
@@ -38,24 +43,46 @@ def _chunk_logits(x, emb_c, bias_c, dtype):
                       preferred_element_type=jnp.float32) + bias_c
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+TRANSFORMS = ("identity", "sigsoftmax")
+
+
+def transform_logits(z: jax.Array, transform: str) -> jax.Array:
+    """g(z) element-wise: z ("identity") or z + log_sigmoid(z) ("sigsoftmax")."""
+    if transform == "identity":
+        return z
+    if transform == "sigsoftmax":
+        return z + jax.nn.log_sigmoid(z)
+    raise ValueError(f"unknown logit transform {transform!r}: use one of {TRANSFORMS}")
+
+
+def _transform_grad(z, transform):
+    """g'(z); None for the identity (a factor of 1)."""
+    if transform == "sigsoftmax":
+        return 1.0 + jax.nn.sigmoid(-z)  # d/dz (z + log_sigmoid(z)) = 2 - sigmoid(z)
+    return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def chunked_logsumexp(x: jax.Array, embedding: jax.Array, bias: jax.Array,
-                      chunk: int, dtype=jnp.float32) -> jax.Array:
-    """`logsumexp(x @ embedding^T + bias, axis=-1)` for x [N, D]: [N] float32.
+                      chunk: int, dtype=jnp.float32, transform: str = "identity"
+                      ) -> jax.Array:
+    """`logsumexp(g(x @ embedding^T + bias), axis=-1)` for x [N, D]: [N] float32.
 
-    Matmul operands are cast to `dtype` (accumulation in float32); the running
-    max/sum and the result are float32.
+    g is `transform_logits(., transform)` (the identity by default). Matmul operands
+    are cast to `dtype` (accumulation in float32); the running max/sum and the result
+    are float32. Padding words of a last partial chunk get logit -1e30, so g(z) is
+    about -2e30 for the sigsoftmax transform: still no contribution.
     """
-    return _forward(x, embedding, bias, chunk, dtype)
+    return _forward(x, embedding, bias, chunk, dtype, transform)
 
 
-def _forward(x, embedding, bias, chunk, dtype):
+def _forward(x, embedding, bias, chunk, dtype, transform="identity"):
     emb_c, bias_c = _chunks(embedding, bias, chunk)
     n = x.shape[0]
 
     def body(state, c):
         m, s = state
-        logits = _chunk_logits(x, c[0], c[1], dtype)
+        logits = transform_logits(_chunk_logits(x, c[0], c[1], dtype), transform)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=-1)
         return (m_new, s), None
@@ -65,20 +92,25 @@ def _forward(x, embedding, bias, chunk, dtype):
     return m + jnp.log(s)
 
 
-def _fwd(x, embedding, bias, chunk, dtype):
-    lse = _forward(x, embedding, bias, chunk, dtype)
+def _fwd(x, embedding, bias, chunk, dtype, transform):
+    lse = _forward(x, embedding, bias, chunk, dtype, transform)
     return lse, (x, embedding, bias, lse)
 
 
-def _bwd(chunk, dtype, residuals, g):
+def _bwd(chunk, dtype, transform, residuals, g):
     x, embedding, bias, lse = residuals
     emb_c, bias_c = _chunks(embedding, bias, chunk)
     xd = x.astype(dtype)
 
     def body(dx, c):
         logits = _chunk_logits(xd, c[0], c[1], dtype)
-        # d lse / d logits = softmax; times the incoming cotangent of each row.
-        dlogits = jnp.exp(logits - lse[:, None]) * g[:, None]
+        # d lse / d logits = softmax(g(logits)) * g'(logits); times the incoming
+        # cotangent of each row.
+        dlogits = (jnp.exp(transform_logits(logits, transform) - lse[:, None])
+                   * g[:, None])
+        dg = _transform_grad(logits, transform)
+        if dg is not None:
+            dlogits = dlogits * dg
         dx = dx + jnp.matmul(dlogits.astype(dtype), c[0].astype(dtype),
                              preferred_element_type=jnp.float32)
         demb = jnp.matmul(dlogits.astype(dtype).T, xd, preferred_element_type=jnp.float32)
