@@ -128,19 +128,31 @@ chunked_logsumexp.defvjp(_fwd, _bwd)
 
 
 # `auto` streams when the whole logits would be at least this large (float32 bytes):
-# below it the plain path's single matmul is as fast and memory is no issue.
+# below it the plain path's single matmul is as fast and memory is no issue. Its chunks
+# hold about AUTO_CHUNK_BYTES of logits (a few live at once in the backward pass).
 AUTO_MIN_LOGITS_BYTES = 64 << 20
-AUTO_CHUNK = 2048
+AUTO_CHUNK_BYTES = 64 << 20
+AUTO_CHUNK_RANGE = (256, 4096)
+
+
+def auto_chunk(rows: int) -> int:
+    """Words per chunk for `rows` rows: ~AUTO_CHUNK_BYTES of logits, a multiple of 128."""
+    lo, hi = AUTO_CHUNK_RANGE
+    return int(min(hi, max(lo, AUTO_CHUNK_BYTES // (4 * rows) // 128 * 128)))
 
 
 def resolve_chunk(vocab_chunk, rows: int, vocab: int) -> int:
     """The chunk size a head uses for `rows` x `vocab` logits; 0 means the plain path.
 
     `vocab_chunk`: an int (0 = plain, n > 0 = chunks of n words) or "auto", which
-    streams in chunks of `AUTO_CHUNK` once the logits reach `AUTO_MIN_LOGITS_BYTES`.
+    streams in chunks of `auto_chunk(rows)` words once the logits reach
+    `AUTO_MIN_LOGITS_BYTES`.
     """
     if vocab_chunk == "auto":
-        return AUTO_CHUNK if rows * vocab * 4 >= AUTO_MIN_LOGITS_BYTES else 0
+        if rows * vocab * 4 < AUTO_MIN_LOGITS_BYTES:
+            return 0
+        chunk = auto_chunk(rows)
+        return chunk if chunk < vocab else 0
     chunk = int(vocab_chunk)
     if chunk <= 0 or chunk >= vocab:
         return 0

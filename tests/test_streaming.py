@@ -52,8 +52,11 @@ def test_resolve_chunk():
     assert streaming.resolve_chunk(16, 10, 100) == 16
     assert streaming.resolve_chunk(100, 10, 100) == 0  # one chunk is the plain path
     big_rows = -(-streaming.AUTO_MIN_LOGITS_BYTES // (4 * 10000))
-    assert streaming.resolve_chunk("auto", big_rows, 10000) == streaming.AUTO_CHUNK
+    assert streaming.resolve_chunk("auto", big_rows, 10000) == 4096  # [1678, 10000]
     assert streaming.resolve_chunk("auto", big_rows // 2, 10000) == 0
+    # PTB training, [12600, 10000] logits: ~64 MB chunks, a multiple of 128 words
+    assert streaming.resolve_chunk("auto", 12600, 10000) == 1280
+    assert streaming.resolve_chunk("auto", 10 ** 6, 10000) == 256
 
 
 def _configs(head, chunk):
