@@ -61,9 +61,9 @@ class ModelConfig:
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"model.{f} is a dropout rate in [0, 1), got "
                                   f"{getattr(self, f)}")
-        if self.head == "softmax" and self.nhidlast != self.emsize:
+        if self.head in ("softmax", "sigsoftmax") and self.nhidlast != self.emsize:
             raise ConfigError(
-                f"the softmax head ties its decoder to the embedding, so nhidlast "
+                f"the {self.head} head ties its decoder to the embedding, so nhidlast "
                 f"({self.nhidlast}) must equal emsize ({self.emsize})")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"model.compute_dtype {self.compute_dtype!r}: use float32, "
