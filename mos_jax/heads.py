@@ -19,6 +19,10 @@ Full distributions (`return_logprobs`) always take the plain path.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -49,12 +53,49 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return register
 
 
+PLUGINS_ENV = "MOS_JAX_HEADS"
+_loaded_plugins: set[str] = set()
+
+
+def load_plugins(spec: str | None = None) -> None:
+    """Import the head modules named in `spec` (default: $MOS_JAX_HEADS).
+
+    A comma-separated list of Python files (`my_heads.py`) or importable modules
+    (`mypkg.heads`); importing one runs its `@register_head` decorators. Each loads once.
+    """
+    spec = os.environ.get(PLUGINS_ENV, "") if spec is None else spec
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item in _loaded_plugins:
+            continue
+        try:
+            if item.endswith(".py"):
+                path = Path(item)
+                if not path.is_file():
+                    raise ConfigError(f"{PLUGINS_ENV}: no head file at {item}")
+                mod_spec = importlib.util.spec_from_file_location(
+                    f"mos_jax_heads_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(mod_spec)
+                mod_spec.loader.exec_module(module)
+            else:
+                importlib.import_module(item)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{PLUGINS_ENV}: importing {item} failed: "
+                              f"{type(e).__name__}: {e}") from e
+        _loaded_plugins.add(item)
+
+
 def get_head(name: str) -> type[nn.Module]:
+    if name not in HEADS:
+        load_plugins()
     try:
         return HEADS[name]
     except KeyError:
         raise ConfigError(f"unknown head {name!r}: choose one of "
-                          f"{', '.join(sorted(HEADS))}") from None
+                          f"{', '.join(sorted(HEADS))} (a head of your own: register it "
+                          f"with @register_head in a file named in ${PLUGINS_ENV})"
+                          ) from None
 
 
 def logsumexp(x: jax.Array) -> jax.Array:
