@@ -1,6 +1,8 @@
 """The `mos-jax` command.
 
     mos-jax demo [--workdir runs/demo]
+    mos-jax compare-heads --config FILE --heads softmax,mos,... [--workdir DIR]
+                          [--steps N | --time-budget S] [--config.KEY=VALUE ...]
     mos-jax train --config configs/ptb.py [--workdir DIR] [--config.KEY=VALUE ...]
     mos-jax train --workdir DIR                      (continue a run)
     mos-jax finetune --config configs/ptb_finetune.py --workdir DIR
@@ -296,6 +298,18 @@ def _cmd_bench(args) -> None:
     bench.main_print(result, args.out)
 
 
+def _cmd_compare_heads(args) -> None:
+    from mos_jax import config as config_lib
+    from mos_jax.compare import compare_heads
+    config = config_lib.load_config(args.config,
+                                    config_lib.parse_overrides(args.overrides))
+    workdir = args.workdir or Path("runs") / f"compare-{Path(args.config).stem}"
+    summary = compare_heads(config, args.heads, workdir, log=print, steps=args.steps,
+                            time_budget_s=args.time_budget, evals=args.evals,
+                            rank_contexts=args.rank_contexts, test=args.test)
+    print(f"wrote {summary['markdown']}, {summary['json']} and {summary['plot']}")
+
+
 def _cmd_demo(args) -> None:
     from mos_jax.demo import run_demo
     run_demo(args.workdir)
@@ -431,6 +445,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="also write the JSON result here")
     p.set_defaults(func=_cmd_bench)
 
+    p = sub.add_parser("compare-heads", help="train several heads with one config and "
+                       "budget; table of parameters, tokens/s, peak memory, valid "
+                       "perplexity and rank, and one plot",
+                       epilog="Any config key can be overridden: --config.train.seed=1")
+    p.add_argument("--config", type=Path, required=True, help="a config file")
+    p.add_argument("--heads", required=True,
+                   help="comma-separated head names, e.g. softmax,mos,moc")
+    p.add_argument("--workdir", type=Path, help="head NAME trains in WORKDIR/NAME "
+                   "(default runs/compare-CONFIG_NAME)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="train steps per head, in --evals "
+                        "epochs")
+    budget.add_argument("--time-budget", type=float, metavar="S",
+                        help="seconds of training per head (train.time_budget_s)")
+    p.add_argument("--evals", type=int, help="validations (epochs) in a --steps budget "
+                   "(default: the config's max_epochs, at most 20)")
+    p.add_argument("--rank-contexts", type=int, default=2000,
+                   help="cap on the validation contexts N of the rank (N = min(V, cap))")
+    p.add_argument("--test", action="store_true",
+                   help="also report the test perplexity of finished runs")
+    p.set_defaults(func=_cmd_compare_heads)
+
     p = sub.add_parser("demo", help="softmax vs MoS on the built-in high-rank corpus")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.set_defaults(func=_cmd_demo)
@@ -441,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.overrides = rest
-    if rest and args.command not in ("train", "finetune", "bench"):
+    if rest and args.command not in ("train", "finetune", "compare-heads", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         args.func(args)

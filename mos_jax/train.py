@@ -453,6 +453,7 @@ def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metr
     Returns True when finetuning should stop (the same non-monotone rule).
     """
     epoch = record.epoch
+    train_s = progress.elapsed  # this epoch's training (since a resume), not validation
     params = optim.eval_params(state.averaging, state.params)
     val = _validation_loss(model_config, params, corpus.valid, config)
     averaged = params is state.averaging.average
@@ -470,7 +471,8 @@ def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metr
     entry = {"mode": mode, "epoch": epoch, "step": int(state.step),
              "train_loss": train_loss, "valid_loss": val, "valid_ppl": math.exp(val),
              "lr": lr, "averaging": bool(averaged or mode == "finetune"),
-             "tokens_per_s": progress.tokens_per_s, "wall_time": progress.elapsed}
+             "tokens_per_s": progress.tokens_per_s, "wall_time": progress.elapsed,
+             "train_tokens": progress.tokens, "train_s": train_s}
     metrics.write(entry)
     log(f"{mode} epoch {epoch}: train loss {train_loss:.3f} | valid ppl {math.exp(val):.2f}"
         f"{' (averaged)' if averaged else ''} | best {math.exp(record.best_val):.2f}")
