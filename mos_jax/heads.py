@@ -14,7 +14,10 @@ All log-space arithmetic is float32; `dtype` only sets the operand type of matmu
 `vocab_chunk` (0, a chunk size, or "auto"; `mos_jax.streaming.resolve_chunk`) selects
 the streaming path for target log-probabilities: per-row log-normalisers accumulated
 over vocabulary chunks, so no [rows, V] logits are materialised forward or backward.
-Full distributions (`return_logprobs`) always take the plain path.
+Full distributions (`return_logprobs`) always take the plain path. The softmax, MoS
+and MoC heads also take `target_weights` [T, B] (the model passes them for a training
+loss): with `vocab_chunk` "auto" or "fused" they then return the weighted NLL with its
+gradients computed in the same pass over row chunks (`mos_jax.fused`), as `nll`.
 """
 
 from __future__ import annotations
@@ -32,12 +35,16 @@ import numpy as np
 
 from mos_jax.errors import ConfigError
 from mos_jax.layers import dot, locked_dropout, uniform_init
-from mos_jax.streaming import chunked_logsumexp, resolve_chunk, transform_logits
+from mos_jax.fused import mixture_nll
+from mos_jax.streaming import chunked_logsumexp, fused_rows, resolve_chunk, transform_logits
 
 
 class HeadOutput(NamedTuple):
     target_logprobs: jax.Array | None  # [T, B]
     logprobs: jax.Array | None  # [T, B, V]
+    # -sum(target_weights * target_logprobs) from a fused loss (see `fused_output`),
+    # when the head was given `target_weights` and took that path; else None.
+    nll: jax.Array | None = None
 
 
 HEADS: dict[str, type[nn.Module]] = {}
@@ -132,10 +139,43 @@ def log_normalisers(context: jax.Array, embedding: jax.Array, bias: jax.Array,
     return logsumexp(logits), logits
 
 
+def fused_output(latent: jax.Array, log_prior: jax.Array | None, embedding: jax.Array,
+                 bias: jax.Array, targets: jax.Array | None,
+                 target_weights: jax.Array | None, dtype, vocab_chunk
+                 ) -> HeadOutput | None:
+    """The fused training loss of a mixture of tied softmaxes, or None where not asked.
+
+    latent [..., E, D], log_prior [..., E] (None: one component), targets and
+    target_weights [...]. Taken when `target_weights` is given (a training loss) and
+    `vocab_chunk` is "auto" or "fused" (`mos_jax.fused`: loss and gradients in one
+    pass over row chunks); returns target log-probabilities (gradient stopped) and
+    `nll = -sum(target_weights * target_logprobs)`.
+    """
+    if targets is None or target_weights is None:
+        return None
+    lead, (e, d), v = targets.shape, latent.shape[-2:], embedding.shape[0]
+    n = int(np.prod(lead))
+    rows = fused_rows(vocab_chunk, n, e, v)
+    if not rows:
+        return None
+    if log_prior is None:
+        log_prior = jnp.zeros((*lead, e), jnp.float32)
+    nll, lp = mixture_nll(latent.reshape(n, e, d), log_prior.reshape(n, e), embedding,
+                          bias, targets.reshape(n),
+                          target_weights.reshape(n).astype(jnp.float32), rows,
+                          jnp.dtype(dtype))
+    return HeadOutput(lp.reshape(lead), None, nll)
+
+
 def _softmax_output(context: jax.Array, embedding: jax.Array, bias: jax.Array,
                     targets: jax.Array | None, return_logprobs: bool,
-                    dtype, vocab_chunk=0) -> HeadOutput:
+                    dtype, vocab_chunk=0, target_weights=None) -> HeadOutput:
     """log softmax(context @ embedding^T + bias) for context [..., D]."""
+    if not return_logprobs:
+        fused = fused_output(context[..., None, :], None, embedding, bias, targets,
+                             target_weights, dtype, vocab_chunk)
+        if fused is not None:
+            return fused
     lse, logits = log_normalisers(context, embedding, bias, dtype,
                                   0 if return_logprobs else vocab_chunk)
     target_lp = None
@@ -157,7 +197,7 @@ class Softmax(nn.Module):
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
-                 return_logprobs=False) -> HeadOutput:
+                 return_logprobs=False, target_weights=None) -> HeadOutput:
         if hidden.shape[-1] != embedding.shape[-1]:
             raise ConfigError(
                 f"the softmax head ties its decoder to the embedding, so the last "
@@ -165,7 +205,7 @@ class Softmax(nn.Module):
                 f"({embedding.shape[-1]}): set model.nhidlast = model.emsize")
         bias = self.param("decoder_bias", nn.initializers.zeros, (embedding.shape[0],))
         return _softmax_output(hidden, embedding, bias, targets, return_logprobs,
-                               self.dtype, self.vocab_chunk)
+                               self.dtype, self.vocab_chunk, target_weights)
 
 
 class _Mixture(nn.Module):
@@ -202,8 +242,13 @@ class MixtureOfSoftmaxes(_Mixture):
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
-                 return_logprobs=False) -> HeadOutput:
+                 return_logprobs=False, target_weights=None) -> HeadOutput:
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
+        if not return_logprobs:
+            fused = fused_output(latent, log_prior, embedding, bias, targets,
+                                 target_weights, self.dtype, self.vocab_chunk)
+            if fused is not None:
+                return fused
         # [T, B, E] normalisers; logits [T, B, E, V] unless streamed
         lse, logits = log_normalisers(latent, embedding, bias, self.dtype,
                                       0 if return_logprobs else self.vocab_chunk)
@@ -226,11 +271,17 @@ class MixtureOfContexts(_Mixture):
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
-                 return_logprobs=False) -> HeadOutput:
+                 return_logprobs=False, target_weights=None) -> HeadOutput:
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
         context = jnp.einsum("tbe,tbed->tbd", jnp.exp(log_prior), latent)
         return _softmax_output(context, embedding, bias, targets, return_logprobs,
-                               self.dtype, self.vocab_chunk)
+                               self.dtype, self.vocab_chunk, target_weights)
+
+
+# Heads whose __call__ takes `target_weights` (a training loss they can fuse); the model
+# passes them only to these, so a head of your own need not know about it.
+for _head in (Softmax, MixtureOfSoftmaxes, MixtureOfContexts):
+    _head.takes_target_weights = True
 
 
 # Sigsoftmax (Kanai et al., NeurIPS 2018), mixture of sigsoftmaxes (same paper) and

@@ -50,7 +50,10 @@ class ModelConfig:
     dropoutl: float = 0.29
     wdrop: float = 0.5
     compute_dtype: str = "auto"  # matmul operands: float32, bfloat16, or auto
-    vocab_chunk: int | str = "auto"  # streaming head: 0 plain, n chunk size, or auto
+    # head path: 0 whole logits, n stream over n-word chunks, "fused" (training losses
+    # with gradients in the forward pass, mos_jax.fused), or "auto" (fused for training,
+    # streamed or whole logits for scoring, by size)
+    vocab_chunk: int | str = "auto"
 
     def __post_init__(self):
         heads_lib.get_head(self.head)  # raises on an unknown name
@@ -69,8 +72,8 @@ class ModelConfig:
             raise ConfigError(f"model.compute_dtype {self.compute_dtype!r}: use float32, "
                               "bfloat16, or auto (float32 on CPU, bfloat16 on GPU/TPU)")
         chunk = self.vocab_chunk
-        if isinstance(chunk, str) and chunk.strip().lower() == "auto":
-            chunk = "auto"
+        if isinstance(chunk, str) and chunk.strip().lower() in ("auto", "fused"):
+            chunk = chunk.strip().lower()
         else:
             try:
                 chunk = int(chunk)
@@ -79,7 +82,7 @@ class ModelConfig:
             except ValueError:
                 raise ConfigError(
                     f"model.vocab_chunk {self.vocab_chunk!r}: use 0 (whole logits), a "
-                    "positive chunk size in words, or auto") from None
+                    "positive chunk size in words, fused, or auto") from None
         object.__setattr__(self, "vocab_chunk", chunk)
 
     @property
@@ -120,6 +123,9 @@ class ModelOutput(NamedTuple):
     output: jax.Array  # [T, B, nhidlast], last layer after its dropout (AR)
     raw_output: jax.Array  # [T, B, nhidlast], last layer before dropout (TAR)
     carry: ModelCarry
+    # -sum(target_weights * target_logprobs) when the head fused it (target_logprobs
+    # then carry no gradient: differentiate this); else None
+    nll: jax.Array | None = None
 
 
 class LanguageModel(nn.Module):
@@ -131,7 +137,8 @@ class LanguageModel(nn.Module):
     def __call__(self, inputs: jax.Array, carry: ModelCarry,
                  targets: jax.Array | None = None, *, deterministic: bool = True,
                  length: jax.Array | int | None = None,
-                 return_logprobs: bool = False) -> ModelOutput:
+                 return_logprobs: bool = False,
+                 target_weights: jax.Array | None = None) -> ModelOutput:
         cfg = self.config
         dtype = cfg.dtype
 
@@ -154,13 +161,17 @@ class LanguageModel(nn.Module):
                 x = locked_dropout(x, cfg.dropouth, rng())
         raw_output = x
         output = locked_dropout(x, cfg.dropout, rng())
-        head = heads_lib.get_head(cfg.head)(
-            n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype,
-            vocab_chunk=cfg.vocab_chunk, name="head")
+        head_cls = heads_lib.get_head(cfg.head)
+        head = head_cls(n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype,
+                        vocab_chunk=cfg.vocab_chunk, name="head")
+        extra = {}
+        if target_weights is not None and getattr(head_cls, "takes_target_weights", False):
+            extra["target_weights"] = target_weights
         out = head(output, embedding, targets, deterministic=deterministic,
-                   return_logprobs=return_logprobs)
+                   return_logprobs=return_logprobs, **extra)
+        nll = out.nll if len(out) > 2 else None
         return ModelOutput(out.target_logprobs, out.logprobs, output, raw_output,
-                           tuple(new_carry))
+                           tuple(new_carry), nll)
 
 
 def init_carry(config: ModelConfig, batch_size: int) -> ModelCarry:
@@ -184,12 +195,18 @@ def param_count(params: Params) -> int:
 def apply(config: ModelConfig, params: Params, inputs: jax.Array, carry: ModelCarry,
           targets: jax.Array | None = None, *, rng: jax.Array | None = None,
           length: jax.Array | int | None = None,
-          return_logprobs: bool = False) -> ModelOutput:
-    """One forward pass; dropout is on exactly when `rng` is given."""
+          return_logprobs: bool = False,
+          target_weights: jax.Array | None = None) -> ModelOutput:
+    """One forward pass; dropout is on exactly when `rng` is given.
+
+    With `target_weights` [T, B], a head that can fuses the weighted NLL and its
+    gradients (`ModelOutput.nll`; `mos_jax.fused`).
+    """
     rngs = None if rng is None else {"dropout": rng}
     return LanguageModel(config).apply(
         {"params": params}, inputs, carry, targets, deterministic=rng is None,
-        length=length, return_logprobs=return_logprobs, rngs=rngs)
+        length=length, return_logprobs=return_logprobs, target_weights=target_weights,
+        rngs=rngs)
 
 
 def regularized_loss(model_config: ModelConfig, params: Params, inputs: jax.Array,
@@ -207,11 +224,15 @@ def regularized_loss(model_config: ModelConfig, params: Params, inputs: jax.Arra
     Returns `(loss, aux)` with aux keys `nll`, `ar`, `tar` (unweighted means) and
     `carry` (the new carry; stop its gradient before the next window).
     """
-    out = apply(model_config, params, inputs, carry, targets, rng=rng, length=length)
     steps, batch = targets.shape
     n = steps if length is None else length
     valid = (jnp.arange(steps) < n).astype(jnp.float32)
-    nll = -jnp.sum(out.target_logprobs * valid[:, None]) / (n * batch)
+    weights = jnp.broadcast_to(valid[:, None] / (n * batch), targets.shape)
+    out = apply(model_config, params, inputs, carry, targets, rng=rng, length=length,
+                target_weights=weights)
+    nll = out.nll
+    if nll is None:
+        nll = -jnp.sum(out.target_logprobs * weights)
     width = out.output.shape[-1]
     ar = jnp.sum(jnp.square(out.output) * valid[:, None, None]) / (n * batch * width)
     diff = out.raw_output[1:] - out.raw_output[:-1]

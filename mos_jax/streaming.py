@@ -144,11 +144,11 @@ def auto_chunk(rows: int) -> int:
 def resolve_chunk(vocab_chunk, rows: int, vocab: int) -> int:
     """The chunk size a head uses for `rows` x `vocab` logits; 0 means the plain path.
 
-    `vocab_chunk`: an int (0 = plain, n > 0 = chunks of n words) or "auto", which
-    streams in chunks of `auto_chunk(rows)` words once the logits reach
+    `vocab_chunk`: an int (0 = plain, n > 0 = chunks of n words), or "auto" (or
+    "fused", for losses a head cannot fuse), which streams in chunks of `auto_chunk(rows)` words once the logits reach
     `AUTO_MIN_LOGITS_BYTES`.
     """
-    if vocab_chunk == "auto":
+    if vocab_chunk in ("auto", "fused"):  # "fused": heads without a fused loss stream
         if rows * vocab * 4 < AUTO_MIN_LOGITS_BYTES:
             return 0
         chunk = auto_chunk(rows)
@@ -157,3 +157,19 @@ def resolve_chunk(vocab_chunk, rows: int, vocab: int) -> int:
     if chunk <= 0 or chunk >= vocab:
         return 0
     return chunk
+
+
+# The fused training loss (`mos_jax.fused`) works on tiles of [rows x components, V]
+# logits of about this many bytes: cache-sized on CPU (measured fastest there,
+# BENCHMARKS.md), large on accelerators, where bigger matmuls pay.
+FUSED_TILE_BYTES = {"cpu": 8 << 20}
+FUSED_TILE_BYTES_DEFAULT = 256 << 20
+
+
+def fused_rows(vocab_chunk, rows: int, components: int, vocab: int) -> int:
+    """Rows per chunk of the fused training loss; 0 when `vocab_chunk` does not ask
+    for it. "auto" and "fused" use it wherever a head offers it."""
+    if vocab_chunk not in ("auto", "fused"):
+        return 0
+    tile = FUSED_TILE_BYTES.get(jax.default_backend(), FUSED_TILE_BYTES_DEFAULT)
+    return int(max(1, min(rows, tile // (4 * components * vocab))))

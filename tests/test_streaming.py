@@ -59,34 +59,36 @@ def test_resolve_chunk():
     assert streaming.resolve_chunk("auto", 10 ** 6, 10000) == 256
 
 
-def _configs(head, chunk):
-    base = dict(vocab_size=37, emsize=6, nhid=8, nhidlast=6, nlayers=1, n_experts=3,
-                head=head, dropoute=0.0, compute_dtype="float32")
-    return model.ModelConfig(**base, vocab_chunk=0), model.ModelConfig(**base,
-                                                                      vocab_chunk=chunk)
+def _config(head, chunk):
+    return model.ModelConfig(vocab_size=37, emsize=6, nhid=8, nhidlast=6, nlayers=1,
+                             n_experts=3, head=head, dropoute=0.0,
+                             compute_dtype="float32", vocab_chunk=chunk)
 
 
 @pytest.mark.parametrize("head", ["mos", "softmax", "moc"])
-def test_streaming_head_equals_plain_head_forward_and_gradients(head):
-    plain, streamed = _configs(head, 8)  # 37 words: 4 full chunks and a short one
-    params = model.init_params(plain, jax.random.PRNGKey(0))
+def test_streamed_and_fused_heads_equal_the_plain_head(head):
+    # 37 words in chunks of 8: 4 full chunks and a short one; "fused": the training
+    # loss and its gradients in one pass over row chunks (mos_jax.fused)
+    params = model.init_params(_config(head, 0), jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
     seq = jnp.asarray(rng.integers(0, 37, size=(7, 3)))
-    carry = model.init_carry(plain, 3)
+    carry = model.init_carry(_config(head, 0), 3)
+    key = jax.random.PRNGKey(5)  # the same dropout masks on every path
 
-    def loss(cfg):
-        @jax.jit
-        def f(params, key):  # the loss is the mean NLL of every target, plus AR/TAR
-            return model.regularized_loss(cfg, params, seq[:-1], seq[1:], carry, 2.0, 1.0,
-                                          rng=key)[0]
-        return f
+    def loss_and_grads(chunk):
+        cfg = _config(head, chunk)
 
-    key = jax.random.PRNGKey(5)  # same dropout masks on both paths
-    (l0, g0), (l1, g1) = (jax.value_and_grad(loss(c))(params, key) for c in (plain,
-                                                                             streamed))
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        def f(params):  # the mean NLL of every target (length 5 of 6), plus AR/TAR
+            return model.regularized_loss(cfg, params, seq[:-1], seq[1:], carry, 2.0,
+                                          1.0, rng=key, length=5)[0]
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    l0, g0 = loss_and_grads(0)
+    for chunk in (8, "fused"):
+        l1, g1 = loss_and_grads(chunk)
+        np.testing.assert_allclose(l1, l0, rtol=1e-6)
+        for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_vocab_chunk_and_dtype_config_are_checked():

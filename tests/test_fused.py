@@ -1,0 +1,72 @@
+"""The fused mixture loss (loss and gradients in one pass) against NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mos_jax import fused, streaming
+
+
+def numpy_mixture_nll(latent, log_prior, emb, bias, targets, weights):
+    """float64 loss, target log-probs and analytic gradients, written from the math."""
+    latent, log_prior, emb, bias, weights = (np.asarray(a, np.float64) for a in
+                                             (latent, log_prior, emb, bias, weights))
+    n, e, _ = latent.shape
+    z = np.einsum("ned,vd->nev", latent, emb) + bias
+    m = z.max(-1, keepdims=True)
+    logsm = z - (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))
+    a = log_prior + logsm[np.arange(n), :, targets]  # [N, E]
+    am = a.max(-1, keepdims=True)
+    lp = (am + np.log(np.exp(a - am).sum(-1, keepdims=True)))[:, 0]
+    post = np.exp(a - lp[:, None])
+    coef = -weights[:, None] * post  # d loss / d a
+    dz = -coef[..., None] * np.exp(logsm)  # softmax part
+    dz[np.arange(n), :, targets] += coef  # one-hot part
+    return (-(weights * lp).sum(), lp, np.einsum("nev,vd->ned", dz, emb), coef,
+            np.einsum("nev,ned->vd", dz, latent), dz.sum((0, 1)), -lp)
+
+
+@pytest.mark.parametrize("e,rows", [(1, 4), (3, 5), (3, 40), (4, 1)])
+def test_mixture_nll_matches_numpy(e, rows):
+    rng = np.random.default_rng(e * 100 + rows)
+    n, d, v = 13, 5, 17  # 13 rows: chunks of 5 leave a padded last chunk
+    latent = rng.normal(size=(n, e, d)).astype(np.float32)
+    log_prior = np.asarray(jax.nn.log_softmax(rng.normal(size=(n, e)), -1), np.float32)
+    emb = rng.normal(size=(v, d)).astype(np.float32)
+    bias = rng.normal(size=v).astype(np.float32)
+    targets = rng.integers(0, v, size=n)
+    targets[:3] = 7  # repeated targets: their one-hot gradients add up
+    weights = rng.uniform(size=n).astype(np.float32)
+    weights[-2:] = 0.0  # padding-like rows count for nothing
+    want = numpy_mixture_nll(latent, log_prior, emb, bias, targets, weights)
+
+    loss, lp = jax.jit(fused.mixture_nll, static_argnums=6)(
+        latent, log_prior, emb, bias, targets, weights, rows)
+    np.testing.assert_allclose(loss, want[0], rtol=1e-5)
+    np.testing.assert_allclose(lp, want[1], atol=1e-5)
+
+    def f(latent, log_prior, emb, bias, weights):
+        return 2.5 * fused.mixture_nll(latent, log_prior, emb, bias, targets, weights,
+                                       rows)[0]
+    grads = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(latent, log_prior, emb, bias,
+                                                           weights)
+    for got, ref in zip(grads, want[2:]):
+        np.testing.assert_allclose(got, 2.5 * ref, rtol=1e-4, atol=1e-5)
+
+
+def test_target_logprobs_carry_no_gradient():
+    args = (jnp.ones((2, 1, 3)), jnp.zeros((2, 1)), jnp.eye(4, 3), jnp.zeros(4),
+            jnp.array([0, 1]), jnp.ones(2))
+    g = jax.grad(lambda x: jnp.sum(fused.mixture_nll(x, *args[1:], 1)[1]))(args[0])
+    assert not np.any(np.asarray(g))
+
+
+def test_fused_rows_keep_tiles_cache_sized_on_cpu():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the tile size checked here is the CPU one")
+    assert streaming.fused_rows(0, 840, 15, 10000) == 0  # not asked for
+    assert streaming.fused_rows(64, 840, 15, 10000) == 0
+    r = streaming.fused_rows("auto", 840, 15, 10000)
+    assert r * 15 * 10000 * 4 <= streaming.FUSED_TILE_BYTES["cpu"] < (r + 1) * 15 * 10000 * 4
+    assert streaming.fused_rows("fused", 3, 2, 10) == 3  # never more rows than there are
