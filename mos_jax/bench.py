@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mos_jax import dynamic_eval as de
-from mos_jax import evaluate
+from mos_jax import evaluate, heads
 from mos_jax import model as model_lib
 from mos_jax import parallel, train
 from mos_jax.errors import ConfigError
@@ -50,6 +50,11 @@ def model_flops_per_token(mc: model_lib.ModelConfig) -> dict[str, int]:
         head = 2 * d * v
     elif mc.head == "moc":
         head = 2 * h * e + 2 * h * e * d + 2 * d * v
+    elif mc.head == "mixtape":  # default gate sharing: S gated words, d2 = D
+        s = heads.default_gate_shared_from(v)
+        gates = (2 * h * (e - 1) * d + 2 * h * (e - 1)
+                 + 2 * (e - 1) * d * (s + (s < v))) if e > 1 else 0
+        head = 2 * h * e * d + gates + 2 * e * d * s + 2 * d * (v - s)
     else:  # mixtures with one decoder product per component
         head = 2 * h * e + 2 * h * e * d + 2 * e * d * v
     return {"lstm": lstm, "head": head, "forward": lstm + head}

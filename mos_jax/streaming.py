@@ -160,10 +160,11 @@ def resolve_chunk(vocab_chunk, rows: int, vocab: int) -> int:
 
 
 # The fused training loss (`mos_jax.fused`) works on tiles of [rows x components, V]
-# logits of about this many bytes: cache-sized on CPU (measured fastest there,
-# BENCHMARKS.md), large on accelerators, where bigger matmuls pay.
-FUSED_TILE_BYTES = {"cpu": 8 << 20}
-FUSED_TILE_BYTES_DEFAULT = 256 << 20
+# logits with about this many rows (logit rows, i.e. rows x components): on CPU 256
+# measured fastest for the PTB, WikiText-2 and small configs (BENCHMARKS.md); on
+# accelerators, where bigger matmuls pay, many more.
+FUSED_TILE_ROWS = {"cpu": 256}
+FUSED_TILE_ROWS_DEFAULT = 16384
 
 
 def fused_rows(vocab_chunk, rows: int, components: int, vocab: int) -> int:
@@ -171,5 +172,5 @@ def fused_rows(vocab_chunk, rows: int, components: int, vocab: int) -> int:
     for it. "auto" and "fused" use it wherever a head offers it."""
     if vocab_chunk not in ("auto", "fused"):
         return 0
-    tile = FUSED_TILE_BYTES.get(jax.default_backend(), FUSED_TILE_BYTES_DEFAULT)
-    return int(max(1, min(rows, tile // (4 * components * vocab))))
+    tile = FUSED_TILE_ROWS.get(jax.default_backend(), FUSED_TILE_ROWS_DEFAULT)
+    return int(max(1, min(rows, tile // components)))

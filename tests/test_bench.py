@@ -21,6 +21,12 @@ def test_model_flops_per_token_of_the_ptb_config_by_hand():
     assert f["lstm"] / 1e6 == pytest.approx(32.2, abs=0.1)  # SPEC.md section 6
     soft = bench.model_flops_per_token(mc.replace(head="softmax", nhidlast=280))
     assert soft["head"] == 2 * 280 * 10000
+    # Mixtape, K=4: latent 620x(4*280); gates 620x(3*280) + 620x3 and 3x280 per gated
+    # word (2,500 of them, plus the shared row); 4 contexts x 2,500 gated words; one
+    # mixed context for the other 7,500 words.
+    tape = bench.model_flops_per_token(mc.replace(head="mixtape", n_experts=4))
+    assert tape["head"] == 2 * (620 * 4 * 280 + 620 * 3 * 280 + 620 * 3 + 3 * 280 * 2501
+                                + 4 * 280 * 2500 + 280 * 7500)
 
 
 def test_bench_command_writes_json(tmp_path, capsys):
