@@ -23,3 +23,16 @@ def shared_corpus(name: str) -> Path:
         pytest.skip(f"the {name} corpus is not at {path} (tests read the real corpora "
                     "from ../shared/data beside the repository)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One short tiny-config training run (1 epoch of 4,000 synthetic tokens), shared
+    by the command tests that only read a trained work directory."""
+    from mos_jax import cli
+    w = tmp_path_factory.mktemp("tiny") / "run"
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert cli.main(["train", "--config", str(configs / "tiny.py"), "--workdir", str(w),
+                     "--config.train.max_epochs=1", "--config.train.test=false",
+                     "--config.data.synthetic.train_tokens=4000"]) == 0
+    return w

@@ -135,15 +135,11 @@ def test_decrate_is_clipped_and_rms_variant(setup):
     assert capped.windows == 3
 
 
-def test_command_caches_statistics(tmp_path, capsys):
+def test_command_caches_statistics(tiny_run, capsys):
     import json
-    from pathlib import Path
 
     from mos_jax import cli, train
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    w = str(tmp_path / "run")
-    assert cli.main(["train", "--config", str(configs / "tiny.py"), "--workdir", w,
-                     "--config.train.max_epochs=1", "--config.train.test=false"]) == 0
+    w = str(tiny_run)  # the only test that runs dynamic-eval on it: no cache yet
     capsys.readouterr()
     args = ["dynamic-eval", "--workdir", w, "--preset", "ptb", "--lr", "0.01",
             "--stats-batch-size", "10"]

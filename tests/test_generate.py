@@ -155,15 +155,6 @@ def test_argument_errors():
 
 # ------------------------------------------------------------------ the command
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    w = tmp_path_factory.mktemp("gen") / "run"
-    assert cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(w),
-                     "--config.train.max_epochs=1", "--config.train.test=false",
-                     "--config.data.synthetic.train_tokens=4000"]) == 0
-    return w
-
-
 def test_generate_command(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "sample.txt"

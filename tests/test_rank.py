@@ -187,17 +187,6 @@ def test_plot_spectrum_writes_a_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from mos_jax import cli
-    w = tmp_path_factory.mktemp("rank") / "run"
-    configs = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
-    assert cli.main(["train", "--config", str(configs / "tiny.py"), "--workdir", str(w),
-                     "--config.train.max_epochs=1", "--config.train.test=false",
-                     "--config.data.synthetic.train_tokens=4000"]) == 0
-    return w
-
-
 def test_rank_command(tiny_run, tmp_path, capsys):
     import json
 

@@ -54,7 +54,8 @@ def test_example_head_trains_from_the_command_line(head_file, tmp_path, monkeypa
     monkeypatch.setenv("MOS_JAX_HEADS", str(head_file))
     rc = cli.main(["train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir",
                    str(tmp_path / "run"), "--config.model.head=scaled_softmax",
-                   "--config.train.max_epochs=1", "--config.train.test=false"])
+                   "--config.train.max_epochs=1", "--config.train.test=false",
+                   "--config.data.synthetic.train_tokens=8000"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["valid_ppl"] < 50  # better than uniform over the 50 words
