@@ -45,23 +45,46 @@ def last_json(stdout: str) -> dict:
     return json.loads(lines[-1])
 
 
-def run_worker(task: str, workdir: Path, devices: int = 4, timeout: float = 240) -> dict:
-    proc = subprocess.run([sys.executable, str(WORKER), task, str(workdir)],
-                          env=worker_env(devices), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """The step, train and eval workers, started together: each is mostly single-threaded
+    compilation, so on a 2-core machine they take little longer than the longest."""
+    started = {}
+    for task in ("step", "train", "eval"):
+        workdir = tmp_path_factory.mktemp(task)
+        (workdir / "work").mkdir()
+        with open(workdir / "out", "w") as out, open(workdir / "err", "w") as err:
+            started[task] = (workdir, subprocess.Popen(
+                [sys.executable, str(WORKER), task, str(workdir / "work")],
+                env=worker_env(4), stdout=out, stderr=err, cwd=ROOT))
+    yield started
+    for _, proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def worker_result(workers, task: str, timeout: float = 300) -> dict:
+    workdir, proc = workers[task]
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     if proc.returncode != 0:
-        pytest.fail(f"worker {task} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return last_json(proc.stdout)
+        pytest.fail(f"worker {task} failed ({proc.returncode}):\n"
+                    f"{(workdir / 'err').read_text()[-4000:]}")
+    return last_json((workdir / "out").read_text())
 
 
 @pytest.fixture(scope="module")
-def step_report(tmp_path_factory):
-    return run_worker("step", tmp_path_factory.mktemp("step"))
+def step_report(workers):
+    return worker_result(workers, "step")
 
 
 @pytest.fixture(scope="module")
-def train_report(tmp_path_factory):
-    return run_worker("train", tmp_path_factory.mktemp("train"))
+def train_report(workers):
+    return worker_result(workers, "train")
 
 
 # --------------------------------------------------------------- no devices needed
@@ -163,8 +186,8 @@ def test_a_4_device_run_loads_on_one_device(train_report):
     assert ppl == pytest.approx(train_report["nodrop"]["mesh"]["valid_ppl"], rel=1e-4)
 
 
-def test_evaluation_splits_columns_and_batch_1_stays_on_one_device(tmp_path):
-    r = run_worker("eval", tmp_path)
+def test_evaluation_splits_columns_and_batch_1_stays_on_one_device(workers):
+    r = worker_result(workers, "eval")
     for strategy in ("mesh", "pmap"):
         assert r[strategy]["shape"] == [3001 // 8 - 1, 8]
         assert r[strategy]["logp"] < TOL and r[strategy]["batch1"] == 0.0
