@@ -14,6 +14,29 @@ from mos_jax.errors import MosJaxError
 from mos_jax.progress import read_metrics
 
 
+def pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend; a clear error without it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MosJaxError("plotting needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def finish(fig, ax, out_png: str | Path, title: str | None, dpi: int) -> Path:
+    """Title, grid and legend on `ax`; `fig` saved as `out_png` (folders made)."""
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return out
+
+
 def epoch_curves(workdir: str | Path) -> dict[str, list]:
     """Per-epoch points of the run in `workdir`, from its `metrics.jsonl`.
 
@@ -68,13 +91,8 @@ def plot_learning_curves(runs: Mapping[str, str | Path], out_png: str | Path,
     if not runs:
         raise MosJaxError("plot_learning_curves needs at least one run")
     curves = {label: epoch_curves(workdir) for label, workdir in runs.items()}
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib import ticker
-    except ImportError:
-        raise MosJaxError("plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=size_inches, dpi=dpi)
     try:
@@ -100,13 +118,6 @@ def plot_learning_curves(runs: Mapping[str, str | Path], out_png: str | Path,
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("epoch (dots: averaged weights)")
         ax.set_ylabel("perplexity")
-        if title:
-            ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
-        out = Path(out_png)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=dpi)
+        return finish(fig, ax, out_png, title, dpi)
     finally:
         plt.close(fig)
-    return out

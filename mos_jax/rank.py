@@ -237,13 +237,8 @@ def plot_spectrum(singular_values: np.ndarray, threshold: float, out_png,
 
     Zero singular values sit at the bottom of the plot. Returns the PNG's path.
     """
-    from pathlib import Path
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MosJaxError("plotting needs matplotlib: pip install matplotlib") from None
+    from mos_jax.plot import finish, pyplot
+    plt = pyplot()
     s = np.asarray(singular_values, dtype=np.float64)
     rank = int(np.sum(s > threshold))
     positive = s[s > 0]
@@ -260,13 +255,6 @@ def plot_spectrum(singular_values: np.ndarray, threshold: float, out_png,
         ax.set_yscale("log")
         ax.set_xlabel(f"index (empirical rank {rank:,})")
         ax.set_ylabel("singular value")
-        if title:
-            ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
-        out = Path(out_png)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=dpi)
+        return finish(fig, ax, out_png, title, dpi)
     finally:
         plt.close(fig)
-    return out
