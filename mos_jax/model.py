@@ -169,9 +169,8 @@ class LanguageModel(nn.Module):
             extra["target_weights"] = target_weights
         out = head(output, embedding, targets, deterministic=deterministic,
                    return_logprobs=return_logprobs, **extra)
-        nll = out.nll if len(out) > 2 else None
         return ModelOutput(out.target_logprobs, out.logprobs, output, raw_output,
-                           tuple(new_carry), nll)
+                           tuple(new_carry), out.nll)
 
 
 def init_carry(config: ModelConfig, batch_size: int) -> ModelCarry:

@@ -13,7 +13,7 @@ g'(z) = 2 - sigmoid(z).
 
 A head that needs only target log-probabilities (training, scoring) gets everything from
 these normalisers and the target logits, which are a gather. The plain path (whole
-logits) stays for full distributions and for comparison; `use_streaming` decides.
+logits) stays for full distributions and for comparison; `resolve_chunk` decides.
 """
 
 from __future__ import annotations

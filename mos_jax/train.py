@@ -169,7 +169,6 @@ class TrainStep:
             grads = jax.tree_util.tree_map(lambda a, x: a + x / n_groups, grads, g_grads)
             return grads, (loss, aux["nll"], jax.lax.stop_gradient(aux["carry"]))
 
-        xs = (jnp.arange(n_groups), grouped_in, grouped_tg, grouped_carry)
         if n_groups == 1:  # no accumulator: one set of gradients alive, not two
             (loss, aux), grads = jax.value_and_grad(self._loss, has_aux=True)(
                 state.params, inputs, targets, state.carry, jax.random.fold_in(step_key, 0),
@@ -179,7 +178,8 @@ class TrainStep:
                                              aux["carry"])
         else:
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-            grads, (losses, nlls, carries) = jax.lax.scan(group, zeros, xs)
+            grads, (losses, nlls, carries) = jax.lax.scan(
+                group, zeros, (jnp.arange(n_groups), grouped_in, grouped_tg, grouped_carry))
         losses, nlls = jnp.mean(losses), jnp.mean(nlls)
         if self.axis_name is not None:  # every device holds an equal share of columns
             grads, losses, nlls = jax.lax.pmean((grads, losses, nlls), self.axis_name)
