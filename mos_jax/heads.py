@@ -155,7 +155,7 @@ def fused_output(latent: jax.Array, log_prior: jax.Array | None, embedding: jax.
         return None
     lead, (e, d), v = targets.shape, latent.shape[-2:], embedding.shape[0]
     n = int(np.prod(lead))
-    rows = fused_rows(vocab_chunk, n, e, v)
+    rows = fused_rows(vocab_chunk, n, e, v, d)
     if not rows:
         return None
     if log_prior is None:

@@ -62,11 +62,18 @@ def test_target_logprobs_carry_no_gradient():
     assert not np.any(np.asarray(g))
 
 
-def test_fused_rows_make_tiles_of_about_256_logit_rows_on_cpu():
+def test_fused_tiles_follow_the_cpu_rule():
+    # about 2 * D logit rows at V = 10,000, scaled by 10,000 / V above, within [64, 1024]
+    assert streaming.fused_tile_rows(280, 10000, "cpu") == 560
+    assert streaming.fused_tile_rows(64, 10000, "cpu") == 128
+    assert streaming.fused_tile_rows(300, 33278, "cpu") == 180
+    assert streaming.fused_tile_rows(8, 100, "cpu") == 64
+    assert streaming.fused_tile_rows(4096, 100, "cpu") == 1024
+    assert streaming.fused_tile_rows(280, 10000, "gpu") == streaming.FUSED_TILE_ROWS_DEFAULT
     if jax.default_backend() != "cpu":
-        pytest.skip("the tile size checked here is the CPU one")
-    assert streaming.fused_rows(0, 840, 15, 10000) == 0  # not asked for
-    assert streaming.fused_rows(64, 840, 15, 10000) == 0
-    assert streaming.fused_rows("auto", 840, 15, 10000) == 17  # 255 logit rows
-    assert streaming.fused_rows("auto", 420, 4, 10000) == 64
-    assert streaming.fused_rows("fused", 3, 2, 10) == 3  # never more rows than there are
+        return
+    assert streaming.fused_rows(0, 840, 15, 10000, 280) == 0  # not asked for
+    assert streaming.fused_rows(64, 840, 15, 10000, 280) == 0
+    assert streaming.fused_rows("auto", 840, 15, 10000, 280) == 37  # 555 logit rows
+    assert streaming.fused_rows("auto", 420, 4, 10000, 64) == 32
+    assert streaming.fused_rows("fused", 3, 2, 10, 8) == 3  # never more rows than there are
