@@ -13,6 +13,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mos_jax import model as model_lib
@@ -22,7 +23,11 @@ from mos_jax.model import ModelConfig, Params
 
 def score_window(config: ModelConfig, params: Params, carry, inputs, targets, length):
     """Target log-probabilities [T, B] of one window, no dropout, and the new carry."""
-    out = model_lib.apply(config, params, inputs, carry, targets, length=length)
+    steps = inputs.shape[0]
+    n = steps if length is None else length
+    weights = jnp.broadcast_to((jnp.arange(steps) < n)[:, None], targets.shape)
+    out = model_lib.apply(config, params, inputs, carry, targets, length=length,
+                          target_weights=weights.astype(jnp.float32))
     return out.target_logprobs, out.carry
 
 
