@@ -110,7 +110,7 @@ def bench_train(model, s, warmup, repeats):
     model.train()
     b, t = s["batch"], s["bptt"]
     ids = torch.randint(0, s["vocab"], (t + 1, b))
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     hidden = model.init_hidden(b)
 
     def step():
@@ -146,9 +146,10 @@ def bench_eval(model, s, warmup, repeats):
 def bench_dynamic_eval(model, s, warmup, repeats, windows=16):
     """Batch 1, windows of 5: score, gradient, then the per-element update."""
     model.eval()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     ms = [torch.rand_like(p) * 1e-3 + 1e-4 for p in params]
-    decrate = [torch.clamp(m / m.mean(), max=1 / 0.075) for m in ms]
+    total = sum(m.mean() for m in ms)  # SPEC.md section 4: MS / sum of tensor means
+    decrate = [torch.clamp(m / total, max=1 / 0.075) for m in ms]
     theta0 = [p.detach().clone() for p in params]
     ids = torch.randint(0, s["vocab"], (5 * windows + 1, 1))
     lr, lamb, eps = 0.002, 0.075, 0.001

@@ -76,15 +76,12 @@ def make_windows(ids: np.ndarray, batch_size: int, bptt: int,
 
 def _window_loss(config: ModelConfig, params, inputs, targets, carry, length):
     """Mean NLL over the window's real tokens; aux: target log-probs and new carry."""
-    valid = (jnp.arange(inputs.shape[0]) < length)[:, None]
-    count = jnp.maximum(length, 1) * inputs.shape[1]
-    weights = jnp.broadcast_to(valid / count, targets.shape).astype(jnp.float32)
-    # A head that can fuses this weighted NLL with its gradients (`mos_jax.fused`).
+    weights = model_lib.token_weights(targets.shape, length)
     out = model_lib.apply(config, params, inputs, carry, targets, length=length,
                           target_weights=weights)
-    nll = out.nll
+    nll = out.nll  # fused with its gradients by heads that can (`mos_jax.fused`)
     if nll is None:
-        nll = -jnp.sum(jnp.where(valid, out.target_logprobs, 0.0)) / count
+        nll = -jnp.sum(out.target_logprobs * weights)
     return nll, (out.target_logprobs, out.carry)
 
 

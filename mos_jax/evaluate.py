@@ -13,7 +13,6 @@ import math
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mos_jax import model as model_lib
@@ -23,11 +22,11 @@ from mos_jax.model import ModelConfig, Params
 
 def score_window(config: ModelConfig, params: Params, carry, inputs, targets, length):
     """Target log-probabilities [T, B] of one window, no dropout, and the new carry."""
-    steps = inputs.shape[0]
-    n = steps if length is None else length
-    weights = jnp.broadcast_to((jnp.arange(steps) < n)[:, None], targets.shape)
+    # Any weights do (only the log-probabilities are used); with them, heads that can
+    # score in the fused loss's row tiles do (`mos_jax.fused`).
+    weights = model_lib.token_weights(targets.shape, length, mean=False)
     out = model_lib.apply(config, params, inputs, carry, targets, length=length,
-                          target_weights=weights.astype(jnp.float32))
+                          target_weights=weights)
     return out.target_logprobs, out.carry
 
 

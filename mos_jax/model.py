@@ -208,6 +208,20 @@ def apply(config: ModelConfig, params: Params, inputs: jax.Array, carry: ModelCa
         rngs=rngs)
 
 
+def token_weights(shape: tuple[int, int], length: jax.Array | int | None = None,
+                  mean: bool = True) -> jax.Array:
+    """Weights [T, B] of a window's targets: 1 on the first `length` steps (all steps
+    when None) and 0 on the padding after them; with `mean`, divided by the number of
+    real targets (at least 1), so `-sum(weights * logprobs)` is their mean NLL. Heads
+    that can fuse that weighted NLL do so when given these as `target_weights`."""
+    steps, batch = shape
+    n = steps if length is None else length
+    w = (jnp.arange(steps) < n).astype(jnp.float32)[:, None]
+    if mean:
+        w = w / (jnp.maximum(n, 1) * batch)
+    return jnp.broadcast_to(w, shape)
+
+
 def regularized_loss(model_config: ModelConfig, params: Params, inputs: jax.Array,
                      targets: jax.Array, carry: ModelCarry, alpha: float, beta: float,
                      rng: jax.Array | None = None,
@@ -226,7 +240,7 @@ def regularized_loss(model_config: ModelConfig, params: Params, inputs: jax.Arra
     steps, batch = targets.shape
     n = steps if length is None else length
     valid = (jnp.arange(steps) < n).astype(jnp.float32)
-    weights = jnp.broadcast_to(valid[:, None] / (n * batch), targets.shape)
+    weights = token_weights(targets.shape, length)
     out = apply(model_config, params, inputs, carry, targets, rng=rng, length=length,
                 target_weights=weights)
     nll = out.nll
