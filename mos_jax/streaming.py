@@ -185,5 +185,22 @@ def fused_rows(vocab_chunk, rows: int, components: int, vocab: int, dim: int) ->
     offers it."""
     if vocab_chunk not in ("auto", "fused"):
         return 0
-    tile = fused_tile_rows(dim, vocab)
-    return int(max(1, min(rows, tile // components)))
+    target = int(max(1, min(rows, fused_tile_rows(dim, vocab) // components)))
+    return balanced_chunk(rows, target)
+
+
+def balanced_chunk(rows: int, target: int) -> int:
+    """A chunk of at most `target` rows, and at least 0.8 of it, that wastes the fewest
+    padding rows over `rows` (ties: the larger chunk).
+
+    The last chunk of a scan is padded to full size, and padding rows cost as much as
+    real ones: 840 rows in chunks of 37 are 23 chunks and 11 padding rows, in chunks of
+    35 exactly 24. Measured on the fused loss (machine B): the small config's 420 rows
+    in chunks of 30 take 0.145 s against 0.164 s in chunks of 32 (448 padded rows).
+    """
+    best, best_padded = target, -(-rows // target) * target
+    for r in range(target - 1, max(1, int(0.8 * target)) - 1, -1):
+        padded = -(-rows // r) * r
+        if padded < best_padded:
+            best, best_padded = r, padded
+    return best

@@ -74,6 +74,21 @@ def test_fused_tiles_follow_the_cpu_rule():
         return
     assert streaming.fused_rows(0, 840, 15, 10000, 280) == 0  # not asked for
     assert streaming.fused_rows(64, 840, 15, 10000, 280) == 0
-    assert streaming.fused_rows("auto", 840, 15, 10000, 280) == 37  # 555 logit rows
-    assert streaming.fused_rows("auto", 420, 4, 10000, 64) == 32
+    # 560 // 15 = 37 rows asked; 840 = 24 * 35 wastes no padding row (37: 23 * 37 = 851)
+    assert streaming.fused_rows("auto", 840, 15, 10000, 280) == 35
+    assert streaming.fused_rows("auto", 420, 4, 10000, 64) == 30  # 128 // 4 = 32 asked
     assert streaming.fused_rows("fused", 3, 2, 10, 8) == 3  # never more rows than there are
+
+
+def test_balanced_chunk_wastes_the_fewest_padding_rows():
+    for rows in (1, 7, 100, 420, 703, 840, 1050, 4093):
+        for target in (1, 3, 10, 32, 37, 128):
+            target = min(target, rows)
+            r = streaming.balanced_chunk(rows, target)
+            assert int(0.8 * target) <= r <= target
+            padded = -(-rows // r) * r
+            # brute force over the allowed chunk sizes
+            best = min(-(-rows // c) * c for c in range(max(1, int(0.8 * target)), target + 1))
+            assert padded == best
+    assert streaming.balanced_chunk(840, 37) == 35  # 35 and 30 divide 840; the larger
+    assert streaming.balanced_chunk(1000, 40) == 40  # no padding already: kept
