@@ -195,8 +195,9 @@ def balanced_chunk(rows: int, target: int) -> int:
 
     The last chunk of a scan is padded to full size, and padding rows cost as much as
     real ones: 840 rows in chunks of 37 are 23 chunks and 11 padding rows, in chunks of
-    35 exactly 24. Measured on the fused loss (machine B): the small config's 420 rows
-    in chunks of 30 take 0.145 s against 0.164 s in chunks of 32 (448 padded rows).
+    35 exactly 24. Measured (`benchmarks/fused_chunks.py`, BENCHMARKS.md): the small
+    config's 420 rows take 0.158 s in chunks of 30 against 0.171 s in chunks of 32
+    (448 rows padded).
     """
     best, best_padded = target, -(-rows // target) * target
     for r in range(target - 1, max(1, int(0.8 * target)) - 1, -1):
