@@ -190,8 +190,8 @@ def fused_rows(vocab_chunk, rows: int, components: int, vocab: int, dim: int) ->
 
 
 def balanced_chunk(rows: int, target: int) -> int:
-    """A chunk of at most `target` rows, and at least 0.8 of it, that wastes the fewest
-    padding rows over `rows` (ties: the larger chunk).
+    """A chunk of at most `target` rows, and at least `int(0.8 * target)`, that wastes
+    the fewest padding rows over `rows` (ties: the larger chunk).
 
     The last chunk of a scan is padded to full size, and padding rows cost as much as
     real ones: 840 rows in chunks of 37 are 23 chunks and 11 padding rows, in chunks of

@@ -87,8 +87,11 @@ def test_balanced_chunk_wastes_the_fewest_padding_rows():
             r = streaming.balanced_chunk(rows, target)
             assert int(0.8 * target) <= r <= target
             padded = -(-rows // r) * r
-            # brute force over the allowed chunk sizes
-            best = min(-(-rows // c) * c for c in range(max(1, int(0.8 * target)), target + 1))
+            # brute force over the allowed chunk sizes; ties go to the larger chunk
+            allowed = [c for c in range(1, target + 1) if c >= int(0.8 * target)]
+            cost = {c: -(-rows // c) * c for c in allowed}
+            best = min(cost.values())
             assert padded == best
+            assert r == max(c for c in allowed if cost[c] == best)
     assert streaming.balanced_chunk(840, 37) == 35  # 35 and 30 divide 840; the larger
     assert streaming.balanced_chunk(1000, 40) == 40  # no padding already: kept
