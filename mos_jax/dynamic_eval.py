@@ -79,10 +79,8 @@ def _window_loss(config: ModelConfig, params, inputs, targets, carry, length):
     weights = model_lib.token_weights(targets.shape, length)
     out = model_lib.apply(config, params, inputs, carry, targets, length=length,
                           target_weights=weights)
-    nll = out.nll  # fused with its gradients by heads that can (`mos_jax.fused`)
-    if nll is None:
-        nll = -jnp.sum(out.target_logprobs * weights)
-    return nll, (out.target_logprobs, out.carry)
+    # out.nll: fused with its gradients by heads that can (`mos_jax.fused`)
+    return out.nll, (out.target_logprobs, out.carry)
 
 
 def _keep_if(valid, new, old):

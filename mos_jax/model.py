@@ -123,8 +123,9 @@ class ModelOutput(NamedTuple):
     output: jax.Array  # [T, B, nhidlast], last layer after its dropout (AR)
     raw_output: jax.Array  # [T, B, nhidlast], last layer before dropout (TAR)
     carry: ModelCarry
-    # -sum(target_weights * target_logprobs) when the head fused it (target_logprobs
-    # then carry no gradient: differentiate this); else None
+    # -sum(target_weights * target_logprobs) when `target_weights` were given (None
+    # otherwise). Heads that can fuse it with its gradients do (target_logprobs then
+    # carry no gradient): differentiate this, not target_logprobs.
     nll: jax.Array | None = None
 
 
@@ -169,8 +170,11 @@ class LanguageModel(nn.Module):
             extra["target_weights"] = target_weights
         out = head(output, embedding, targets, deterministic=deterministic,
                    return_logprobs=return_logprobs, **extra)
+        nll = out.nll
+        if nll is None and target_weights is not None and out.target_logprobs is not None:
+            nll = -jnp.sum(out.target_logprobs * target_weights)
         return ModelOutput(out.target_logprobs, out.logprobs, output, raw_output,
-                           tuple(new_carry), out.nll)
+                           tuple(new_carry), nll)
 
 
 def init_carry(config: ModelConfig, batch_size: int) -> ModelCarry:
@@ -198,8 +202,8 @@ def apply(config: ModelConfig, params: Params, inputs: jax.Array, carry: ModelCa
           target_weights: jax.Array | None = None) -> ModelOutput:
     """One forward pass; dropout is on exactly when `rng` is given.
 
-    With `target_weights` [T, B], a head that can fuses the weighted NLL and its
-    gradients (`ModelOutput.nll`; `mos_jax.fused`).
+    With `target_weights` [T, B], `ModelOutput.nll` is the weighted NLL; a head that
+    can fuses it with its gradients (`mos_jax.fused`).
     """
     rngs = None if rng is None else {"dropout": rng}
     return LanguageModel(config).apply(
@@ -244,8 +248,6 @@ def regularized_loss(model_config: ModelConfig, params: Params, inputs: jax.Arra
     out = apply(model_config, params, inputs, carry, targets, rng=rng, length=length,
                 target_weights=weights)
     nll = out.nll
-    if nll is None:
-        nll = -jnp.sum(out.target_logprobs * weights)
     width = out.output.shape[-1]
     ar = jnp.sum(jnp.square(out.output) * valid[:, None, None]) / (n * batch * width)
     diff = out.raw_output[1:] - out.raw_output[:-1]
