@@ -48,14 +48,11 @@ def main():
     for name in args.heads.split(","):
         module = heads.get_head(name)(n_experts=e, dropoutl=0.0, vocab_chunk=chunk)
         params = module.init(jax.random.key(1), hidden, embedding, targets)["params"]
-        extra = ({"target_weights": weights}
-                 if getattr(type(module), "takes_target_weights", False) else {})
 
-        def loss(params, hidden, embedding, module=module, extra=extra):
-            out = module.apply({"params": params}, hidden, embedding, targets, **extra)
-            if out.nll is not None:
-                return out.nll
-            return -jnp.sum(out.target_logprobs * weights)
+        def loss(params, hidden, embedding, module=module):  # the model's way: fused or not
+            return module.apply({"params": params}, hidden, embedding, targets,
+                                target_weights=weights,
+                                method=type(module).output_with_nll).nll
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         fns[name] = (f, params)
         jax.block_until_ready(f(params, hidden, embedding))  # compile + warm-up

@@ -43,20 +43,13 @@ WORKLOADS = ("train", "eval", "dynamic_eval")
 
 
 def model_flops_per_token(mc: model_lib.ModelConfig) -> dict[str, int]:
-    """Forward matmul FLOPs per token (2 per multiply-add), by part."""
+    """Forward matmul FLOPs per token (2 per multiply-add), by part.
+
+    The LSTM's from its sizes; the head's as the head declares it
+    (`mos_jax.heads.Head.flops_per_token`), so a head of your own is counted too.
+    """
     lstm = sum(2 * 4 * h * (i + h) for i, h in zip(mc.input_sizes, mc.hidden_sizes))
-    h, d, v, e = mc.nhidlast, mc.emsize, mc.vocab_size, mc.n_experts
-    if mc.head in ("softmax", "sigsoftmax"):
-        head = 2 * d * v
-    elif mc.head == "moc":
-        head = 2 * h * e + 2 * h * e * d + 2 * d * v
-    elif mc.head == "mixtape":  # default gate sharing: S gated words, d2 = D
-        s = heads.default_gate_shared_from(v)
-        gates = (2 * h * (e - 1) * d + 2 * h * (e - 1)
-                 + 2 * (e - 1) * d * (s + (s < v))) if e > 1 else 0
-        head = 2 * h * e * d + gates + 2 * e * d * s + 2 * d * (v - s)
-    else:  # mixtures with one decoder product per component
-        head = 2 * h * e + 2 * h * e * d + 2 * e * d * v
+    head = int(heads.get_head(mc.head).flops_per_token(mc))
     return {"lstm": lstm, "head": head, "forward": lstm + head}
 
 

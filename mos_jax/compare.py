@@ -18,9 +18,10 @@ memory is its own. Then, per head, from that process:
   log-probability matrix over the first `N = min(V, rank_contexts)` validation
   contexts, computed in float32.
 
-Heads that tie the decoder to the last layer's output (softmax, sigsoftmax) need
-`model.nhidlast == model.emsize`: a head that cannot be built with the config but can
-with `nhidlast = emsize` gets that, with a note in the table.
+Heads that tie the decoder to the last layer's output (those that declare
+`mos_jax.heads.Head.tied`: softmax, sigsoftmax) need `model.nhidlast ==
+model.emsize`: they get that, with a note in the table; a head that cannot be built
+with the config is a one-line error before anything trains.
 
 The budget is the same for every head: `steps=N` trains N steps in `evals` epochs of
 `ceil(N / evals)` steps (whole epochs, so that each run ends validated and finished);
@@ -125,29 +126,34 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
                 ) -> tuple[config_lib.ConfigDict, list[str]]:
     """`config` with `model.head = head` (and `train.test = test`), and notes.
 
-    A head that cannot be built with the config's sizes but can with
-    `model.nhidlast = model.emsize` (a decoder tied to the last layer) gets that, and
-    a note says so; otherwise the head's own error is raised, naming the head.
+    A head that declares itself tied (`mos_jax.heads.Head.tied`: its decoder is the
+    embedding applied to the last layer) gets `model.nhidlast = model.emsize` when the
+    config differs, and a note says so. Then the model's parameter shapes are built
+    (no compute): a head that cannot be built raises a one-line ConfigError naming it.
     """
+    from mos_jax import heads as heads_lib
     c = config.copy_and_resolve_references()
     c.model.head = head
     c.train.test = bool(test)
     notes = []
-    try:
-        _probe(c.model.to_dict())
-    except ConfigError as e:
-        m = c.model
-        if m.nhidlast == m.emsize:
-            raise ConfigError(f"the {head} head cannot be built with this config: "
-                              f"{e}") from None
-        try:
-            _probe({**m.to_dict(), "nhidlast": m.emsize})
-        except ConfigError:
-            raise ConfigError(f"the {head} head cannot be built with this config: "
-                              f"{e}") from None
+    m = c.model
+    if heads_lib.get_head(head).tied and m.nhidlast != m.emsize:
         notes.append(f"nhidlast set to emsize = {m.emsize} (config: {m.nhidlast}); "
                      f"the {head} head needs nhidlast == emsize")
         m.nhidlast = m.emsize
+    try:
+        _probe(m.to_dict())
+    except Exception as e:  # a head of one's own may fail in any way: one line
+        text = str(e).strip().splitlines()
+        reason = text[0] if text else ""
+        if not isinstance(e, MosJaxError):
+            reason = f"{type(e).__name__}: {reason}".rstrip(": ")
+        hint = ""
+        if m.nhidlast != m.emsize:
+            hint = (f" (nhidlast {m.nhidlast} != emsize {m.emsize}: a head whose decoder "
+                    "is the embedding applied to its input declares tied = True)")
+        raise ConfigError(f"the {head} head cannot be built with this config: "
+                          f"{reason}{hint}") from None
     return c, notes
 
 
@@ -227,6 +233,7 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     had finished before).
     """
     from mos_jax import evaluate
+    from mos_jax import heads as heads_lib
     from mos_jax import model as model_lib
     from mos_jax import rank as rank_lib
     from mos_jax import train
@@ -293,6 +300,7 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
         "vocab_size": corpus.vocab_size,
         "emsize": model_config.emsize,
         "nhidlast": model_config.nhidlast,
+        "rank_bound": heads_lib.get_head(head).rank_bound(model_config),
         "entropy_rate": corpus.entropy_rate,
     }
     if out["best_epoch"] is None and records:
@@ -501,12 +509,10 @@ def format_table(summary: dict) -> list[str]:
              "|" + "|".join("---" if i in (0, len(cols) - 1) else "---:"
                             for i in range(len(cols))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    sizes = {heads[h]["emsize"] for h in names}
-    bound = ""
-    if len(sizes) == 1:
-        d = sizes.pop()
-        bound = (f" A softmax or MoC head of hidden size d = emsize = {d} has rank at "
-                 f"most d + 2 = {d + 2}.")
+    bounds = [f"{name} {heads[name]['rank_bound']:,}" for name in names
+              if heads[name].get("rank_bound") is not None]
+    bound = (f" Rank bounds the heads declare (a softmax over a d-vector: d + 2): "
+             f"{', '.join(bounds)}." if bounds else "")
     lines += ["",
               "tokens/s: training tokens / training time, validation excluded, over "
               "the epochs after the first (which compiles the train step). Peak RSS: the head's training process's maximum "

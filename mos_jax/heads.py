@@ -10,6 +10,14 @@ and returns a `HeadOutput`: `target_logprobs` [T, B] (log p of each target; None
 decoder bias `decoder_bias` [V] (zeros at init) belongs to the head. Heads are looked
 up by name in `HEADS`; `register_head` adds one.
 
+Every head subclasses `Head`, which holds the attributes the model builds it with and
+the facts the rest of the code asks of it, instead of knowing heads by name: `tied`
+(the decoder is the embedding applied to `hidden`, so nhidlast must equal emsize),
+`flops_per_token(model_config)`, `rank_bound(model_config)` and `fuses_loss` (its
+`__call__` takes `target_weights`). `Head.output_with_nll` is how the model calls a
+head: the weighted NLL fused by the head where it declares so, else computed from the
+target log-probabilities.
+
 All log-space arithmetic is float32; `dtype` only sets the operand type of matmuls.
 `vocab_chunk` (0, a chunk size, or "auto"; `mos_jax.streaming.resolve_chunk`) selects
 the streaming path for target log-probabilities: per-row log-normalisers accumulated
@@ -26,7 +34,7 @@ import importlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,14 +55,83 @@ class HeadOutput(NamedTuple):
     nll: jax.Array | None = None
 
 
-HEADS: dict[str, type[nn.Module]] = {}
+class Head(nn.Module):
+    """Base class of every head: its build attributes and the facts it declares.
+
+    Attributes (the model sets all four; a head may ignore any): `n_experts`
+    (model.n_experts), `dropoutl` (dropout on the head's latent vectors), `dtype` (the
+    matmul operand type) and `vocab_chunk` (see the module docstring).
+
+    Facts, as class attributes and class methods (`mc` is a `mos_jax.model.ModelConfig`;
+    H = mc.nhidlast, D = mc.emsize, V = mc.vocab_size, E = mc.n_experts). What a head
+    that declares nothing gets:
+      tied = False: True when the decoder is the embedding [V, D] applied to `hidden`
+        itself, so that H must equal D (the model refuses other sizes; compare-heads
+        sets nhidlast = emsize).
+      fuses_loss = False: True when `__call__` takes `target_weights` and may return
+        the weighted NLL in `HeadOutput.nll` (`fused_output`).
+      flops_per_token(mc) = 2 D V: forward matmul FLOPs per token (2 per
+        multiply-add), by default one decoder product of a D-vector, a tied softmax's
+        cost; a head that does more adds its own (`mos-jax bench` reports this).
+      rank_bound(mc) = None: an upper bound on the rank of the head's [N, V]
+        log-probability matrix when the head has one (a softmax over a D-vector:
+        D + 2), else None.
+    """
+
+    n_experts: int = 1
+    dropoutl: float = 0.0
+    dtype: Any = jnp.float32
+    vocab_chunk: int | str = 0
+
+    tied = False
+    fuses_loss = False
+
+    @classmethod
+    def flops_per_token(cls, mc) -> int:
+        return 2 * mc.emsize * mc.vocab_size
+
+    @classmethod
+    def rank_bound(cls, mc) -> int | None:
+        return None
+
+    @classmethod
+    def check_sizes(cls, name: str, nhidlast: int, emsize: int) -> None:
+        """ConfigError unless a tied head gets nhidlast == emsize."""
+        if cls.tied and nhidlast != emsize:
+            raise ConfigError(
+                f"the {name} head ties its decoder to the embedding, so the last "
+                f"layer's size (nhidlast={nhidlast}) must equal emsize ({emsize}): set "
+                "model.nhidlast = model.emsize")
+
+    def output_with_nll(self, hidden, embedding, targets=None, *, deterministic=True,
+                        return_logprobs=False, target_weights=None) -> "HeadOutput":
+        """`self(...)`, and with `target_weights` [T, B] `nll` = -sum(target_weights *
+        target_logprobs): fused by the head when it declares `fuses_loss` (and took
+        that path), else computed here from its target log-probabilities."""
+        self.check_sizes(type(self).__name__, hidden.shape[-1], embedding.shape[-1])
+        extra = {}
+        if target_weights is not None and self.fuses_loss:
+            extra["target_weights"] = target_weights
+        out = self(hidden, embedding, targets, deterministic=deterministic,
+                   return_logprobs=return_logprobs, **extra)
+        if out.nll is None and target_weights is not None and \
+                out.target_logprobs is not None:
+            out = out._replace(nll=-jnp.sum(out.target_logprobs * target_weights))
+        return out
 
 
-def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+HEADS: dict[str, type[Head]] = {}
+
+
+def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
     """Class decorator: make a head selectable as `config.model.head = name`."""
     def register(cls):
         if name in HEADS:
             raise ValueError(f"a head named {name!r} is already registered")
+        if not (isinstance(cls, type) and issubclass(cls, Head)):
+            raise ConfigError(f"head {name!r}: {getattr(cls, '__name__', cls)} must "
+                              "subclass mos_jax.heads.Head (which declares its facts: "
+                              "tied, flops_per_token, fuses_loss)")
         HEADS[name] = cls
         return cls
     return register
@@ -93,7 +170,7 @@ def load_plugins(spec: str | None = None) -> None:
         _loaded_plugins.add(item)
 
 
-def get_head(name: str) -> type[nn.Module]:
+def get_head(name: str) -> type[Head]:
     if name not in HEADS:
         load_plugins()
     try:
@@ -187,34 +264,46 @@ def _softmax_output(context: jax.Array, embedding: jax.Array, bias: jax.Array,
 
 
 @register_head("softmax")
-class Softmax(nn.Module):
-    """The plain tied softmax: `log softmax(hidden @ E^T + b)`; needs H == D."""
+class Softmax(Head):
+    """The plain tied softmax: `log softmax(hidden @ E^T + b)`; needs H == D.
 
-    n_experts: int = 1
-    dropoutl: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-    vocab_chunk: int | str = 0
+    2 D V FLOPs per token (the default); rank at most D + 2 (`mos_jax.rank`).
+    """
+
+    tied = True
+    fuses_loss = True
+
+    @classmethod
+    def rank_bound(cls, mc) -> int:
+        return mc.emsize + 2
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False, target_weights=None) -> HeadOutput:
-        if hidden.shape[-1] != embedding.shape[-1]:
-            raise ConfigError(
-                f"the softmax head ties its decoder to the embedding, so the last "
-                f"layer's size (nhidlast={hidden.shape[-1]}) must equal emsize "
-                f"({embedding.shape[-1]}): set model.nhidlast = model.emsize")
         bias = self.param("decoder_bias", nn.initializers.zeros, (embedding.shape[0],))
         return _softmax_output(hidden, embedding, bias, targets, return_logprobs,
                                self.dtype, self.vocab_chunk, target_weights)
 
 
-class _Mixture(nn.Module):
-    """Shared parameters of the mixture heads: prior, latent projection, bias."""
+class _Mixture(Head):
+    """Shared parameters of the mixture heads: prior, latent projection, bias.
+
+    FLOPs per token: prior 2 H E, latent 2 H E D, then one decoder product per
+    component, 2 E D V (MoC overrides: one product of the mixed context).
+    """
 
     n_experts: int = 15
-    dropoutl: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-    vocab_chunk: int | str = 0
+
+    @classmethod
+    def mixture_flops_per_token(cls, mc) -> int:
+        """The prior and latent projections: 2 H E + 2 H E D."""
+        h, d, e = mc.nhidlast, mc.emsize, mc.n_experts
+        return 2 * h * e + 2 * h * e * d
+
+    @classmethod
+    def flops_per_token(cls, mc) -> int:
+        return (cls.mixture_flops_per_token(mc)
+                + 2 * mc.n_experts * mc.emsize * mc.vocab_size)
 
     def mixture(self, hidden, embedding, deterministic):
         """Log prior [T, B, E], latent [T, B, E, D] (after dropout), decoder bias."""
@@ -239,6 +328,8 @@ class MixtureOfSoftmaxes(_Mixture):
     log-probabilities need only the per-expert log-normalisers and target logits, so no
     [T, B, E, V] log-softmax is kept beyond what the normalisers need.
     """
+
+    fuses_loss = True
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
@@ -267,7 +358,21 @@ class MixtureOfSoftmaxes(_Mixture):
 
 @register_head("moc")
 class MixtureOfContexts(_Mixture):
-    """The paper's MoC baseline: `softmax((sum_e prior_e latent_e) @ E^T + b)`."""
+    """The paper's MoC baseline: `softmax((sum_e prior_e latent_e) @ E^T + b)`.
+
+    FLOPs per token: the mixture's projections and one decoder product, 2 D V; rank at
+    most D + 2, as a softmax over a D-vector.
+    """
+
+    fuses_loss = True
+
+    @classmethod
+    def flops_per_token(cls, mc) -> int:
+        return cls.mixture_flops_per_token(mc) + 2 * mc.emsize * mc.vocab_size
+
+    @classmethod
+    def rank_bound(cls, mc) -> int:
+        return mc.emsize + 2
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
@@ -276,12 +381,6 @@ class MixtureOfContexts(_Mixture):
         context = jnp.einsum("tbe,tbed->tbd", jnp.exp(log_prior), latent)
         return _softmax_output(context, embedding, bias, targets, return_logprobs,
                                self.dtype, self.vocab_chunk, target_weights)
-
-
-# Heads whose __call__ takes `target_weights` (a training loss they can fuse); the model
-# passes them only to these, so a head of your own need not know about it.
-for _head in (Softmax, MixtureOfSoftmaxes, MixtureOfContexts):
-    _head.takes_target_weights = True
 
 
 # Sigsoftmax (Kanai et al., NeurIPS 2018), mixture of sigsoftmaxes (same paper) and
@@ -308,28 +407,22 @@ def sig_log_normalisers(context: jax.Array, embedding: jax.Array, bias: jax.Arra
 
 
 @register_head("sigsoftmax")
-class Sigsoftmax(nn.Module):
+class Sigsoftmax(Head):
     """Tied sigsoftmax: `p(w) = exp(z_w) sigmoid(z_w) / sum_v exp(z_v) sigmoid(z_v)`.
 
     `z = hidden @ E^T + b`; in log space `log p(w) = g(z_w) - logsumexp_v g(z_v)` with
     `g(z) = z + log_sigmoid(z)`. Like the softmax head the decoder is the embedding, so
     nhidlast must equal emsize (no projection; a ConfigError otherwise). Parameters:
     `decoder_bias` [V] (V in all). Streams (`vocab_chunk`) like the softmax head.
+    2 D V FLOPs per token (the default); the element-wise g(z) lifts the softmax's
+    rank bound, so none is declared.
     """
 
-    n_experts: int = 1
-    dropoutl: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-    vocab_chunk: int | str = 0
+    tied = True
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False) -> HeadOutput:
-        if hidden.shape[-1] != embedding.shape[-1]:
-            raise ConfigError(
-                f"the sigsoftmax head ties its decoder to the embedding, so the last "
-                f"layer's size (nhidlast={hidden.shape[-1]}) must equal emsize "
-                f"({embedding.shape[-1]}): set model.nhidlast = model.emsize")
         bias = self.param("decoder_bias", nn.initializers.zeros, (embedding.shape[0],))
         lse, g = sig_log_normalisers(hidden, embedding, bias, self.dtype,
                                      0 if return_logprobs else self.vocab_chunk)
@@ -430,7 +523,7 @@ def default_gate_shared_from(vocab_size: int) -> int:
 
 
 @register_head("mixtape")
-class Mixtape(nn.Module):
+class Mixtape(Head):
     """Mixtape: K contexts gated per word in logit space, then ONE softmax.
 
     Equations (K = n_experts, g = hidden [H], E the tied embedding [V, D], w_x = E[x];
@@ -471,11 +564,20 @@ class Mixtape(nn.Module):
     """
 
     n_experts: int = 4
-    dropoutl: float = 0.0
-    dtype: jnp.dtype = jnp.float32
-    vocab_chunk: int | str = 0
     gate_dim: int | None = None  # d2; None: the embedding size D
     gate_shared_from: int | None = None  # S; None: default_gate_shared_from(V)
+
+    @classmethod
+    def flops_per_token(cls, mc) -> int:
+        """As the model builds it (default d2 = D and S): latent 2 H K D; gates 2 H
+        (K-1) D + 2 H (K-1) and 2 (K-1) D per gate row (S, plus the shared one when
+        S < V), for K > 1; the K contexts on the S gated words, 2 K D S; one mixed
+        context on the V - S others, 2 D (V - S)."""
+        h, d, v, k = mc.nhidlast, mc.emsize, mc.vocab_size, mc.n_experts
+        s = default_gate_shared_from(v)
+        gates = (2 * h * (k - 1) * d + 2 * h * (k - 1)
+                 + 2 * (k - 1) * d * (s + (s < v))) if k > 1 else 0
+        return 2 * h * k * d + gates + 2 * k * d * s + 2 * d * (v - s)
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,

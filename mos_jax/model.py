@@ -56,7 +56,7 @@ class ModelConfig:
     vocab_chunk: int | str = "auto"
 
     def __post_init__(self):
-        heads_lib.get_head(self.head)  # raises on an unknown name
+        head_cls = heads_lib.get_head(self.head)  # raises on an unknown name
         for f in ("vocab_size", "emsize", "nhid", "nhidlast", "nlayers", "n_experts"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"model.{f} must be at least 1, got {getattr(self, f)}")
@@ -64,10 +64,7 @@ class ModelConfig:
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"model.{f} is a dropout rate in [0, 1), got "
                                   f"{getattr(self, f)}")
-        if self.head in ("softmax", "sigsoftmax") and self.nhidlast != self.emsize:
-            raise ConfigError(
-                f"the {self.head} head ties its decoder to the embedding, so nhidlast "
-                f"({self.nhidlast}) must equal emsize ({self.emsize})")
+        head_cls.check_sizes(self.head, self.nhidlast, self.emsize)  # a tied head
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"model.compute_dtype {self.compute_dtype!r}: use float32, "
                               "bfloat16, or auto (float32 on CPU, bfloat16 on GPU/TPU)")
@@ -162,19 +159,14 @@ class LanguageModel(nn.Module):
                 x = locked_dropout(x, cfg.dropouth, rng())
         raw_output = x
         output = locked_dropout(x, cfg.dropout, rng())
-        head_cls = heads_lib.get_head(cfg.head)
-        head = head_cls(n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype,
-                        vocab_chunk=cfg.vocab_chunk, name="head")
-        extra = {}
-        if target_weights is not None and getattr(head_cls, "takes_target_weights", False):
-            extra["target_weights"] = target_weights
-        out = head(output, embedding, targets, deterministic=deterministic,
-                   return_logprobs=return_logprobs, **extra)
-        nll = out.nll
-        if nll is None and target_weights is not None and out.target_logprobs is not None:
-            nll = -jnp.sum(out.target_logprobs * target_weights)
+        head = heads_lib.get_head(cfg.head)(
+            n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype,
+            vocab_chunk=cfg.vocab_chunk, name="head")
+        out = head.output_with_nll(output, embedding, targets, deterministic=deterministic,
+                                   return_logprobs=return_logprobs,
+                                   target_weights=target_weights)
         return ModelOutput(out.target_logprobs, out.logprobs, output, raw_output,
-                           tuple(new_carry), nll)
+                           tuple(new_carry), out.nll)
 
 
 def init_carry(config: ModelConfig, batch_size: int) -> ModelCarry:

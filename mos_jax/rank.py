@@ -25,6 +25,7 @@ import numpy as np
 
 from mos_jax import model as model_lib
 from mos_jax.errors import MosJaxError
+from mos_jax.heads import get_head
 from mos_jax.model import ModelConfig, Params
 
 
@@ -196,7 +197,8 @@ def analyse(model_config: ModelConfig, params: Params, ids: np.ndarray,
     Returns:
       a dict: `rank`, `max_rank` (min(N, V)), `contexts` (N), `vocab_size` (V),
       `hidden_size` (d, the last layer's size: a softmax head's rank is at most d + 2),
-      `head`, `threshold`, `eps`, `s_max`, `s_min`, `matrix_seconds`, `svd_seconds`,
+      `head`, `rank_bound` (the bound the head declares, `Head.rank_bound`, or None),
+      `threshold`, `eps`, `s_max`, `s_min`, `matrix_seconds`, `svd_seconds`,
       `capped` (the note, or None) and `singular_values` (a float64 array, descending).
     """
     vocab_size = model_config.vocab_size
@@ -225,6 +227,7 @@ def analyse(model_config: ModelConfig, params: Params, ids: np.ndarray,
     return {"rank": result.rank, "max_rank": int(min(matrix.shape)),
             "contexts": int(n_contexts), "vocab_size": vocab_size,
             "hidden_size": model_config.nhidlast, "head": model_config.head,
+            "rank_bound": get_head(model_config.head).rank_bound(model_config),
             "threshold": result.threshold, "eps": eps, "s_max": float(s[0]),
             "s_min": float(s[-1]), "matrix_seconds": round(matrix_s, 3),
             "svd_seconds": round(svd_s, 3), "capped": capped, "singular_values": s}
