@@ -278,3 +278,55 @@ def test_config_errors():
         make_head("mixtape", gate_shared_from=V + 1).init(jax.random.key(0), hidden, emb,
                                                           targets)
     assert {"sigsoftmax", "moss", "mixtape"} <= set(heads.HEADS)
+
+
+# ---- the facts each head declares (mos_jax.heads.Head) ----
+
+def test_built_in_heads_declare_their_facts():
+    built_in = ("softmax", "mos", "moc", "sigsoftmax", "moss", "mixtape")
+    facts = {n: (heads.get_head(n).tied, heads.get_head(n).fuses_loss) for n in built_in}
+    assert facts == {"softmax": (True, True), "mos": (False, True), "moc": (False, True),
+                     "sigsoftmax": (True, False), "moss": (False, False),
+                     "mixtape": (False, False)}
+    mc = model.ModelConfig(vocab_size=10000)  # H 620, D 280, E 15
+    bounds = {n: heads.get_head(n).rank_bound(mc) for n in built_in}
+    assert bounds == {"softmax": 282, "moc": 282, "mos": None, "sigsoftmax": None,
+                      "moss": None, "mixtape": None}
+
+
+def test_flops_per_token_by_hand():
+    mc = model.ModelConfig(vocab_size=10000)  # H 620, D 280, E 15
+    flops = {n: heads.get_head(n).flops_per_token(mc) for n in ("mos", "moc", "moss")}
+    # prior 620x15 and latent 620x(15*280); then 15 decoder products 280x10000 (mos,
+    # moss), or one of the prior-weighted context (moc); 2 FLOPs per multiply-add.
+    mixture = 2 * (620 * 15 + 620 * 15 * 280)
+    assert flops == {"mos": mixture + 2 * 15 * 280 * 10000,
+                     "moss": mixture + 2 * 15 * 280 * 10000,
+                     "moc": mixture + 2 * 280 * 10000}
+    tied = mc.replace(nhidlast=280)
+    assert heads.get_head("softmax").flops_per_token(tied) == 2 * 280 * 10000
+    assert heads.get_head("sigsoftmax").flops_per_token(tied) == 2 * 280 * 10000
+    # Mixtape, K=2, V=10: S = 3 gated words and the shared row; one gate (K-1 = 1).
+    small = mc.replace(vocab_size=10, n_experts=2, nhidlast=5, emsize=4)
+    assert heads.get_head("mixtape").flops_per_token(small) == 2 * (
+        5 * 2 * 4 + 5 * 1 * 4 + 5 * 1 + 1 * 4 * 4 + 2 * 4 * 3 + 4 * 7)
+
+
+def test_a_head_that_does_not_fuse_gets_the_weighted_nll_computed_once():
+    hidden, emb, targets = random_inputs(21)
+    hidden = hidden[..., :D] * 2.0
+    head = make_head("sigsoftmax", n_experts=1, vocab_chunk="fused")
+    params = random_params(head, hidden, emb, targets, 22)
+    weights = np.random.default_rng(23).uniform(0, 1, size=(T, B)).astype(np.float32)
+    out = jax.jit(lambda p: head.apply({"params": p}, hidden, emb, targets,
+                                       target_weights=weights,
+                                       method=type(head).output_with_nll))(params)
+    want = np_sigsoftmax_head(as_np(params), np.asarray(hidden, np.float64),
+                              np.asarray(emb, np.float64))
+    want_t = np.take_along_axis(want, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out.nll, -np.sum(weights * want_t), rtol=1e-5)
+    np.testing.assert_allclose(out.target_logprobs, want_t, atol=1e-5)
+    with pytest.raises(ConfigError, match="nhidlast=5"):
+        wide, _, _ = random_inputs(21)
+        head.apply({"params": params}, wide, emb, targets,
+                   method=type(head).output_with_nll)
