@@ -174,15 +174,24 @@ def default_cache_dir() -> Path:
     return Path(base) / "mos_jax"
 
 
-def files_digest(paths: Sequence[Path]) -> str:
-    """SHA-256 over the contents of `paths` (in order) and the cache format."""
-    h = hashlib.sha256(_CACHE_FORMAT.encode())
-    for p in paths:
-        with open(p, "rb") as f:
+def sha256_files(paths: Sequence[str | os.PathLike], prefix: bytes = b"",
+                 separator: bytes = b"") -> str:
+    """Hex SHA-256 of `prefix`, then of each file's bytes (in order, read in 1 MiB
+    chunks) followed by `separator`. One file with no prefix or separator: the digest
+    `sha256sum` prints. The one file-hashing helper of the package (the id cache,
+    `mos_jax.download`, `mos_jax.tfds_corpus`)."""
+    h = hashlib.sha256(prefix)
+    for path in paths:
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        h.update(b"\0")
+        h.update(separator)
     return h.hexdigest()
+
+
+def files_digest(paths: Sequence[Path]) -> str:
+    """SHA-256 over the contents of `paths` (in order) and the cache format."""
+    return sha256_files(paths, _CACHE_FORMAT.encode(), b"\0")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from mos_jax.data import SPLITS
+from mos_jax.data import SPLITS, sha256_files
 from mos_jax.errors import DataError, DownloadError
 
 __all__ = ["Mirror", "CorpusSpec", "CORPORA", "corpus_spec", "download_corpus",
@@ -129,17 +129,9 @@ def corpus_spec(name: str | CorpusSpec) -> CorpusSpec:
                         f"{', '.join(sorted(CORPORA))}") from None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _file_ok(path: Path, expected: str) -> bool:
     try:
-        return path.is_file() and _sha256_file(path) == expected
+        return path.is_file() and sha256_files([path]) == expected
     except OSError:
         return False
 

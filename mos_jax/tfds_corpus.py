@@ -23,7 +23,6 @@ Splits are read with `builder.as_data_source`, which needs a random-access file 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from mos_jax.data import SPLITS, Corpus, read_lines, build_corpus
+from mos_jax.data import SPLITS, Corpus, build_corpus, read_lines, sha256_files
 from mos_jax.errors import DataError
 
 FILE_FORMAT = "array_record"
@@ -50,13 +49,7 @@ _READ_CHUNK = 8192
 
 def _source_digest(manual_dir: Path) -> str:
     """SHA-256 over the three source files, in split order."""
-    h = hashlib.sha256()
-    for fname in _SOURCE_FILES.values():
-        with open(manual_dir / fname, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
+    return sha256_files([manual_dir / f for f in _SOURCE_FILES.values()], separator=b"\0")
 
 
 def _check_manual_dir(name: str, manual_dir: Path) -> None:

@@ -1,5 +1,7 @@
 """Corpus reading, the id cache, errors, and the synthetic Markov corpus."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,19 @@ def test_vocabulary_order_and_eos_by_hand(tmp_path):
     assert c.test.tolist() == [5, 0, 2]
     assert c.train.dtype == np.int32
     assert c.decode(c.encode(["e", "a"])) == ["e", "a"]
+
+
+def test_sha256_files_hashes_prefix_files_and_separators(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.bin"
+    a.write_bytes(b"hello\n")
+    b.write_bytes(bytes(range(256)) * 5000)  # over one 1 MiB read
+    assert data.sha256_files([a]) == hashlib.sha256(b"hello\n").hexdigest()
+    whole = b"pre" + b"hello\n" + b"\0" + bytes(range(256)) * 5000 + b"\0"
+    assert data.sha256_files([a, b], b"pre", b"\0") == hashlib.sha256(whole).hexdigest()
+    # the id cache's key: the cache format, then each file and a NUL
+    fmt = data._CACHE_FORMAT.encode()
+    assert data.files_digest([b, a]) == hashlib.sha256(
+        fmt + bytes(range(256)) * 5000 + b"\0" + b"hello\n\0").hexdigest()
 
 
 def test_ptb_counts_and_ids():
