@@ -246,18 +246,18 @@ def _cmd_generate(args) -> None:
     config, params, corpus = _load_model(args)
     shown = []  # the prompt words printed before the sample
     if args.prompt is not None and args.prompt.split():
-        prompt = generate.encode_prompt(corpus.vocab, args.prompt, corpus.name)
-        shown = generate.decode(corpus.vocab, prompt)
+        prompt = corpus.encode(args.prompt, what="prompt word")
+        shown = corpus.decode(prompt)
     elif data.EOS in corpus.word_to_id:  # start a fresh sentence
         prompt = np.asarray([corpus.word_to_id[data.EOS]], np.int32)
     else:  # no sentence ends (a synthetic corpus): the first word of the train split
         prompt = corpus.train[:1]
-        shown = generate.decode(corpus.vocab, prompt)
+        shown = corpus.decode(prompt)
     timings: dict = {}
     ids, logp = generate.sample(config, params, prompt, args.words,
                                 temperature=args.temperature, seed=args.seed,
                                 return_logprobs=True, timings=timings)
-    text = generate.render(shown + generate.decode(corpus.vocab, ids))
+    text = generate.render(shown + corpus.decode(ids))
     seconds = timings["sample_seconds"]
     stats = {"words": int(ids.size), "prompt_words": int(prompt.size),
              "temperature": args.temperature, "seed": args.seed,

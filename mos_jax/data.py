@@ -62,18 +62,27 @@ class Corpus:
             raise DataError(f"unknown split {name!r}: choose one of {', '.join(SPLITS)}")
         return getattr(self, name)
 
-    def encode(self, words: Sequence[str]) -> np.ndarray:
-        """Ids of `words`; unknown words raise a DataError that lists them."""
+    def encode(self, words: str | Sequence[str], what: str = "word") -> np.ndarray:
+        """int32 ids of `words` (a sequence of words, or a string split on whitespace).
+
+        Words not in the vocabulary raise one DataError that names them (in order of
+        first appearance) and gives examples of the corpus's words; `what` names the
+        words in it ("prompt word": "prompt word(s) not in ...").
+        """
+        words = words.split() if isinstance(words, str) else list(words)
         w2i = self.word_to_id
-        unknown = sorted({w for w in words if w not in w2i})
+        unknown = sorted({w for w in words if w not in w2i}, key=words.index)
         if unknown:
+            hint = ("rare words are spelled <unk> and numbers N in PTB; " if "<unk>" in w2i
+                    else "")
             raise DataError(
-                f"{len(unknown)} word(s) not in the {self.vocab_size}-word vocabulary of "
-                f"{self.name}: {_preview(unknown)}. Use words of the corpus (PTB and "
-                "WikiText-2 spell rare words as <unk>).")
+                f"{what}(s) not in the {self.vocab_size:,}-word vocabulary of {self.name}: "
+                f"{_preview(unknown)}. Use words of the corpus ({hint}e.g. "
+                f"{', '.join(repr(w) for w in self.vocab[:5])}).")
         return np.asarray([w2i[w] for w in words], dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> list[str]:
+        """The words of `ids`."""
         return [self.vocab[int(i)] for i in ids]
 
     def __repr__(self) -> str:

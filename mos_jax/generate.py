@@ -7,9 +7,9 @@ drawn word fed back as the next input. The whole loop is one jitted `jax.lax.sca
 a sample costs one compiled program per (model, prompt length, length) and no Python
 work per word.
 
-`encode_prompt`, `decode` and `render` convert between words and ids: a prompt is
-split on whitespace and looked up in the corpus vocabulary (a word outside it is an
-error that names it), and `<eos>` is rendered as a line break.
+Words and ids convert through the corpus (`Corpus.encode` splits a prompt on whitespace
+and names any word outside the vocabulary; `Corpus.decode`); `render` joins words into
+text, `<eos>` as a line break.
 """
 
 from __future__ import annotations
@@ -23,33 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mos_jax import model as model_lib
-from mos_jax.data import EOS, _preview
+from mos_jax.data import EOS
 from mos_jax.errors import ConfigError, DataError
 from mos_jax.model import ModelConfig, Params
-
-
-def encode_prompt(vocab: Sequence[str], prompt: str | Sequence[str],
-                  corpus_name: str = "the corpus") -> np.ndarray:
-    """int32 ids of the words of `prompt` (a string split on whitespace, or words).
-
-    Raises DataError naming every word that is not in `vocab`.
-    """
-    words = prompt.split() if isinstance(prompt, str) else list(prompt)
-    w2i = {w: i for i, w in enumerate(vocab)}
-    unknown = sorted({w for w in words if w not in w2i}, key=words.index)
-    if unknown:
-        hint = ("rare words are spelled <unk> and numbers N in PTB; " if "<unk>" in w2i
-                else "")
-        raise DataError(
-            f"prompt word(s) not in the {len(vocab):,}-word vocabulary of {corpus_name}: "
-            f"{_preview(unknown)}. Use words of the corpus ({hint}e.g. "
-            f"{', '.join(repr(w) for w in vocab[:5])}).")
-    return np.asarray([w2i[w] for w in words], dtype=np.int32)
-
-
-def decode(vocab: Sequence[str], ids: Iterable[int]) -> list[str]:
-    """The words of `ids`."""
-    return [vocab[int(i)] for i in ids]
 
 
 def render(words: Iterable[str]) -> str:

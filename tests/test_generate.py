@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mos_jax import cli, generate, model, train
+from mos_jax import cli, data, generate, model, train
 from mos_jax.errors import ConfigError, DataError, MosJaxError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -117,23 +117,28 @@ def test_a_bias_only_model_draws_every_word_from_softmax_of_the_bias():
     assert chi2(np.bincount(words[:, -1], minlength=V), p) < CHI2_19
 
 
+def vocab_corpus(vocab, name="the corpus"):
+    """A corpus that is only a vocabulary: what a prompt is encoded with."""
+    empty = np.zeros(0, np.int32)
+    return data.Corpus(name, tuple(vocab), empty, empty, empty)
+
+
 def test_words_and_ids():
-    vocab = ("<eos>", "the", "cat", "sat", "<unk>")
-    np.testing.assert_array_equal(generate.encode_prompt(vocab, " the  cat\tsat "),
-                                  [1, 2, 3])
-    np.testing.assert_array_equal(generate.encode_prompt(vocab, ["<unk>", "<eos>"]),
-                                  [4, 0])
-    assert generate.decode(vocab, np.array([1, 2, 0, 3])) == ["the", "cat", "<eos>",
-                                                               "sat"]
+    corpus = vocab_corpus(("<eos>", "the", "cat", "sat", "<unk>"))
+    np.testing.assert_array_equal(corpus.encode(" the  cat\tsat "), [1, 2, 3])
+    np.testing.assert_array_equal(corpus.encode(["<unk>", "<eos>"]), [4, 0])
+    assert corpus.encode(" the  cat\tsat ").dtype == np.int32
+    assert corpus.decode(np.array([1, 2, 0, 3])) == ["the", "cat", "<eos>", "sat"]
     assert generate.render(["the", "cat", "<eos>", "sat", "<eos>"]) == "the cat\nsat\n"
     assert generate.render([]) == ""
 
 
 def test_unknown_prompt_words_are_named():
-    vocab = ("<eos>", "the", "cat", "<unk>")
+    corpus = vocab_corpus(("<eos>", "the", "cat", "<unk>"), "ptb")
     with pytest.raises(DataError) as e:
-        generate.encode_prompt(vocab, "the dog chased the cat mouse", "ptb")
+        corpus.encode("the dog chased the cat mouse", what="prompt word")
     message = str(e.value)
+    assert message.startswith("prompt word(s) not in the 4-word vocabulary of ptb")
     assert isinstance(e.value, MosJaxError)
     assert "'dog', 'chased', 'mouse'" in message and "ptb" in message and "<unk>" in message
     assert "'the'" not in message.split("e.g.")[0] and "\n" not in message
@@ -173,7 +178,7 @@ def test_generate_command(tiny_run, tmp_path, capsys):
     _, corpus, config, params = train.load_best(tiny_run)
     ids = generate.sample(config, params, corpus.encode(["w3", "w7"]), 20,
                           temperature=0.8, seed=4)
-    assert words[2:] == generate.decode(corpus.vocab, ids)
+    assert words[2:] == corpus.decode(ids)
     # Without a prompt (no <eos> in the synthetic vocabulary): the first train word.
     assert cli.main(["generate", "--workdir", str(tiny_run), "--words", "5"]) == 0
     words = capsys.readouterr().out.split()
