@@ -53,7 +53,8 @@ def scan_windows(fn: Callable, carry: Any, windows: Windows, *, per_call: int = 
             return None
         if per_call:
             out = fetch(out)
-            return np.concatenate([out[k, :n] for k, n in enumerate(lengths[sl]) if n])
+            real = [out[k, :n] for k, n in enumerate(lengths[sl]) if n]
+            return np.concatenate(real) if real else None
         return fetch(out)[:int(lengths[sl])]
 
     for start in range(0, stop, step):
