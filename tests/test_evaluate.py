@@ -92,3 +92,20 @@ def test_a_function_without_output_returns_no_rows(setup):
     w = make_windows(ids, B, BPTT)
     count, rows = evaluate.scan_windows(lambda c, x, y, n: (c + n, None), 0, w)
     assert rows is None and count == 22  # every target row once
+
+
+def test_the_one_device_plan_compiles_the_plain_jitted_program(setup):
+    """A one-device plan adds nothing to what runs: its window scorer lowers to the same
+    program (donation included) as `jax.jit` of the window function itself."""
+    import re
+    params = setup[0]
+    carry, x = model.init_carry(CONFIG, B), np.zeros((BPTT, B), np.int32)
+    plain = jax.jit(evaluate.score_window, static_argnums=0, donate_argnums=2).lower(
+        CONFIG, params, carry, x, x, BPTT).as_text()
+    planned = evaluate.window_scorer(parallel.local_plan(1, "none"), CONFIG).lower(
+        params, carry, x, x, BPTT).as_text()
+
+    def strip(text):  # function names differ (the plan jits a functools.partial)
+        return re.sub(r'@[\w.]+|jit_\w+|"[^"]*"', "", text)
+    assert "buffer_donor" in plain or "aliasing_output" in plain
+    assert strip(planned) == strip(plain)
