@@ -1,4 +1,5 @@
-"""Data parallelism: 4 fake CPU devices against one, both strategies, and 2 processes.
+"""Placement plans: 4 fake CPU devices against one, both strategies, 2 processes, and
+one evaluation code path under a one-device and a 2-device mesh plan.
 
 JAX reads the device count when it starts, so the multi-device checks run in fresh
 processes (`tests/parallel_worker.py`, with `XLA_FLAGS=--xla_force_host_platform_
