@@ -492,11 +492,6 @@ class OneDevice(Plan):
         return step  # the jitted step itself: the plain single-device program
 
 
-def _feed_error(x, axis):
-    raise TypeError(f"a split argument (axis {axis}) must be a NumPy batch or a jax.Array, "
-                    f"got {type(x).__name__}")
-
-
 class MeshPlan(Plan):
     """`jax.jit` of `shard_map` over a one-axis mesh, values as global arrays."""
 
