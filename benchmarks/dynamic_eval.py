@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mos_jax import config as config_lib, dynamic_eval as de, train  # noqa: E402
+from mos_jax import config as config_lib, dynamic_eval as de, parallel, train  # noqa: E402
+from mos_jax.batching import make_windows  # noqa: E402
 
 
 def main():
@@ -48,13 +49,14 @@ def main():
         jax.block_until_ready(s.ms)
         return time.perf_counter() - t, s
 
-    w = de.make_windows(rng.integers(0, args.vocab, size=args.stats_batch * 700),
-                        args.stats_batch, 5)
+    one = parallel.local_plan(1, "none")
+    w = make_windows(rng.integers(0, args.vocab, size=args.stats_batch * 700),
+                     args.stats_batch, 5, multiple=de.CHUNK)
     sq = jax.tree_util.tree_map(jax.numpy.zeros_like, params)
     carry = train.model_lib.init_carry(mc, args.stats_batch)
     t = time.perf_counter()
-    de._stats_chunk.lower(mc, params, sq, carry, w.inputs[:de.CHUNK], w.targets[:de.CHUNK],
-                          w.lengths[:de.CHUNK]).compile()
+    de.statistics_chunk(one, mc).lower(params, sq, carry, w.inputs[:de.CHUNK],
+                                       w.targets[:de.CHUNK], w.lengths[:de.CHUNK]).compile()
     out["stats_compile_s"] = round(time.perf_counter() - t, 2)
     _, stats = stats_run(de.CHUNK)  # warm-up (compiles through jit)
     timed, _ = stats_run(args.windows)
@@ -67,12 +69,12 @@ def main():
         jax.block_until_ready(r.params)
         return time.perf_counter() - t
 
-    w = de.make_windows(rng.integers(0, args.vocab, size=700), 1, 5)
-    decay, step = de._update_coefficients(stats.ms, stats.decrate, 0.002, 0.02, 0.001)
+    w = make_windows(rng.integers(0, args.vocab, size=700), 1, 5, multiple=de.CHUNK)
+    decay, step = de.update_coefficients(stats.ms, stats.decrate, 0.002, 0.02, 0.001)
     t = time.perf_counter()
-    de._dyn_chunk.lower(mc, params, train.model_lib.init_carry(mc, 1), params, decay, step,
-                        w.inputs[:de.CHUNK], w.targets[:de.CHUNK],
-                        w.lengths[:de.CHUNK]).compile()
+    de.update_chunk(one, mc).lower(params, train.model_lib.init_carry(mc, 1), params, decay,
+                                   step, w.inputs[:de.CHUNK], w.targets[:de.CHUNK],
+                                   w.lengths[:de.CHUNK]).compile()
     out["eval_compile_s"] = round(time.perf_counter() - t, 2)
     eval_run(de.CHUNK)  # warm-up
     timed = eval_run(args.windows)

@@ -10,11 +10,12 @@ no accelerator is found) makes XLA show that many host devices
 that the parallel programs run and what they cost, not a speed-up. On a GPU/TPU
 machine, `--no-fake-cpu` uses the first N real devices.
 
-For every device count and strategy (`plain` is the single-device jitted step, only at
-1 device): the train step on the same global batch `[bptt, batch]` (random ids, the
-config's model with vocabulary `--vocab`), compiled ahead and warmed up, then `--steps`
-timed calls; and evaluation of `--eval-batch` columns through
-`parallel.token_logprobs`. Prints one JSON line per measurement and a table.
+For every device count and strategy (at 1 device the one-device plan, `none`: the
+plain jitted step): the train step (`train.build_train_step`) on the same global batch
+`[bptt, batch]` (random ids, the config's model with vocabulary `--vocab`), compiled
+ahead and warmed up, then `--steps` timed calls; and evaluation of `--eval-batch`
+columns through `evaluate.token_logprobs` with the same plan. Prints one JSON line per
+measurement and a table.
 """
 
 import argparse
@@ -35,7 +36,7 @@ def child(args) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from mos_jax import config as config_lib, model, parallel, train
+    from mos_jax import config as config_lib, evaluate, model, parallel, train
 
     c = config_lib.load_config(args.config, config_lib.parse_overrides(args.overrides))
     mc = train.model_config_from(c, args.vocab)
@@ -46,18 +47,13 @@ def child(args) -> None:
     x = rng.integers(0, args.vocab, size=(args.bptt, args.batch)).astype(np.int32)
     y = rng.integers(0, args.vocab, size=(args.bptt, args.batch)).astype(np.int32)
     params = model.init_params(mc, jax.random.key(0))
-    kw = dict(alpha=c.optim.alpha, beta=c.optim.beta, bptt=args.bptt, seed=0,
-              clip=c.optim.clip, wdecay=c.optim.wdecay)
-    strategies = (["plain"] if n == 1 else []) + list(args.strategies)
+    c.data.small_batch_size = -1
+    strategies = ["none"] if n == 1 else list(args.strategies)
     eval_ids = rng.integers(0, args.vocab, size=args.eval_batch * (args.bptt * 4 + 1))
     for strategy in strategies:
-        if strategy == "plain":
-            plan = None
-            step = train.TrainStep(mc, n_groups=1, **kw)
-        else:
-            plan = parallel.DataParallel(strategy, devices)
-            step = parallel.make_train_step(plan, train.TrainStep, mc, batch_size=args.batch,
-                                            small_batch_size=-1, **kw)
+        plan = parallel.make_plan(strategy, devices)
+        step = train.build_train_step(c, mc, plan, batch_size=args.batch, bptt=args.bptt,
+                                      seed=0)
         state = train.init_state(mc, jax.tree_util.tree_map(jnp.copy, params), args.batch,
                                  step.tx)
         t0 = time.perf_counter()
@@ -72,9 +68,10 @@ def child(args) -> None:
             times.append(time.perf_counter() - t0)
         rates = [args.bptt * args.batch / s for s in times]
         # Evaluation: 4 windows of bptt over eval-batch columns (one warm-up pass).
-        parallel.token_logprobs(plan, mc, params, eval_ids, args.eval_batch, args.bptt)
+        evaluate.token_logprobs(mc, params, eval_ids, args.eval_batch, args.bptt, plan=plan)
         t0 = time.perf_counter()
-        logp = parallel.token_logprobs(plan, mc, params, eval_ids, args.eval_batch, args.bptt)
+        logp = evaluate.token_logprobs(mc, params, eval_ids, args.eval_batch, args.bptt,
+                                       plan=plan)
         eval_rate = logp.size / (time.perf_counter() - t0)
         print(json.dumps({
             "devices": n, "strategy": strategy, "platform": devices[0].platform,
@@ -127,9 +124,9 @@ def main() -> None:
             if line.startswith("{"):
                 print(line, flush=True)
                 rows.append(json.loads(line))
-    base = next((r for r in rows if r["strategy"] == "plain"), rows[0])
+    base = next((r for r in rows if r["devices"] == 1), rows[0])
     print(f"\n{'devices':>7} {'strategy':>8} {'per dev':>7} {'train tok/s':>12} "
-          f"{'vs plain':>8} {'eval tok/s':>10} {'first step s':>12}")
+          f"{'vs 1 dev':>8} {'eval tok/s':>10} {'first step s':>12}")
     for r in rows:
         rate = r["train_tokens_per_s"]["median"]
         print(f"{r['devices']:>7} {r['strategy']:>8} {r['per_device']:>7} {rate:>12,.0f} "

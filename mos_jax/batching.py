@@ -8,7 +8,7 @@ Layouts are time-major: a batchified stream is `[n, B]`, column j the contiguous
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -59,6 +59,60 @@ def eval_windows(n_rows: int, bptt: int) -> Iterator[tuple[int, int]]:
     """Fixed windows `(start, length)` covering every target of an `n_rows` stream."""
     for i in range(0, n_rows - 1, bptt):
         yield i, min(bptt, n_rows - 1 - i)
+
+
+class Windows(NamedTuple):
+    """A stream cut into windows: inputs/targets `[n, bptt, B]`, true lengths `[n]`.
+
+    Window k holds rows `k * bptt ...` of the stream; its first `lengths[k]` rows are
+    real, the rest zero padding. Windows of length 0 (after the real ones) only pad the
+    count to a multiple of a chunk.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    lengths: np.ndarray
+
+    def columns(self, cols: slice) -> "Windows":
+        """The windows of columns `cols` only (a host's share of the batch)."""
+        return Windows(self.inputs[..., cols], self.targets[..., cols], self.lengths)
+
+
+def cut_windows(inputs: np.ndarray, targets: np.ndarray, bptt: int,
+                max_windows: int | None = None, multiple: int = 1) -> Windows:
+    """Consecutive windows of `bptt` rows of aligned `inputs` and `targets` `[n, B]`.
+
+    Every row is covered once (at most `max_windows` windows); the last window holds
+    what is left, its length recorded, zero-padded. The number of windows is rounded up
+    to a multiple of `multiple` with empty (length 0) windows.
+    """
+    n_rows, batch_size = inputs.shape
+    n = -(-n_rows // bptt)
+    if max_windows:
+        n = min(n, max_windows)
+    n_padded = -(-n // multiple) * multiple
+    total = n_padded * bptt
+    x = np.zeros((total, batch_size), np.int32)
+    y = np.zeros((total, batch_size), np.int32)
+    used = min(n * bptt, n_rows)
+    x[:used] = inputs[:used]
+    y[:used] = targets[:used]
+    lengths = np.zeros(n_padded, np.int32)
+    lengths[:n] = bptt
+    lengths[n - 1] = used - (n - 1) * bptt
+    shape = (n_padded, bptt, batch_size)
+    return Windows(x.reshape(shape), y.reshape(shape), lengths)
+
+
+def make_windows(ids: np.ndarray, batch_size: int, bptt: int,
+                 max_windows: int | None = None, multiple: int = 1) -> Windows:
+    """Batchify `ids` and cut the rows into consecutive windows of `bptt` rows.
+
+    Every target is covered once (inputs `rows[:-1]`, targets `rows[1:]`): the same
+    windows as `eval_windows`, as arrays. See `cut_windows`.
+    """
+    rows = batchify(ids, batch_size)
+    return cut_windows(rows[:-1], rows[1:], bptt, max_windows, multiple)
 
 
 def sample_seq_len(rng: np.random.Generator, bptt: int, max_len: int) -> int:

@@ -5,8 +5,8 @@ devices JAX sees. Three workloads, each compiled first (its compile time reporte
 its own), then `warmup` untimed calls, then `repeats` timed calls, each ended with
 `block_until_ready`:
 
-- `train`: the jitted, donating train step (`mos_jax.train.TrainStep`), data-parallel
-  over `num_devices` devices when more than one (`mos_jax.parallel`);
+- `train`: the jitted, donating train step (`mos_jax.train.build_train_step`) over
+  the placement plan of `num_devices` devices (`mos_jax.parallel`);
 - `eval`: one evaluation window (full forward, per-token log-probabilities);
 - `dynamic_eval`: dynamic evaluation's update pass (batch 1, windows of 5), timed over
   chunks of windows (one compiled scan each).
@@ -37,6 +37,7 @@ from mos_jax import dynamic_eval as de
 from mos_jax import evaluate, heads
 from mos_jax import model as model_lib
 from mos_jax import parallel, train
+from mos_jax.batching import make_windows
 from mos_jax.errors import ConfigError
 
 WORKLOADS = ("train", "eval", "dynamic_eval")
@@ -114,25 +115,15 @@ class BenchSettings:
 
 
 def _train(c, mc, s: BenchSettings, out: dict, rng) -> None:
-    o = c.optim
     batch, bptt = s.batch or c.data.batch_size, s.bptt or c.data.bptt
     plan = parallel.local_plan(s.num_devices, c.parallel.strategy)
-    if plan is None:
-        groups = train.column_groups(batch, c.data.small_batch_size)
-        step = train.TrainStep(mc, alpha=o.alpha, beta=o.beta, bptt=bptt, n_groups=groups,
-                               seed=0, clip=o.clip, wdecay=o.wdecay)
-    else:
-        step = parallel.make_train_step(
-            plan, train.TrainStep, mc, alpha=o.alpha, beta=o.beta, bptt=bptt,
-            batch_size=batch, small_batch_size=c.data.small_batch_size, seed=0,
-            clip=o.clip, wdecay=o.wdecay)
+    step = train.build_train_step(c, mc, plan, batch_size=batch, bptt=bptt, seed=0)
     params = model_lib.init_params(mc, jax.random.key(0))
     holder = {"state": train.init_state(mc, params, batch, step.tx)}
     del params
     x = rng.integers(0, mc.vocab_size, size=(bptt, batch)).astype(np.int32)
     y = rng.integers(0, mc.vocab_size, size=(bptt, batch)).astype(np.int32)
-    if plan is None:
-        x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = plan.feed_batch(x), plan.feed_batch(y)
 
     def run():
         holder["state"], m = step(holder["state"], x, y, bptt, bptt, 20.0)
@@ -145,7 +136,7 @@ def _train(c, mc, s: BenchSettings, out: dict, rng) -> None:
     loss = float(run())
     if not np.isfinite(loss):
         raise FloatingPointError(f"the train step's loss is {loss}")
-    out["train"] = {"batch": batch, "bptt": bptt, "devices": plan.n_devices if plan else 1,
+    out["train"] = {"batch": batch, "bptt": bptt, "devices": plan.n_devices,
                     "first_step_s": round(first, 2),
                     "compile_s": round(first - statistics.median(times), 2),
                     "tokens_per_s": _summary(times, batch * bptt), **peak_memory()}
@@ -157,7 +148,8 @@ def _eval(c, mc, s: BenchSettings, out: dict, rng) -> None:
     carry = model_lib.init_carry(mc, eb)
     x = jnp.asarray(rng.integers(0, mc.vocab_size, size=(bptt, eb)), jnp.int32)
     t = time.perf_counter()
-    score = evaluate._score_window.lower(mc, params, carry, x, x, bptt).compile()
+    score = evaluate.window_scorer(parallel.local_plan(1, "none"), mc).lower(
+        params, carry, x, x, bptt).compile()
     compile_s = time.perf_counter() - t
     holder = {"carry": carry}
 
@@ -176,15 +168,15 @@ def _dynamic_eval(c, mc, s: BenchSettings, out: dict, rng) -> None:
     # float values (NaN or subnormal numbers would slow the arithmetic and distort it).
     ms = jax.tree_util.tree_map(jnp.ones_like, params)
     decrate = de.decay_rates(ms, 0.02)
-    decay, step = de._update_coefficients(ms, decrate, 0.002, 0.02, 0.001)
-    w = de.make_windows(rng.integers(0, mc.vocab_size, size=5 * n + 1), 1, 5)
-    w = de.Windows(w.inputs[:n], w.targets[:n], w.lengths[:n])  # no padding windows
+    decay, step = de.update_coefficients(ms, decrate, 0.002, 0.02, 0.001)
+    w = make_windows(rng.integers(0, mc.vocab_size, size=5 * n + 1), 1, 5)  # n windows
     assert int((w.lengths == 5).sum()) == n
     holder = {"params": jax.tree_util.tree_map(jnp.copy, params),
               "carry": model_lib.init_carry(mc, 1)}
     t = time.perf_counter()
-    chunk = de._dyn_chunk.lower(mc, holder["params"], holder["carry"], params, decay,
-                                step, w.inputs, w.targets, w.lengths).compile()
+    chunk = de.update_chunk(parallel.local_plan(1, "none"), mc).lower(
+        holder["params"], holder["carry"], params, decay, step, w.inputs, w.targets,
+        w.lengths).compile()
     compile_s = time.perf_counter() - t
 
     def run():

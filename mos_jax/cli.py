@@ -131,13 +131,13 @@ def _cmd_evaluate(args) -> None:
 
     import numpy as np
 
-    from mos_jax import parallel
+    from mos_jax import evaluate, parallel
     config, params, corpus = _load_model(args)
     ids = corpus.split(args.split)
     plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
-    logp = parallel.token_logprobs(plan, config, params, ids, args.batch_size, args.bptt,
+    logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
                                    progress=_Progress(args.split, args.batch_size),
-                                   log=_note)
+                                   plan=plan, log=_note)
     nll = -float(np.mean(logp, dtype=np.float64))
     result = {"split": args.split, "tokens": int(logp.size), "nll": nll,
               "ppl": math.exp(nll), "batch_size": args.batch_size, "bptt": args.bptt}
@@ -178,24 +178,21 @@ def _cmd_dynamic_eval(args) -> None:
         stats = de.load_statistics(cache, params, settings["lamb"])
         print(f"gradient statistics from {cache}", file=sys.stderr)
     else:
-        stats = parallel.gradient_statistics(
-            plan, config, params, corpus.train, lamb=settings["lamb"],
+        stats = de.gradient_statistics(
+            config, params, corpus.train, lamb=settings["lamb"],
             batch_size=args.stats_batch_size, bptt=args.bptt,
             max_batches=args.max_batches, rms=args.rms,
             progress=_Progress("gradient statistics", args.stats_batch_size * args.bptt,
-                               unit="windows"), log=_note)
+                               unit="windows"), plan=plan, log=_note)
         de.save_statistics(cache, stats)
     stats_s = time.perf_counter() - start
     start = time.perf_counter()
-    if note := parallel.dynamic_eval_note(plan, args.batch_size):
-        _note(note)
-    if plan is not None:
-        params = plan.local_copy(params)
     result = de.dynamic_evaluate(
         config, params, stats.ms, stats.decrate, corpus.split(args.split), bptt=args.bptt,
         batch_size=args.batch_size,
         progress=_Progress(f"dynamic evaluation ({args.split})",
-                           args.batch_size * args.bptt, unit="windows"), **settings)
+                           args.batch_size * args.bptt, unit="windows"), plan=plan,
+        log=_note, **settings)
     out = {"split": args.split, "tokens": int(result.token_logprobs.size),
            "nll": result.nll, "ppl": result.perplexity, **settings, "bptt": args.bptt,
            "batch_size": args.batch_size, "stats_windows": stats.windows,

@@ -11,9 +11,12 @@ Two pure functions:
   `theta += lambda * decrate * (theta0 - theta) - lr * grad / (MS + epsilon)`.
 
 Both run as `lax.scan` over windows in fixed-size chunks (one compiled program for the
-whole stream; the Python loop is per chunk, for progress output, not per window). The
-last window of a stream that is not a multiple of the window length is scored and
-counted at its true length; padding windows never update anything.
+whole stream; the Python loop, `mos_jax.evaluate.scan_windows`, is per chunk, for
+progress output, not per window). The last window of a stream that is not a multiple
+of the window length is scored and counted at its true length; padding windows never
+update anything. Both take a placement plan (`mos_jax.parallel`): the statistics pass
+splits its columns over the plan's devices; the update pass (one stream updated in
+sequence) runs on one of them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mos_jax import model as model_lib
-from mos_jax.batching import batchify
+from mos_jax import parallel
+from mos_jax.batching import make_windows
+from mos_jax.evaluate import scan_windows
 from mos_jax.errors import ConfigError
 from mos_jax.model import ModelConfig, Params
 
@@ -37,41 +42,6 @@ PRESETS = {  # SPEC.md sections 4 and 5
     "wt2": dict(lr=0.002, lamb=0.02, epsilon=0.002),
 }
 CHUNK = 128  # windows per compiled scan call
-
-
-class Windows(NamedTuple):
-    """A stream cut into windows: inputs/targets [n, bptt, B], true lengths [n]."""
-
-    inputs: np.ndarray
-    targets: np.ndarray
-    lengths: np.ndarray
-
-
-def make_windows(ids: np.ndarray, batch_size: int, bptt: int,
-                 max_windows: int | None = None) -> Windows:
-    """Batchify `ids` and cut the rows into consecutive windows of `bptt` rows.
-
-    Every target is covered once; the last window holds what is left (its length
-    recorded), padded with zeros. The number of windows is rounded up to a multiple of
-    `CHUNK` with empty (length 0) windows.
-    """
-    rows = batchify(ids, batch_size)
-    n_targets = len(rows) - 1
-    n = -(-n_targets // bptt)
-    if max_windows:
-        n = min(n, max_windows)
-    n_padded = -(-n // CHUNK) * CHUNK
-    total = n_padded * bptt
-    inputs = np.zeros((total, batch_size), np.int32)
-    targets = np.zeros((total, batch_size), np.int32)
-    used = min(n * bptt, n_targets)
-    inputs[:used] = rows[:used]
-    targets[:used] = rows[1:used + 1]
-    lengths = np.zeros(n_padded, np.int32)
-    lengths[:n] = bptt
-    lengths[n - 1] = used - (n - 1) * bptt
-    shape = (n_padded, bptt, batch_size)
-    return Windows(inputs.reshape(shape), targets.reshape(shape), lengths)
 
 
 def _window_loss(config: ModelConfig, params, inputs, targets, carry, length):
@@ -110,8 +80,14 @@ def stats_scan(config: ModelConfig, params, sq_sum, carry, inputs, targets, leng
     return sq_sum, carry
 
 
-_stats_chunk = jax.jit(stats_scan, static_argnums=0, static_argnames="axis_name",
-                       donate_argnums=(2, 3))
+@functools.lru_cache(maxsize=16)
+def statistics_chunk(plan: parallel.Plan, config: ModelConfig):
+    """`stats_scan` mapped by `plan`: `(params, sq_sum, carry, inputs [C, T, B],
+    targets, lengths [C]) -> (sq_sum, carry)`, `sq_sum` and the carry donated. On one
+    device a `jax.jit` function (`.lower(...)` compiles ahead of time)."""
+    return plan.map(functools.partial(stats_scan, config, axis_name=plan.axis_name),
+                    in_axes=(None, None, 0, 2, 2, None), out_axes=(None, 0),
+                    donate_argnums=(1, 2))
 
 
 class GradientStatistics(NamedTuple):
@@ -123,26 +99,38 @@ class GradientStatistics(NamedTuple):
 def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np.ndarray,
                         *, lamb: float = 0.02, batch_size: int = 100, bptt: int = 5,
                         max_batches: int | None = None, rms: bool = False,
-                        progress: Callable[[int, int], None] | None = None
-                        ) -> GradientStatistics:
+                        progress: Callable[[int, int], None] | None = None,
+                        plan: parallel.Plan | None = None,
+                        log: Callable[[str], None] | None = None) -> GradientStatistics:
     """The gradient statistics pass of SPEC.md section 4, step 1.
 
     `max_batches` caps the number of windows; `rms` takes `sqrt(mean g^2)` over the
     windows instead of `sqrt(sum g^2)`. `progress(done_windows, total)` is called per
-    chunk.
+    chunk. With a `plan` over several devices the columns split over them: each
+    window's gradient is the `pmean` of the devices' gradients (the gradient of the
+    whole window's mean NLL), then squared and summed as on one device. A batch that
+    does not split runs on one device, with a note to `log`.
     """
     if lamb <= 0:
         raise ConfigError(f"lamb must be positive (decrate is clipped at 1/lamb), got {lamb}")
-    w = make_windows(train_ids, batch_size, bptt, max_batches)
+    plan = parallel.resolve(plan)
+    plan = plan.for_batch(batch_size, log, (
+        f"gradient statistics with batch size {batch_size} do not split over "
+        f"{plan.n_devices} devices: they run on one device"))
+    w = make_windows(train_ids, batch_size, bptt, max_batches, multiple=CHUNK)
     n_real = int((w.lengths > 0).sum())
-    sq_sum = jax.tree_util.tree_map(jnp.zeros_like, params)
-    carry = model_lib.init_carry(model_config, batch_size)
-    for start in range(0, len(w.lengths), CHUNK):
-        sl = slice(start, start + CHUNK)
-        sq_sum, carry = _stats_chunk(model_config, params, sq_sum, carry,
-                                     w.inputs[sl], w.targets[sl], w.lengths[sl])
-        if progress is not None:
-            progress(min(start + CHUNK, n_real), n_real)
+    params = plan.place(params, plan.replicated)
+    sq_sum = plan.place(jax.tree_util.tree_map(jnp.zeros_like, plan.local_copy(params)),
+                        plan.replicated)
+    chunk = statistics_chunk(plan, model_config)
+
+    def fn(state, inputs, targets, lengths):
+        return chunk(params, *state, inputs, targets, lengths), None
+
+    (sq_sum, _), _ = scan_windows(
+        fn, (sq_sum, plan.zero_carry(model_config, batch_size)),
+        w.columns(plan.host_slice(batch_size)), per_call=CHUNK, progress=progress)
+    sq_sum = plan.local_copy(sq_sum)
     divisor = float(n_real if rms else 1)
     ms = jax.tree_util.tree_map(lambda s: jnp.sqrt(s / divisor), sq_sum)
     return GradientStatistics(ms, decay_rates(ms, lamb), n_real)
@@ -182,10 +170,13 @@ class DynamicEvalResult(NamedTuple):
     params: Params  # the parameters after the last update
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
-def _dyn_chunk(config: ModelConfig, params, carry, theta0, decay, step, inputs, targets,
-               lengths):
-    """`decay = lamb * decrate`, `step = lr / (MS + epsilon)`, precomputed per tensor."""
+def update_scan(config: ModelConfig, params, carry, theta0, decay, step, inputs, targets,
+                lengths):
+    """Score and update over a chunk of windows: `(params, carry, logprobs [C, T, B])`.
+
+    `decay = lamb * decrate`, `step = lr / (MS + epsilon)`, precomputed per tensor
+    (`update_coefficients`).
+    """
     def body(state, window):
         params, carry = state
         inp, tgt, length = window
@@ -201,36 +192,57 @@ def _dyn_chunk(config: ModelConfig, params, carry, theta0, decay, step, inputs, 
     return params, carry, logp
 
 
+@functools.lru_cache(maxsize=16)
+def update_chunk(plan: parallel.Plan, config: ModelConfig):
+    """`update_scan` on the first device of `plan`, `params` and the carry donated.
+    A `jax.jit` function (`.lower(...)` compiles ahead of time)."""
+    return plan.one_device().map(functools.partial(update_scan, config),
+                                 in_axes=(None, 0, None, None, None, 2, 2, None),
+                                 out_axes=(None, 0, 2), donate_argnums=(0, 1))
+
+
 @jax.jit
-def _update_coefficients(ms, decrate, lr, lamb, epsilon):
+def update_coefficients(ms, decrate, lr, lamb, epsilon):
+    """`(lamb * decrate, lr / (MS + epsilon))`, per tensor."""
     decay = jax.tree_util.tree_map(lambda d: lamb * d, decrate)
     step = jax.tree_util.tree_map(lambda m: lr / (m + epsilon), ms)
     return decay, step
+
+
+def update_pass_note(plan: parallel.Plan, batch_size: int) -> str | None:
+    """What the update pass runs on, when the plan has several devices."""
+    if plan.n_devices == 1:
+        return None
+    return (f"dynamic evaluation (batch {batch_size}) updates the weights after every "
+            f"window, one stream in sequence: it runs on one device, not the "
+            f"{plan.n_devices} available")
 
 
 def dynamic_evaluate(model_config: ModelConfig, params: Params, ms: Params,
                      decrate: Params, ids: np.ndarray, *, lr: float = 0.002,
                      lamb: float = 0.02, epsilon: float = 0.001, bptt: int = 5,
                      batch_size: int = 1,
-                     progress: Callable[[int, int], None] | None = None
-                     ) -> DynamicEvalResult:
-    """Score `ids` with dynamic evaluation (SPEC.md section 4, steps 2 and 3)."""
-    w = make_windows(ids, batch_size, bptt)
-    n_real = int((w.lengths > 0).sum())
-    decay, step = _update_coefficients(ms, decrate, lr, lamb, epsilon)
+                     progress: Callable[[int, int], None] | None = None,
+                     plan: parallel.Plan | None = None,
+                     log: Callable[[str], None] | None = None) -> DynamicEvalResult:
+    """Score `ids` with dynamic evaluation (SPEC.md section 4, steps 2 and 3).
+
+    Runs on the first device of `plan` (a note to `log` when it has more).
+    """
+    plan = parallel.resolve(plan)
+    plan = plan.one_device(update_pass_note(plan, batch_size), log)
+    w = make_windows(ids, batch_size, bptt, multiple=CHUNK)
+    params = plan.place(params, plan.replicated)
+    decay, step = update_coefficients(ms, decrate, lr, lamb, epsilon)
     theta0 = params
     params = jax.tree_util.tree_map(jnp.copy, params)  # donated below; keep theta0
-    carry = model_lib.init_carry(model_config, batch_size)
-    pieces = []
-    for start in range(0, len(w.lengths), CHUNK):
-        sl = slice(start, start + CHUNK)
-        params, carry, logp = _dyn_chunk(model_config, params, carry, theta0, decay, step,
-                                         w.inputs[sl], w.targets[sl], w.lengths[sl])
-        pieces.append(logp)
-        if progress is not None:
-            progress(min(start + CHUNK, n_real), n_real)
-    logp = np.concatenate([np.asarray(p) for p in pieces])  # [n, bptt, B]
-    n_targets = len(ids) // batch_size - 1
-    logp = logp.reshape(-1, batch_size)[:n_targets]
+    chunk = update_chunk(plan, model_config)
+
+    def fn(state, inputs, targets, lengths):
+        params, carry, logp = chunk(*state, theta0, decay, step, inputs, targets, lengths)
+        return (params, carry), logp
+
+    (params, _), logp = scan_windows(fn, (params, plan.zero_carry(model_config, batch_size)),
+                                     w, per_call=CHUNK, progress=progress)
     nll = -float(np.mean(logp, dtype=np.float64))
     return DynamicEvalResult(logp, nll, math.exp(nll), params)

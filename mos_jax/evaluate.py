@@ -5,19 +5,69 @@ no dropout, the carry passed from window to window starting from zeros. Every wi
 the last (shorter) one included, is padded to `bptt` rows so one program serves all.
 Perplexity is `exp` of the true per-token mean NLL (the reference divides by rows
 instead, SPEC.md section 3; mos-jax does not).
+
+`scan_windows` is the one loop over the windows of a stream with the carry passed on;
+evaluation, rank and both passes of dynamic evaluation run on it. Every function here
+takes a placement plan (`mos_jax.parallel`; default: one device): the columns split
+over the plan's devices.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from mos_jax import model as model_lib
-from mos_jax.batching import batchify, eval_windows, padded_window
+from mos_jax import parallel
+from mos_jax.batching import Windows, make_windows
 from mos_jax.model import ModelConfig, Params
+
+
+def scan_windows(fn: Callable, carry: Any, windows: Windows, *, per_call: int = 0,
+                 fetch: Callable = np.asarray, sync: bool = False,
+                 progress: Callable[[int, int], None] | None = None):
+    """Run `fn` over `windows` in order, the carry passed from each call to the next.
+
+    `fn(carry, inputs, targets, lengths) -> (carry, out)`. With `per_call` 0 each call
+    gets one window (`inputs`, `targets` `[T, B]`, `lengths` an int) and `out` is
+    `[T, ...]`; with `per_call` k, k windows at once (`[k, T, B]`, lengths `[k]`, `out`
+    `[k, T, ...]`: a compiled scan over them). The carry is any pytree (the model's,
+    or that and parameters or sums being updated).
+
+    Returns `(carry, rows)`: `rows` the real rows of every window's `out` (its first
+    `length` rows), in order, `fetch`ed to the host, or None when `fn` returns
+    None. Outputs are fetched after the last call, or after each with `sync` (large
+    outputs). `progress(done_windows, real_windows)` is called after each call.
+    """
+    lengths = np.asarray(windows.lengths)
+    n_real = int((lengths > 0).sum())
+    step = per_call or 1
+    stop = len(lengths) if per_call else n_real
+    pieces = []
+
+    def keep(out, sl):
+        if out is None:
+            return None
+        if per_call:
+            out = fetch(out)
+            real = [out[k, :n] for k, n in enumerate(lengths[sl]) if n]
+            return np.concatenate(real) if real else None
+        return fetch(out)[:int(lengths[sl])]
+
+    for start in range(0, stop, step):
+        sl = slice(start, start + per_call) if per_call else start
+        length = lengths[sl] if per_call else int(lengths[sl])
+        carry, out = fn(carry, windows.inputs[sl], windows.targets[sl], length)
+        pieces.append(keep(out, sl) if sync else (out, sl))
+        if progress is not None:
+            progress(min(start + step, n_real), n_real)
+    if not sync:
+        pieces = [keep(out, sl) for out, sl in pieces]
+    pieces = [p for p in pieces if p is not None]
+    return carry, (np.concatenate(pieces) if pieces else None)
 
 
 def score_window(config: ModelConfig, params: Params, carry, inputs, targets, length):
@@ -30,35 +80,51 @@ def score_window(config: ModelConfig, params: Params, carry, inputs, targets, le
     return out.target_logprobs, out.carry
 
 
-_score_window = jax.jit(score_window, static_argnums=0, donate_argnums=2)
+@functools.lru_cache(maxsize=32)
+def window_scorer(plan: parallel.Plan, config: ModelConfig):
+    """`score_window` mapped by `plan`: `(params, carry, inputs [T, B], targets,
+    length) -> (logprobs [T, B], carry)`, the carry donated; one program per shape.
+    On one device a `jax.jit` function (`.lower(...)` compiles ahead of time)."""
+    return plan.map(functools.partial(score_window, config), in_axes=(None, 0, 1, 1, None),
+                    out_axes=(1, 0), donate_argnums=1)
 
 
 def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
                    batch_size: int, bptt: int,
-                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                   progress: Callable[[int, int], None] | None = None, *,
+                   plan: parallel.Plan | None = None,
+                   log: Callable[[str], None] | None = None) -> np.ndarray:
     """Log-probability of every target, shape `[nrows - 1, batch_size]`.
 
     Row r, column j is log p(rows[r+1, j] | rows[:r+1, j]) in the batchified layout of
     `ids` (`nrows = len(ids) // batch_size`). `progress(done_rows, total_rows)` is called
-    after each window when given.
+    after each window when given. With a `plan` over several devices the columns split
+    over them (the same result, on every process); a batch that does not split (batch
+    1, say) is scored on one device, with a note to `log`.
     """
-    rows = batchify(ids, batch_size)
-    total = len(rows) - 1
-    carry = model_lib.init_carry(model_config, batch_size)
-    pieces = []
-    for start, length in eval_windows(len(rows), bptt):
-        inputs, targets, length = padded_window(rows, start, length, bptt)
-        logp, carry = _score_window(model_config, params, carry, inputs, targets, length)
-        pieces.append((logp, length))
-        if progress is not None:
-            progress(start + length, total)
-    out = np.concatenate([np.asarray(logp)[:length] for logp, length in pieces])
-    assert out.shape == (total, batch_size)
+    plan = parallel.resolve(plan).for_batch(batch_size, log)
+    w = make_windows(ids, batch_size, bptt)
+    total = int(w.lengths.sum())
+    w = w.columns(plan.host_slice(batch_size))
+    params = plan.place(params, plan.replicated)
+    score = window_scorer(plan, model_config)
+
+    def fn(carry, inputs, targets, length):
+        logp, carry = score(params, carry, inputs, targets, length)
+        return carry, logp
+
+    rows = None if progress is None else (
+        lambda done, n: progress(min(done * bptt, total), total))
+    _, out = scan_windows(fn, plan.zero_carry(model_config, batch_size), w,
+                          fetch=lambda x: plan.fetch(x, 1), progress=rows)
+    out = plan.gather_columns(out)
+    assert out.shape == (total, batch_size), out.shape
     return out
 
 
 def perplexity(model_config: ModelConfig, params: Params, ids: np.ndarray,
-               batch_size: int = 10, bptt: int = 70) -> float:
+               batch_size: int = 10, bptt: int = 70, *,
+               plan: parallel.Plan | None = None) -> float:
     """`exp` of the mean negative log-probability over all scored tokens."""
-    logp = token_logprobs(model_config, params, ids, batch_size, bptt)
+    logp = token_logprobs(model_config, params, ids, batch_size, bptt, plan=plan)
     return math.exp(-float(np.mean(logp, dtype=np.float64)))

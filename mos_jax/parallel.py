@@ -1,72 +1,74 @@
-"""Data parallelism over every local device and across hosts.
+"""The placement plan: which devices run a computation, and how batches reach them.
 
-The batch columns (the independent streams of `batchify`) are split into equal,
-contiguous blocks, one per device; each device keeps the recurrent carry of its own
-columns. One per-device step (`TrainStep.per_device_step` with `axis_name=AXIS`) runs
-two ways, chosen by `config.parallel.strategy`:
+A `Plan` is one object for any device count. Its methods are the same whatever the
+strategy:
 
-- `mesh` (default): `jax.jit` of `jax.shard_map` over a one-axis `Mesh`; arrays are
-  global `jax.Array`s with `NamedSharding`s (replicated parameters, column-sharded
-  carry and batches).
-- `pmap`: `jax.pmap` over the same devices (the carry and batches mapped over their
-  device blocks, the rest broadcast with `in_axes=None`).
+- `map(body, in_axes, out_axes, donate_argnums)`: a per-device `body` run over the
+  plan's devices. An axis entry (a pytree prefix of the argument) is `None` for a
+  replicated value or `k` for one whose batch columns lie on axis `k`. The returned
+  function takes this process's columns of host batches (NumPy) and the global layout
+  of device values, and returns the global layout.
+- `axis_name`: the collectives' axis inside `body` (None on one device: no collectives).
+- feeding and fetching: `place` / `place_state` (values into the global layout),
+  `zero_carry`, `local_columns` / `host_slice` (this host's columns of a batch),
+  `fetch` (this process's columns of a result), `gather_columns` (every process's).
+- `map_step(step)`: a train step built with `axis_name=plan.axis_name` (see
+  `mos_jax.train.build_train_step`) run over the plan's devices, state in the global layout.
+- `for_batch` / `one_device`: the plan itself, or its first local device alone for work
+  whose columns do not split over the devices (with a note, once).
 
-Gradient averaging. The body computes the gradient of its own columns' mean loss and
-`lax.pmean`s it over `AXIS` before the update, so every device applies the same update,
-equal to the single-device update of the whole batch (every device holds the same
-number of columns, so the mean of the per-device means is the global mean). Both ways
-run the body with no varying-axis checking (`shard_map(..., check_vma=False)`, which is
-also how `jax.pmap` is built on `shard_map`): with the check on, `grad` with respect to
-replicated (axis-invariant) parameters returns the gradient already *summed* over the
-axis, and the explicit `pmean` would then give `n_devices` times the mean gradient.
-The tests check the gradient against one device's, so a factor of `n_devices` fails.
+Three strategies, chosen by `config.parallel.strategy`:
 
-Dropout keys fold in `lax.axis_index(AXIS)` (see `TrainStep`): masks differ per
-device and are reproducible for a given device count; results change with the device
-count only where dropout is on.
+- `OneDevice` ("none", and any single-device run): `map` is `jax.jit` itself, values
+  stay where they are; exactly the plain single-device program.
+- `MeshPlan` ("mesh", the default with several devices): `jax.jit` of `jax.shard_map`
+  over a one-axis `Mesh`; arrays are global `jax.Array`s with `NamedSharding`s
+  (replicated parameters, column-sharded carry and batches).
+- `PmapPlan` ("pmap"): `jax.pmap` over the same devices (split values reshaped to a
+  leading device block on their column axis, the rest broadcast).
 
-Layouts. Whatever the strategy, the training loop holds its `TrainState` in one global
+Gradient averaging. A data-parallel body computes the gradient of its own columns'
+mean loss and `lax.pmean`s it over `AXIS` before the update, so every device applies
+the same update, equal to the single-device update of the whole batch (every device
+holds the same number of columns). Both strategies run the body with no varying-axis
+checking (`shard_map(..., check_vma=False)`, which is also how `jax.pmap` is built on
+`shard_map`): with the check on, `grad` with respect to replicated (axis-invariant)
+parameters returns the gradient already *summed* over the axis, and the explicit
+`pmean` would then give `n_devices` times the mean gradient.
+
+Layouts. Whatever the strategy, a training loop holds its `TrainState` in one global
 layout: every leaf a global array over the mesh, replicated except the carry, which is
 `[B, H]` sharded by rows (columns of the batch). That is also the checkpoint layout,
 so a checkpoint restores under either strategy, any device count that divides the
-batch, or one device.
+batch, or one device (`abstract`).
 
 Multi-host. `from_config` joins a multi-process run (`jax.distributed.initialize`) from
 `config.parallel` or the environment. Devices are ordered process by process, so host
 `p` holds one contiguous block of columns and reads only those (`local_columns`).
-Every process calls the checkpoint functions (Orbax writes each array's shards from
-the process that holds them and the rest from process 0); only process 0 writes logs
-and metrics (the callers check `is_primary`). Decisions that depend on a clock or a
-signal (time-based checkpoints, the time budget, Ctrl-C) are agreed between processes
-(`agree`) at logging steps, so that all take the same branch at the same step.
+Every process calls the checkpoint functions; only process 0 writes logs and metrics
+(`is_primary`). Decisions that depend on a clock or a signal are agreed between
+processes (`agree`) at logging steps, so that all take the same branch at the same step.
 
 Global batch sizes must divide by the number of devices (`check_divisible` names the
-nearest valid sizes). Evaluation splits its columns too (`token_logprobs`); a batch
-that does not divide (the test batch of 1, say) is scored on one device instead.
-Dynamic evaluation's update pass (batch 1) stays on one device; its gradient
-statistics pass (batch 100) splits its columns (`gradient_statistics`).
+nearest valid sizes); evaluation batches that do not (the test batch of 1, say) run
+on one device instead (`for_batch`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import sys
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mos_jax import dynamic_eval as de
-from mos_jax import evaluate
 from mos_jax import model as model_lib
-from mos_jax.batching import batchify, eval_windows, padded_window
 from mos_jax.errors import ConfigError
-from mos_jax.model import ModelConfig, Params
+from mos_jax.model import ModelConfig
 
 AXIS = "data"  # the one mesh axis; also the collectives' axis name
 STRATEGIES = ("mesh", "pmap", "none")
@@ -103,25 +105,6 @@ def check_divisible(batch_size: int, n_devices: int, key: str = "data.batch_size
         f"{key}={batch_size} does not split over {n_devices} devices (the columns are "
         f"divided equally): use a multiple of {n_devices}, the nearest being {sizes} "
         f"(--config.{key}=...){hint}")
-
-
-def groups_per_device(batch_size: int, small_batch_size: int, n_devices: int) -> int:
-    """Gradient-accumulation groups within one device's columns.
-
-    `small_batch_size` caps the columns a group holds (-1: no cap). A device with at
-    most that many columns needs no accumulation; otherwise the cap must divide its
-    columns.
-    """
-    per_device = batch_size // n_devices
-    if small_batch_size in (-1, 0) or small_batch_size >= per_device:
-        return 1
-    if small_batch_size < 0 or per_device % small_batch_size:
-        divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
-        raise ConfigError(
-            f"data.small_batch_size={small_batch_size} must divide the {per_device} "
-            f"columns each device holds (data.batch_size={batch_size} over {n_devices} "
-            f"devices): use one of {divisors}, or -1 for no accumulation")
-    return per_device // small_batch_size
 
 
 # ------------------------------------------------------------------------ multi-host
@@ -195,6 +178,28 @@ def _state_prefix(state, carry_leaf, other_leaf):
     return state.replace(**fields)
 
 
+def _is_axis(x) -> bool:
+    return x is None or isinstance(x, int)
+
+
+def _each(axes, tree, fn):
+    """`fn(leaf, axis)` for every leaf of `tree`, `axes` a prefix of it (None or int)."""
+    return jax.tree_util.tree_map(
+        lambda ax, sub: jax.tree_util.tree_map(lambda x: fn(x, ax), sub),
+        axes, tree, is_leaf=_is_axis)
+
+
+def _spec(axis: int | None) -> P:
+    return P() if axis is None else P(*([None] * axis), AXIS)
+
+
+def _default_device():
+    device = jax.config.jax_default_device
+    if not isinstance(device, jax.Device):
+        device = sorted(jax.local_devices(), key=lambda d: d.id)[0]
+    return device
+
+
 class NullMetrics:
     """`MetricsWriter`'s interface, writing nothing (processes other than 0)."""
 
@@ -216,21 +221,17 @@ class NullStream:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataParallel:
-    """Which devices take part, and how: the strategy and the global device order.
+class Plan:
+    """Which devices take part, and how (the strategy is the subclass).
 
     `devices` lists every participating device of every process, process by process;
     every process uses the same number of its own devices. Hashable, so compiled
     functions are cached per plan.
     """
 
-    strategy: str  # "mesh" or "pmap"
     devices: tuple
-
-    def __post_init__(self):
-        if self.strategy not in ("mesh", "pmap"):
-            raise ConfigError(f"parallel.strategy must be one of {STRATEGIES}, got "
-                              f"{self.strategy!r}")
+    strategy = ""  # the name in `config.parallel.strategy` (set by each subclass)
+    axis_name = AXIS  # the collectives' axis inside mapped bodies
 
     # -- topology
     @functools.cached_property
@@ -264,18 +265,22 @@ class DataParallel:
         return self.process_index == 0
 
     @functools.cached_property
-    def replicated(self) -> NamedSharding:
+    def replicated(self):
         return NamedSharding(self.mesh, P())
 
     @functools.cached_property
-    def rows(self) -> NamedSharding:
+    def rows(self):
         """Leading axis split over devices (the carry `[B, H]`)."""
         return NamedSharding(self.mesh, P(AXIS))
 
     @functools.cached_property
-    def columns(self) -> NamedSharding:
+    def columns(self):
         """Second axis split over devices (batches `[T, B]`)."""
         return NamedSharding(self.mesh, P(None, AXIS))
+
+    def sharding(self, axis: int | None):
+        """Replicated (None), or split over the devices along `axis`."""
+        return NamedSharding(self.mesh, _spec(axis))
 
     def describe(self) -> str:
         procs = (f" in {self.process_count} processes ({self.n_local} each)"
@@ -298,11 +303,45 @@ class DataParallel:
         return slice(start, start + per_host)
 
     def local_columns(self, rows: np.ndarray) -> np.ndarray:
-        """`rows[..., host_slice]`: this process's share of a batchified `[n, B]`."""
+        """`rows[..., host_slice]`: this process's share of a batchified `[..., B]`."""
         return rows[..., self.host_slice(rows.shape[-1])]
 
+    def for_batch(self, batch_size: int, log: Callable[[str], None] | None = None,
+                  message: str | None = None) -> "Plan":
+        """This plan when `batch_size` columns split over its devices; else its first
+        local device alone, saying so once (`message`, or the evaluation note)."""
+        if self.divides(batch_size):
+            return self
+        where = " (in every process)" if self.process_count > 1 else ""
+        return self.one_device(message or (
+            f"evaluation with batch size {batch_size} does not split over "
+            f"{self.n_devices} devices: it runs on one device{where}"), log)
+
+    def one_device(self, message: str | None = None,
+                   log: Callable[[str], None] | None = None) -> "Plan":
+        """This process's first device alone, noting `message` once when given."""
+        if message is not None:
+            self.note(message, log)
+        return OneDevice((self.local_devices[0],))
+
+    def note_evaluation(self, batch_sizes, log: Callable[[str], None] | None) -> None:
+        """Say, once, which evaluation batch sizes run on one device."""
+        for batch_size in sorted(set(batch_sizes)):
+            self.for_batch(batch_size, log)
+
+    def note(self, message: str, log: Callable[[str], None] | None) -> None:
+        """Say `message` once per plan (process 0 only)."""
+        if message in self._notes or not self.is_primary:
+            return
+        self._notes.add(message)
+        (log or _stderr)(message)
+
+    @functools.cached_property
+    def _notes(self) -> set:
+        return set()
+
     # -- placement
-    def _put(self, x, sharding: NamedSharding):
+    def _put(self, x, sharding):
         if isinstance(x, jax.Array):
             if x.sharding == sharding:
                 return x
@@ -325,32 +364,30 @@ class DataParallel:
         return self.place(state, _state_prefix(state, self.rows, self.replicated))
 
     def abstract(self, tree):
-        """`ShapeDtypeStruct`s with the global layout's shardings, to restore into
-        (leaves under a `carry` key split by rows, the rest replicated)."""
+        """`ShapeDtypeStruct`s with the global layout's shardings, to restore a
+        checkpoint into (leaves under a `carry` key split by rows, the rest
+        replicated). Orbax then restores checkpoints written under any strategy or
+        device count."""
         return jax.tree_util.tree_map_with_path(
             lambda path, x: jax.ShapeDtypeStruct(
                 x.shape, x.dtype, sharding=self.rows if _is_sharded(path) else self.replicated),
             tree)
 
     def zero_carry(self, model_config: ModelConfig, batch_size: int):
-        """A zero carry in the strategy's layout: `[B, H]` split by rows (mesh), or
-        `[n_devices, B / n_devices, H]` split by its first axis (pmap)."""
-        carry = model_lib.init_carry(model_config, batch_size)
-        if self.strategy == "mesh":
-            return self.place(carry, self.rows)
-        n = self.n_devices
-        carry = jax.tree_util.tree_map(
-            lambda x: np.zeros((n, batch_size // n, x.shape[-1]), x.dtype), carry)
-        return self.place(carry, self.rows)
+        """A zero carry `[B, H]` per layer, split by rows."""
+        return self.place(model_lib.init_carry(model_config, batch_size), self.rows)
+
+    def feed_batch(self, local: np.ndarray, axis: int = 1) -> jax.Array:
+        """This process's columns of a batch (split over `axis`) on the devices, in the
+        layout the mapped functions take (they also take the NumPy batch itself)."""
+        return self.global_batch(np.asarray(local), axis)
 
     def global_batch(self, local: np.ndarray, axis: int = 1) -> jax.Array:
         """A global array from this process's columns (split over `axis`)."""
-        spec = [None] * local.ndim
-        spec[axis] = AXIS
         shape = list(local.shape)
         shape[axis] *= self.process_count
-        return jax.make_array_from_process_local_data(
-            NamedSharding(self.mesh, P(*spec)), local, tuple(shape))
+        return jax.make_array_from_process_local_data(self.sharding(axis), local,
+                                                      tuple(shape))
 
     def local_copy(self, tree):
         """Replicated global arrays as single-device arrays on this process's first
@@ -361,13 +398,21 @@ class DataParallel:
             return x
         return jax.tree_util.tree_map(one, tree)
 
+    def fetch(self, x, axis: int = 1) -> np.ndarray:
+        """This process's columns (split over `axis`) of a mapped function's result."""
+        if self.process_count == 1:
+            return np.asarray(x)
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[axis].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in shards], axis=axis)
+
     def gather_columns(self, local: np.ndarray) -> np.ndarray:
-        """`[n, B_local]` of every process -> the whole `[n, B]` on every process."""
+        """`[n, B_local, ...]` of every process -> the whole `[n, B, ...]` on every
+        process."""
         if self.process_count == 1:
             return local
         from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(
-            np.ascontiguousarray(local.T), tiled=True)).T
+        return np.moveaxis(np.asarray(multihost_utils.process_allgather(
+            np.ascontiguousarray(np.moveaxis(local, 1, 0)), tiled=True)), 0, 1)
 
     def agree(self, check: bool, requested: bool, *elapsed: float) -> tuple:
         """The same decision inputs on every process.
@@ -386,24 +431,178 @@ class DataParallel:
             np.array([float(requested), *elapsed], np.float32)))
         return (bool(values[:, 0].max() > 0), *(float(v) for v in values[0, 1:]))
 
-    def note_evaluation(self, batch_sizes, log: Callable[[str], None] | None) -> None:
-        """Say, once, which evaluation batch sizes run on one device."""
-        for batch_size in sorted(set(batch_sizes)):
-            if not self.divides(batch_size):
-                where = " (in every process)" if self.process_count > 1 else ""
-                self.note(f"evaluation with batch size {batch_size} does not split over "
-                          f"{self.n_devices} devices: it runs on one device{where}", log)
+    # -- mapping
+    def map(self, body: Callable, in_axes: tuple, out_axes, donate_argnums=()):
+        """`body` run on every device over its columns (see the module docstring)."""
+        raise NotImplementedError
 
-    def note(self, message: str, log: Callable[[str], None] | None) -> None:
-        """Say `message` once per plan (process 0 only)."""
-        if message in self._notes or not self.is_primary:
-            return
-        self._notes.add(message)
-        (log or _stderr)(message)
+    def map_step(self, step):
+        """`step` (`(state, inputs, targets, length, seq_len, lr) -> (state, metrics)`
+        with a `per_device_step` body) over the plan's devices."""
+        return MappedStep(self, step)
+
+
+class OneDevice(Plan):
+    """One device: `map` is `jax.jit`, and values stay where they are."""
+
+    strategy = "none"
+    axis_name = None  # no collectives
 
     @functools.cached_property
-    def _notes(self) -> set:
-        return set()
+    def replicated(self):
+        return jax.sharding.SingleDeviceSharding(self.devices[0])
+
+    @property
+    def rows(self):
+        return self.replicated
+
+    @property
+    def columns(self):
+        return self.replicated
+
+    def sharding(self, axis: int | None):
+        return self.replicated
+
+    def describe(self) -> str:
+        return f"one {self.devices[0].platform} device"
+
+    def one_device(self, message=None, log=None) -> "Plan":
+        return self
+
+    def _put(self, x, sharding):
+        if isinstance(x, jax.Array):
+            if len(x.sharding.device_set) > 1:  # a replicated global array
+                return x.addressable_data(0)
+            return x
+        return jax.device_put(x, self.devices[0])
+
+    def place_state(self, state):
+        return state
+
+    def feed_batch(self, local: np.ndarray, axis: int = 1) -> jax.Array:
+        return jax.device_put(local, self.devices[0])
+
+    def zero_carry(self, model_config: ModelConfig, batch_size: int):
+        return model_lib.init_carry(model_config, batch_size)
+
+    def map(self, body, in_axes, out_axes, donate_argnums=()):
+        return jax.jit(body, donate_argnums=donate_argnums)
+
+    def map_step(self, step):
+        return step  # the jitted step itself: the plain single-device program
+
+
+class MeshPlan(Plan):
+    """`jax.jit` of `shard_map` over a one-axis mesh, values as global arrays."""
+
+    strategy = "mesh"
+
+    def map(self, body, in_axes, out_axes, donate_argnums=()):
+        in_specs = jax.tree_util.tree_map(_spec, in_axes, is_leaf=_is_axis)
+        out_specs = jax.tree_util.tree_map(_spec, out_axes, is_leaf=_is_axis)
+        jitted = jax.jit(
+            shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs),
+            donate_argnums=donate_argnums,
+            out_shardings=jax.tree_util.tree_map(self.sharding, out_axes, is_leaf=_is_axis))
+
+        def feed(x, axis):
+            if axis is None or isinstance(x, jax.Array):
+                return x
+            return self.global_batch(np.asarray(x), axis)
+
+        def run(*args):
+            return jitted(*(_each(ax, a, feed) for ax, a in zip(in_axes, args)))
+        return run
+
+
+class PmapPlan(Plan):
+    """`jax.pmap` over the devices: split values reshaped to `[..., n, B / n, ...]`."""
+
+    strategy = "pmap"
+
+    @functools.lru_cache(maxsize=None)
+    def _reshaper(self, axis: int, stack: bool):
+        """A jitted reshape of a global array between `[..., B, ...]` (split by
+        `axis`) and `[..., n, B / n, ...]` (split by its device block)."""
+        n = self.n_devices
+
+        def f(x):
+            if stack:
+                return x.reshape(*x.shape[:axis], n, x.shape[axis] // n, *x.shape[axis + 1:])
+            return x.reshape(*x.shape[:axis], n * x.shape[axis + 1], *x.shape[axis + 2:])
+        return jax.jit(f, out_shardings=self.sharding(axis))
+
+    def map(self, body, in_axes, out_axes, donate_argnums=()):
+        mapped = jax.pmap(body, axis_name=AXIS, in_axes=in_axes, out_axes=out_axes,
+                          devices=self.devices, donate_argnums=donate_argnums)
+        n_local = self.n_local
+
+        def feed(x, axis):
+            if axis is None:
+                return x
+            if isinstance(x, jax.Array):
+                return self._reshaper(axis, True)(self._put(x, self.sharding(axis)))
+            x = np.asarray(x)
+            return x.reshape(*x.shape[:axis], n_local, x.shape[axis] // n_local,
+                             *x.shape[axis + 1:])
+
+        def unstack(x, axis):
+            return x if axis is None else self._reshaper(axis, False)(x)
+
+        def run(*args):
+            out = mapped(*(_each(ax, a, feed) for ax, a in zip(in_axes, args)))
+            if self.process_count > 1:  # pmap returns this process's part
+                from jax.experimental import multihost_utils
+                out = multihost_utils.host_local_array_to_global_array(
+                    out, self.mesh, jax.tree_util.tree_map(_spec, out_axes, is_leaf=_is_axis))
+            return _each(out_axes, out, unstack)
+        return run
+
+
+class MappedStep:
+    """A train step over several devices: `(state, inputs, targets, length, seq_len,
+    lr) -> (state, metrics)` with `state` in the global layout and `inputs`, `targets`
+    this process's columns `[T, B_local]`. `tx` and `traces` are the wrapped step's."""
+
+    def __init__(self, plan: Plan, step):
+        if step.axis_name != plan.axis_name:
+            raise ValueError(f"the per-device step must use axis_name={plan.axis_name!r}")
+        self.plan, self.step = plan, step
+        self._run = None
+
+    @property
+    def tx(self):
+        return self.step.tx
+
+    @property
+    def traces(self) -> int:
+        return self.step.traces
+
+    def __call__(self, state, inputs, targets, length, seq_len, lr):
+        state = self.plan.place_state(state)
+        if self._run is None:
+            axes = _state_prefix(state, 0, None)
+            self._run = self.plan.map(self.step.per_device_step,
+                                      in_axes=(axes, 1, 1, None, None, None),
+                                      out_axes=(axes, None), donate_argnums=0)
+        return self._run(state, inputs, targets, length, seq_len, lr)
+
+
+_STRATEGIES = {"none": OneDevice, "mesh": MeshPlan, "pmap": PmapPlan}
+
+
+def make_plan(strategy: str, devices) -> Plan:
+    """The plan of `strategy` over `devices` (one device: always `OneDevice`)."""
+    if strategy not in _STRATEGIES:
+        raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
+                          f"{strategy!r}")
+    devices = tuple(devices)
+    if len(devices) == 1:
+        return OneDevice(devices)
+    if strategy == "none":
+        raise ConfigError("parallel.strategy=none runs on one device: give one device, or "
+                          "use mesh or pmap")
+    return _STRATEGIES[strategy](devices)
 
 
 def _stderr(message: str) -> None:
@@ -412,7 +611,7 @@ def _stderr(message: str) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
-          process_id: int, join: bool = True) -> DataParallel | None:
+          process_id: int, join: bool = True) -> Plan:
     if strategy not in STRATEGIES:
         raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
                           f"{strategy!r}")
@@ -430,11 +629,11 @@ def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
         if multi and jax.process_count() > 1:
             raise ConfigError("parallel.strategy=none runs on one device, but this is a "
                               f"{jax.process_count()}-process run: use mesh or pmap")
-        return None
+        return OneDevice((_default_device(),))
     if not multi or jax.process_count() == 1:
         if n_local == 1:
-            return None  # one device: the plain jitted code path
-        return DataParallel(strategy, tuple(local[:n_local]))
+            return OneDevice((_default_device(),))  # the plain jitted code path
+        return make_plan(strategy, local[:n_local])
     by_process: dict[int, list] = {}
     for d in jax.devices():
         by_process.setdefault(d.process_index, []).append(d)
@@ -444,15 +643,15 @@ def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
                           "--config.parallel.num_devices to one that all have")
     devices = tuple(d for p in sorted(by_process)
                     for d in sorted(by_process[p], key=lambda d: d.id)[:n_local])
-    return DataParallel(strategy, devices)
+    return make_plan(strategy, devices)
 
 
-def from_config(config) -> DataParallel | None:
+def from_config(config) -> Plan:
     """The plan of `config.parallel`, joining a multi-process run where configured.
 
-    None means one device in one process: the plain single-device code path (also
-    with `strategy="none"`, or a config without a `parallel` section). Cached, so every
-    part of a run gets the same plan.
+    One device in one process (also with `strategy="none"`, or a config without a
+    `parallel` section) is a `OneDevice` plan: the plain jitted code path. Cached, so
+    every part of a run gets the same plan.
     """
     p = config.get("parallel") if hasattr(config, "get") else None
     get = (lambda k, d: p.get(k, d)) if p is not None else (lambda k, d: d)
@@ -461,258 +660,13 @@ def from_config(config) -> DataParallel | None:
                  int(get("process_id", -1)))
 
 
-def local_plan(num_devices: int = 0, strategy: str = "mesh") -> DataParallel | None:
+def local_plan(num_devices: int = 0, strategy: str = "mesh") -> Plan:
     """A plan over this process's first `num_devices` devices (0: all) alone, for work
-    that one process does by itself (the `evaluate` command); None for one device."""
+    that one process does by itself (the `evaluate` command)."""
     return _plan(strategy, num_devices, "", 0, -1, join=False)
 
 
-# ------------------------------------------------------------------------ training
-
-def restore_target(plan: DataParallel | None, abstract):
-    """`abstract` (`ShapeDtypeStruct`s) with the shardings to restore a checkpoint
-    into: the plan's global layout, or this process's default device. Orbax then
-    restores checkpoints written under any strategy or device count."""
-    if plan is not None:
-        return plan.abstract(abstract)
-    device = jax.config.jax_default_device
-    if not isinstance(device, jax.Device):
-        device = jax.local_devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-
-
-class ParallelTrainStep:
-    """`TrainStep`'s interface over several devices.
-
-    `(state, inputs, targets, length, seq_len, lr) -> (state, metrics)` with `state` in
-    the global layout and `inputs`, `targets` this process's columns `[T, B_local]`.
-    `tx` and `traces` are the wrapped step's.
-    """
-
-    def __init__(self, plan: DataParallel, step, batch_size: int):
-        if step.axis_name != AXIS:
-            raise ValueError(f"the per-device step must use axis_name={AXIS!r}")
-        self.plan, self.step, self.batch_size = plan, step, batch_size
-        self.per_device = plan.per_device(batch_size)
-        self._run = None
-
-    @property
-    def tx(self):
-        return self.step.tx
-
-    @property
-    def traces(self) -> int:
-        return self.step.traces
-
-    def __call__(self, state, inputs, targets, length, seq_len, lr):
-        state = self.plan.place_state(state)
-        if self._run is None:
-            self._run = (self._build_mesh if self.plan.strategy == "mesh"
-                         else self._build_pmap)(state)
-        return self._run(state, np.asarray(inputs), np.asarray(targets), length, seq_len, lr)
-
-    def _build_mesh(self, state):
-        plan = self.plan
-        specs = _state_prefix(state, P(AXIS), P())
-        mapped = shard_map(
-            self.step.per_device_step, mesh=plan.mesh,
-            in_specs=(specs, P(None, AXIS), P(None, AXIS), P(), P(), P()),
-            out_specs=(specs, P()))
-        jitted = jax.jit(mapped, donate_argnums=0, out_shardings=(
-            _state_prefix(state, plan.rows, plan.replicated), plan.replicated))
-
-        def run(state, inputs, targets, length, seq_len, lr):
-            return jitted(state, plan.global_batch(inputs), plan.global_batch(targets),
-                          length, seq_len, lr)
-        return run
-
-    def _build_pmap(self, state):
-        plan = self.plan
-        axes = _state_prefix(state, 0, None)
-        mapped = jax.pmap(self.step.per_device_step, axis_name=AXIS,
-                          in_axes=(axes, 1, 1, None, None, None), out_axes=(axes, None),
-                          devices=plan.devices, donate_argnums=0)
-        n, b = plan.n_devices, self.per_device
-        stacked = NamedSharding(plan.mesh, P(AXIS))
-        stack = jax.jit(lambda c: jax.tree_util.tree_map(
-            lambda x: x.reshape(n, b, x.shape[-1]), c), out_shardings=stacked,
-            donate_argnums=0)
-        unstack = jax.jit(lambda c: jax.tree_util.tree_map(
-            lambda x: x.reshape(n * b, x.shape[-1]), c), out_shardings=plan.rows,
-            donate_argnums=0)
-
-        def run(state, inputs, targets, length, seq_len, lr):
-            steps = inputs.shape[0]
-            state = state.replace(carry=stack(state.carry))
-            new, metrics = mapped(state, inputs.reshape(steps, plan.n_local, b),
-                                  targets.reshape(steps, plan.n_local, b), length,
-                                  seq_len, lr)
-            if plan.process_count > 1:  # pmap returns this process's part
-                from jax.experimental import multihost_utils
-                new = multihost_utils.host_local_array_to_global_array(
-                    new, plan.mesh, _state_prefix(new, P(AXIS), P()))
-            return new.replace(carry=unstack(new.carry)), metrics
-        return run
-
-
-@functools.lru_cache(maxsize=16)
-def make_train_step(plan: DataParallel, step_class, model_config: ModelConfig, *,
-                    alpha: float, beta: float, bptt: int, batch_size: int,
-                    small_batch_size: int, seed: int, clip: float,
-                    wdecay: float) -> ParallelTrainStep:
-    """A `ParallelTrainStep` around `step_class` (`mos_jax.train.TrainStep`), shared
-    by runs with the same arguments (and so compiled once)."""
-    plan.per_device(batch_size)
-    groups = groups_per_device(batch_size, small_batch_size, plan.n_devices)
-    step = step_class(model_config, alpha=alpha, beta=beta, bptt=bptt, n_groups=groups,
-                      seed=seed, clip=clip, wdecay=wdecay, axis_name=AXIS)
-    return ParallelTrainStep(plan, step, batch_size)
-
-
-# ---------------------------------------------------------------------- evaluation
-
-@functools.lru_cache(maxsize=16)
-def _score_fn(plan: DataParallel, config: ModelConfig):
-    body = functools.partial(evaluate.score_window, config)
-    if plan.strategy == "mesh":
-        return jax.jit(shard_map(
-            body, mesh=plan.mesh,
-            in_specs=(P(), P(AXIS), P(None, AXIS), P(None, AXIS), P()),
-            out_specs=(P(None, AXIS), P(AXIS))), donate_argnums=1,
-            out_shardings=(plan.columns, plan.rows))
-    return jax.pmap(body, axis_name=AXIS, in_axes=(None, 0, 1, 1, None),
-                    out_axes=(1, 0), devices=plan.devices, donate_argnums=1)
-
-
-def _local_block(plan: DataParallel, x, axis: int = 1) -> np.ndarray:
-    """This process's part of a global array split over `axis`, as NumPy."""
-    if plan.process_count == 1:
-        return np.asarray(x)
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[axis].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards], axis=axis)
-
-
-def token_logprobs(plan: DataParallel | None, model_config: ModelConfig, params: Params,
-                   ids: np.ndarray, batch_size: int, bptt: int,
-                   progress: Callable[[int, int], None] | None = None,
-                   log: Callable[[str], None] | None = None) -> np.ndarray:
-    """`evaluate.token_logprobs` with the columns split over the plan's devices.
-
-    Same result (`[nrows - 1, batch_size]`, on every process). A batch that does not
-    split over the devices (batch 1, say) is scored on one device, with a note.
-    """
-    if plan is None:
-        return evaluate.token_logprobs(model_config, params, ids, batch_size, bptt, progress)
-    if not plan.divides(batch_size):
-        plan.note_evaluation((batch_size,), log)
-        return evaluate.token_logprobs(model_config, plan.local_copy(params), ids,
-                                       batch_size, bptt, progress)
-    rows = batchify(ids, batch_size)
-    total = len(rows) - 1
-    local = plan.local_columns(rows)
-    b = batch_size // plan.n_devices
-    params = plan.place(params, plan.replicated)
-    score = _score_fn(plan, model_config)
-    carry = plan.zero_carry(model_config, batch_size)
-    pieces = []
-    for start, length in eval_windows(len(rows), bptt):
-        inputs, targets, length = padded_window(local, start, length, bptt)
-        if plan.strategy == "mesh":
-            inputs, targets = plan.global_batch(inputs), plan.global_batch(targets)
-        else:
-            inputs = inputs.reshape(bptt, plan.n_local, b)
-            targets = targets.reshape(bptt, plan.n_local, b)
-        logp, carry = score(params, carry, inputs, targets, length)
-        pieces.append((logp, length))
-        if progress is not None:
-            progress(start + length, total)
-    if plan.strategy == "mesh":
-        out = np.concatenate([_local_block(plan, logp)[:length] for logp, length in pieces])
-    else:
-        out = np.concatenate([np.asarray(logp)[:length].reshape(length, -1)
-                              for logp, length in pieces])
-    out = plan.gather_columns(out)
-    assert out.shape == (total, batch_size), out.shape
-    return out
-
-
-def perplexity(plan: DataParallel | None, model_config: ModelConfig, params: Params,
-               ids: np.ndarray, batch_size: int = 10, bptt: int = 70) -> float:
-    logp = token_logprobs(plan, model_config, params, ids, batch_size, bptt)
-    return math.exp(-float(np.mean(logp, dtype=np.float64)))
-
-
-# ---------------------------------------------------------------- dynamic evaluation
-
-def dynamic_eval_note(plan: DataParallel | None, batch_size: int) -> str | None:
-    """What dynamic evaluation's update pass runs on, when several devices are there."""
-    if plan is None:
-        return None
-    return (f"dynamic evaluation (batch {batch_size}) updates the weights after every "
-            f"window, one stream in sequence: it runs on one device, not the "
-            f"{plan.n_devices} available")
-
-
-@functools.lru_cache(maxsize=8)
-def _stats_fn(plan: DataParallel, config: ModelConfig):
-    body = functools.partial(de.stats_scan, config, axis_name=AXIS)
-    if plan.strategy == "mesh":
-        return jax.jit(shard_map(
-            body, mesh=plan.mesh,
-            in_specs=(P(), P(), P(AXIS), P(None, None, AXIS), P(None, None, AXIS), P()),
-            out_specs=(P(), P(AXIS))), donate_argnums=(1, 2),
-            out_shardings=(plan.replicated, plan.rows))
-    return jax.pmap(body, axis_name=AXIS, in_axes=(None, None, 0, 2, 2, None),
-                    out_axes=(None, 0), devices=plan.devices, donate_argnums=(1, 2))
-
-
-def gradient_statistics(plan: DataParallel | None, model_config: ModelConfig,
-                        params: Params, train_ids: np.ndarray, *, lamb: float = 0.02,
-                        batch_size: int = 100, bptt: int = 5,
-                        max_batches: int | None = None, rms: bool = False,
-                        progress: Callable[[int, int], None] | None = None,
-                        log: Callable[[str], None] | None = None
-                        ) -> de.GradientStatistics:
-    """`dynamic_eval.gradient_statistics` with the columns split over the devices.
-
-    Each window's gradient is the `pmean` of the devices' gradients (the gradient of
-    the whole window's mean NLL), then squared and summed as on one device. A batch
-    that does not split runs on one device, with a note.
-    """
-    kwargs = dict(lamb=lamb, batch_size=batch_size, bptt=bptt, max_batches=max_batches,
-                  rms=rms, progress=progress)
-    if plan is None:
-        return de.gradient_statistics(model_config, params, train_ids, **kwargs)
-    if not plan.divides(batch_size):
-        plan.note(f"gradient statistics with batch size {batch_size} do not split over "
-                  f"{plan.n_devices} devices: they run on one device", log)
-        return de.gradient_statistics(model_config, plan.local_copy(params), train_ids,
-                                      **kwargs)
-    if lamb <= 0:
-        raise ConfigError(f"lamb must be positive (decrate is clipped at 1/lamb), got {lamb}")
-    w = de.make_windows(train_ids, batch_size, bptt, max_batches)
-    n_real = int((w.lengths > 0).sum())
-    inputs, targets = plan.local_columns(w.inputs), plan.local_columns(w.targets)
-    b = batch_size // plan.n_devices
-    params = plan.place(params, plan.replicated)
-    sq_sum = plan.place(jax.tree_util.tree_map(np.zeros_like, plan.local_copy(params)),
-                        plan.replicated)
-    carry = plan.zero_carry(model_config, batch_size)
-    stats = _stats_fn(plan, model_config)
-    for start in range(0, len(w.lengths), de.CHUNK):
-        sl = slice(start, start + de.CHUNK)
-        x, y = inputs[sl], targets[sl]
-        if plan.strategy == "mesh":
-            x, y = plan.global_batch(x, axis=2), plan.global_batch(y, axis=2)
-        else:
-            x = x.reshape(*x.shape[:2], plan.n_local, b)
-            y = y.reshape(*y.shape[:2], plan.n_local, b)
-        sq_sum, carry = stats(params, sq_sum, carry, x, y, w.lengths[sl])
-        if progress is not None:
-            progress(min(start + de.CHUNK, n_real), n_real)
-    sq_sum = plan.local_copy(sq_sum)
-    divisor = float(n_real if rms else 1)
-    ms = jax.tree_util.tree_map(lambda s: jnp.sqrt(s / divisor), sq_sum)
-    return de.GradientStatistics(ms, de.decay_rates(ms, lamb), n_real)
+def resolve(plan: Plan | None) -> Plan:
+    """`plan`, or this process's default device alone when not given (the default of
+    the evaluation functions' `plan` argument)."""
+    return local_plan(1, "none") if plan is None else plan

@@ -24,21 +24,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from mos_jax import model as model_lib
+from mos_jax import parallel
+from mos_jax.batching import cut_windows
+from mos_jax.evaluate import scan_windows
 from mos_jax.errors import MosJaxError
 from mos_jax.heads import get_head
 from mos_jax.model import ModelConfig, Params
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _window_logprobs(config: ModelConfig, params: Params, carry, inputs, length):
+def window_logprobs(config: ModelConfig, params: Params, carry, inputs, length):
     """Full log-probabilities [T, B, V] of one padded window, and the carry after it."""
     out = model_lib.apply(config, params, inputs, carry, None, length=length,
                           return_logprobs=True)
     return out.logprobs, out.carry
 
 
+@functools.lru_cache(maxsize=8)
+def _window_fn(plan: parallel.Plan, config: ModelConfig):
+    return plan.map(functools.partial(window_logprobs, config), in_axes=(None, 0, 1, None),
+                    out_axes=(1, 0), donate_argnums=1)
+
+
 def logprob_matrix(model_config: ModelConfig, params: Params, ids: np.ndarray,
-                   n_contexts: int, batch_size: int = 1, bptt: int = 70) -> np.ndarray:
+                   n_contexts: int, batch_size: int = 1, bptt: int = 70, *,
+                   plan: parallel.Plan | None = None) -> np.ndarray:
     """Next-word log-probabilities at the first `n_contexts` positions of `ids`.
 
     Row t is `log p(. | ids[:t+1])`: the full distribution over the vocabulary after
@@ -49,8 +58,10 @@ def logprob_matrix(model_config: ModelConfig, params: Params, ids: np.ndarray,
     columns of `ceil(n_contexts / B)` positions that run in parallel, each column's
     carry starting from zeros: row t then sees the history back to the start of its
     column only. With B = 1 (the default) every row sees the whole prefix. Columns are
-    scored in windows of `bptt` steps, the carry passed across windows; every window is
-    padded to `bptt` steps so one compiled program serves them all.
+    scored in windows of `bptt` steps, the carry passed across windows
+    (`mos_jax.evaluate.scan_windows`); every window is padded to `bptt` steps so one
+    compiled program serves them all. With a `plan` over several devices that divide
+    B, the columns split over them.
 
     Returns:
       float32 array `[n_contexts, V]` (the model computes in float32; every row's
@@ -66,19 +77,22 @@ def logprob_matrix(model_config: ModelConfig, params: Params, ids: np.ndarray,
         raise MosJaxError(f"batch_size and bptt must be positive, got {batch_size} "
                           f"and {bptt}")
     batch_size = min(batch_size, n_contexts)
+    plan = parallel.resolve(plan).for_batch(batch_size)
     steps = -(-n_contexts // batch_size)  # positions per column
     stream = np.zeros(steps * batch_size, np.int32)
     stream[:n_contexts] = ids[:n_contexts]  # padding only ever follows real positions
     columns = stream.reshape(batch_size, steps).T  # [steps, B], column j contiguous
-    carry = model_lib.init_carry(model_config, batch_size)
-    pieces = []
-    for start in range(0, steps, bptt):
-        length = min(bptt, steps - start)
-        inputs = np.zeros((bptt, batch_size), np.int32)
-        inputs[:length] = columns[start:start + length]
-        logp, carry = _window_logprobs(model_config, params, carry, inputs, length)
-        pieces.append(np.asarray(logp[:length]))
-    out = np.concatenate(pieces)  # [steps, B, V], row r of column j = position j*steps+r
+    windows = cut_windows(columns, columns, bptt).columns(plan.host_slice(batch_size))
+    params = plan.place(params, plan.replicated)
+    score = _window_fn(plan, model_config)
+
+    def fn(carry, inputs, targets, length):  # the next words are not needed
+        logp, carry = score(params, carry, inputs, length)
+        return carry, logp
+
+    _, out = scan_windows(fn, plan.zero_carry(model_config, batch_size), windows,
+                          fetch=lambda x: plan.fetch(x, 1), sync=True)
+    out = plan.gather_columns(out)  # [steps, B, V], row r of column j = position j*steps+r
     out = out.transpose(1, 0, 2).reshape(steps * batch_size, -1)
     return np.ascontiguousarray(out[:n_contexts], dtype=np.float32)
 
@@ -178,7 +192,8 @@ def matrix_gb(n_contexts: int, vocab_size: int) -> float:
 
 def analyse(model_config: ModelConfig, params: Params, ids: np.ndarray,
             n_contexts: int | None = None, *, max_memory_gb: float = 4.0,
-            batch_size: int = 1, bptt: int = 70, log=None) -> dict:
+            batch_size: int = 1, bptt: int = 70, log=None,
+            plan: parallel.Plan | None = None) -> dict:
     """The rank experiment of Yang et al.: the empirical rank of `logprob_matrix`.
 
     The model computes in float32 whatever its `compute_dtype` (bfloat16 round-off
@@ -216,7 +231,7 @@ def analyse(model_config: ModelConfig, params: Params, ids: np.ndarray,
     config = model_config.replace(compute_dtype="float32")
     log(f"log-probability matrix: {n_contexts:,} contexts x {vocab_size:,} words")
     start = time.perf_counter()
-    matrix = logprob_matrix(config, params, ids, n_contexts, batch_size, bptt)
+    matrix = logprob_matrix(config, params, ids, n_contexts, batch_size, bptt, plan=plan)
     matrix_s = time.perf_counter() - start
     eps = _round_off_eps(matrix.dtype)
     log(f"singular values of the {n_contexts:,} x {vocab_size:,} matrix")

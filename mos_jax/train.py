@@ -28,6 +28,7 @@ import optax
 
 from mos_jax import config as config_lib
 from mos_jax import data as data_lib
+from mos_jax import evaluate
 from mos_jax import model as model_lib
 from mos_jax import optim
 from mos_jax import parallel
@@ -83,16 +84,27 @@ def load_corpus_from(config) -> data_lib.Corpus:
     return data_lib.load_corpus(source)
 
 
-def column_groups(batch_size: int, small_batch_size: int) -> int:
-    """How many gradient-accumulation groups the batch columns form."""
-    if small_batch_size in (-1, 0) or small_batch_size == batch_size:
+def column_groups(batch_size: int, small_batch_size: int, n_devices: int = 1) -> int:
+    """Gradient-accumulation groups within one device's columns.
+
+    `small_batch_size` caps the columns a group holds (-1: no cap). A device with at
+    most that many columns (`batch_size / n_devices`) needs no accumulation; otherwise
+    the cap must divide its columns.
+    """
+    per_device = batch_size // n_devices
+    if small_batch_size in (-1, 0) or small_batch_size >= per_device:
         return 1
-    if small_batch_size < 0 or batch_size % small_batch_size:
-        divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+    if small_batch_size < 0 or per_device % small_batch_size:
+        divisors = [d for d in range(1, per_device + 1) if per_device % d == 0]
+        if n_devices == 1:
+            raise ConfigError(
+                f"data.small_batch_size={small_batch_size} must divide data.batch_size="
+                f"{batch_size}: use one of {divisors} (or -1 for no accumulation)")
         raise ConfigError(
-            f"data.small_batch_size={small_batch_size} must divide data.batch_size="
-            f"{batch_size}: use one of {divisors} (or -1 for no accumulation)")
-    return batch_size // small_batch_size
+            f"data.small_batch_size={small_batch_size} must divide the {per_device} "
+            f"columns each device holds (data.batch_size={batch_size} over {n_devices} "
+            f"devices): use one of {divisors}, or -1 for no accumulation")
+    return per_device // small_batch_size
 
 
 # -------------------------------------------------------------------------- the step
@@ -108,10 +120,10 @@ class TrainStep:
     `seq_len` and `lr` are traced, so only a new bucket T compiles a new program;
     `traces` counts the programs compiled. `state` is donated.
 
-    With `axis_name`, `per_device_step` is the body of a data-parallel step (for
-    `jax.pmap` or `shard_map` over that axis; see `mos_jax.parallel`): each device's
-    dropout keys fold in its axis index, and gradients and metrics are averaged over
-    the axis before the (then identical) update.
+    With `axis_name`, `per_device_step` is the body of a data-parallel step (mapped
+    by a placement plan over that axis; see `mos_jax.parallel` and `build_train_step`):
+    each device's dropout keys fold in its axis index, and gradients and metrics are
+    averaged over the axis before the (then identical) update.
     """
 
     def __init__(self, model_config: model_lib.ModelConfig, *, alpha: float, beta: float,
@@ -192,13 +204,28 @@ class TrainStep:
         return TrainState(state.step + 1, params, opt_state, averaging, carry), metrics
 
 
+def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel.Plan,
+                     *, batch_size: int = 0, bptt: int = 0, seed: int | None = None):
+    """The train step of `config` over `plan`'s devices: the one way to build it.
+
+    `(state, inputs, targets, length, seq_len, lr) -> (state, metrics)`, with `inputs`
+    and `targets` this process's columns `[T, B_local]`; `tx` and `traces` as
+    `TrainStep`'s. On one device it is the `TrainStep` itself. `batch_size`, `bptt`
+    and `seed` override the config's (0 / None: the config's). Shared by runs with the
+    same arguments (and so compiled once).
+    """
+    d, o = config.data, config.optim
+    batch_size = batch_size or d.batch_size
+    plan.per_device(batch_size)
+    n_groups = column_groups(batch_size, d.small_batch_size, plan.n_devices)
+    return _train_step(plan, model_config, alpha=o.alpha, beta=o.beta, bptt=bptt or d.bptt,
+                       n_groups=n_groups, seed=config.train.seed if seed is None else seed,
+                       clip=o.clip, wdecay=o.wdecay)
+
+
 @functools.lru_cache(maxsize=16)
-def make_train_step(model_config: model_lib.ModelConfig, *, alpha: float, beta: float,
-                    bptt: int, n_groups: int, seed: int, clip: float,
-                    wdecay: float) -> TrainStep:
-    """A `TrainStep`, shared by runs with the same arguments (and so compiled once)."""
-    return TrainStep(model_config, alpha=alpha, beta=beta, bptt=bptt, n_groups=n_groups,
-                     seed=seed, clip=clip, wdecay=wdecay)
+def _train_step(plan: parallel.Plan, model_config: model_lib.ModelConfig, **kwargs):
+    return plan.map_step(TrainStep(model_config, axis_name=plan.axis_name, **kwargs))
 
 
 def init_state(model_config: model_lib.ModelConfig, params, batch_size: int,
@@ -271,14 +298,14 @@ class _Interrupt:
 def _validation_loss(model_config, params, ids, config) -> float:
     if config.train.eval_max_tokens:
         ids = ids[: config.train.eval_max_tokens]
-    logp = parallel.token_logprobs(parallel.from_config(config), model_config, params,
-                                   ids, config.data.eval_batch_size, config.data.bptt)
+    logp = evaluate.token_logprobs(model_config, params, ids, config.data.eval_batch_size,
+                                   config.data.bptt, plan=parallel.from_config(config))
     return -float(np.mean(logp, dtype=np.float64))
 
 
 def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> dict:
-    par = parallel.from_config(config)  # first: a multi-host run joins before JAX work
-    primary = par is None or par.is_primary  # only process 0 logs and writes metrics
+    plan = parallel.from_config(config)  # first: a multi-host run joins before JAX work
+    primary = plan.is_primary  # only process 0 logs and writes metrics
     if not primary:
         log = lambda message: None  # noqa: E731
     workdir = Path(workdir)
@@ -287,22 +314,13 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     corpus = load_corpus_from(config)
     model_config = model_config_from(config, corpus.vocab_size)
     d, o, t = config.data, config.optim, config.train
-    n_groups = column_groups(d.batch_size, d.small_batch_size)
     train_rows = batchify(corpus.train, d.batch_size)
     max_len = d.bptt + d.max_seq_len_delta
     buckets = default_buckets(d.bptt, max_len)
-    if par is None:
-        step_fn = make_train_step(model_config, alpha=o.alpha, beta=o.beta, bptt=d.bptt,
-                                  n_groups=n_groups, seed=t.seed, clip=o.clip,
-                                  wdecay=o.wdecay)
-    else:
-        step_fn = parallel.make_train_step(
-            par, TrainStep, model_config, alpha=o.alpha, beta=o.beta, bptt=d.bptt,
-            batch_size=d.batch_size, small_batch_size=d.small_batch_size, seed=t.seed,
-            clip=o.clip, wdecay=o.wdecay)
-        train_rows = par.local_columns(train_rows)  # this host's columns only
-        log(f"{par.describe()}, {step_fn.per_device} columns each")
-        par.note_evaluation((d.eval_batch_size, d.test_batch_size), log)
+    step_fn = build_train_step(config, model_config, plan)
+    train_rows = plan.local_columns(train_rows)  # this host's columns only
+    log(f"{plan.describe()}, {plan.per_device(d.batch_size)} columns per device")
+    plan.note_evaluation((d.eval_batch_size, d.test_batch_size), log)
     tx = step_fn.tx
     store = CheckpointStore(workdir)
     finetuning = mode == "finetune"
@@ -313,7 +331,7 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     abstract = jax.eval_shape(lambda: _state_tree(init_state(
         model_config, model_lib.init_params(model_config, jax.random.key(0)),
         d.batch_size, tx)))
-    abstract = parallel.restore_target(par, abstract)  # any layout restores into ours
+    abstract = plan.abstract(abstract)  # any layout restores into ours
     if store.latest_step() is not None:
         tree, meta = store.restore(abstract)
         state = _state_from_tree(tree, tx)
@@ -355,7 +373,7 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
 
     def save():
         fold_losses()
-        placed = state if par is None else par.place_state(state)
+        placed = plan.place_state(state)
         store.save(int(placed.step), _state_tree(placed), dataclasses.asdict(record))
 
     stop_reason = None
@@ -394,10 +412,10 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
                 now = time.perf_counter()
                 requested, elapsed, since_save = (interrupt.requested, now - start_time,
                                                   now - last_save)
-                if par is not None:  # every process takes the same branches
-                    requested, elapsed, since_save = par.agree(
-                        (k + 1) % t.log_every_steps == 0 or last, requested, elapsed,
-                        since_save)
+                # every process takes the same branches
+                requested, elapsed, since_save = plan.agree(
+                    (k + 1) % t.log_every_steps == 0 or last, requested, elapsed,
+                    since_save)
                 if requested:
                     save()
                     progress.close()
@@ -487,9 +505,9 @@ def _finish(config, record, store, model_config, corpus, metrics, abstract, log)
     if record.mode == "finetune" and meta["epoch"] == 0:
         log("finetune: no epoch improved on the starting weights; keeping them")
     if config.train.test:
-        logp = parallel.token_logprobs(parallel.from_config(config), model_config, params,
-                                       corpus.test, config.data.test_batch_size,
-                                       config.data.bptt, log=log)
+        logp = evaluate.token_logprobs(model_config, params, corpus.test,
+                                       config.data.test_batch_size, config.data.bptt,
+                                       plan=parallel.from_config(config), log=log)
         test = -float(np.mean(logp, dtype=np.float64))
         result.update(test_loss=test, test_ppl=math.exp(test))
     metrics.write({"mode": record.mode, "final": True, **result})
@@ -508,7 +526,7 @@ def _finetune_start(config, model_config, corpus, log):
         raise CheckpointError(f"{source} has no best weights (best/): is it the work "
                               "directory of a `mos-jax train` run?")
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
-    abstract = parallel.restore_target(parallel.from_config(config), abstract)
+    abstract = parallel.from_config(config).abstract(abstract)
     params, meta = store.restore_best(abstract)
     store.close()
     val = _validation_loss(model_config, params, corpus.valid, config)
@@ -580,6 +598,6 @@ def load_best(workdir: str | Path):
         raise CheckpointError(f"{workdir} has no best weights yet: train at least one "
                               "epoch first")
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
-    params, _ = store.restore_best(parallel.restore_target(None, abstract))
+    params, _ = store.restore_best(parallel.local_plan(1, "none").abstract(abstract))
     store.close()
     return config, corpus, model_config, params

@@ -4,8 +4,9 @@ before JAX starts), does one task, prints one JSON line on stdout.
     python tests/parallel_worker.py TASK WORKDIR [ARGS...]
 
 Tasks: `step` (one train step, 1 vs N devices), `train` (short runs, every strategy),
-`eval` (evaluation and gradient statistics), `multihost PROCESS_ID PORT STRATEGY`
-(one process of a 2-process run; the environment sets the device count).
+`eval` (evaluation and gradient statistics), `plans` (one evaluation code path under a
+one-device and a mesh plan), `multihost PROCESS_ID PORT STRATEGY` (one process of a
+2-process run; the environment sets the device count).
 """
 
 import json
@@ -25,6 +26,15 @@ from mos_jax import dynamic_eval, evaluate, model, parallel, train  # noqa: E402
 STRATEGIES_2P = ("mesh",)  # references of the 2-process test (pmap's are the same)
 NO_DROPOUT = dict(dropout=0.0, dropouth=0.0, dropouti=0.0, dropoute=0.0, dropoutl=0.0,
                   wdrop=0.0)
+
+
+def step_config(batch_size, bptt, small_batch_size):
+    """A config whose train step is that of `kw` in `task_step`."""
+    c = config_lib.default_config()
+    c.optim.alpha, c.optim.beta, c.optim.clip, c.optim.wdecay = 2.0, 1.0, 1e6, 0.0
+    c.data.batch_size, c.data.bptt, c.data.small_batch_size = batch_size, bptt, small_batch_size
+    c.train.seed = 0
+    return c
 
 
 def tree_max_diff(a, b) -> float:
@@ -71,10 +81,9 @@ def task_step(workdir):
     out["single"] = {"grad_norm": grad_norm, "metric_grad_norm": float(ref_m["grad_norm"])}
 
     for strategy in ("mesh", "pmap"):
-        plan = parallel.DataParallel(strategy, tuple(jax.devices()))
+        plan = parallel.make_plan(strategy, jax.devices())
         for small in ((-1, 1) if strategy == "mesh" else (-1,)):
-            step = parallel.make_train_step(plan, train.TrainStep, cfg, batch_size=B,
-                                            small_batch_size=small, **kw)
+            step = train.build_train_step(step_config(B, T, small), cfg, plan)
             state = train.init_state(cfg, fresh(params), B, step.tx).replace(
                 carry=fresh(carry0))
             new, m = step(state, inputs, targets, T, T, 1.0)
@@ -102,9 +111,8 @@ def task_step(workdir):
     same = np.tile(block, (1, n))
     dropout = {}
     for strategy in ("mesh", "pmap"):
-        plan = parallel.DataParallel(strategy, tuple(jax.devices()))
-        step = parallel.make_train_step(plan, train.TrainStep, cfg_d, batch_size=B,
-                                        small_batch_size=-1, **kw)
+        plan = parallel.make_plan(strategy, jax.devices())
+        step = train.build_train_step(step_config(B, T, -1), cfg_d, plan)
         runs = []
         for _ in range(2):
             state = train.init_state(cfg_d, fresh(params), B, step.tx)
@@ -159,8 +167,7 @@ def checksums(workdir, c):
     tx = train.optim.sgd_transform(c.optim.clip, c.optim.wdecay)
     abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
         mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
-    if plan is not None:
-        abstract = plan.abstract(abstract)
+    abstract = plan.abstract(abstract)
     store = CheckpointStore(workdir, read_only=True)
     tree, meta = store.restore(abstract)
     store.close()
@@ -220,21 +227,40 @@ def task_eval(workdir):
                                                  bptt=5, max_batches=40)
     notes = []
     for strategy in ("mesh", "pmap"):
-        plan = parallel.DataParallel(strategy, tuple(jax.devices()))
-        logp = parallel.token_logprobs(plan, cfg, params, ids, 2 * n, 7)
-        stats = parallel.gradient_statistics(plan, cfg, params, ids, batch_size=2 * n,
-                                             bptt=5, max_batches=40)
+        plan = parallel.make_plan(strategy, jax.devices())
+        logp = evaluate.token_logprobs(cfg, params, ids, 2 * n, 7, plan=plan)
+        stats = dynamic_eval.gradient_statistics(cfg, params, ids, batch_size=2 * n,
+                                                 bptt=5, max_batches=40, plan=plan)
         rel = max(float(np.max(np.abs(a - b) / (np.abs(b) + 1e-12)))
                   for a, b in zip(jax.tree_util.tree_leaves(stats.ms),
                                   jax.tree_util.tree_leaves(stats_ref.ms)))
         out[strategy] = {"shape": list(logp.shape), "logp": float(np.max(np.abs(logp - ref))),
                          "stats_rel": rel, "windows": [stats.windows, stats_ref.windows]}
         # Batch 1 (and 3) cannot split: one device, with a note.
-        one = parallel.token_logprobs(plan, cfg, params, ids, 1, 7, log=notes.append)
+        one = evaluate.token_logprobs(cfg, params, ids, 1, 7, plan=plan, log=notes.append)
         out[strategy]["batch1"] = float(np.max(np.abs(
             one - evaluate.token_logprobs(cfg, params, ids, 1, 7))))
-        out[strategy]["dyn_note"] = parallel.dynamic_eval_note(plan, 1)
+        out[strategy]["dyn_note"] = dynamic_eval.update_pass_note(plan, 1)
     out["notes"] = notes
+    return out
+
+
+# ----------------------------------------------------------------------------- plans
+
+def task_plans(workdir):
+    """Evaluation log-probabilities and gradient statistics through the same functions
+    under a one-device plan and a mesh plan over 2 devices."""
+    devices = sorted(jax.devices(), key=lambda d: d.id)
+    cfg = model.ModelConfig(vocab_size=40, emsize=6, nhid=8, nlayers=2, nhidlast=6,
+                            n_experts=3)
+    params = model.init_params(cfg, jax.random.key(5))
+    ids = np.random.default_rng(2).integers(0, 40, size=801).astype(np.int32)
+    out = {"devices": len(devices)}
+    for name, plan in (("one", parallel.make_plan("none", devices[:1])),
+                       ("mesh", parallel.make_plan("mesh", devices[:2]))):
+        logp = evaluate.token_logprobs(cfg, params, ids, 4, 6, plan=plan)
+        out[name] = {"type": type(plan).__name__, "n": plan.n_devices,
+                     "axis": plan.axis_name, "logp": logp.tolist()}
     return out
 
 
@@ -257,7 +283,7 @@ def task_multihost(workdir, process_id, port, strategy):
 
 def main():
     task, workdir, *args = sys.argv[1:]
-    out = {"step": task_step, "train": task_train, "eval": task_eval,
+    out = {"step": task_step, "train": task_train, "eval": task_eval, "plans": task_plans,
            "multihost": task_multihost}[task](workdir, *args)
     print(json.dumps(out, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)),
           flush=True)

@@ -60,3 +60,24 @@ def test_train_windows_tile_the_stream():
     assert last.start + last.length == n_rows - 1  # the last target is the last row
     assert {w.padded for w in wins} <= set(batching.default_buckets(70, 110))
     assert all(w.length <= w.padded for w in wins)
+
+
+@pytest.mark.parametrize("n_ids, batch, bptt, max_windows, multiple", [
+    (83, 3, 8, None, 1), (83, 3, 8, None, 4), (60, 2, 5, 3, 1), (61, 1, 5, None, 128)])
+def test_make_windows_are_the_padded_evaluation_windows(n_ids, batch, bptt, max_windows,
+                                                        multiple):
+    ids = np.arange(n_ids, dtype=np.int32) + 1  # no zeros: padding is visible
+    rows = batching.batchify(ids, batch)
+    want = [batching.padded_window(rows, i, n, bptt)
+            for i, n in batching.eval_windows(len(rows), bptt)][:max_windows]
+    w = batching.make_windows(ids, batch, bptt, max_windows, multiple)
+    n_padded = -(-len(want) // multiple) * multiple
+    assert w.inputs.shape == w.targets.shape == (n_padded, bptt, batch)
+    assert list(w.lengths) == [n for _, _, n in want] + [0] * (n_padded - len(want))
+    for k, (x, y, _) in enumerate(want):
+        np.testing.assert_array_equal(w.inputs[k], x)
+        np.testing.assert_array_equal(w.targets[k], y)
+    assert not w.inputs[len(want):].any() and not w.targets[len(want):].any()
+    half = w.columns(slice(0, 1))
+    np.testing.assert_array_equal(half.inputs, w.inputs[..., :1])
+    np.testing.assert_array_equal(half.lengths, w.lengths)

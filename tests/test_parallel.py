@@ -1,4 +1,5 @@
-"""Data parallelism: 4 fake CPU devices against one, both strategies, and 2 processes.
+"""Placement plans: 4 fake CPU devices against one, both strategies, 2 processes, and
+one evaluation code path under a one-device and a 2-device mesh plan.
 
 JAX reads the device count when it starts, so the multi-device checks run in fresh
 processes (`tests/parallel_worker.py`, with `XLA_FLAGS=--xla_force_host_platform_
@@ -8,6 +9,7 @@ device_count=N`) and report JSON; this file compares. Each worker runs once per 
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mos_jax import config as config_lib, parallel
+from mos_jax import config as config_lib, dynamic_eval, parallel, train
 from mos_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +80,18 @@ def worker_result(workers, task: str, timeout: float = 300) -> dict:
 
 
 @pytest.fixture(scope="module")
+def plans_report(tmp_path_factory):
+    """The `plans` worker on 2 devices."""
+    workdir = tmp_path_factory.mktemp("plans")
+    proc = subprocess.run([sys.executable, str(WORKER), "plans", str(workdir)],
+                          env=worker_env(2), capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"worker plans failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return last_json(proc.stdout)
+
+
+@pytest.fixture(scope="module")
 def step_report(workers):
     return worker_result(workers, "step")
 
@@ -101,12 +115,12 @@ def test_batch_that_does_not_divide_names_the_nearest_sizes():
 
 
 def test_small_batch_size_must_divide_each_devices_columns():
-    assert parallel.groups_per_device(12, -1, 4) == 1
-    assert parallel.groups_per_device(12, 6, 4) == 1  # 3 columns a device: no groups
-    assert parallel.groups_per_device(24, 2, 4) == 3
+    assert train.column_groups(12, -1, 4) == 1
+    assert train.column_groups(12, 6, 4) == 1  # 3 columns a device: no groups
+    assert train.column_groups(24, 2, 4) == 3
     with pytest.raises(ConfigError, match=r"small_batch_size=4 must divide the 6 columns "
                        r"each device holds .*one of \[1, 2, 3, 6\]"):
-        parallel.groups_per_device(24, 4, 4)
+        train.column_groups(24, 4, 4)
 
 
 def test_defaults_keep_one_device_on_the_plain_path():
@@ -115,14 +129,42 @@ def test_defaults_keep_one_device_on_the_plain_path():
     assert c.parallel.coordinator_address == "" and c.parallel.process_id == -1
     import jax
     if jax.device_count() == 1:  # this pytest process: one CPU device
-        assert parallel.from_config(c) is None
+        plan = parallel.from_config(c)
+        assert isinstance(plan, parallel.OneDevice) and plan.axis_name is None
         with pytest.raises(ConfigError, match=r"asked for 2 devices .* this process has 1"):
             parallel.local_plan(2)
     with pytest.raises(ConfigError, match="strategy must be one of"):
         parallel.local_plan(0, strategy="dp")
-    assert parallel.dynamic_eval_note(None, 1) is None
+    assert dynamic_eval.update_pass_note(parallel.local_plan(), 1) is None
     with pytest.raises(ConfigError, match="coordinator"):
         parallel.initialize_distributed("", 2, 0)
+
+
+def test_no_module_outside_parallel_branches_on_the_placement():
+    """Callers ask the plan; they never test for a missing plan or a strategy."""
+    banned = re.compile(r"\b(?:par|plan)\s+is\s+(?:not\s+)?None|strategy\s*[=!]=|"
+                        r"[=!]=\s*[\"'](?:mesh|pmap|none)[\"']|"
+                        r"isinstance\([^)]*(?:OneDevice|MeshPlan|PmapPlan)")
+    found = []
+    for path in sorted((ROOT / "mos_jax").glob("*.py")) + sorted(
+            (ROOT / "benchmarks").glob("*.py")):
+        if path.name == "parallel.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if banned.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "placement branches outside parallel.py:\n" + "\n".join(found)
+
+
+def test_one_device_and_mesh_plans_give_the_same_evaluation(plans_report):
+    r = plans_report
+    assert r["devices"] == 2
+    assert (r["one"]["type"], r["one"]["n"], r["one"]["axis"]) == ("OneDevice", 1, None)
+    assert (r["mesh"]["type"], r["mesh"]["n"], r["mesh"]["axis"]) == ("MeshPlan", 2, "data")
+    one, mesh = np.array(r["one"]["logp"]), np.array(r["mesh"]["logp"])
+    assert one.shape == mesh.shape == (801 // 4 - 1, 4)
+    assert np.all(np.isfinite(one)) and np.all(one < 0)
+    np.testing.assert_allclose(mesh, one, atol=TOL, rtol=0)
 
 
 # ------------------------------------------------------------------ one train step
