@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax
 import pytest
 
 from mos_jax import bench, cli, model
@@ -30,6 +31,7 @@ def test_model_flops_per_token_of_the_ptb_config_by_hand():
 
 
 def test_bench_command_writes_json(tmp_path, capsys):
+    jax.clear_caches()  # programs compiled by earlier tests would time as 0 s compiles
     out = tmp_path / "bench.json"
     rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--vocab", "50",
                    "--only", "eval,dynamic_eval", "--repeats", "2", "--dyn-windows", "4",
