@@ -561,13 +561,14 @@ class ParallelTrainStep:
 def make_train_step(plan: DataParallel, step_class, model_config: ModelConfig, *,
                     alpha: float, beta: float, bptt: int, batch_size: int,
                     small_batch_size: int, seed: int, clip: float,
-                    wdecay: float) -> ParallelTrainStep:
+                    wdecay: float, optimizer=None) -> ParallelTrainStep:
     """A `ParallelTrainStep` around `step_class` (`mos_jax.train.TrainStep`), shared
     by runs with the same arguments (and so compiled once)."""
     plan.per_device(batch_size)
     groups = groups_per_device(batch_size, small_batch_size, plan.n_devices)
     step = step_class(model_config, alpha=alpha, beta=beta, bptt=bptt, n_groups=groups,
-                      seed=seed, clip=clip, wdecay=wdecay, axis_name=AXIS)
+                      seed=seed, clip=clip, wdecay=wdecay, optimizer=optimizer,
+                      axis_name=AXIS)
     return ParallelTrainStep(plan, step, batch_size)
 
 
