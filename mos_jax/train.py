@@ -1,7 +1,11 @@
 """Training: the jitted train step, the epoch loop with NT-ASGD, finetuning, resume.
 
 `train_and_evaluate(config, workdir)` runs the procedure of SPEC.md section 3 and
-`finetune(config, workdir)` the finetune stage; both share one loop (`_run`). Every
+`finetune(config, workdir)` the finetune stage; both share one loop (`_run`), in parts:
+`_setup` (placement, work directory, corpus, step), `_restore_or_init`, `_Loop.run_epoch`,
+`_Loop.end_epoch` (validate, NT-ASGD switch, best weights, save) and `_finish` (test),
+with one `StopPolicy` for Ctrl-C, the time budget, the stop step and the checkpoint
+cadence. Both return a dict saying whether the run `finished` and the `reason`. Every
 step's randomness derives from the config seed: dropout keys are
 `fold_in(key(seed), step)` (then one `fold_in` per column group), window lengths come
 from `np.random.default_rng([seed, epoch])`. So the checkpoint needs no RNG state, and
@@ -724,12 +728,18 @@ def _print(msg: str) -> None:
 
 def train_and_evaluate(config, workdir: str | Path,
                        log: Callable[[str], None] = _print) -> dict:
-    """Train from scratch or resume the run in `workdir`; returns the final result."""
+    """Train from scratch or resume the run in `workdir`.
+
+    Returns `finished` (bool), `reason` (why the loop ended), `trained_steps` (this
+    call's), `compilations`; once finished the best epoch and its validation (and test)
+    loss and perplexity; when stopped early `stopped` (the reason), `step`, `epoch`.
+    """
     return _run(config, workdir, "train", log)
 
 
 def finetune(config, workdir: str | Path, log: Callable[[str], None] = _print) -> dict:
-    """The finetune stage from `config.finetune.init_from`'s best weights."""
+    """The finetune stage from `config.finetune.init_from`'s best weights; returns
+    what `train_and_evaluate` returns."""
     return _run(config, workdir, "finetune", log)
 
 
