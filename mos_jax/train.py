@@ -576,6 +576,7 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     call took (0 when the run had finished before and is only reported).
     """
     run = _setup(config, workdir, mode, log)
+    log = run.log  # silent in processes other than 0
     state, record = _restore_or_init(run)
     if record.done and (run.finetuning or record.epoch > run.max_epochs):
         log(f"{run.workdir} has finished: {json.dumps(record.result)} (raise "
