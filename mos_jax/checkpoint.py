@@ -2,8 +2,9 @@
 
 A work directory holds
 
-    checkpoints/<step>/   the whole training state (params, averaging state, carry,
-                          step) and a JSON record of the loop's position and history;
+    checkpoints/<step>/   the whole training state (params, optimiser state, averaging
+                          state, carry, step) and a JSON record of the loop's position
+                          and history;
     best/<step>/          the weights with the best validation loss so far (the averaged
                           weights once NT-ASGD is on), with their record.
 
@@ -68,6 +69,21 @@ class CheckpointStore:
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
+
+    def latest_meta(self) -> dict:
+        """The JSON record of the latest training checkpoint alone (no arrays read)."""
+        step = self._latest.latest_step()
+        if step is None:
+            raise CheckpointError(f"no training checkpoint in {self._latest.directory}")
+        try:
+            restored = self._latest.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(
+                f"the record of checkpoint {self._latest.directory}/{step} cannot be "
+                f"read ({type(e).__name__}: {str(e)[:300]}): delete that step's "
+                "directory to fall back to an older one, or use a new --workdir") from None
+        return dict(restored.meta)
 
     def save(self, step: int, tree: Any, meta: dict) -> None:
         self._save(self._latest, step, tree, meta)

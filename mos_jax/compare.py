@@ -241,15 +241,9 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
 
     workdir = Path(workdir)
     head = config.model.head
-    lines: list[str] = []
-
-    def tee(message: str) -> None:
-        lines.append(message)
-        log(message)
-
     start = time.perf_counter()
-    result = train.train_and_evaluate(config, workdir, log=tee)
-    trained = not any("has finished" in line for line in lines)
+    result = train.train_and_evaluate(config, workdir, log=log)
+    trained = result["trained_steps"] > 0
     train_wall = time.perf_counter() - start
     peak_rss = _peak_rss_bytes() if trained else None
     peak_device = _peak_device_bytes() if trained else None

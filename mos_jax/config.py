@@ -172,6 +172,9 @@ def default_config() -> ConfigDict:
     c.optim = ConfigDict(dict(
         lr=20.0, clip=0.25, wdecay=1.2e-6, alpha=2.0, beta=1.0, nonmono=5,
         asgd=True,  # switch to averaged SGD by the non-monotone trigger
+        name="sgd",  # sgd (the paper's), momentum, adam, adamw (mos_jax.optim.OPTIMIZERS)
+        momentum=0.9, nesterov=False,  # momentum
+        b1=0.9, b2=0.999, eps=1e-8,  # adam, adamw
     ))
     c.train = ConfigDict(dict(
         seed=28,

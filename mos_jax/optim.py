@@ -1,9 +1,26 @@
-"""Optimisation: clipped SGD with weight decay, and NT-ASGD iterate averaging.
+"""Optimisation: one Optax transformation with state, and NT-ASGD iterate averaging.
 
-The update of SPEC.md section 3 is `p -= lr_t * (clip(g) + wd * p)`: an Optax chain of
-global-norm clipping and `add_decayed_weights` (after clipping), scaled by the step's
-learning rate. The learning rate is an argument of `apply_updates`, a traced value in
-the jitted step, so a per-step `lr * seq_len / bptt` never recompiles.
+The optimiser is one `optax.GradientTransformationExtraArgs`, built from the config's
+`optim` section by `Optimizer.transform()`:
+
+    clip_by_global_norm(clip) -> the named optimiser's part -> -learning_rate * u
+
+and the train step applies it with `optax.apply_updates`. The learning rate is the
+update's `learning_rate` keyword argument, a traced value in the jitted step, so a
+per-step `lr * seq_len / bptt` never recompiles. The state (`tx.init(params)`) is part
+of the train state and of every checkpoint; plain SGD's is empty.
+
+Optimisers (`optim.name`), each a few lines in `OPTIMIZERS`:
+
+- `sgd` (the paper's, SPEC.md section 3): `p -= lr_t * (clip(g) + wdecay * p)`;
+- `momentum`: the same L2 term, then a momentum trace (`optim.momentum`, `optim.nesterov`);
+- `adam`: the L2 term added to the clipped gradient, then Adam (`b1`, `b2`, `eps`),
+  as torch's `Adam(weight_decay=...)`;
+- `adamw`: Adam on the clipped gradient, then decoupled decay: `u = adam(g) + wdecay * p`.
+
+Adding one: write a function `Optimizer -> list of transformations` (what comes between
+clipping and the learning rate), decorate it with `@register("name")`, and add a
+field plus a config line for any new hyperparameter.
 
 NT-ASGD averaging follows Optax's shape: `averaging_init(params)` and
 `averaging_update(state, params)` are pure functions over pytrees. The switch is a
@@ -13,17 +30,111 @@ the non-monotone trigger checked on the host after each epoch's validation.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from mos_jax.errors import ConfigError
+
 Params = Any
+Transforms = list  # of optax.GradientTransformation
+
+
+# ------------------------------------------------------------------- the optimiser
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """The config's `optim` optimiser keys (the field names are the keys): hashable, so
+    that a train step built for it can be cached."""
+
+    name: str = "sgd"
+    clip: float = 0.25  # global-norm clipping of the gradient; 0: none
+    wdecay: float = 0.0  # weight decay (L2 for sgd, momentum, adam; decoupled for adamw)
+    momentum: float = 0.9  # momentum: the trace's decay
+    nesterov: bool = False  # momentum: Nesterov's variant
+    b1: float = 0.9  # adam, adamw
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimiser optim.name={self.name!r}: use one of "
+                              f"{', '.join(sorted(OPTIMIZERS))}")
+        for key in ("momentum", "b1", "b2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps must be positive, got {self.eps}")
+
+    def transform(self) -> optax.GradientTransformationExtraArgs:
+        """The whole chain; its `update` takes `learning_rate=` (the step's lr)."""
+        parts = [optax.clip_by_global_norm(self.clip)] if self.clip and self.clip > 0 else []
+        return optax.chain(*parts, *OPTIMIZERS[self.name](self), scale_by_learning_rate())
+
+
+def from_config(optim_config) -> Optimizer:
+    """The `Optimizer` of a config's `optim` section (keys it lacks keep their default,
+    so configs written before a key existed still load)."""
+    keys = {f.name for f in dataclasses.fields(Optimizer)}
+    return Optimizer(**{k: optim_config[k] for k in keys if k in optim_config})
+
+
+OPTIMIZERS: dict[str, Callable[[Optimizer], Transforms]] = {}
+
+
+def register(name: str):
+    """Decorator: `fn(optimizer) -> [transformations between clipping and the lr]`."""
+    def add(fn):
+        OPTIMIZERS[name] = fn
+        return fn
+    return add
+
+
+def _decay(wdecay: float) -> Transforms:
+    return [optax.add_decayed_weights(wdecay)] if wdecay else []
+
+
+@register("sgd")
+def _sgd(o: Optimizer) -> Transforms:
+    return _decay(o.wdecay)
+
+
+@register("momentum")
+def _momentum(o: Optimizer) -> Transforms:
+    return [*_decay(o.wdecay), optax.trace(decay=o.momentum, nesterov=o.nesterov)]
+
+
+@register("adam")
+def _adam(o: Optimizer) -> Transforms:
+    return [*_decay(o.wdecay), optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps)]
+
+
+@register("adamw")
+def _adamw(o: Optimizer) -> Transforms:
+    return [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps), *_decay(o.wdecay)]
+
+
+def scale_by_learning_rate() -> optax.GradientTransformationExtraArgs:
+    """`u -> -(learning_rate * u)`, the learning rate given to each `update` call
+    (`update(updates, state, params, learning_rate=lr)`), so it may be traced."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, learning_rate, **extra):
+        del params, extra
+        return jax.tree_util.tree_map(lambda u: -(learning_rate * u), updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def sgd_transform(clip: float, weight_decay: float) -> optax.GradientTransformation:
-    """`g -> clip_by_global_norm(g) + weight_decay * params` (no lr, no sign)."""
+    """`g -> clip_by_global_norm(g) + weight_decay * params` (no lr, no sign): SGD's
+    chain without its learning rate, for `apply_updates`."""
     parts = []
     if clip and clip > 0:
         parts.append(optax.clip_by_global_norm(clip))
@@ -33,9 +144,11 @@ def sgd_transform(clip: float, weight_decay: float) -> optax.GradientTransformat
 
 
 def apply_updates(params: Params, updates: Params, lr: jax.Array | float) -> Params:
-    """`params - lr * updates`, leaf by leaf."""
+    """`params - lr * updates`, leaf by leaf (for `sgd_transform`'s updates)."""
     return jax.tree_util.tree_map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
 
+
+# ------------------------------------------------------------------ NT-ASGD averaging
 
 class AveragingState(NamedTuple):
     """NT-ASGD state: on/off, number of averaged iterates, their running mean."""

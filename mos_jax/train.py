@@ -1,7 +1,11 @@
 """Training: the jitted train step, the epoch loop with NT-ASGD, finetuning, resume.
 
 `train_and_evaluate(config, workdir)` runs the procedure of SPEC.md section 3 and
-`finetune(config, workdir)` the finetune stage; both share one loop (`_run`). Every
+`finetune(config, workdir)` the finetune stage; both share one loop (`_run`), in parts:
+`_setup` (placement, work directory, corpus, step), `_restore_or_init`, `_Loop.run_epoch`,
+`_Loop.end_epoch` (validate, NT-ASGD switch, best weights, save) and `_finish` (test),
+with one `StopPolicy` for Ctrl-C, the time budget, the stop step and the checkpoint
+cadence. Both return a dict saying whether the run `finished` and the `reason`. Every
 step's randomness derives from the config seed: dropout keys are
 `fold_in(key(seed), step)` (then one `fold_in` per column group), window lengths come
 from `np.random.default_rng([seed, epoch])`. So the checkpoint needs no RNG state, and
@@ -115,10 +119,12 @@ class TrainStep:
     `inputs`, `targets`: [T, B] (T a bucket; the first `length` rows are real). The
     batch columns form `n_groups` contiguous groups, each with its own carry and dropout
     masks; their gradients are accumulated, each weighted by its share of the batch
-    (1 / n_groups). Then global-norm clipping, weight decay, and SGD with learning rate
-    `lr * seq_len / bptt`; the NT-ASGD average takes in the new iterate. `length`,
-    `seq_len` and `lr` are traced, so only a new bucket T compiles a new program;
-    `traces` counts the programs compiled. `state` is donated.
+    (1 / n_groups). Then the optimiser's Optax transformation (`optimizer`, an
+    `optim.Optimizer`; by default the paper's SGD with `clip` and `wdecay`: global-norm
+    clipping, weight decay, learning rate) at the learning rate `lr * seq_len / bptt`;
+    the NT-ASGD average takes in the new iterate. `length`, `seq_len` and `lr` are
+    traced, so only a new bucket T compiles a new program; `traces` counts the programs
+    compiled. `state` is donated.
 
     With `axis_name`, `per_device_step` is the body of a data-parallel step (mapped
     by a placement plan over that axis; see `mos_jax.parallel` and `build_train_step`):
@@ -127,9 +133,15 @@ class TrainStep:
     """
 
     def __init__(self, model_config: model_lib.ModelConfig, *, alpha: float, beta: float,
-                 bptt: int, n_groups: int, seed: int, clip: float, wdecay: float,
+                 bptt: int, n_groups: int, seed: int, clip: float | None = None,
+                 wdecay: float | None = None, optimizer: optim.Optimizer | None = None,
                  axis_name: str | None = None):
-        self.tx = optim.sgd_transform(clip, wdecay)
+        if optimizer is None:
+            optimizer = optim.Optimizer("sgd", clip=clip or 0.0, wdecay=wdecay or 0.0)
+        elif (clip, wdecay) not in ((None, None), (optimizer.clip, optimizer.wdecay)):
+            raise ValueError(f"clip={clip}, wdecay={wdecay} disagree with {optimizer}")
+        self.optimizer = optimizer
+        self.tx = optimizer.transform()
         self.traces = 0
         self.model_config, self.alpha, self.beta = model_config, alpha, beta
         self.bptt, self.n_groups, self.seed = bptt, n_groups, seed
@@ -195,8 +207,9 @@ class TrainStep:
         losses, nlls = jnp.mean(losses), jnp.mean(nlls)
         if self.axis_name is not None:  # every device holds an equal share of columns
             grads, losses, nlls = jax.lax.pmean((grads, losses, nlls), self.axis_name)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optim.apply_updates(state.params, updates, lr * seq_len / self.bptt)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params,
+                                            learning_rate=lr * seq_len / self.bptt)
+        params = optax.apply_updates(state.params, updates)
         averaging = optim.averaging_update(state.averaging, params)
         carry = jax.tree_util.tree_map(lambda x: x.reshape(batch, x.shape[-1]), carries)
         metrics = {"loss": losses, "nll": nlls,
@@ -220,7 +233,7 @@ def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel
     n_groups = column_groups(batch_size, d.small_batch_size, plan.n_devices)
     return _train_step(plan, model_config, alpha=o.alpha, beta=o.beta, bptt=bptt or d.bptt,
                        n_groups=n_groups, seed=config.train.seed if seed is None else seed,
-                       clip=o.clip, wdecay=o.wdecay)
+                       optimizer=optim.from_config(o))
 
 
 @functools.lru_cache(maxsize=16)
@@ -238,17 +251,24 @@ def init_state(model_config: model_lib.ModelConfig, params, batch_size: int,
 
 
 def _state_tree(state: TrainState) -> dict:
-    # The optimiser chain (clipping, weight decay, plain SGD) is stateless; what a
-    # checkpoint must hold is the rest.
-    assert not jax.tree_util.tree_leaves(state.opt_state), "stateful optimiser"
-    return {"step": state.step, "params": state.params,
+    """The checkpointed tree of a TrainState. The optimiser state goes in as the list
+    of its leaves (rebuilt by `_state_from_tree` from the transformation's own
+    structure), and only when it has any: plain SGD's is empty, so its checkpoints
+    are laid out as before optimisers had state."""
+    tree = {"step": state.step, "params": state.params,
             "averaging": state.averaging._asdict(), "carry": state.carry}
+    opt_leaves = jax.tree_util.tree_leaves(state.opt_state)
+    if opt_leaves:
+        tree["opt_state"] = opt_leaves
+    return tree
 
 
 def _state_from_tree(tree: dict, tx) -> TrainState:
     carry = tuple(tuple(layer) for layer in tree["carry"])
+    structure = jax.tree_util.tree_structure(jax.eval_shape(tx.init, tree["params"]))
+    opt_state = jax.tree_util.tree_unflatten(structure, tree.get("opt_state", []))
     return TrainState(step=jnp.asarray(tree["step"]), params=tree["params"],
-                      opt_state=tx.init(tree["params"]),
+                      opt_state=opt_state,
                       averaging=optim.AveragingState(**tree["averaging"]), carry=carry)
 
 
@@ -269,6 +289,7 @@ class LoopRecord:
     epoch_steps: int = 0  # the steps in that sum (all steps done in this epoch)
     done: bool = False
     result: dict | None = None
+    optimizer: str = "sgd"  # optim.name (records written before it existed: sgd)
 
 
 class _Interrupt:
@@ -295,6 +316,65 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
+class StopPolicy:
+    """When the loop leaves an epoch early or saves in the middle of one: Ctrl-C, the
+    stop step (`train.stop_at_step`), the time budget (`train.time_budget_s`) and the
+    checkpoint cadence (`train.checkpoint_every_s`).
+
+    A context manager (Ctrl-C is caught while it is open); `after_step` is asked once
+    per step. In a run of several processes the inputs that differ between them (the
+    Ctrl-C flag, the clocks) go through the plan's `agree` on checked steps, so every
+    process takes the same decision at the same step. Once a stop is decided, `reason`
+    says why.
+    """
+
+    INTERRUPT, STOP, SAVE = "interrupt", "stop", "save"
+
+    def __init__(self, train_config, plan: parallel.Plan,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.stop_at_step = train_config.stop_at_step
+        self.time_budget_s = train_config.time_budget_s
+        self.checkpoint_every_s = train_config.checkpoint_every_s
+        self.plan, self.clock = plan, clock
+        self.start = self.last_save = clock()
+        self.reason: str | None = None
+        self._interrupt = _Interrupt()
+
+    def __enter__(self):
+        self._interrupt.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._interrupt.__exit__(*exc)
+
+    def after_step(self, step: int, checked: bool, last: bool) -> str | None:
+        """The action after global step `step`: INTERRUPT (save, then raise), STOP
+        (save and stop), SAVE (a checkpoint by the cadence) or None. `checked`: a step
+        where processes compare notes (the logging steps); `last`: the epoch's last
+        step, which neither stops nor saves here (the end of the epoch does both)."""
+        now = self.clock()
+        requested, elapsed, since_save = (self._interrupt.requested, now - self.start,
+                                          now - self.last_save)
+        # every process takes the same branches
+        requested, elapsed, since_save = self.plan.agree(
+            checked, requested, elapsed, since_save)
+        if requested:
+            return self.INTERRUPT
+        if self.stop_at_step and step >= self.stop_at_step:
+            self.reason = f"reached train.stop_at_step={self.stop_at_step}"
+        elif self.time_budget_s and elapsed >= self.time_budget_s:
+            self.reason = f"used the time budget of {self.time_budget_s:g} s"
+        if self.reason:
+            return None if last else self.STOP
+        if since_save >= self.checkpoint_every_s and not last:
+            return self.SAVE
+        return None
+
+    def saved(self) -> None:
+        """A checkpoint was written: the cadence counts from now."""
+        self.last_save = self.clock()
+
+
 def _validation_loss(model_config, params, ids, config) -> float:
     if config.train.eval_max_tokens:
         ids = ids[: config.train.eval_max_tokens]
@@ -303,9 +383,45 @@ def _validation_loss(model_config, params, ids, config) -> float:
     return -float(np.mean(logp, dtype=np.float64))
 
 
-def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> dict:
+@dataclasses.dataclass
+class _Run:
+    """What one invocation of the loop works with, fixed while it runs."""
+
+    config: Any
+    mode: str  # "train" or "finetune"
+    workdir: Path
+    log: Callable[[str], None]
+    plan: parallel.Plan  # the placement plan
+    primary: bool  # process 0: logs and writes metrics
+    corpus: data_lib.Corpus
+    model_config: model_lib.ModelConfig
+    train_rows: np.ndarray  # this process's columns of the training stream
+    buckets: tuple
+    optimizer: optim.Optimizer
+    step_fn: Any  # build_train_step's: a TrainStep or a parallel.MappedStep
+    store: CheckpointStore
+    metrics: Any
+    abstract: Any  # the checkpoint tree's shapes and shardings
+
+    @property
+    def finetuning(self) -> bool:
+        return self.mode == "finetune"
+
+    @property
+    def lr(self) -> float:
+        return self.config.finetune.lr if self.finetuning else self.config.optim.lr
+
+    @property
+    def max_epochs(self) -> int:
+        return (self.config.finetune.max_epochs if self.finetuning
+                else self.config.train.max_epochs)
+
+
+def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> _Run:
+    """Join the placement, check the work directory, load the corpus, build the step."""
     plan = parallel.from_config(config)  # first: a multi-host run joins before JAX work
     primary = plan.is_primary  # only process 0 logs and writes metrics
+    optimizer = optim.from_config(config.optim)  # a wrong optim.name fails here
     if not primary:
         log = lambda message: None  # noqa: E731
     workdir = Path(workdir)
@@ -315,153 +431,206 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     model_config = model_config_from(config, corpus.vocab_size)
     d, o, t = config.data, config.optim, config.train
     train_rows = batchify(corpus.train, d.batch_size)
-    max_len = d.bptt + d.max_seq_len_delta
-    buckets = default_buckets(d.bptt, max_len)
+    buckets = default_buckets(d.bptt, d.bptt + d.max_seq_len_delta)
     step_fn = build_train_step(config, model_config, plan)
     train_rows = plan.local_columns(train_rows)  # this host's columns only
     log(f"{plan.describe()}, {plan.per_device(d.batch_size)} columns per device")
     plan.note_evaluation((d.eval_batch_size, d.test_batch_size), log)
-    tx = step_fn.tx
-    store = CheckpointStore(workdir)
-    finetuning = mode == "finetune"
-    lr = config.finetune.lr if finetuning else o.lr
-    max_epochs = config.finetune.max_epochs if finetuning else t.max_epochs
     metrics = MetricsWriter(workdir) if primary else parallel.NullMetrics()
-
     abstract = jax.eval_shape(lambda: _state_tree(init_state(
         model_config, model_lib.init_params(model_config, jax.random.key(0)),
-        d.batch_size, tx)))
+        d.batch_size, step_fn.tx)))
     abstract = plan.abstract(abstract)  # any layout restores into ours
+    return _Run(config, mode, workdir, log, plan, primary, corpus, model_config,
+                train_rows, buckets, optimizer, step_fn, CheckpointStore(workdir), metrics,
+                abstract)
+
+
+def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
+    """The latest checkpoint of the work directory, or a new state (finetuning: from
+    the training run's best weights)."""
+    store, mode, tx, name = run.store, run.mode, run.step_fn.tx, run.optimizer.name
     if store.latest_step() is not None:
-        tree, meta = store.restore(abstract)
+        saved_by = store.latest_meta().get("optimizer", "sgd")
+        if saved_by != name:
+            raise CheckpointError(
+                f"the checkpoints in {run.workdir} hold the state of optimiser "
+                f"{saved_by!r} (optim.name), not of {name!r}: resume with "
+                f"--config.optim.name={saved_by}, or use a new --workdir")
+        tree, meta = store.restore(run.abstract)
         state = _state_from_tree(tree, tx)
         record = LoopRecord(**meta)
         if record.mode != mode:
             raise CheckpointError(
-                f"{workdir} holds a {record.mode} run; use another --workdir for {mode}")
-        log(f"resuming {mode} from step {int(state.step)} (epoch {record.epoch}, "
-            f"batch {record.batch_in_epoch}) in {workdir}")
+                f"{run.workdir} holds a {record.mode} run; use another --workdir for {mode}")
+        run.log(f"resuming {mode} from step {int(state.step)} (epoch {record.epoch}, "
+                f"batch {record.batch_in_epoch}) in {run.workdir}")
+        return state, record
+    record = LoopRecord(mode=mode, optimizer=name)
+    config, mc, batch_size = run.config, run.model_config, run.config.data.batch_size
+    if run.finetuning:
+        params, start_val = _finetune_start(config, mc, run.corpus, run.log)
+        record.best_val, record.best_epoch = start_val, 0
+        state = init_state(mc, params, batch_size, tx, averaging_active=True)
+        store.save_best(0, params, {"val_loss": start_val, "epoch": 0})
     else:
-        record = LoopRecord(mode=mode)
-        if finetuning:
-            params, start_val = _finetune_start(config, model_config, corpus, log)
-            record.best_val, record.best_epoch = start_val, 0
-            state = init_state(model_config, params, d.batch_size, tx, averaging_active=True)
-            store.save_best(0, params, {"val_loss": start_val, "epoch": 0})
-        else:
-            params = model_lib.init_params(model_config, jax.random.key(t.seed))
-            state = init_state(model_config, params, d.batch_size, tx)
-        log(f"{mode}: {model_lib.param_count(state.params):,} parameters, "
-            f"{corpus!r}, workdir {workdir}")
-    if record.done and (finetuning or record.epoch > max_epochs):
-        log(f"{workdir} has finished: {json.dumps(record.result)} (raise "
-            f"--config.{'finetune' if finetuning else 'train'}.max_epochs to train on)")
-        store.close()
-        return record.result or {}
-    record.done = False
+        params = model_lib.init_params(mc, jax.random.key(config.train.seed))
+        state = init_state(mc, params, batch_size, tx)
+    run.log(f"{mode}: {model_lib.param_count(state.params):,} parameters, "
+            f"{run.corpus!r}, workdir {run.workdir}")
+    return state, record
 
-    traces_before = step_fn.traces
-    start_time = time.perf_counter()
-    last_save = start_time
 
-    pending = []  # this epoch's step losses (device scalars) not yet in the record
+class _Loop:
+    """The state of a run between steps: the train state, the loop record, and this
+    epoch's step losses not yet summed into the record (device scalars: no host sync
+    per step)."""
 
-    def fold_losses():
-        record.epoch_loss_sum += sum(float(x) for x in pending)
-        record.epoch_steps += len(pending)
-        pending.clear()
+    def __init__(self, run: _Run, state: TrainState, record: LoopRecord):
+        self.run, self.state, self.record = run, state, record
+        self.host_step = int(state.step)  # state.step, counted on the host
+        self.pending: list = []
+        self.progress: Progress | None = None
 
-    def save():
-        fold_losses()
-        placed = plan.place_state(state)
-        store.save(int(placed.step), _state_tree(placed), dataclasses.asdict(record))
+    def fold_losses(self) -> None:
+        self.record.epoch_loss_sum += sum(float(x) for x in self.pending)
+        self.record.epoch_steps += len(self.pending)
+        self.pending.clear()
 
-    stop_reason = None
-    with _Interrupt() as interrupt:
-        while record.epoch <= max_epochs and stop_reason is None:
-            epoch = record.epoch
-            windows = list(train_windows(len(train_rows), np.random.default_rng([t.seed, epoch]),
-                                         d.bptt, max_len, buckets))
-            if t.steps_per_epoch:
-                windows = windows[:t.steps_per_epoch]
-            if record.batch_in_epoch == 0:
-                state = state.replace(carry=model_lib.init_carry(model_config, d.batch_size))
-            progress = Progress(f"{mode} epoch {epoch}", len(windows), d.batch_size,
-                                start=record.batch_in_epoch,
-                                **({} if primary else {"stream": parallel.NullStream()}))
-            for k in range(record.batch_in_epoch, len(windows)):
-                w = windows[k]
-                inputs, targets, length = padded_window(train_rows, w.start, w.length, w.padded)
-                state, m = step_fn(state, inputs, targets, length, w.seq_len, lr)
-                pending.append(m["loss"])  # no host sync here
-                record.batch_in_epoch = k + 1
-                last = k + 1 == len(windows)
-                if (k + 1) % t.log_every_steps == 0 or last:
-                    loss = float(m["loss"])
-                    if not math.isfinite(loss):
-                        raise TrainingError(
-                            f"the training loss became {loss} at step {int(state.step)} "
-                            f"(epoch {epoch}): lower --config.optim.lr (now {lr}) or "
-                            f"--config.optim.clip; the last checkpoint in {workdir} "
-                            "predates this step and is intact")
-                    fold_losses()
-                    progress.update(k + 1, w.length, loss=loss,
-                                    lr=lr * w.seq_len / d.bptt)
-                else:
-                    progress.update(k + 1, w.length)
-                now = time.perf_counter()
-                requested, elapsed, since_save = (interrupt.requested, now - start_time,
-                                                  now - last_save)
-                # every process takes the same branches
-                requested, elapsed, since_save = plan.agree(
-                    (k + 1) % t.log_every_steps == 0 or last, requested, elapsed,
-                    since_save)
-                if requested:
-                    save()
-                    progress.close()
-                    store.close()
-                    raise KeyboardInterrupt(
-                        f"checkpoint saved at step {int(state.step)}; continue with "
-                        f"`mos-jax {mode} --workdir {workdir}`")
-                if t.stop_at_step and int(state.step) >= t.stop_at_step:
-                    stop_reason = f"reached train.stop_at_step={t.stop_at_step}"
-                elif t.time_budget_s and elapsed >= t.time_budget_s:
-                    stop_reason = f"used the time budget of {t.time_budget_s:g} s"
-                if stop_reason and not last:
-                    break
-                if since_save >= t.checkpoint_every_s and not last:
-                    save()
-                    last_save = now
-            progress.close()
-            if record.batch_in_epoch < len(windows):
-                break  # stopped mid-epoch
-            stop = _end_of_epoch(config, mode, record, state, store, model_config,
-                                 corpus, metrics, progress, log)
-            if record.switched_at_epoch == epoch:
-                state = state.replace(averaging=optim.switch_on(state.averaging))
-            record.epoch += 1
-            record.batch_in_epoch = 0
-            record.epoch_loss_sum, record.epoch_steps = 0.0, 0
-            save()
-            last_save = time.perf_counter()
-            if stop:
-                log(f"finetune: validation stopped improving (non-monotone rule, "
-                    f"nonmono={o.nonmono}); stopping after epoch {epoch}")
+    def save(self) -> None:
+        self.fold_losses()
+        placed = self.run.plan.place_state(self.state)
+        self.run.store.save(int(placed.step), _state_tree(placed),
+                            dataclasses.asdict(self.record))
+
+    def run_epoch(self, policy: StopPolicy) -> bool:
+        """The current epoch's remaining windows; False if the policy stopped it early."""
+        run, record = self.run, self.record
+        d, t, epoch = run.config.data, run.config.train, record.epoch
+        windows = list(train_windows(len(run.train_rows), np.random.default_rng([t.seed, epoch]),
+                                     d.bptt, d.bptt + d.max_seq_len_delta, run.buckets))
+        if t.steps_per_epoch:
+            windows = windows[:t.steps_per_epoch]
+        if record.batch_in_epoch == 0:
+            self.state = self.state.replace(
+                carry=model_lib.init_carry(run.model_config, d.batch_size))
+        progress = self.progress = Progress(
+            f"{run.mode} epoch {epoch}", len(windows), d.batch_size,
+            start=record.batch_in_epoch,
+            **({} if run.primary else {"stream": parallel.NullStream()}))
+        for k in range(record.batch_in_epoch, len(windows)):
+            w = windows[k]
+            inputs, targets, length = padded_window(run.train_rows, w.start, w.length,
+                                                    w.padded)
+            self.state, m = run.step_fn(self.state, inputs, targets, length, w.seq_len,
+                                        run.lr)
+            self.host_step += 1
+            self.pending.append(m["loss"])  # no host sync here
+            record.batch_in_epoch = k + 1
+            last = k + 1 == len(windows)
+            checked = (k + 1) % t.log_every_steps == 0 or last
+            if checked:
+                self._log_step(progress, k + 1, w, float(m["loss"]))
+            else:
+                progress.update(k + 1, w.length)
+            action = policy.after_step(self.host_step, checked, last)
+            if action == policy.INTERRUPT:
+                self.save()
+                progress.close()
+                run.store.close()
+                raise KeyboardInterrupt(
+                    f"checkpoint saved at step {self.host_step}; continue with "
+                    f"`mos-jax {run.mode} --workdir {run.workdir}`")
+            if action == policy.STOP:
                 break
-    compilations = step_fn.traces - traces_before
+            if action == policy.SAVE:
+                self.save()
+                policy.saved()
+        progress.close()
+        return record.batch_in_epoch == len(windows)
+
+    def _log_step(self, progress: Progress, done: int, window, loss: float) -> None:
+        run = self.run
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the training loss became {loss} at step {self.host_step} "
+                f"(epoch {self.record.epoch}): lower --config.optim.lr (now {run.lr}) or "
+                f"--config.optim.clip; the last checkpoint in {run.workdir} "
+                "predates this step and is intact")
+        self.fold_losses()
+        progress.update(done, window.length, loss=loss,
+                        lr=run.lr * window.seq_len / run.config.data.bptt)
+
+    def end_epoch(self, policy: StopPolicy) -> str | None:
+        """Validate, keep the best weights, apply NT-ASGD's switch, move to the next
+        epoch and save. Returns why training ends here, if it does."""
+        run, record = self.run, self.record
+        epoch = record.epoch
+        stop = _end_of_epoch(run.config, run.mode, record, self.state, run.store,
+                             run.model_config, run.corpus, run.metrics, self.progress,
+                             run.log)
+        if record.switched_at_epoch == epoch:
+            self.state = self.state.replace(averaging=optim.switch_on(self.state.averaging))
+        record.epoch += 1
+        record.batch_in_epoch = 0
+        record.epoch_loss_sum, record.epoch_steps = 0.0, 0
+        self.save()
+        policy.saved()
+        if stop:
+            why = (f"validation stopped improving (non-monotone rule, "
+                   f"nonmono={run.config.optim.nonmono})")
+            run.log(f"finetune: {why}; stopping after epoch {epoch}")
+            return why
+        if record.epoch > run.max_epochs:
+            return f"reached {run.mode}.max_epochs={run.max_epochs}"
+        return None
+
+
+def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> dict:
+    """Set up, restore or initialise, run epochs until the end or a stop, conclude.
+
+    The result says whether training `finished` (then it holds the final validation
+    and test figures) and the `reason` it ended; `trained_steps` counts the steps this
+    call took (0 when the run had finished before and is only reported).
+    """
+    run = _setup(config, workdir, mode, log)
+    log = run.log  # silent in processes other than 0
+    state, record = _restore_or_init(run)
+    if record.done and (run.finetuning or record.epoch > run.max_epochs):
+        log(f"{run.workdir} has finished: {json.dumps(record.result)} (raise "
+            f"--config.{mode}.max_epochs to train on)")
+        run.store.close()
+        result = dict(record.result or {})
+        result.setdefault("reason", "finished before")
+        return {**result, "finished": True, "trained_steps": 0}
+    record.done = False
+    loop = _Loop(run, state, record)
+    start_step, traces_before = loop.host_step, run.step_fn.traces
+    finished_why = None
+    with StopPolicy(config.train, run.plan) as policy:
+        while record.epoch <= run.max_epochs and policy.reason is None:
+            if not loop.run_epoch(policy):
+                break  # stopped mid-epoch
+            finished_why = loop.end_epoch(policy)
+            if finished_why and run.finetuning:
+                break
+    compilations = run.step_fn.traces - traces_before
     log(f"compiled train-step programs: {compilations}")
-    if stop_reason is not None:
-        save()
-        store.close()
-        log(f"stopped: {stop_reason}; continue with `mos-jax {mode} --workdir {workdir}`")
-        return {"stopped": stop_reason, "step": int(state.step),
-                "epoch": record.epoch, "compilations": compilations}
-    result = _finish(config, record, store, model_config, corpus, metrics, abstract, log)
-    result["compilations"] = compilations
+    trained = {"compilations": compilations, "trained_steps": loop.host_step - start_step}
+    if policy.reason is not None:
+        loop.save()
+        run.store.close()
+        log(f"stopped: {policy.reason}; continue with `mos-jax {mode} --workdir {workdir}`")
+        return {"stopped": policy.reason, "step": loop.host_step, "epoch": record.epoch,
+                **trained, "finished": False, "reason": policy.reason}
+    result = _finish(config, record, run.store, run.model_config, run.corpus, run.metrics,
+                     run.abstract, log)
+    result.update(compilations=compilations, finished=True,
+                  reason=finished_why or f"reached {mode}.max_epochs={run.max_epochs}")
     record.done, record.result = True, result
-    save()
-    store.close()
-    return result
+    loop.save()
+    run.store.close()
+    return {**result, "trained_steps": trained["trained_steps"]}
 
 
 def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metrics,
@@ -545,6 +714,14 @@ def _check_config_matches_workdir(config, workdir: Path, write: bool = True) -> 
     if path.is_file():
         old = json.loads(path.read_text())
         new = config.to_dict()
+        # The optimiser's state is in the checkpoints (runs from before optim.name: sgd).
+        old_name = old.get("optim", {}).get("name", "sgd")
+        if old_name != new.get("optim", {}).get("name", "sgd"):
+            raise ConfigError(
+                f"{workdir} was started with optim.name={old_name!r}, not "
+                f"{new['optim']['name']!r}, and its checkpoints hold that optimiser's "
+                "state: resume it with its own config (omit --config), or use a new "
+                "--workdir")
         for section in ("model", "data"):
             for key, value in new.get(section, {}).items():
                 if section == "data" and key not in ("dir", "batch_size", "bptt",
@@ -570,12 +747,18 @@ def _print(msg: str) -> None:
 
 def train_and_evaluate(config, workdir: str | Path,
                        log: Callable[[str], None] = _print) -> dict:
-    """Train from scratch or resume the run in `workdir`; returns the final result."""
+    """Train from scratch or resume the run in `workdir`.
+
+    Returns `finished` (bool), `reason` (why the loop ended), `trained_steps` (this
+    call's), `compilations`; once finished the best epoch and its validation (and test)
+    loss and perplexity; when stopped early `stopped` (the reason), `step`, `epoch`.
+    """
     return _run(config, workdir, "train", log)
 
 
 def finetune(config, workdir: str | Path, log: Callable[[str], None] = _print) -> dict:
-    """The finetune stage from `config.finetune.init_from`'s best weights."""
+    """The finetune stage from `config.finetune.init_from`'s best weights; returns
+    what `train_and_evaluate` returns."""
     return _run(config, workdir, "finetune", log)
 
 

@@ -1,9 +1,15 @@
-"""Clipped SGD with weight decay, NT-ASGD averaging and its switch rule, by hand."""
+"""Clipped SGD with weight decay, the other optimisers against NumPy, NT-ASGD averaging
+and its switch rule, by hand."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
+from mos_jax import config as config_lib
 from mos_jax import optim
+from mos_jax.errors import ConfigError
 
 
 def test_update_rule_by_hand():
@@ -43,3 +49,129 @@ def test_averaging_is_the_mean_of_iterates_since_the_switch():
     assert int(state.count) == 3
     np.testing.assert_allclose(state.average["x"], np.mean(iterates[1:], axis=0), rtol=1e-6)
     assert optim.eval_params(state, {"x": 7}) is state.average
+
+
+# ------------------------------------------------ the optimiser transformation (optim.name)
+
+def _tree(rng):
+    return {"w": rng.normal(size=(3, 2)).astype(np.float32),
+            "b": rng.normal(size=(4,)).astype(np.float32)}
+
+
+def _numpy_clip(g, clip):
+    norm = np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in g.values()))
+    scale = min(1.0, clip / norm)
+    return {k: v * scale for k, v in g.items()}, norm
+
+
+def _run_steps(optimizer, params, grads, lrs):
+    """Apply `optimizer` step by step; the parameters after each step, as NumPy."""
+    tx = optimizer.transform()
+    p = {k: jnp.asarray(v) for k, v in params.items()}
+    state = tx.init(p)
+    out = []
+    for g, lr in zip(grads, lrs):
+        updates, state = tx.update({k: jnp.asarray(v) for k, v in g.items()}, state, p,
+                                   learning_rate=jnp.asarray(lr, jnp.float32))
+        p = optax.apply_updates(p, updates)
+        out.append({k: np.asarray(v) for k, v in p.items()})
+    return out, state
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_and_adamw_steps_equal_numpy(name):
+    rng = np.random.default_rng(0)
+    params, grads = _tree(rng), [_tree(rng), _tree(rng), _tree(rng)]
+    grads[0] = {k: 10 * v for k, v in grads[0].items()}  # over the clip on step 1
+    lrs = [0.01, 0.003, 0.02]  # the learning rate changes per step (traced)
+    clip, wd, b1, b2, eps = 0.5, 0.1, 0.8, 0.95, 1e-6
+    opt = optim.Optimizer(name, clip=clip, wdecay=wd, b1=b1, b2=b2, eps=eps)
+    got, _ = _run_steps(opt, params, grads, lrs)
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g, norm = _numpy_clip({k: x.astype(np.float64) for k, x in g.items()}, clip)
+        if t == 1:
+            assert norm > clip  # the clip is active
+        for k in p:
+            gk = g[k] + wd * p[k] if name == "adam" else g[k]  # L2 before Adam
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v2[k] = b2 * v2[k] + (1 - b2) * gk ** 2
+            step = (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
+            if name == "adamw":  # decoupled: decay after Adam, scaled by lr
+                step = step + wd * p[k]
+            p[k] = p[k] - lr * step
+        for k in p:
+            np.testing.assert_allclose(got[t - 1][k], p[k], rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_step_equals_numpy(nesterov):
+    rng = np.random.default_rng(1)
+    params, grads = _tree(rng), [_tree(rng) for _ in range(3)]
+    grads[1] = {k: 10 * v for k, v in grads[1].items()}
+    lrs = [0.5, 0.2, 0.1]
+    clip, wd, mu = 1.0, 0.05, 0.7
+    got, _ = _run_steps(optim.Optimizer("momentum", clip=clip, wdecay=wd, momentum=mu,
+                                        nesterov=nesterov), params, grads, lrs)
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    buf = {k: np.zeros_like(v) for k, v in p.items()}
+    for t, (g, lr) in enumerate(zip(grads, lrs)):
+        g, _ = _numpy_clip({k: x.astype(np.float64) for k, x in g.items()}, clip)
+        for k in p:
+            d = g[k] + wd * p[k]
+            buf[k] = mu * buf[k] + d  # torch's SGD momentum (dampening 0)
+            p[k] = p[k] - lr * (d + mu * buf[k] if nesterov else buf[k])
+        for k in p:
+            np.testing.assert_allclose(got[t][k], p[k], rtol=2e-5, atol=1e-6)
+
+
+def test_sgd_is_the_papers_rule_with_an_empty_state():
+    rng = np.random.default_rng(2)
+    params, grads = _tree(rng), [{k: 10 * v for k, v in _tree(rng).items()}]
+    got, state = _run_steps(optim.Optimizer("sgd", clip=0.25, wdecay=0.1), params, grads,
+                            [2.0])
+    g, norm = _numpy_clip({k: x.astype(np.float64) for k, x in grads[0].items()}, 0.25)
+    assert norm > 0.25
+    for k in params:
+        want = params[k] - 2.0 * (g[k] + 0.1 * params[k])
+        np.testing.assert_allclose(got[0][k], want, rtol=1e-5, atol=1e-6)
+    assert jax.tree_util.tree_leaves(state) == []  # nothing to checkpoint
+
+
+def test_stateful_optimisers_have_state_and_configs_map_to_them():
+    c = config_lib.default_config()
+    assert optim.from_config(c.optim) == optim.Optimizer(
+        "sgd", clip=0.25, wdecay=1.2e-6, momentum=0.9, nesterov=False, b1=0.9,
+        b2=0.999, eps=1e-8)
+    c.optim.name, c.optim.b1 = "adam", 0.5
+    adam = optim.from_config(c.optim)
+    assert (adam.name, adam.b1) == ("adam", 0.5)
+    p = {"w": jnp.zeros((2, 3))}
+    shapes = [x.shape for x in jax.tree_util.tree_leaves(adam.transform().init(p))]
+    assert sorted(shapes) == [(), (2, 3), (2, 3)]  # count, first and second moments
+
+
+def test_unknown_optimiser_and_bad_hyperparameters_are_config_errors():
+    with pytest.raises(ConfigError, match=r"optim.name='lion': use one of adam, adamw, "
+                                          r"momentum, sgd"):
+        optim.Optimizer("lion")
+    with pytest.raises(ConfigError, match=r"optim.b2 must be in \[0, 1\), got 1.0"):
+        optim.Optimizer("adam", b2=1.0)
+    with pytest.raises(ConfigError, match="optim.eps must be positive"):
+        optim.Optimizer("adam", eps=0.0)
+
+
+def test_an_optimiser_registered_in_one_place_is_usable_by_name():
+    @optim.register("sign_sgd_test")
+    def _sign(o):
+        return [optax.GradientTransformation(
+            lambda p: optax.EmptyState(),
+            lambda u, s, p=None: (jax.tree_util.tree_map(jnp.sign, u), s))]
+    try:
+        got, _ = _run_steps(optim.Optimizer("sign_sgd_test", clip=0.0), {"w": np.ones(3, np.float32)},
+                            [{"w": np.asarray([2.0, -3.0, 0.0], np.float32)}], [0.5])
+        np.testing.assert_array_equal(got[0]["w"], [0.5, 1.5, 1.0])
+    finally:
+        del optim.OPTIMIZERS["sign_sgd_test"]

@@ -1,6 +1,8 @@
 """The train step, the epoch loop, NT-ASGD, finetuning and exact resume."""
 
+import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -234,3 +236,161 @@ def test_errors_nan_corrupt_checkpoint_and_mismatched_config(tmp_path):
         train.train_and_evaluate(tiny_config(), workdir, log=lambda m: None)
     with pytest.raises(ConfigError, match="init_from"):
         train.finetune(tiny_config(), tmp_path / "ft", log=lambda m: None)
+
+
+# ------------------------------------------------ optimisers with state; the loop's parts
+
+SHORT = dict(train__steps_per_epoch=12, train__max_epochs=2, train__test=False,
+             train__eval_max_tokens=200)  # the programs of `reference_run`, for SGD
+
+
+def tree_of(workdir, optimizer_name):
+    """The latest checkpoint's tree, restored into the shapes of `optimizer_name`'s state."""
+    store = CheckpointStore(workdir, read_only=True)
+    c = train.load_run_config(workdir)
+    mc = train.model_config_from(c, 50)
+    tx = optim.from_config(c.optim).transform()
+    assert c.optim.name == optimizer_name
+    abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
+        mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
+    tree, meta = store.restore(abstract)
+    store.close()
+    return tree, meta
+
+
+def test_adam_trains_checkpoints_and_resumes_bit_identically(tmp_path):
+    adam = dict(SHORT, optim__name="adam", optim__lr=0.003, optim__wdecay=0.01)
+    whole = train.train_and_evaluate(tiny_config(**adam), tmp_path / "whole",
+                                     log=lambda m: None)
+    assert whole["finished"] and whole["reason"] == "reached train.max_epochs=2"
+    assert whole["trained_steps"] == 24
+    for stop in (5, 17, 0):  # mid-epoch 1, mid-epoch 2, then to the end
+        result = train.train_and_evaluate(tiny_config(**adam, train__stop_at_step=stop),
+                                          tmp_path / "parts", log=lambda m: None)
+        if stop:
+            assert not result["finished"] and result["step"] == stop
+            assert result["reason"] == f"reached train.stop_at_step={stop}"
+    assert result["finished"] and result["trained_steps"] == 24 - 17
+    ref, ref_meta = tree_of(tmp_path / "whole", "adam")
+    got, meta = tree_of(tmp_path / "parts", "adam")
+    assert int(ref["opt_state"][0]) == 24  # Adam's step count: the state is saved
+    assert len(ref["opt_state"]) == 1 + 2 * len(jax.tree_util.tree_leaves(ref["params"]))
+    assert_bit_identical(got, ref)  # params, opt_state, averaging, carry, step
+    assert meta["history"] == ref_meta["history"] and meta["optimizer"] == "adam"
+
+
+def _write_old_layout(source, dest):
+    """`source`'s latest checkpoint and config as the previous layout wrote them: no
+    optimiser state or name in the checkpoint, no optimiser keys in config.json."""
+    store = CheckpointStore(source, read_only=True)
+    c = train.load_run_config(source)
+    mc = train.model_config_from(c, 50)
+    abstract = jax.eval_shape(lambda: {
+        "step": jnp.zeros((), jnp.int32), "params": model.init_params(mc, jax.random.key(0)),
+        "averaging": optim.averaging_init(model.init_params(mc, jax.random.key(0)))._asdict(),
+        "carry": model.init_carry(mc, c.data.batch_size)})
+    tree, meta = store.restore(abstract)  # an SGD checkpoint holds exactly these
+    store.close()
+    del meta["optimizer"]
+    shutil.copytree(source, dest)  # best/ and metrics as they are
+    shutil.rmtree(Path(dest) / "checkpoints")
+    old = CheckpointStore(dest)
+    old.save(int(tree["step"]), tree, meta)
+    old.close()
+    saved = json.loads((Path(source) / "config.json").read_text())
+    for key in ("name", "momentum", "nesterov", "b1", "b2", "eps"):
+        del saved["optim"][key]
+    (Path(dest) / "config.json").write_text(json.dumps(saved))
+
+
+def test_a_work_directory_of_the_previous_layout_resumes_or_says_why(tmp_path):
+    whole = train.train_and_evaluate(tiny_config(**SHORT), tmp_path / "whole",
+                                     log=lambda m: None)
+    train.train_and_evaluate(tiny_config(**SHORT, train__stop_at_step=15),
+                             tmp_path / "new", log=lambda m: None)
+    _write_old_layout(tmp_path / "new", tmp_path / "old")
+    # Another optimiser cannot take over: the config says why ...
+    with pytest.raises(ConfigError, match=r"started with optim.name='sgd', not 'adam'"):
+        train.train_and_evaluate(tiny_config(**SHORT, optim__name="adam"),
+                                 tmp_path / "old", log=lambda m: None)
+    # ... and so do the checkpoints, without the config.
+    config_json = (tmp_path / "old" / "config.json").read_text()
+    (tmp_path / "old" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"hold the state of optimiser 'sgd'.*"
+                                              r"not of 'adam'"):
+        train.train_and_evaluate(tiny_config(**SHORT, optim__name="adam"),
+                                 tmp_path / "old", log=lambda m: None)
+    (tmp_path / "old" / "config.json").write_text(config_json)
+    # SGD's state is empty: the old layout resumes, to the same numbers.
+    result = train.train_and_evaluate(tiny_config(**SHORT), tmp_path / "old",
+                                      log=lambda m: None)
+    assert result["finished"] and result["trained_steps"] == 24 - 15
+    assert_bit_identical(final_tree(tmp_path / "old")[0], final_tree(tmp_path / "whole")[0])
+    assert result["valid_loss"] == whole["valid_loss"]
+
+
+def test_a_finished_run_is_reported_as_finished_without_training(tmp_path):
+    c = tiny_config(**dict(SHORT, train__max_epochs=1))
+    first = train.train_and_evaluate(c, tmp_path / "run", log=lambda m: None)
+    logs = []
+    again = train.train_and_evaluate(c, tmp_path / "run", log=logs.append)
+    assert first["finished"] and first["trained_steps"] == 12
+    assert again["finished"] and again["trained_steps"] == 0
+    assert again["reason"] == first["reason"] == "reached train.max_epochs=1"
+    assert again["valid_loss"] == first["valid_loss"]
+    assert any("has finished" in m for m in logs)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def policy_config(**train):
+    c = config_lib.default_config().train
+    c.update({**dict(stop_at_step=0, time_budget_s=0.0, checkpoint_every_s=600.0), **train})
+    return c
+
+
+def test_stop_policy_decisions():
+    clock = FakeClock()
+    P = train.StopPolicy
+    with P(policy_config(checkpoint_every_s=10.0, time_budget_s=30.0), clock=clock) as p:
+        assert p.after_step(1, checked=False, last=False) is None
+        clock.now += 11
+        assert p.after_step(2, checked=False, last=True) is None  # the epoch's end saves
+        assert p.after_step(3, checked=False, last=False) == P.SAVE
+        p.saved()
+        clock.now += 5
+        assert p.after_step(4, checked=False, last=False) is None  # 5 s since the save
+        clock.now += 15  # 31 s since the start: over the budget
+        assert p.after_step(5, checked=False, last=True) is None and p.reason
+        assert p.after_step(6, checked=False, last=False) == P.STOP
+        assert p.reason == "used the time budget of 30 s"
+    p = P(policy_config(stop_at_step=7), clock=clock)
+    assert p.after_step(6, False, False) is None and p.reason is None
+    assert p.after_step(7, False, False) == P.STOP
+    assert p.reason == "reached train.stop_at_step=7"
+
+
+def test_stop_policy_catches_ctrl_c_and_asks_the_plan_to_agree():
+    class Plan:  # two processes: the other one saw Ctrl-C; process 0's clocks count
+        calls = []
+
+        def agree(self, check, requested, *elapsed):
+            self.calls.append((check, requested))
+            return (check, *(e + 1000.0 for e in elapsed)) if check else (False, 0.0, 0.0)
+
+    clock = FakeClock()
+    p = train.StopPolicy(policy_config(time_budget_s=500.0), Plan(), clock=clock)
+    with p:
+        assert p.after_step(1, checked=False, last=False) is None
+        assert p.after_step(2, checked=True, last=False) == p.INTERRUPT
+    assert Plan.calls == [(False, False), (True, False)]
+    with p:
+        os.kill(os.getpid(), signal.SIGINT)  # caught while the policy is open
+        assert p._interrupt.requested
+    assert signal.getsignal(signal.SIGINT) is not p._interrupt._handle
