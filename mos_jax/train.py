@@ -330,12 +330,12 @@ class StopPolicy:
 
     INTERRUPT, STOP, SAVE = "interrupt", "stop", "save"
 
-    def __init__(self, train_config, plan: parallel.Plan,
+    def __init__(self, train_config, plan: parallel.Plan | None = None,
                  clock: Callable[[], float] = time.perf_counter):
         self.stop_at_step = train_config.stop_at_step
         self.time_budget_s = train_config.time_budget_s
         self.checkpoint_every_s = train_config.checkpoint_every_s
-        self.plan, self.clock = plan, clock
+        self.plan, self.clock = parallel.resolve(plan), clock
         self.start = self.last_save = clock()
         self.reason: str | None = None
         self._interrupt = _Interrupt()
