@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accelerator_check.sh"
 STEPS = ["environment", "numerics", "plan_of_one", "auto_choices",
          "bench_ptb_bfloat16_chunk_auto", "train_ptb", "bench_ptb_bfloat16_chunk_0",
-         "bench_ptb_bfloat16_chunk_16", "bench_ptb_float32_chunk_auto",
-         "bench_ptb_float32_chunk_0", "bench_ptb_float32_chunk_16", "bench_wt2_one_piece",
+         "bench_ptb_bfloat16_chunk_16", "bench_wt2_one_piece", "bench_ptb_float32_chunk_auto",
+         "bench_ptb_float32_chunk_0", "bench_ptb_float32_chunk_16",
          "numerics_default_precision", "fused_tiles", "train_ptb_float32"]
 
 
