@@ -489,7 +489,7 @@ class Check:
 
     def compare_with_cpu(self, r):
         """The loss curve against the stored CPU run of the same steps."""
-        if r.get("status") != "ok":
+        if r.get("status", "ok") != "ok":
             return
         if not REFERENCE.is_file():
             r["cpu_reference"] = "missing: run benchmarks/accelerator_check.sh --cpu-reference"
