@@ -35,6 +35,9 @@ hang costs one step, not the call:
 9. `fused_tiles`, `train_ptb_float32`: the fused loss at other row chunks than auto's,
    and the training run in float32 (to compare the loss curve with CPU's exactly).
 
+They run in this order: 1, 2, 3, 5, the bfloat16/auto bench (what a GPU user gets),
+7, the other bench variants, 8, 4, 9; a step the budget cannot fit is reported skipped.
+
 Writes `accelerator_check.json`, `accelerator_check.md` (a short table) and
 `accelerator_check.log` (every child's output) into `--out` (default: `$OUT` when set,
 else runs/accelerator_check). Exit status: 0 when every step passed; 1 when a numeric
@@ -42,7 +45,8 @@ check failed, timed out or the environment lacks a required package; 3 when only
 benchmark or training steps failed or were cut by the budget.
 
 `--rehearse` runs every step on the CPU at tiny sizes (configs/tiny.py, its synthetic
-corpus, small bench shapes) in about a minute; tests/test_accelerator_check.py runs it.
+corpus, small bench shapes) in one to two minutes on 2 cores (a minute of CPU time);
+tests/test_accelerator_check.py runs it.
 """
 
 from __future__ import annotations
@@ -665,7 +669,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.0,
                    help="seconds for all steps (default 470; rehearsal 240)")
     p.add_argument("--rehearse", action="store_true",
-                   help="every step on the CPU at tiny sizes (about a minute)")
+                   help="every step on the CPU at tiny sizes (a minute or two)")
     p.add_argument("--cpu-reference", action="store_true",
                    help="train the same steps on the CPU and store the figures in "
                    "benchmarks/accelerator_check_cpu_reference.json")
