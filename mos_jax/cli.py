@@ -289,7 +289,7 @@ def _cmd_bench(args) -> None:
     settings = bench.BenchSettings(
         vocab=args.vocab, batch=args.batch, bptt=args.bptt, eval_batch=args.eval_batch,
         num_devices=args.num_devices, warmup=args.warmup, repeats=args.repeats,
-        dyn_windows=args.dyn_windows, workloads=workloads)
+        dyn_windows=args.dyn_windows, workloads=workloads, matmul_n=args.matmul_n)
     result = bench.run_bench(config, settings, log=_note)
     result["config"] = str(args.config)
     bench.main_print(result, args.out)
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None,
                    help="comma-separated workloads: train,eval,dynamic_eval (one per "
                    "process gives a clean peak-memory figure on CPU)")
+    p.add_argument("--matmul-n", type=int, default=0, help="size of the matmul that "
+                   "measures the peak FLOP/s (default 0: 2048 on CPU, 8192 elsewhere)")
     p.add_argument("--out", type=Path, help="also write the JSON result here")
     p.set_defaults(func=_cmd_bench)
 

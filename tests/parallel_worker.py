@@ -123,8 +123,9 @@ def task_step(workdir):
         blocks = [h[2 * d:2 * d + 2] for d in range(n)]
         dropout[strategy] = {
             "repeat_diff": tree_max_diff(a, b),
-            "min_block_diff": min(float(np.max(np.abs(blocks[i] - blocks[j])))
-                                  for i in range(n) for j in range(i + 1, n)),
+            "min_block_diff": min((float(np.max(np.abs(blocks[i] - blocks[j])))
+                                   for i in range(n) for j in range(i + 1, n)),
+                                  default=float("inf")),  # one device: no pairs
             "params": a.params, "loss": float(ma["loss"])}
     out["dropout"] = {
         "mesh_repeat": dropout["mesh"]["repeat_diff"],
