@@ -562,7 +562,8 @@ class PmapPlan(Plan):
 class MappedStep:
     """A train step over several devices: `(state, inputs, targets, length, seq_len,
     lr) -> (state, metrics)` with `state` in the global layout and `inputs`, `targets`
-    this process's columns `[T, B_local]`. `tx` and `traces` are the wrapped step's."""
+    this process's columns `[T, B_local]`. `tx`, `traces` and `n_groups` are the
+    wrapped step's."""
 
     def __init__(self, plan: Plan, step):
         if step.axis_name != plan.axis_name:
@@ -577,6 +578,10 @@ class MappedStep:
     @property
     def traces(self) -> int:
         return self.step.traces
+
+    @property
+    def n_groups(self) -> int:
+        return self.step.n_groups
 
     def __call__(self, state, inputs, targets, length, seq_len, lr):
         state = self.plan.place_state(state)

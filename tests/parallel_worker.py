@@ -92,7 +92,7 @@ def task_step(workdir):
             update_norm = float(np.sqrt(sum(np.sum(np.square(u))
                                             for u in jax.tree_util.tree_leaves(update))))
             out[f"{strategy}_{small}"] = {
-                "groups": step.step.n_groups,
+                "groups": step.n_groups,
                 "loss": abs(float(m["loss"]) - float(ref_m["loss"])),
                 "nll": abs(float(m["nll"]) - float(ref_m["nll"])),
                 "grad_norm_ratio": float(m["grad_norm"]) / grad_norm,
