@@ -38,11 +38,16 @@ def test_bench_command_writes_json(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == printed
     assert "train" not in printed and printed["vocab"] == 50
-    for name, tokens in (("eval", 8 * 20), ("dynamic_eval", 4 * 5)):
+    # tiny, by hand: one LSTM layer 16 -> 16; 4 experts of d = 16 over V = 50
+    lstm = 2 * 4 * 16 * (16 + 16)
+    head = 2 * (16 * 4 + 16 * 4 * 16 + 4 * 16 * 50)
+    assert printed["model_flops_per_token"] == {"lstm": lstm, "head": head,
+                                                "forward": lstm + head}
+    for name in ("eval", "dynamic_eval"):
         r = printed[name]
         t = r["tokens_per_s"]
         assert r["compile_s"] > 0 and t["runs"] == 2 and 0 < t["min"] <= t["median"] <= t["max"]
-        per_token = printed["model_flops_per_token"]["forward"] * (3 if name != "eval" else 1)
+        per_token = (lstm + head) * (3 if name != "eval" else 1)  # backward: 2x forward
         assert r["model_gflops_per_s"] == pytest.approx(t["median"] * per_token / 1e9,
                                                         rel=1e-2, abs=0.01)
         assert r["peak_memory_mb"] > 0
