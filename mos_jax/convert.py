@@ -320,7 +320,7 @@ def load_weights(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
     meta = directory / "model.json"
     if not meta.is_file():
         raise CheckpointError(f"{directory} has no model.json: is it an output of "
-                              "`mos-jax import-torch`?")
+                              "`mos-jax import`?")
     config = ModelConfig.from_dict(json.loads(meta.read_text()))
     not_in_weights = {k: getattr(config, k) for k in (
         "dropout", "dropouth", "dropouti", "dropoute", "dropoutl", "wdrop", "compute_dtype")}

@@ -69,8 +69,11 @@ def test_console_script_is_installed():
         pytest.skip("the package is not installed (pip install -e '.[test]')")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for command in ("download", "import-torch", "evaluate"):
+    for command in ("download", "import", "import-torch", "evaluate"):
         assert command in out.stdout
+    from mos_jax import __version__
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"mos-jax {__version__}"
     out = subprocess.run([sys.executable, "-m", "mos_jax.cli", "download", "nope",
                           "--dest", "x"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "invalid choice" in out.stderr
@@ -78,8 +81,11 @@ def test_console_script_is_installed():
 
 def test_train_continue_and_evaluate(tmp_path, capsys):
     w = str(tmp_path / "run")
+    # 4,000 training tokens, as the shared tiny run: the same compiled programs, and
+    # a fifth of the steps (the sizes are not what this test is about)
     assert cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", w,
-                     "--config.train.max_epochs", "1", "--config.train.test=false"]) == 0
+                     "--config.train.max_epochs", "1", "--config.train.test=false",
+                     "--config.data.synthetic.train_tokens=4000"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["best_epoch"] == 1
     # Continue the finished run for one more epoch, from its own config.
