@@ -184,8 +184,6 @@ def _load_model(args):
 
 
 def _cmd_evaluate(args) -> None:
-    import math
-
     import numpy as np
 
     from mos_jax import parallel
@@ -303,8 +301,6 @@ def _cmd_rank(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    import math
-
     import numpy as np
 
     from mos_jax import data, generate
@@ -354,6 +350,7 @@ def _cmd_plot(args) -> None:
 def _cmd_bench(args) -> None:
     from mos_jax import bench
     from mos_jax import config as config_lib
+    _output_file("--out", args.out)
     overrides = config_lib.parse_overrides(args.overrides)
     for key, value in (("model.head", args.head), ("model.compute_dtype", args.dtype),
                        ("model.vocab_chunk", args.vocab_chunk)):

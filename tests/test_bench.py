@@ -57,3 +57,11 @@ def test_bench_command_writes_json(tmp_path, capsys):
 def test_bench_rejects_an_unknown_workload(capsys):
     rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--only", "trian"])
     assert rc == 2 and "unknown workload" in capsys.readouterr().err
+
+
+def test_bench_checks_its_output_path_first(tmp_path, capsys):
+    out = tmp_path / "missing" / "bench.json"
+    rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --out") and "does not exist" in err
+    assert not out.parent.exists()
