@@ -15,22 +15,28 @@
                      [--words 100] [--temperature 1.0] [--seed 0] [--out FILE]
     mos-jax plot --workdir DIR [--workdir DIR ...] [--out curves.png]
     mos-jax download ptb|wikitext-2 --dest DIR
-    mos-jax import-torch FILE.pt --out DIR [--head mos|moc|softmax]
+    mos-jax import FILE.pt|FILE.npz --out DIR [--head mos|moc|softmax]
+                                                     (alias: import-torch)
     mos-jax bench [--config configs/ptb.py] [--batch 12] [--bptt 70] [--dtype float32]
                   [--vocab-chunk auto] [--num-devices 1] [--only train,eval] [--out F]
+    mos-jax --version
 
 A user mistake (missing file, bad key, ...) prints one line starting with `error:` and
-exits with status 2; no traceback.
+exits with status 2; no traceback. Sizes and output paths are checked before any work, so
+a bad `--dump` or `--plot` never costs the result of a long run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
+from mos_jax import __version__
 from mos_jax.errors import MosJaxError
 
 PRESET_NAMES = ("default", "ptb", "wt2")  # mos_jax.dynamic_eval.PRESETS, without JAX
@@ -42,9 +48,60 @@ def _cmd_download(args) -> None:
     print(f"{args.corpus} is ready in {dest}")
 
 
-def _cmd_import_torch(args) -> None:
+def _at_least(flag: str, value, low: int = 1) -> None:
+    """Refuse a count below `low` (None: the option was not given)."""
+    if value is not None and value < low:
+        raise MosJaxError(f"{flag} must be at least {low}, got {value}")
+
+
+def _positive(flag: str, value, zero_ok: bool = False) -> None:
+    """Refuse a non-finite, negative or (unless zero_ok) zero number."""
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise MosJaxError(f"{flag} must be a {'non-negative' if zero_ok else 'positive'} "
+                          f"number, got {value}")
+
+
+def _image_formats() -> set[str]:
+    """File suffixes matplotlib can write (`.png`, `.pdf`, `.svg`, ...)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise MosJaxError("plotting needs matplotlib: pip install matplotlib") from None
+    return {f".{k}" for k in FigureCanvasAgg.get_supported_filetypes()}
+
+
+def _output_file(flag: str, path, suffixes=None, make_dirs: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written.
+
+    `suffixes`: the accepted file endings (an image format for plots). `make_dirs`: the
+    writer creates missing folders, so only the nearest existing one must be writable.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise MosJaxError(f"{flag} {path} is a directory: give a file name inside it")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise MosJaxError(
+            f"{flag} {path}: cannot write a {path.suffix or 'suffix-less'} file; give a "
+            f"name ending in one of {', '.join(sorted(suffixes))} (e.g. {path.stem}.png)")
+    folder = path.parent
+    if make_dirs:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    if not folder.is_dir():
+        raise MosJaxError(f"{flag} {path}: the folder {folder} does not exist; create it "
+                          f"first (mkdir -p {folder}) or choose another path")
+    if not os.access(folder, os.W_OK):
+        raise MosJaxError(f"{flag} {path}: the folder {folder} is not writable; choose "
+                          "another path")
+
+
+def _cmd_import(args) -> None:
     from mos_jax import convert, model
-    config, params = convert.import_torch(args.file, args.out, head=args.head)
+    config, params = convert.import_weights(args.file, args.out, head=args.head)
     print(f"imported {model.param_count(params):,} parameters ({config.head} head, "
           f"V={config.vocab_size}, emsize={config.emsize}, nhid={config.nhid}, "
           f"nhidlast={config.nhidlast}, experts={config.n_experts}) into {args.out}")
@@ -107,7 +164,7 @@ def _load_model(args):
     from mos_jax import convert, data
     if (args.weights is None) == (args.workdir is None):
         raise MosJaxError("give exactly one of --workdir (a training run) or --weights "
-                          "(a directory written by import-torch)")
+                          "(a directory written by `mos-jax import`)")
     if args.workdir is not None:
         from mos_jax import train
         _, corpus, config, params = train.load_best(args.workdir)
@@ -127,11 +184,12 @@ def _load_model(args):
 
 
 def _cmd_evaluate(args) -> None:
-    import math
-
     import numpy as np
 
     from mos_jax import evaluate, parallel
+    _at_least("--batch-size", args.batch_size)
+    _at_least("--bptt", args.bptt)
+    _output_file("--dump", args.dump, suffixes={".npy"})
     config, params, corpus = _load_model(args)
     ids = corpus.split(args.split)
     plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
@@ -163,6 +221,13 @@ def _cmd_dynamic_eval(args) -> None:
 
     from mos_jax import dynamic_eval as de
     from mos_jax import parallel
+    for flag in ("batch_size", "bptt", "stats_batch_size", "max_batches"):
+        _at_least("--" + flag.replace("_", "-"), getattr(args, flag))
+    _positive("--lr", args.lr, zero_ok=True)
+    _positive("--lamb", args.lamb)  # decrate is clipped at 1/lamb
+    _positive("--epsilon", args.epsilon)
+    _output_file("--dump", args.dump, suffixes={".npy"})
+    _output_file("--out", args.out)
     config, params, corpus = _load_model(args)
     plan = parallel.local_plan(args.num_devices)
     settings = dict(de.PRESETS[args.preset])
@@ -210,6 +275,10 @@ def _cmd_rank(args) -> None:
     from mos_jax import rank
     if args.contexts is not None and args.contexts < 1:
         raise MosJaxError(f"--contexts must be at least 1, got {args.contexts}")
+    _at_least("--batch-size", args.batch_size)
+    _at_least("--bptt", args.bptt)
+    _output_file("--plot", args.plot, suffixes=_image_formats(), make_dirs=True)
+    _output_file("--out", args.out)
     config, params, corpus = _load_model(args)
     result = rank.analyse(config, params, corpus.split(args.split), args.contexts,
                           max_memory_gb=args.max_memory_gb, batch_size=args.batch_size,
@@ -229,8 +298,6 @@ def _cmd_rank(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    import math
-
     import numpy as np
 
     from mos_jax import data, generate
@@ -240,6 +307,7 @@ def _cmd_generate(args) -> None:
                           "smaller values approach its most likely words)")
     if args.words < 1:
         raise MosJaxError(f"--words must be at least 1, got {args.words}")
+    _output_file("--out", args.out)
     config, params, corpus = _load_model(args)
     shown = []  # the prompt words printed before the sample
     if args.prompt is not None and args.prompt.split():
@@ -270,6 +338,7 @@ def _cmd_generate(args) -> None:
 
 def _cmd_plot(args) -> None:
     from mos_jax.plot import plot_learning_curves
+    _output_file("--out", args.out, suffixes=_image_formats(), make_dirs=True)
     runs = {Path(w).name or str(w): w for w in args.workdir}
     out = plot_learning_curves(runs, args.out)
     print(f"wrote {out}")
@@ -278,6 +347,7 @@ def _cmd_plot(args) -> None:
 def _cmd_bench(args) -> None:
     from mos_jax import bench
     from mos_jax import config as config_lib
+    _output_file("--out", args.out)
     overrides = config_lib.parse_overrides(args.overrides)
     for key, value in (("model.head", args.head), ("model.compute_dtype", args.dtype),
                        ("model.vocab_chunk", args.vocab_chunk)):
@@ -315,6 +385,7 @@ def _cmd_demo(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mos-jax", description="AWD-LSTM with a Mixture-of-Softmaxes head, in JAX.")
+    parser.add_argument("--version", action="version", version=f"mos-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("download", help="fetch PTB or WikiText-2 and verify checksums")
@@ -323,16 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("import-torch", help="convert a reference PyTorch checkpoint")
-    p.add_argument("file", type=Path, help="a .pt file: state dict or pickled model")
+    p = sub.add_parser("import", aliases=["import-torch"],
+                       help="convert reference weights (PyTorch .pt or NumPy .npz)")
+    p.add_argument("file", type=Path, help="a .pt file (state dict or pickled model) or "
+                   "an .npz of reference-named arrays")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--head", choices=["mos", "moc", "softmax"], default=None,
                    help="head to read the weights as (default: from the weights)")
-    p.set_defaults(func=_cmd_import_torch)
+    p.set_defaults(func=_cmd_import)
 
     def model_source(p):
         p.add_argument("--workdir", type=Path, help="a training run's work directory")
-        p.add_argument("--weights", type=Path, help="a directory written by import-torch")
+        p.add_argument("--weights", type=Path, help="a directory written by `mos-jax import`")
         p.add_argument("--data", default=None, help="corpus directory, 'synthetic', or "
                        "'tfds:NAME' (default with --workdir: the run's corpus)")
 

@@ -28,6 +28,8 @@ _ALIASES = [  # (pattern on a reference name, SPEC.md name)
      r"rnns.\1.\2"),
     (re.compile(r"^latent\.0\.(weight|bias)$"), r"latent.\1"),
 ]
+_SPEC_NAME = re.compile(r"^(encoder\.weight|rnns\.\d+\.(weight_ih|weight_hh|bias_ih|bias_hh)"
+                        r"|prior\.weight|latent\.(weight|bias)|decoder\.(weight|bias))$")
 _LSTM_PARTS = {"weight_ih": "ih_kernel", "weight_hh": "hh_kernel",
                "bias_ih": "ih_bias", "bias_hh": "hh_bias"}
 
@@ -35,8 +37,9 @@ _LSTM_PARTS = {"weight_ih": "ih_kernel", "weight_hh": "hh_kernel",
 def normalize_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Map a reference state dict to SPEC.md names as float32 NumPy arrays.
 
-    Unknown keys are dropped. A raw (un-dropped) recurrent weight wins over a derived
-    `weight_hh_l0` saved beside it.
+    Unknown keys are ignored whatever they hold (metadata such as a JSON string, an
+    optimizer's step count); a weight name with a non-numeric value is an error. A raw
+    (un-dropped) recurrent weight wins over a derived `weight_hh_l0` saved beside it.
     """
     out: dict[str, np.ndarray] = {}
     raw_seen: set[str] = set()
@@ -51,7 +54,13 @@ def normalize_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
             continue
         if is_raw:
             raw_seen.add(name)
-        out[name] = np.asarray(value, dtype=np.float32)
+        value = np.asarray(value)
+        if value.dtype.kind not in "biuf":
+            if _SPEC_NAME.match(name):
+                raise CheckpointError(f"{key} holds {value.dtype} values, not numbers: "
+                                      "is this a weight file?")
+            continue  # metadata, not a weight
+        out[name] = value.astype(np.float32)
     return out
 
 
@@ -161,13 +170,22 @@ def to_reference_state(model_config: ModelConfig, params: Params,
 
 def load_reference_npz(path: str | os.PathLike, head: str | None = None,
                        **config_overrides) -> tuple[ModelConfig, Params]:
-    """Read an `.npz` of reference-named weights; returns `(model_config, params)`."""
+    """Read an `.npz` of reference-named weights; returns `(model_config, params)`.
+
+    Entries that are not weights are ignored, whatever their dtype (a string holding a
+    JSON config, a pickled object, which is never unpickled).
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no weight file at {path}")
+        raise CheckpointError(f"no such file: {path} (no weight file there; check the path)")
+    state = {}
     try:
         with np.load(path, allow_pickle=False) as z:
-            state = {k: z[k] for k in z.files}
+            for k in z.files:
+                try:
+                    state[k] = z[k]
+                except ValueError:  # an object array: needs pickle, so not a weight
+                    pass
     except (OSError, ValueError, EOFError) as e:
         raise CheckpointError(f"{path} is not a readable .npz file ({e})") from None
     return from_reference_state(state, head=head, **config_overrides)
@@ -231,14 +249,16 @@ def _module_state(obj, prefix="") -> dict[str, Any]:
 
 def read_torch_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A reference checkpoint (a state dict or a pickled module) as NumPy arrays."""
+    path = Path(path)
+    if not path.is_file():  # before asking for PyTorch: a typo needs no install
+        raise CheckpointError(f"no such file: {path} (no checkpoint there; check the path)")
     try:
         import torch
     except ImportError:
         raise CheckpointError("importing .pt files needs PyTorch: "
-                              "pip install 'mos-jax[torch]'") from None
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+                              "pip install 'mos-jax[torch]' (or convert the weights to "
+                              "an .npz of reference-named arrays, which needs no PyTorch)"
+                              ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -273,6 +293,18 @@ def import_torch(path: str | os.PathLike, out_dir: str | os.PathLike,
     return config, params
 
 
+def import_weights(path: str | os.PathLike, out_dir: str | os.PathLike,
+                   head: str | None = None) -> tuple[ModelConfig, Params]:
+    """Convert reference weights, a `.npz` of reference-named arrays or a PyTorch file
+    (any other name); writes `weights.npz` and `model.json` to out_dir."""
+    if Path(path).suffix.lower() == ".npz":
+        config, params = load_reference_npz(path, head=head)
+    else:
+        config, params = from_reference_state(read_torch_state(path), head=head)
+    save_weights(out_dir, config, params)
+    return config, params
+
+
 def save_weights(out_dir: str | os.PathLike, config: ModelConfig, params: Params) -> None:
     """`weights.npz` (SPEC.md names) and `model.json` (the ModelConfig) in out_dir."""
     import dataclasses
@@ -288,7 +320,7 @@ def load_weights(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
     meta = directory / "model.json"
     if not meta.is_file():
         raise CheckpointError(f"{directory} has no model.json: is it an output of "
-                              "`mos-jax import-torch`?")
+                              "`mos-jax import`?")
     config = ModelConfig.from_dict(json.loads(meta.read_text()))
     not_in_weights = {k: getattr(config, k) for k in (
         "dropout", "dropouth", "dropouti", "dropoute", "dropoutl", "wdrop", "compute_dtype")}

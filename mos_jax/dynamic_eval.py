@@ -155,6 +155,8 @@ def save_statistics(path, stats: GradientStatistics) -> None:
 
 def load_statistics(path, params: Params, lamb: float) -> GradientStatistics:
     """Read what `save_statistics` wrote, shaped like `params`."""
+    if not lamb > 0:  # as gradient_statistics: a cached file changes nothing
+        raise ConfigError(f"lamb must be positive (decrate is clipped at 1/lamb), got {lamb}")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     with np.load(path) as z:
         ms_leaves = [jnp.asarray(z[f"ms_{i}"]) for i in range(len(leaves))]

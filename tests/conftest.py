@@ -1,6 +1,10 @@
-"""Shared test set-up: the real corpora, when present, and the import path."""
+"""Shared test set-up: the real corpora, when present, the import path, and a
+compilation cache for the run."""
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,42 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # numpy_reference
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# XLA compilation cache, per test run: many tests build the same programs again (a new
+# jit of the same train step, eval or head; a training run in a subprocess), and a
+# cache hit skips XLA's compile. The environment carries it into the processes the
+# tests launch (compare-heads' per-head runs, multi-device workers, the command).
+# A fresh directory each run: nothing stale is ever read. MOS_JAX_TEST_XLA_CACHE=0
+# turns it off.
+_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": None,
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def pytest_configure(config):
+    if os.environ.get("MOS_JAX_TEST_XLA_CACHE", "1") == "0":
+        return
+    cache = tempfile.mkdtemp(prefix="mos-jax-tests-xla-")
+    config.mos_jax_xla_cache = cache
+    config.mos_jax_saved_env = {k: os.environ.get(k) for k in _CACHE_ENV}
+    os.environ.update({k: v or cache for k, v in _CACHE_ENV.items()})
+    import jax  # already imported or not: the settings apply from the next compile
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "mos_jax_xla_cache", None)
+    if cache is None:
+        return
+    for key, value in config.mos_jax_saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

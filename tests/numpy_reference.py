@@ -2,10 +2,13 @@
 
 Written from SPEC.md section 2 in the reference's own layouts (PyTorch weights [out, in],
 gate rows i, f, g, o) and its own arithmetic (mixing in probability space), sharing no
-code with mos_jax. Used by the tests as the ground truth.
+code with mos_jax (but for `true_ppl`, which draws the synthetic chain with
+mos_jax.data). Used by the tests as the ground truth.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -118,3 +121,18 @@ def regularized_loss(state, inputs, targets, head, alpha, beta):
     ar = np.mean(output ** 2)
     tar = np.mean((output[1:] - output[:-1]) ** 2)
     return nll + alpha * ar + beta * tar
+
+
+def true_ppl(vocab_size, peakedness, seed):
+    """The synthetic Markov chain's perplexity: exp of its entropy rate, with the
+    stationary law solved for here (not by the code under test)."""
+    from mos_jax import data  # the chain's draw only
+    chain = data.make_markov_chain(vocab_size, peakedness, seed)
+    p = np.exp(chain.log_transition)
+    # pi (P - I) = 0 with sum(pi) = 1, as one least-squares system.
+    a = np.vstack([(p - np.eye(vocab_size)).T, np.ones(vocab_size)])
+    b = np.zeros(vocab_size + 1)
+    b[-1] = 1.0
+    pi = np.linalg.lstsq(a, b, rcond=None)[0]
+    entropy = -np.sum(pi[:, None] * p * np.log(p))
+    return math.exp(entropy)

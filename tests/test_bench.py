@@ -33,18 +33,25 @@ def test_model_flops_per_token_of_the_ptb_config_by_hand():
 def test_bench_command_writes_json(tmp_path, capsys):
     jax.clear_caches()  # programs compiled by earlier tests would time as 0 s compiles
     out = tmp_path / "bench.json"
-    rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--vocab", "50",
+    # V = 47, a size no other test compiles: the test run's compilation cache (and so a
+    # compile time of 0) cannot hold these programs
+    rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--vocab", "47",
                    "--only", "eval,dynamic_eval", "--repeats", "2", "--dyn-windows", "4",
                    "--out", str(out)])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == printed
-    assert "train" not in printed and printed["vocab"] == 50
-    for name, tokens in (("eval", 8 * 20), ("dynamic_eval", 4 * 5)):
+    assert "train" not in printed and printed["vocab"] == 47
+    # tiny, by hand: one LSTM layer 16 -> 16; 4 experts of d = 16 over V = 47
+    lstm = 2 * 4 * 16 * (16 + 16)
+    head = 2 * (16 * 4 + 16 * 4 * 16 + 4 * 16 * 47)
+    assert printed["model_flops_per_token"] == {"lstm": lstm, "head": head,
+                                                "forward": lstm + head}
+    for name in ("eval", "dynamic_eval"):
         r = printed[name]
         t = r["tokens_per_s"]
         assert r["compile_s"] > 0 and t["runs"] == 2 and 0 < t["min"] <= t["median"] <= t["max"]
-        per_token = printed["model_flops_per_token"]["forward"] * (3 if name != "eval" else 1)
+        per_token = (lstm + head) * (3 if name != "eval" else 1)  # backward: 2x forward
         assert r["model_gflops_per_s"] == pytest.approx(t["median"] * per_token / 1e9,
                                                         rel=1e-2, abs=0.01)
         assert r["peak_memory_mb"] > 0
@@ -54,3 +61,11 @@ def test_bench_command_writes_json(tmp_path, capsys):
 def test_bench_rejects_an_unknown_workload(capsys):
     rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--only", "trian"])
     assert rc == 2 and "unknown workload" in capsys.readouterr().err
+
+
+def test_bench_checks_its_output_path_first(tmp_path, capsys):
+    out = tmp_path / "missing" / "bench.json"
+    rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --out") and "does not exist" in err
+    assert not out.parent.exists()

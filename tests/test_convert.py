@@ -68,11 +68,25 @@ def test_head_is_inferred_and_errors_are_clear(tmp_path):
     missing = {k: v for k, v in state.items() if k != "decoder.bias"}
     with pytest.raises(CheckpointError, match="lack 'decoder.bias'"):
         convert.from_reference_state(missing)
-    with pytest.raises(CheckpointError, match="no weight file"):
+    with pytest.raises(CheckpointError, match="no such file"):
         convert.load_reference_npz(tmp_path / "none.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable"):
         convert.load_reference_npz(tmp_path / "junk.npz")
+
+
+def test_npz_metadata_of_any_dtype_is_ignored(tmp_path):
+    state = state_for()
+    meta = {"config": np.asarray('{"emsize": 4, "dropout": 0.4}'),  # a string
+            "epochs": np.asarray(30), "notes": np.asarray([{"a": 1}], dtype=object)}
+    np.savez(tmp_path / "w.npz", **state, **meta)
+    config, params = convert.load_reference_npz(tmp_path / "w.npz")
+    assert (config.vocab_size, config.emsize, config.n_experts) == (11, 4, 2)
+    assert_same_state(convert.to_reference_state(config, params), state)
+    # A weight's own name holding text is not metadata: a clear error.
+    np.savez(tmp_path / "bad.npz", **{**state, "decoder.bias": np.asarray(["x"] * 11)})
+    with pytest.raises(CheckpointError, match="decoder.bias holds <U1 values"):
+        convert.load_reference_npz(tmp_path / "bad.npz")
 
 
 def test_save_and_load_weights(tmp_path):

@@ -1,14 +1,13 @@
 """The softmax-bottleneck demo's claims, on a shortened run (mos_jax.demo)."""
 
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+import numpy_reference as ref
 from mos_jax import config as config_lib
-from mos_jax import data
+from mos_jax import evaluate, train
 from mos_jax.demo import demo_config, run_demo
 from mos_jax.errors import ConfigError
 
@@ -43,19 +42,6 @@ def demo(tmp_path_factory):
     return workdir, summary, lines
 
 
-def independent_true_ppl(vocab_size, peakedness, seed):
-    """exp of the entropy rate, with the stationary law solved for here."""
-    chain = data.make_markov_chain(vocab_size, peakedness, seed)
-    p = np.exp(chain.log_transition)
-    # pi (P - I) = 0 with sum(pi) = 1, as one least-squares system.
-    a = np.vstack([(p - np.eye(vocab_size)).T, np.ones(vocab_size)])
-    b = np.zeros(vocab_size + 1)
-    b[-1] = 1.0
-    pi = np.linalg.lstsq(a, b, rcond=None)[0]
-    entropy = -np.sum(pi[:, None] * p * np.log(p))
-    return math.exp(entropy)
-
-
 def test_mos_beats_softmax_and_only_softmax_is_rank_capped(demo):
     _, summary, _ = demo
     soft, mos = summary["softmax"], summary["mos"]
@@ -72,7 +58,7 @@ def test_mos_beats_softmax_and_only_softmax_is_rank_capped(demo):
 
 def test_the_printed_true_perplexity_is_the_chains(demo):
     _, summary, lines = demo
-    want = independent_true_ppl(V, 2.0, 0)
+    want = ref.true_ppl(V, 2.0, 0)
     assert summary["true_ppl"] == pytest.approx(want, rel=1e-9)
     start = max(i for i, line in enumerate(lines) if "bottleneck demo" in line)
     table = "\n".join(lines[start:])
@@ -86,8 +72,18 @@ def test_outputs_are_written(demo):
     png = workdir / "learning_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["plot"] == str(png)
+    # The file's figures against independent computations: the chain's entropy rate,
+    # each head's best weights on the test split, and the gap's arithmetic.
     stored = json.loads((workdir / "demo.json").read_text())
-    assert stored == json.loads(json.dumps(summary))
+    assert stored["true_ppl"] == pytest.approx(ref.true_ppl(V, 2.0, 0), rel=1e-9)
+    for head in ("softmax", "mos"):
+        config, corpus, model_config, params = train.load_best(workdir / head)
+        ppl = evaluate.perplexity(model_config, params, corpus.test,
+                                  config.data.test_batch_size, config.data.bptt)
+        assert stored[head]["test_ppl"] == pytest.approx(ppl, rel=1e-6)
+    soft, mos = stored["softmax"]["test_ppl"], stored["mos"]["test_ppl"]
+    assert stored["gap_recovered"] == pytest.approx(
+        (soft - mos) / (soft - stored["true_ppl"]), rel=1e-9)
 
 
 def test_a_finished_demo_is_not_trained_again(demo):

@@ -112,9 +112,25 @@ def test_full_decay_pulls_back_to_theta0_each_update(setup):
     # plain step from theta0 with the last window's gradient at the carried state.
     moved = dynamic_eval.dynamic_evaluate(CONFIG, params, stats.ms, ones, eval_ids,
                                           lr=0.01, lamb=lamb)
-    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(
-        jax.tree_util.tree_leaves(moved.params), jax.tree_util.tree_leaves(params)))
-    assert 0 < diff < 0.01 / 1e-3 * 1.01
+    # The plain loop up to the last window: its weights and carry, then its gradient.
+    rows = batching.batchify(eval_ids, 1)
+    windows = list(batching.eval_windows(len(rows), 5))
+    theta, carry = params, model.init_carry(CONFIG, 1)
+    for n, (i, length) in enumerate(windows):
+        x, y = rows[i:i + length], rows[i + 1:i + 1 + length]
+        g, (_, next_carry) = window_grad(theta, carry, x, y)
+        if n == len(windows) - 1:
+            break
+        carry = next_carry
+        theta = jax.tree_util.tree_map(
+            lambda t, t0, d, m, gg: np.asarray(t) + lamb * np.asarray(d) * (
+                np.asarray(t0) - np.asarray(t)) - 0.01 * np.asarray(gg) / (np.asarray(m) + 1e-3),
+            theta, params, ones, stats.ms, g)
+    want = jax.tree_util.tree_map(
+        lambda p0, m, gg: np.asarray(p0) - 0.01 * np.asarray(gg) / (np.asarray(m) + 1e-3),
+        params, stats.ms, g)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           moved.params, want)
 
 
 def test_decrate_is_clipped_and_rms_variant(setup):
@@ -133,6 +149,23 @@ def test_decrate_is_clipped_and_rms_variant(setup):
     capped = dynamic_eval.gradient_statistics(CONFIG, params, train_ids, batch_size=3,
                                               max_batches=3)
     assert capped.windows == 3
+
+
+def test_cached_statistics_refuse_a_non_positive_lambda(setup, tmp_path):
+    params = setup[0]
+    rng = np.random.default_rng(5)
+    ms = jax.tree_util.tree_map(lambda p: rng.uniform(0.5, 2.0, p.shape).astype(np.float32),
+                                params)
+    path = tmp_path / "stats.npz"
+    dynamic_eval.save_statistics(path, dynamic_eval.GradientStatistics(ms, ms, 7))
+    for lamb in (0.0, -1.0):  # as gradient_statistics does before its pass
+        with pytest.raises(dynamic_eval.ConfigError, match="lamb must be positive"):
+            dynamic_eval.load_statistics(path, params, lamb)
+    loaded = dynamic_eval.load_statistics(path, params, 2.0)
+    gsum = sum(float(np.mean(m, dtype=np.float64)) for m in jax.tree_util.tree_leaves(ms))
+    assert loaded.windows == 7
+    jax.tree_util.tree_map(lambda d, m: np.testing.assert_allclose(
+        d, np.minimum(m / gsum, 0.5), rtol=1e-6), loaded.decrate, ms)
 
 
 def test_command_caches_statistics(tiny_run, capsys):
