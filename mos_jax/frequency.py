@@ -212,6 +212,8 @@ def format_table(rep: dict) -> list[str]:
 def describe(rep: dict) -> str:
     """One line saying how the buckets were made."""
     edges = ", ".join(map(str, rep["edges"]))
+    unk = any(b["name"] == UNK for b in rep["buckets"])
     return (f"Targets of the {rep['split']} split by their training-set count: the "
-            f"{rep['top']} most frequent types, then count edges {edges or 'none'}; "
-            f"<unk> on its own; unseen words count 0.")
+            f"{rep['top']} most frequent types, then count edges {edges or 'none'}"
+            f"{'; <unk> on its own' if unk else ''}; a type is in one bucket only; "
+            "unseen words count 0.")
