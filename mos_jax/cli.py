@@ -7,7 +7,8 @@
     mos-jax train --workdir DIR                      (continue a run)
     mos-jax finetune --config configs/ptb_finetune.py --workdir DIR
     mos-jax evaluate --workdir DIR | --weights DIR [--data CORPUS] [--split test]
-                     [--batch-size 1] [--bptt 70] [--dump FILE.npy]
+                     [--batch-size 1] [--bptt 70] [--dump FILE.npy] [--out FILE]
+                     [--by-frequency [--top-words 100] [--count-edges 1000,100,10]]
     mos-jax dynamic-eval --workdir DIR | --weights DIR [--preset ptb] [--lr --lamb ...]
     mos-jax rank --workdir DIR | --weights DIR --data CORPUS [--split valid]
                  [--contexts N] [--max-memory-gb 4] [--plot FILE.png] [--out FILE]
@@ -190,6 +191,10 @@ def _cmd_evaluate(args) -> None:
     _at_least("--batch-size", args.batch_size)
     _at_least("--bptt", args.bptt)
     _output_file("--dump", args.dump, suffixes={".npy"})
+    _output_file("--out", args.out)
+    if args.by_frequency:  # a bad --top-words before anything loads
+        from mos_jax import frequency
+        frequency.check_edges(args.top_words, args.count_edges)
     config, params, corpus = _load_model(args)
     ids = corpus.split(args.split)
     plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
@@ -202,7 +207,29 @@ def _cmd_evaluate(args) -> None:
     if args.dump:
         np.save(args.dump, logp)
         result["dump"] = str(args.dump)
-    print(json.dumps(result))
+    if args.by_frequency:
+        from mos_jax import frequency
+        rep = frequency.by_frequency(config, params, corpus, args.split, args.batch_size,
+                                     args.bptt, top=args.top_words,
+                                     edges=args.count_edges, logp=logp)
+        result["by_frequency"] = {k: rep[k] for k in ("top", "edges", "buckets")}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.by_frequency:  # the table on stdout, the numbers in --out
+        print(frequency.describe(rep))
+        print()
+        print("\n".join(frequency.format_table(rep)))
+    else:
+        print(json.dumps(result))
+
+
+def _count_edges(text: str) -> tuple[int, ...]:
+    """--count-edges: "1000,100,10"; a bad list is an argparse error (exit 2)."""
+    from mos_jax import frequency
+    try:
+        return frequency.parse_edges(text)
+    except MosJaxError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _params_digest(params) -> str:
@@ -418,6 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump", type=Path, help="save per-token log-probs [rows, batch] as .npy")
     p.add_argument("--num-devices", type=int, default=0,
                    help="devices to split the columns over (default 0: all local devices)")
+    p.add_argument("--by-frequency", action="store_true",
+                   help="print a table of perplexity by training-set word count (the "
+                   "most frequent words, count buckets, <unk>) instead of the JSON line")
+    p.add_argument("--top-words", type=int, default=100, metavar="N",
+                   help="with --by-frequency: the N most frequent words form the first "
+                   "bucket (default 100; 0: none)")
+    p.add_argument("--count-edges", type=_count_edges, default=(1000, 100, 10),
+                   metavar="E1,E2,...", help="with --by-frequency: training-count edges "
+                   "of the other buckets (default 1000,100,10: >= 1000, 100-999, "
+                   "10-99, < 10)")
+    p.add_argument("--out", type=Path, help="also write the JSON result here (with "
+                   "--by-frequency: the buckets too)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("dynamic-eval", help="dynamic evaluation (Krause et al.) of a "

@@ -14,6 +14,8 @@ memory is its own. Then, per head, from that process:
   device's `peak_bytes_in_use` where the device reports one (GPU/TPU);
 - `valid_ppl`: `mos_jax.evaluate.perplexity` of the best weights on the whole
   validation split (`data.eval_batch_size`, `data.bptt`);
+- `by_frequency`: the best weights' validation perplexity per training-set frequency
+  bucket (`mos_jax.frequency.by_frequency`, default buckets; a second table);
 - `rank`: the empirical rank (`mos_jax.rank`) of the best weights' `[N, V]`
   log-probability matrix over the first `N = min(V, rank_contexts)` validation
   contexts, computed in float32.
@@ -232,7 +234,7 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     this head's. `peak_rss_bytes` is None when this process trained nothing (the run
     had finished before).
     """
-    from mos_jax import evaluate
+    from mos_jax import evaluate, frequency
     from mos_jax import heads as heads_lib
     from mos_jax import model as model_lib
     from mos_jax import rank as rank_lib
@@ -267,6 +269,9 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     else:
         ppl = evaluate.perplexity(model_config, params, valid,
                                   config.data.eval_batch_size, config.data.bptt)
+    # Perplexity by training-set word frequency on the same split (`mos_jax.frequency`).
+    freq = frequency.by_frequency(model_config, params, corpus, "valid",
+                                  config.data.eval_batch_size, config.data.bptt)
     n = min(corpus.vocab_size, rank_contexts, len(valid))
     # In float32 whatever model.compute_dtype: bfloat16 round-off would count as rank.
     matrix = rank_lib.logprob_matrix(model_config.replace(compute_dtype="float32"),
@@ -296,6 +301,8 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
         "nhidlast": model_config.nhidlast,
         "rank_bound": heads_lib.get_head(head).rank_bound(model_config),
         "entropy_rate": corpus.entropy_rate,
+        "by_frequency": {k: freq[k] for k in ("top", "edges", "tokens", "nll", "ppl",
+                                               "buckets")},
     }
     if out["best_epoch"] is None and records:
         best = min(records, key=lambda rec: rec["valid_loss"])
@@ -517,6 +524,38 @@ def format_table(summary: dict) -> list[str]:
     if summary.get("true_ppl") is not None:
         lines.append(f"True perplexity of the synthetic chain (exp entropy rate): "
                      f"{summary['true_ppl']:.2f}.")
+    return lines + frequency_table(summary)
+
+
+def frequency_table(summary: dict) -> list[str]:
+    """Validation perplexity per training-frequency bucket (`mos_jax.frequency`): a row
+    of token counts, then a row per head, each cell `ppl (share of the head's loss)`.
+    Empty when no head has the buckets (measurements saved before they existed)."""
+    names = [h for h in summary["order"] if summary["heads"][h].get("by_frequency")]
+    if not names:
+        return []
+    first = summary["heads"][names[0]]["by_frequency"]
+    buckets = [b["name"] for b in first["buckets"]]
+    cols = ["head"] + buckets + ["all"]
+    tokens = ["tokens"] + [f"{b['tokens']:,} ({100 * b['token_share']:.1f}%)"
+                           for b in first["buckets"]] + [f"{first['tokens']:,}"]
+    lines = ["", "Validation perplexity by training-set word frequency (ppl, and in "
+             "brackets the bucket's share of the head's total loss):", "",
+             "| " + " | ".join(cols) + " |",
+             "|---|" + "|".join("---:" for _ in cols[1:]) + "|",
+             "| " + " | ".join(tokens) + " |"]
+    for name in names:
+        f = summary["heads"][name]["by_frequency"]
+        cells = [name]
+        for b in f["buckets"]:
+            cells.append("-" if b["ppl"] is None else
+                         f"{b['ppl']:.2f} ({100 * b['loss_share']:.0f}%)")
+        lines.append("| " + " | ".join(cells + [f"{f['ppl']:.2f}"]) + " |")
+    edges = ", ".join(map(str, first["edges"]))
+    lines += ["", f"Buckets: the {first['top']} most frequent training types, then "
+              f"training count edges {edges or 'none'}, <unk> on its own (a type is in "
+              "one bucket only; unseen words count 0). The all column is the mean over "
+              "every validation token, as valid ppl above but from this evaluation."]
     return lines
 
 

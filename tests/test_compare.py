@@ -144,3 +144,23 @@ def test_budgets():
     assert c.train.time_budget_s == 30.0 and c.train.max_epochs == 3
     with pytest.raises(ConfigError, match="not both"):
         compare.budget_config(tiny_config(), steps=2, time_budget_s=1)
+
+
+def test_the_frequency_table(compared):
+    workdir, summary, _ = compared
+    table = summary["table"]
+    header = next(i for i, line in enumerate(table)
+                  if line.startswith("| head | top 100 |"))
+    for head in HEADS:
+        f = summary["heads"][head]["by_frequency"]
+        _, corpus, model_config, params = train.load_best(workdir / head)
+        logp = evaluate.token_logprobs(model_config, params, corpus.valid, 8, 8)
+        # Synthetic V=50: every type is among the 100 most frequent; no <unk>.
+        assert [(b["name"], b["tokens"]) for b in f["buckets"]] == [
+            ("top 100", logp.size), (">= 1000", 0), ("100-999", 0), ("10-99", 0),
+            ("< 10", 0)]
+        assert f["buckets"][0]["ppl"] == pytest.approx(
+            float(np.exp(-logp.mean(dtype=np.float64))), rel=1e-6)
+        assert f["ppl"] == pytest.approx(summary["heads"][head]["valid_ppl"], rel=1e-5)
+        row = next(line for line in table[header:] if line.startswith(f"| {head} |"))
+        assert row.startswith(f"| {head} | {f['buckets'][0]['ppl']:.2f} (100%) | - |")
