@@ -445,8 +445,8 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -
         log = lambda message: None  # noqa: E731
     workdir = Path(workdir)
     changes = _config_changes(config, workdir, log)
-    if mode == "finetune":
-        _check_finetune_source(config)
+    if mode == "finetune" and not _has_work(workdir, ("checkpoints",)):
+        _check_finetune_source(config)  # a resume needs no source: it restores its own
     corpus = load_corpus_from(config)
     model_config = model_config_from(config, corpus.vocab_size)
     d, o, t = config.data, config.optim, config.train
@@ -809,10 +809,10 @@ def _saved_config(config) -> dict:
     return saved
 
 
-def _has_work(workdir: Path) -> bool:
-    """Whether `workdir` holds a checkpoint (a step directory in checkpoints/ or best/)."""
+def _has_work(workdir: Path, subdirs: tuple = ("checkpoints", "best")) -> bool:
+    """Whether `workdir` holds a checkpoint (a step directory in one of `subdirs`)."""
     return any(p.is_dir() and p.name.isdigit()
-               for sub in ("checkpoints", "best") if (workdir / sub).is_dir()
+               for sub in subdirs if (workdir / sub).is_dir()
                for p in (workdir / sub).iterdir())
 
 

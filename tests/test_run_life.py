@@ -226,3 +226,18 @@ def test_the_printed_continue_command_trains_to_the_end(tmp_path, capfd):
                            "--config.train.stop_at_step=2")
     assert code == 2 and "already at step 3" in err and "stop_at_step=0" in err
     assert params_of(tmp_path / "b")[1] == 3
+
+
+def test_a_finetune_resumes_from_its_own_checkpoints_without_its_source(
+        tiny_run, tmp_path, capfd):
+    source = tmp_path / "source"
+    shutil.copytree(tiny_run, source)
+    ft = tmp_path / "ft"
+    code, _, err = run_cli(capfd, "finetune", "--config", CONFIGS / "tiny_finetune.py",
+                           "--workdir", ft, "--config.finetune.init_from", source, *QUICK,
+                           "--config.finetune.max_epochs=1", "--config.train.stop_at_step=3")
+    assert code == 0, err
+    shutil.rmtree(source)  # the finetune's own checkpoints carry it on
+    code, out, err = run_cli(capfd, "finetune", "--workdir", ft)
+    assert code == 0, err
+    assert json.loads(out)["finished"]
