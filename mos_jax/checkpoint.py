@@ -10,18 +10,31 @@ A work directory holds
 
 Saves are synchronous and atomic (Orbax writes to a temporary directory and renames
 it), so an interrupted save never leaves a checkpoint that passes for complete. A
-checkpoint that cannot be restored raises `CheckpointError`; it never silently starts
-afresh.
+checkpoint that cannot be restored raises `CheckpointError` (`ShapeMismatchError` when
+it holds arrays of other shapes than asked for: another model configuration); it never
+silently starts afresh, and never advises deleting a checkpoint: `best/` keeps a single
+step, the only copy of the best weights.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from mos_jax.errors import CheckpointError
+
+
+class ShapeMismatchError(CheckpointError):
+    """A checkpoint holds arrays of other shapes than the configuration asks for."""
+
+
+# Orbax's message for an array restored into another shape (the v0 and v1 APIs).
+_SHAPES = re.compile(r"[Rr]equested shape:?\s*(\([^)]*\)).*?stored shape:?\s*(\([^)]*\))",
+                     re.S)
 
 
 def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -56,15 +69,24 @@ class CheckpointStore:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no {what} checkpoint in {manager.directory}")
+        self._check_shapes(manager, step, abstract, what)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except Exception as e:
+            where = f"{manager.directory}/{step}"
+            shapes = _SHAPES.search(str(e))
+            if shapes:
+                raise ShapeMismatchError(
+                    f"the {what} checkpoint {where} was written for another model "
+                    f"configuration: it holds an array of shape {shapes.group(2)} where "
+                    f"this config needs {shapes.group(1)}. Use the config it was trained "
+                    "with (its work directory's config.json), or a new --workdir; the "
+                    "checkpoint is intact, keep it.") from None
             raise CheckpointError(
-                f"the {what} checkpoint {manager.directory}/{step} cannot be restored "
-                f"({type(e).__name__}: {str(e)[:300]}). It is damaged or was written "
-                "for another model configuration: use a new --workdir, or delete that "
-                "step's directory to fall back to an older one.") from None
+                f"the {what} checkpoint {where} cannot be restored "
+                f"({type(e).__name__}: {str(e)[:300]}): it is damaged. "
+                f"{self._fallback_advice(manager, step)}") from None
         return restored.state, dict(restored.meta)
 
     def latest_step(self) -> int | None:
@@ -81,9 +103,49 @@ class CheckpointStore:
         except Exception as e:
             raise CheckpointError(
                 f"the record of checkpoint {self._latest.directory}/{step} cannot be "
-                f"read ({type(e).__name__}: {str(e)[:300]}): delete that step's "
-                "directory to fall back to an older one, or use a new --workdir") from None
+                f"read ({type(e).__name__}: {str(e)[:300]}): it is damaged. "
+                f"{self._fallback_advice(self._latest, step)}") from None
         return dict(restored.meta)
+
+    @staticmethod
+    def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract: Any,
+                      what: str) -> None:
+        """Raise `ShapeMismatchError` when the arrays stored at `step` have other shapes
+        than `abstract`'s, before any array is read (a failed restore leaves Orbax's
+        background reads to die noisily). Unreadable metadata: the restore decides."""
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            stored = handler.metadata(Path(manager.directory) / str(step) / "state")
+            stored = getattr(stored, "tree", stored)
+            have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+                    jax.tree_util.tree_flatten_with_path(stored)[0]}
+        except Exception:
+            return
+        finally:
+            handler.close()
+        want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+                jax.tree_util.tree_flatten_with_path(abstract)[0]}
+        differ = [k for k in want if k in have and have[k] != want[k]]
+        if differ:
+            listed = "; ".join(f"{k}: stored {have[k]}, this config needs {want[k]}"
+                               for k in differ[:4])
+            more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+            raise ShapeMismatchError(
+                f"the {what} checkpoint {manager.directory}/{step} was written for a model "
+                f"of other sizes than this config describes: {listed}{more}. Use the "
+                "config it was trained with (its work directory's config.json), or a new "
+                "--workdir; the checkpoint is intact, keep it.")
+
+    @staticmethod
+    def _fallback_advice(manager: ocp.CheckpointManager, step: int) -> str:
+        """What to do about a damaged step, never deleting the last copy of weights."""
+        older = [s for s in manager.all_steps() if s < step]
+        if older:
+            return (f"To resume from step {max(older)} instead, move {manager.directory}/"
+                    f"{step} out of {manager.directory} (keep it until the run has "
+                    "resumed), or use a new --workdir.")
+        return (f"It is the only step in {manager.directory}: do not delete it (a copy "
+                "from a backup can replace it); use a new --workdir to start afresh.")
 
     def save(self, step: int, tree: Any, meta: dict) -> None:
         self._save(self._latest, step, tree, meta)
@@ -102,5 +164,17 @@ class CheckpointStore:
         return self._restore(self._best, abstract_params, "best-weights")
 
     def close(self) -> None:
+        """Close both managers (again: nothing). Every path out of a user of the store,
+        errors included, should close it: Orbax's background machinery otherwise
+        complains at exit ("Event loop is closed")."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self._latest.close()
         self._best.close()
+
+    def __enter__(self) -> "CheckpointStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -375,6 +375,22 @@ class StopPolicy:
         self.last_save = self.clock()
 
 
+def _ppl(loss: float) -> float:
+    """exp(loss), inf past a float's range (a diverged run's loss) instead of an error."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every element of `tree`'s float arrays is finite (a bool scalar)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _validation_loss(model_config, params, ids, config) -> float:
     if config.train.eval_max_tokens:
         ids = ids[: config.train.eval_max_tokens]
@@ -402,6 +418,7 @@ class _Run:
     store: CheckpointStore
     metrics: Any
     abstract: Any  # the checkpoint tree's shapes and shardings
+    changes: dict  # config keys changed since the last start: {key: (old, new)}
 
     @property
     def finetuning(self) -> bool:
@@ -418,15 +435,18 @@ class _Run:
 
 
 def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> _Run:
-    """Join the placement, check the work directory, load the corpus, build the step."""
+    """Join the placement, check the config against the work directory (and the
+    finetune source), load the corpus, build the step. Writes nothing but empty
+    directories: `config.json` is written by `_started`, once the run has started."""
     plan = parallel.from_config(config)  # first: a multi-host run joins before JAX work
     primary = plan.is_primary  # only process 0 logs and writes metrics
     optimizer = optim.from_config(config.optim)  # a wrong optim.name fails here
     if not primary:
         log = lambda message: None  # noqa: E731
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_config_matches_workdir(config, workdir, write=primary)
+    changes = _config_changes(config, workdir, log)
+    if mode == "finetune" and not _has_work(workdir, ("checkpoints",)):
+        _check_finetune_source(config)  # a resume needs no source: it restores its own
     corpus = load_corpus_from(config)
     model_config = model_config_from(config, corpus.vocab_size)
     d, o, t = config.data, config.optim, config.train
@@ -436,14 +456,29 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -
     train_rows = plan.local_columns(train_rows)  # this host's columns only
     log(f"{plan.describe()}, {plan.per_device(d.batch_size)} columns per device")
     plan.note_evaluation((d.eval_batch_size, d.test_batch_size), log)
-    metrics = MetricsWriter(workdir) if primary else parallel.NullMetrics()
     abstract = jax.eval_shape(lambda: _state_tree(init_state(
         model_config, model_lib.init_params(model_config, jax.random.key(0)),
         d.batch_size, step_fn.tx)))
     abstract = plan.abstract(abstract)  # any layout restores into ours
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsWriter(workdir) if primary else parallel.NullMetrics()
     return _Run(config, mode, workdir, log, plan, primary, corpus, model_config,
                 train_rows, buckets, optimizer, step_fn, CheckpointStore(workdir), metrics,
-                abstract)
+                abstract, changes)
+
+
+def _started(run: _Run, step: int) -> None:
+    """The run has started (restored or initialised): write its `config.json` (process
+    0, atomically) and say, and record in `metrics.jsonl`, which keys changed."""
+    if not run.primary:
+        return
+    data_lib.atomic_write_bytes(run.workdir / "config.json", json.dumps(
+        _saved_config(run.config), indent=2, sort_keys=True).encode())
+    if run.changes:
+        run.log("config changed since the last start: " + "; ".join(
+            f"{key}: {old!r} -> {new!r}" for key, (old, new) in run.changes.items()))
+        run.metrics.write({"config_changes": {k: list(v) for k, v in run.changes.items()},
+                           "step": step})
 
 
 def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
@@ -498,10 +533,37 @@ class _Loop:
         self.pending.clear()
 
     def save(self) -> None:
+        """A checkpoint of the current state, once it is checked finite (never one
+        with a non-finite loss or parameter: see `check_finite`)."""
         self.fold_losses()
         placed = self.run.plan.place_state(self.state)
+        self.check_finite(placed)
         self.run.store.save(int(placed.step), _state_tree(placed),
                             dataclasses.asdict(self.record))
+
+    def check_finite(self, state: TrainState | None = None) -> None:
+        """Raise `TrainingError` unless this epoch's losses so far and every parameter
+        (and averaged parameter) are finite: one reduction on the device."""
+        state = self.state if state is None else state
+        self.fold_losses()
+        if not (math.isfinite(self.record.epoch_loss_sum)
+                and bool(_all_finite((state.params, state.averaging.average)))):
+            self.diverged("the training loss or the parameters became non-finite")
+
+    def diverged(self, what: str) -> None:
+        """Training diverged: say so, and which checkpoint (all are finite) to resume."""
+        run, last = self.run, self.run.store.latest_step()
+        key = "finetune.lr" if run.finetuning else "optim.lr"
+        lower = f"--config.{key}={run.lr / 2:g}"
+        if last is None:
+            where = (f"no checkpoint was written before (the work directory keeps no "
+                     f"state): start again with a lower {lower} or --config.optim.clip")
+        else:
+            where = (f"nothing was saved; the last checkpoint in {run.workdir} is step "
+                     f"{last}, with finite weights: continue from it with a lower "
+                     f"learning rate, e.g. `{_continue_command(run, lower)}`")
+        raise TrainingError(f"{what} by step {self.host_step} (epoch {self.record.epoch}, "
+                            f"{key}={run.lr:g}): {where}")
 
     def run_epoch(self, policy: StopPolicy) -> bool:
         """The current epoch's remaining windows; False if the policy stopped it early."""
@@ -537,10 +599,9 @@ class _Loop:
             if action == policy.INTERRUPT:
                 self.save()
                 progress.close()
-                run.store.close()
                 raise KeyboardInterrupt(
                     f"checkpoint saved at step {self.host_step}; continue with "
-                    f"`mos-jax {run.mode} --workdir {run.workdir}`")
+                    f"`{_continue_command(run)}`")
             if action == policy.STOP:
                 break
             if action == policy.SAVE:
@@ -552,11 +613,7 @@ class _Loop:
     def _log_step(self, progress: Progress, done: int, window, loss: float) -> None:
         run = self.run
         if not math.isfinite(loss):
-            raise TrainingError(
-                f"the training loss became {loss} at step {self.host_step} "
-                f"(epoch {self.record.epoch}): lower --config.optim.lr (now {run.lr}) or "
-                f"--config.optim.clip; the last checkpoint in {run.workdir} "
-                "predates this step and is intact")
+            self.diverged(f"the training loss became {loss}")
         self.fold_losses()
         progress.update(done, window.length, loss=loss,
                         lr=run.lr * window.seq_len / run.config.data.bptt)
@@ -566,6 +623,7 @@ class _Loop:
         epoch and save. Returns why training ends here, if it does."""
         run, record = self.run, self.record
         epoch = record.epoch
+        self.check_finite()  # before the best weights are saved
         stop = _end_of_epoch(run.config, run.mode, record, self.state, run.store,
                              run.model_config, run.corpus, run.metrics, self.progress,
                              run.log)
@@ -594,15 +652,28 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     call took (0 when the run had finished before and is only reported).
     """
     run = _setup(config, workdir, mode, log)
-    log = run.log  # silent in processes other than 0
+    try:
+        return _run_loop(run)
+    finally:  # errors included: an open Orbax manager complains at exit
+        run.store.close()
+
+
+def _run_loop(run: _Run) -> dict:
+    config, mode, log, workdir = run.config, run.mode, run.log, run.workdir
     state, record = _restore_or_init(run)
     if record.done and (run.finetuning or record.epoch > run.max_epochs):
         log(f"{run.workdir} has finished: {json.dumps(record.result)} (raise "
             f"--config.{mode}.max_epochs to train on)")
-        run.store.close()
         result = dict(record.result or {})
         result.setdefault("reason", "finished before")
         return {**result, "finished": True, "trained_steps": 0}
+    stop_at = config.train.stop_at_step
+    if stop_at and stop_at <= int(state.step):
+        raise ConfigError(
+            f"train.stop_at_step={stop_at}, but the run in {workdir} is already at step "
+            f"{int(state.step)}: give a later step, or --config.train.stop_at_step=0 to "
+            "train on to the end")
+    _started(run, int(state.step))
     record.done = False
     loop = _Loop(run, state, record)
     start_step, traces_before = loop.host_step, run.step_fn.traces
@@ -619,8 +690,8 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     trained = {"compilations": compilations, "trained_steps": loop.host_step - start_step}
     if policy.reason is not None:
         loop.save()
-        run.store.close()
-        log(f"stopped: {policy.reason}; continue with `mos-jax {mode} --workdir {workdir}`")
+        # The saved config.json holds no stop step: this command trains on.
+        log(f"stopped: {policy.reason}; continue with `{_continue_command(run)}`")
         return {"stopped": policy.reason, "step": loop.host_step, "epoch": record.epoch,
                 **trained, "finished": False, "reason": policy.reason}
     result = _finish(config, record, run.store, run.model_config, run.corpus, run.metrics,
@@ -629,8 +700,13 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
                   reason=finished_why or f"reached {mode}.max_epochs={run.max_epochs}")
     record.done, record.result = True, result
     loop.save()
-    run.store.close()
     return {**result, "trained_steps": trained["trained_steps"]}
+
+
+def _continue_command(run: _Run, *extra: str) -> str:
+    """The command that continues this run (its `config.json`, which keeps no stop
+    step), with `extra` overrides."""
+    return " ".join((f"mos-jax {run.mode} --workdir {run.workdir}",) + extra)
 
 
 def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metrics,
@@ -644,6 +720,10 @@ def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metr
     params = optim.eval_params(state.averaging, state.params)
     val = _validation_loss(model_config, params, corpus.valid, config)
     averaged = params is state.averaging.average
+    if not math.isfinite(val):  # finite weights, yet: never saved as the best
+        raise TrainingError(
+            f"the validation loss of epoch {epoch} is {val}: lower --config.optim.lr; "
+            f"the checkpoints in {store.workdir} were not touched")
     if record.best_val is None or val < record.best_val:
         record.best_val, record.best_epoch = val, epoch
         store.save_best(int(state.step), params, {"val_loss": val, "epoch": epoch})
@@ -656,13 +736,13 @@ def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metr
     train_loss = record.epoch_loss_sum / max(record.epoch_steps, 1)
     lr = config.finetune.lr if mode == "finetune" else config.optim.lr
     entry = {"mode": mode, "epoch": epoch, "step": int(state.step),
-             "train_loss": train_loss, "valid_loss": val, "valid_ppl": math.exp(val),
+             "train_loss": train_loss, "valid_loss": val, "valid_ppl": _ppl(val),
              "lr": lr, "averaging": bool(averaged or mode == "finetune"),
              "tokens_per_s": progress.tokens_per_s, "wall_time": progress.elapsed,
              "train_tokens": progress.tokens, "train_s": train_s}
     metrics.write(entry)
-    log(f"{mode} epoch {epoch}: train loss {train_loss:.3f} | valid ppl {math.exp(val):.2f}"
-        f"{' (averaged)' if averaged else ''} | best {math.exp(record.best_val):.2f}")
+    log(f"{mode} epoch {epoch}: train loss {train_loss:.3f} | valid ppl {_ppl(val):.2f}"
+        f"{' (averaged)' if averaged else ''} | best {_ppl(record.best_val):.2f}")
     return mode == "finetune" and trigger
 
 
@@ -670,7 +750,7 @@ def _finish(config, record, store, model_config, corpus, metrics, abstract, log)
     """Test the best weights with the test batch size; the run's result."""
     params, meta = store.restore_best(abstract["params"])
     result = {"best_epoch": meta["epoch"], "valid_loss": meta["val_loss"],
-              "valid_ppl": math.exp(meta["val_loss"])}
+              "valid_ppl": _ppl(meta["val_loss"])}
     if record.mode == "finetune" and meta["epoch"] == 0:
         log("finetune: no epoch improved on the starting weights; keeping them")
     if config.train.test:
@@ -678,7 +758,7 @@ def _finish(config, record, store, model_config, corpus, metrics, abstract, log)
                                        config.data.test_batch_size, config.data.bptt,
                                        plan=parallel.from_config(config), log=log)
         test = -float(np.mean(logp, dtype=np.float64))
-        result.update(test_loss=test, test_ppl=math.exp(test))
+        result.update(test_loss=test, test_ppl=_ppl(test))
     metrics.write({"mode": record.mode, "final": True, **result})
     log(f"{record.mode} finished: " + ", ".join(
         f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
@@ -687,57 +767,153 @@ def _finish(config, record, store, model_config, corpus, metrics, abstract, log)
 
 def _finetune_start(config, model_config, corpus, log):
     source = config.finetune.init_from
-    if not source:
-        raise ConfigError("finetuning starts from a training run: set "
-                          "--config.finetune.init_from to its work directory")
-    store = CheckpointStore(source, read_only=True)
-    if not store.has_best():
-        raise CheckpointError(f"{source} has no best weights (best/): is it the work "
-                              "directory of a `mos-jax train` run?")
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
     abstract = parallel.from_config(config).abstract(abstract)
-    params, meta = store.restore_best(abstract)
-    store.close()
+    with CheckpointStore(source, read_only=True) as store:
+        if not store.has_best():
+            raise CheckpointError(f"{source} has no best weights (best/): is it the work "
+                                  "directory of a `mos-jax train` run?")
+        params, meta = store.restore_best(abstract)
     val = _validation_loss(model_config, params, corpus.valid, config)
     log(f"finetune: starting from {source} (epoch {meta['epoch']}), valid ppl "
-        f"{math.exp(val):.2f}")
+        f"{_ppl(val):.2f}")
     return params, val
 
 
-def _check_config_matches_workdir(config, workdir: Path, write: bool = True) -> None:
-    """Save the config on first use; on resume, refuse a different architecture.
+# Keys that belong to one launch, not to the run: config.json keeps them at their
+# defaults, and a resume neither compares them nor re-applies an earlier launch's value
+# (a stop step kept there would stop every continuation one step later).
+_LAUNCH_KEYS = {"train.stop_at_step": 0,
+                **{f"parallel.{k}": v for k, v in parallel.CLUSTER_DEFAULTS.items()}}
+# The data keys that fix the vocabulary, the batch layout or the carry's shape.
+_LAYOUT_DATA = ("dir", "batch_size", "bptt", "small_batch_size", "synthetic")
 
-    In a multi-process run every process checks and process 0 alone writes
-    (atomically, so that no process reads a half-written file).
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not (prefix == "data." and key == "synthetic"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _saved_config(config) -> dict:
+    """What `config.json` keeps of `config`: the run's keys, launch keys at defaults."""
+    saved = json.loads(config_lib.to_json(config))
+    for key, default in _LAUNCH_KEYS.items():
+        section, name = key.split(".")
+        if name in saved.get(section, {}):
+            saved[section][name] = default
+    return saved
+
+
+def _has_work(workdir: Path, subdirs: tuple = ("checkpoints", "best")) -> bool:
+    """Whether `workdir` holds a checkpoint (a step directory in one of `subdirs`)."""
+    return any(p.is_dir() and p.name.isdigit()
+               for sub in subdirs if (workdir / sub).is_dir()
+               for p in (workdir / sub).iterdir())
+
+
+def _config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
+    """Check `config` against the `config.json` of a run that has checkpoints.
+
+    A change of the model, of the data layout (`_LAYOUT_DATA`) or of `optim.name` is
+    refused (the checkpoints could not continue); any other change is returned as
+    `{key: (old, new)}` (launch keys aside) for `_started` to report. A `config.json`
+    beside no checkpoint (a start that failed before saving anything) binds nothing.
     """
     path = workdir / "config.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        new = config.to_dict()
-        # The optimiser's state is in the checkpoints (runs from before optim.name: sgd).
-        old_name = old.get("optim", {}).get("name", "sgd")
-        if old_name != new.get("optim", {}).get("name", "sgd"):
-            raise ConfigError(
-                f"{workdir} was started with optim.name={old_name!r}, not "
-                f"{new['optim']['name']!r}, and its checkpoints hold that optimiser's "
-                "state: resume it with its own config (omit --config), or use a new "
-                "--workdir")
-        for section in ("model", "data"):
-            for key, value in new.get(section, {}).items():
-                if section == "data" and key not in ("dir", "batch_size", "bptt",
-                                                     "small_batch_size", "synthetic"):
-                    continue
-                if old.get(section, {}).get(key) != value:
-                    raise ConfigError(
-                        f"{workdir} was started with {section}.{key}="
-                        f"{old.get(section, {}).get(key)!r}, not {value!r}: resume it "
-                        "with its own config (omit --config), or use a new --workdir")
-    if write:
-        saved = json.loads(config_lib.to_json(config))
-        if "parallel" in saved:  # where this launch ran, not what the run is: a resume
-            saved["parallel"].update(parallel.CLUSTER_DEFAULTS)  # takes them anew
-        data_lib.atomic_write_bytes(
-            path, json.dumps(saved, indent=2, sort_keys=True).encode())
+    if not path.is_file():
+        return {}
+    if not _has_work(workdir):
+        log(f"{path} is from a start that saved no checkpoint: it will be replaced")
+        return {}
+    old = json.loads(path.read_text())
+    new = config.to_dict()
+    # The optimiser's state is in the checkpoints (runs from before optim.name: sgd).
+    old_name = old.get("optim", {}).get("name", "sgd")
+    if old_name != new.get("optim", {}).get("name", "sgd"):
+        raise ConfigError(
+            f"{workdir} was started with optim.name={old_name!r}, not "
+            f"{new['optim']['name']!r}, and its checkpoints hold that optimiser's "
+            "state: resume it with its own config (omit --config), or use a new "
+            "--workdir")
+    for section in ("model", "data"):
+        for key, value in new.get(section, {}).items():
+            if section == "data" and key not in _LAYOUT_DATA:
+                continue
+            if old.get(section, {}).get(key) != value:
+                raise ConfigError(
+                    f"{workdir} was started with {section}.{key}="
+                    f"{old.get(section, {}).get(key)!r}, not {value!r}: resume it "
+                    "with its own config (omit --config), or use a new --workdir")
+    old_flat, new_flat = _flat(old), _flat(_saved_config(config))
+    return {key: (old_flat[key], value) for key, value in new_flat.items()
+            if key in old_flat and key not in _LAUNCH_KEYS and old_flat[key] != value}
+
+
+def _describe_model(model: dict) -> str:
+    return ", ".join(f"{k}={model.get(k)}" for k in
+                     ("head", "nlayers", "emsize", "nhid", "nhidlast", "n_experts"))
+
+
+def matching_configs(model: dict, pattern: str = "*_finetune.py") -> list[str]:
+    """The config files of the repository's `configs/` (matching `pattern`) whose
+    model section equals `model` (a config's `model` as a dict)."""
+    directory = Path(__file__).resolve().parents[1] / "configs"
+    names = []
+    for path in sorted(directory.glob(pattern)):
+        try:
+            if config_lib.load_config_file(path).model.to_dict() == model:
+                names.append(f"configs/{path.name}")
+        except MosJaxError:
+            continue
+    return names
+
+
+def _param_shapes(model: dict):
+    """The parameter shapes of a model section (a small vocabulary: only the shapes that
+    do not depend on the corpus decide)."""
+    try:
+        mc = model_lib.ModelConfig.from_dict({**model, "vocab_size": 7})
+    except (MosJaxError, TypeError, ValueError):
+        return None
+    return jax.tree_util.tree_map(lambda x: x.shape, jax.eval_shape(
+        lambda: model_lib.init_params(mc, jax.random.key(0))))
+
+
+def _check_finetune_source(config) -> None:
+    """Before any work: `finetune.init_from` is a training run with best weights, of
+    the model `config` describes (else say which finetune config matches it)."""
+    source = config.finetune.init_from
+    if not source:
+        raise ConfigError("finetuning starts from a training run: set "
+                          "--config.finetune.init_from to its work directory")
+    if not (Path(source) / "best").is_dir():
+        raise CheckpointError(f"{source} has no best weights (best/): is it the work "
+                              "directory of a `mos-jax train` run that finished an epoch?")
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        return  # the checkpoint's shapes are checked when it is restored
+    trained = json.loads(path.read_text()).get("model", {})
+    wanted = config.model.to_dict()
+    theirs, ours = _param_shapes({**wanted, **trained}), _param_shapes(wanted)
+    if theirs is None or ours is None or theirs == ours:
+        return  # the same weights (other rates, perhaps), or for the restore to check
+    differ = [k for k in wanted if k in trained and trained[k] != wanted[k]
+              and "drop" not in k]
+    matches = matching_configs(trained)
+    hint = (f"finetune it with {' or '.join('--config ' + m for m in matches)}"
+            if matches else "no file in configs/ matches: give the run's model keys as "
+            "--config.model.KEY=VALUE")
+    raise ConfigError(
+        f"{source} was trained with another model than this config describes, so the "
+        f"shapes of its weights differ: the run has {_describe_model(trained)}; this "
+        f"config has {_describe_model(wanted)} (differing: "
+        + ", ".join(f"model.{k} {trained[k]!r} vs {wanted[k]!r}" for k in differ)
+        + f"). {hint} (keeping --config.finetune.init_from {source})")
 
 
 def _print(msg: str) -> None:
@@ -768,7 +944,11 @@ def load_run_config(workdir: str | Path):
     if not path.is_file():
         raise CheckpointError(f"{workdir} has no config.json: is it the work directory "
                               "of a `mos-jax train` run?")
-    return config_lib.from_json(path.read_text())
+    config = config_lib.from_json(path.read_text())
+    if "train" in config and "stop_at_step" in config.train:
+        with config.unlocked():  # a launch key (files written before it was one)
+            config.train.stop_at_step = 0
+    return config
 
 
 def load_best(workdir: str | Path):
@@ -776,11 +956,10 @@ def load_best(workdir: str | Path):
     config = load_run_config(workdir)
     corpus = load_corpus_from(config)
     model_config = model_config_from(config, corpus.vocab_size)
-    store = CheckpointStore(workdir, read_only=True)
-    if not store.has_best():
-        raise CheckpointError(f"{workdir} has no best weights yet: train at least one "
-                              "epoch first")
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
-    params, _ = store.restore_best(parallel.local_plan(1, "none").abstract(abstract))
-    store.close()
+    with CheckpointStore(workdir, read_only=True) as store:
+        if not store.has_best():
+            raise CheckpointError(f"{workdir} has no best weights yet: train at least one "
+                                  "epoch first")
+        params, _ = store.restore_best(parallel.local_plan(1, "none").abstract(abstract))
     return config, corpus, model_config, params

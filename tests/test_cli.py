@@ -90,8 +90,10 @@ def test_train_continue_and_evaluate(tmp_path, capsys):
     assert first["best_epoch"] == 1
     # Continue the finished run for one more epoch, from its own config.
     assert cli.main(["train", "--workdir", w, "--config.train.max_epochs=2"]) == 0
-    records = [r for r in read_metrics(w) if not r.get("final")]
+    records = [r for r in read_metrics(w) if "valid_ppl" in r and not r.get("final")]
     assert [r["epoch"] for r in records] == [1, 2]
+    assert {"config_changes": {"train.max_epochs": [1, 2]}, "step": records[0]["step"]} in [
+        r for r in read_metrics(w) if "config_changes" in r]
     best = min(r["valid_ppl"] for r in records)
     # evaluate --workdir scores the best weights: same ppl as the training loop saw.
     assert cli.main(["evaluate", "--workdir", w, "--split", "valid", "--batch-size", "8",
