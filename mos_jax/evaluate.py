@@ -121,7 +121,7 @@ def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
 
     Row r, column j is log p(rows[r+1, j] | rows[:r+1, j]) in the batchified layout of
     `ids` (`nrows = len(ids) // batch_size`). `progress(done_rows, total_rows)` is called
-    after each window when given. With a `plan` over several devices the columns split
+    when given, once each window's result is ready. With a `plan` over several devices the columns split
     over them (the same result, on every process); a batch that does not split (batch
     1, say) is scored on one device, with a note to `log`.
     """
