@@ -105,8 +105,8 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
     """The gradient statistics pass of SPEC.md section 4, step 1.
 
     `max_batches` caps the number of windows; `rms` takes `sqrt(mean g^2)` over the
-    windows instead of `sqrt(sum g^2)`. `progress(done_windows, total)` is called per
-    chunk. With a `plan` over several devices the columns split over them: each
+    windows instead of `sqrt(sum g^2)`. `progress(done_windows, total)` is called
+    once each chunk has finished (not when it is dispatched). With a `plan` over several devices the columns split over them: each
     window's gradient is the `pmean` of the devices' gradients (the gradient of the
     whole window's mean NLL), then squared and summed as on one device. A batch that
     does not split runs on one device, with a note to `log`.
@@ -230,6 +230,7 @@ def dynamic_evaluate(model_config: ModelConfig, params: Params, ms: Params,
     """Score `ids` with dynamic evaluation (SPEC.md section 4, steps 2 and 3).
 
     Runs on the first device of `plan` (a note to `log` when it has more).
+    `progress(done_windows, total)` is called once each chunk has finished.
     """
     plan = parallel.resolve(plan)
     plan = plan.one_device(update_pass_note(plan, batch_size), log)

@@ -18,6 +18,7 @@ import functools
 import math
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from mos_jax import model as model_lib
@@ -40,13 +41,21 @@ def scan_windows(fn: Callable, carry: Any, windows: Windows, *, per_call: int = 
     Returns `(carry, rows)`: `rows` the real rows of every window's `out` (its first
     `length` rows), in order, `fetch`ed to the host, or None when `fn` returns
     None. Outputs are fetched after the last call, or after each with `sync` (large
-    outputs). `progress(done_windows, real_windows)` is called after each call.
+    outputs).
+
+    `progress(done_windows, real_windows)` reports finished work, never dispatched
+    work: a call is reported once its results are ready. Calls that return an `out`
+    are reported when the next call has been dispatched (one call in flight, so the
+    device does not wait on the host); calls that return none (their carry is
+    donated to the next call) are waited on before the next is dispatched. The last
+    report comes after the last call has finished. Without `progress` nothing waits.
     """
     lengths = np.asarray(windows.lengths)
     n_real = int((lengths > 0).sum())
     step = per_call or 1
     stop = len(lengths) if per_call else n_real
     pieces = []
+    due = None  # (out, done) of the last call dispatched but not reported yet
 
     def keep(out, sl):
         if out is None:
@@ -57,13 +66,27 @@ def scan_windows(fn: Callable, carry: Any, windows: Windows, *, per_call: int = 
             return np.concatenate(real) if real else None
         return fetch(out)[:int(lengths[sl])]
 
+    def report(ready, done):
+        jax.block_until_ready(ready)
+        progress(done, n_real)
+
     for start in range(0, stop, step):
         sl = slice(start, start + per_call) if per_call else start
         length = lengths[sl] if per_call else int(lengths[sl])
         carry, out = fn(carry, windows.inputs[sl], windows.targets[sl], length)
         pieces.append(keep(out, sl) if sync else (out, sl))
-        if progress is not None:
-            progress(min(start + step, n_real), n_real)
+        if progress is None:
+            continue
+        if due is not None:  # the previous call, now that this one is queued
+            report(*due)
+            due = None
+        done = min(start + step, n_real)
+        if out is None or sync:  # the carry goes to the next call; or out is fetched
+            report(carry if out is None else out, done)
+        else:
+            due = (out, done)
+    if due is not None:
+        report(*due)
     if not sync:
         pieces = [keep(out, sl) for out, sl in pieces]
     pieces = [p for p in pieces if p is not None]
@@ -98,7 +121,7 @@ def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
 
     Row r, column j is log p(rows[r+1, j] | rows[:r+1, j]) in the batchified layout of
     `ids` (`nrows = len(ids) // batch_size`). `progress(done_rows, total_rows)` is called
-    after each window when given. With a `plan` over several devices the columns split
+    when given, once each window's result is ready. With a `plan` over several devices the columns split
     over them (the same result, on every process); a batch that does not split (batch
     1, say) is scored on one device, with a note to `log`.
     """

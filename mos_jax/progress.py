@@ -1,13 +1,16 @@
 """Progress output on long work, and the metrics log of a work directory.
 
 `Progress` redraws one status line on a terminal (`\\r`) and prints plain lines at most
-every `every_s` seconds elsewhere (logs, CI). `MetricsWriter` appends one JSON record per
+every `every_s` seconds elsewhere (logs, CI). It shows finished work only: an update
+may carry a `ready` marker (an array of the step's results, computed asynchronously),
+and the line counts that update once the marker is ready. `MetricsWriter` appends one JSON record per
 evaluation to `metrics.jsonl` and mirrors scalars to TensorBoard when `tensorboardX` is
 installed.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 import time
@@ -15,7 +18,13 @@ from pathlib import Path
 
 
 class Progress:
-    """Step, tokens/s, loss and lr of a long loop, on stderr."""
+    """Step, tokens/s, loss and lr of a long loop, on stderr.
+
+    `done` and `tokens` count the work handed over (the caller's counts); the line
+    shows `shown_done` and `shown_tokens`, the work known to be finished: updates
+    without a `ready` marker at once, the others once their marker `is_ready()`
+    (checked without waiting, in order; `close` waits for the last).
+    """
 
     def __init__(self, label: str, total: int, batch_size: int, start: int = 0,
                  every_s: float = 10.0, stream=None):
@@ -26,6 +35,8 @@ class Progress:
         self.t0 = time.perf_counter()
         self.tokens = 0
         self.done = start
+        self.shown_done, self.shown_tokens = start, 0
+        self._unfinished: collections.deque = collections.deque()  # (done, tokens, ready)
         self.loss = self.lr = None
         self._last_print = self.t0  # no line before `every_s` has passed
 
@@ -38,9 +49,18 @@ class Progress:
         return self.tokens / max(self.elapsed, 1e-9)
 
     def update(self, done: int, rows: int, loss: float | None = None,
-               lr: float | None = None) -> None:
+               lr: float | None = None, ready=None) -> None:
+        """`done` units so far, `rows` more rows of `batch_size` tokens. `ready`: an
+        array the update's work produces, when that work may not have finished yet
+        (asynchronous dispatch); without it the work counts as finished, and so does
+        every earlier update's."""
         self.done = done
         self.tokens += rows * self.batch_size
+        if ready is None:
+            self._unfinished.clear()
+            self.shown_done, self.shown_tokens = done, self.tokens
+        else:
+            self._unfinished.append((done, self.tokens, ready))
         if loss is not None:
             self.loss = loss
         if lr is not None:
@@ -50,9 +70,27 @@ class Progress:
             self._last_print = now
             self._emit(final=False)
 
+    def count(self, done: int, total: int) -> None:
+        """A callback `(done, total)` of cumulative counts (rows of `batch_size`
+        tokens), as `mos_jax.evaluate` reports finished work."""
+        self.total = total
+        self.update(done, done - self.done)
+
+    def _settle(self, wait: bool = False) -> None:
+        """Count the updates whose work has finished (all of them with `wait`)."""
+        while self._unfinished:
+            done, tokens, ready = self._unfinished[0]
+            if wait and hasattr(ready, "block_until_ready"):
+                ready.block_until_ready()
+            elif not wait and hasattr(ready, "is_ready") and not ready.is_ready():
+                break
+            self._unfinished.popleft()
+            self.shown_done, self.shown_tokens = done, tokens
+
     def _line(self) -> str:
-        parts = [f"{self.label}: {self.done}/{self.total}",
-                 f"{self.tokens_per_s:,.0f} tok/s"]
+        self._settle()
+        rate = self.shown_tokens / max(self.elapsed, 1e-9)
+        parts = [f"{self.label}: {self.shown_done}/{self.total}", f"{rate:,.0f} tok/s"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.3f}")
         if self.lr is not None:
@@ -67,6 +105,7 @@ class Progress:
             print(self._line(), file=self.stream, flush=True)
 
     def close(self) -> None:
+        self._settle(wait=True)
         if self.tty:
             self._emit(final=True)
 

@@ -295,9 +295,10 @@ class LoopRecord:
 class _Interrupt:
     """Turns Ctrl-C into a flag the loop checks after each step (then saves)."""
 
-    def __init__(self):
+    def __init__(self, notice: Callable[[], None] | None = None):
         self.requested = False
         self._old = None
+        self._notice = notice  # called at the first Ctrl-C
 
     def __enter__(self):
         try:
@@ -310,6 +311,8 @@ class _Interrupt:
         if self.requested:  # a second Ctrl-C aborts at once
             raise KeyboardInterrupt
         self.requested = True
+        if self._notice is not None:
+            self._notice()
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -374,6 +377,11 @@ class StopPolicy:
         """A checkpoint was written: the cadence counts from now."""
         self.last_save = self.clock()
 
+    def interrupted(self, checked: bool = True) -> bool:
+        """Whether Ctrl-C was pressed (in any process, agreed on `checked` calls):
+        asked between the windows of a validation."""
+        return self.plan.agree(checked, self._interrupt.requested)[0]
+
 
 def _ppl(loss: float) -> float:
     """exp(loss), inf past a float's range (a diverged run's loss) instead of an error."""
@@ -391,11 +399,38 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _validation_loss(model_config, params, ids, config) -> float:
+class _ValidationInterrupted(Exception):
+    """Ctrl-C during a validation: the loop saves and stops; the epoch's end is redone
+    on resume."""
+
+
+def _eval_progress(label: str, batch_size: int, primary: bool,
+                   policy: StopPolicy | None = None) -> Callable[[int, int], None]:
+    """The `(done_rows, total_rows)` callback of an evaluation inside training: a
+    progress line on stderr (process 0 only); with `policy`, raises
+    `_ValidationInterrupted` once a Ctrl-C is seen (every 8th window, and agreed by
+    all processes, so that all stop at the same window)."""
+    line = Progress(label, 0, batch_size,
+                    **({} if primary else {"stream": parallel.NullStream()}))
+    calls = [0]
+
+    def callback(done: int, total: int) -> None:
+        line.count(done, total)
+        calls[0] += 1
+        if done == total:
+            line.close()
+        elif policy is not None and policy.interrupted(calls[0] % 8 == 0):
+            line.close()
+            raise _ValidationInterrupted
+    return callback
+
+
+def _validation_loss(model_config, params, ids, config, progress=None) -> float:
     if config.train.eval_max_tokens:
         ids = ids[: config.train.eval_max_tokens]
     logp = evaluate.token_logprobs(model_config, params, ids, config.data.eval_batch_size,
-                                   config.data.bptt, plan=parallel.from_config(config))
+                                   config.data.bptt, progress,
+                                   plan=parallel.from_config(config))
     return -float(np.mean(logp, dtype=np.float64))
 
 
@@ -594,7 +629,7 @@ class _Loop:
             if checked:
                 self._log_step(progress, k + 1, w, float(m["loss"]))
             else:
-                progress.update(k + 1, w.length)
+                progress.update(k + 1, w.length, ready=m["loss"])  # shown once done
             action = policy.after_step(self.host_step, checked, last)
             if action == policy.INTERRUPT:
                 self.save()
@@ -624,9 +659,19 @@ class _Loop:
         run, record = self.run, self.record
         epoch = record.epoch
         self.check_finite()  # before the best weights are saved
-        stop = _end_of_epoch(run.config, run.mode, record, self.state, run.store,
-                             run.model_config, run.corpus, run.metrics, self.progress,
-                             run.log)
+        watch = _eval_progress(f"{run.mode} epoch {epoch} validation",
+                               run.config.data.eval_batch_size, run.primary, policy)
+        try:
+            stop = _end_of_epoch(run.config, run.mode, record, self.state, run.store,
+                                 run.model_config, run.corpus, run.metrics, self.progress,
+                                 run.log, watch)
+        except _ValidationInterrupted:  # the epoch's training is saved, its end redone
+            self.save()
+            run.store.close()
+            raise KeyboardInterrupt(
+                f"stopped during the validation of epoch {epoch}; checkpoint saved at "
+                f"step {self.host_step} (the validation is redone on resume); continue "
+                f"with `{_continue_command(run)}`") from None
         if record.switched_at_epoch == epoch:
             self.state = self.state.replace(averaging=optim.switch_on(self.state.averaging))
         record.epoch += 1
@@ -710,15 +755,17 @@ def _continue_command(run: _Run, *extra: str) -> str:
 
 
 def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metrics,
-                  progress, log) -> bool:
+                  progress, log, watch=None) -> bool:
     """Validate, log, keep the best weights, apply the NT-ASGD rule.
 
-    Returns True when finetuning should stop (the same non-monotone rule).
+    Returns True when finetuning should stop (the same non-monotone rule). `watch`:
+    the validation's progress callback (`_eval_progress`); nothing changes before the
+    validation is done, so a validation it interrupts is simply redone.
     """
     epoch = record.epoch
     train_s = progress.elapsed  # this epoch's training (since a resume), not validation
     params = optim.eval_params(state.averaging, state.params)
-    val = _validation_loss(model_config, params, corpus.valid, config)
+    val = _validation_loss(model_config, params, corpus.valid, config, watch)
     averaged = params is state.averaging.average
     if not math.isfinite(val):  # finite weights, yet: never saved as the best
         raise TrainingError(
@@ -754,9 +801,15 @@ def _finish(config, record, store, model_config, corpus, metrics, abstract, log)
     if record.mode == "finetune" and meta["epoch"] == 0:
         log("finetune: no epoch improved on the starting weights; keeping them")
     if config.train.test:
-        logp = evaluate.token_logprobs(model_config, params, corpus.test,
-                                       config.data.test_batch_size, config.data.bptt,
-                                       plan=parallel.from_config(config), log=log)
+        plan = parallel.from_config(config)
+        watch = _eval_progress(f"{record.mode} test", config.data.test_batch_size,
+                               plan.is_primary)
+        with _Interrupt(lambda: log(
+                "Ctrl-C: training is over and saved; the run ends when this test is "
+                "done (Ctrl-C again aborts the test)")):
+            logp = evaluate.token_logprobs(model_config, params, corpus.test,
+                                           config.data.test_batch_size, config.data.bptt,
+                                           watch, plan=plan, log=log)
         test = -float(np.mean(logp, dtype=np.float64))
         result.update(test_loss=test, test_ppl=_ppl(test))
     metrics.write({"mode": record.mode, "final": True, **result})
@@ -774,7 +827,9 @@ def _finetune_start(config, model_config, corpus, log):
             raise CheckpointError(f"{source} has no best weights (best/): is it the work "
                                   "directory of a `mos-jax train` run?")
         params, meta = store.restore_best(abstract)
-    val = _validation_loss(model_config, params, corpus.valid, config)
+    watch = _eval_progress("finetune start validation", config.data.eval_batch_size,
+                           parallel.from_config(config).is_primary)
+    val = _validation_loss(model_config, params, corpus.valid, config, watch)
     log(f"finetune: starting from {source} (epoch {meta['epoch']}), valid ppl "
         f"{_ppl(val):.2f}")
     return params, val

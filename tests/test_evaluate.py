@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mos_jax import evaluate, model, parallel
+from mos_jax import batching, evaluate, model, parallel
 from mos_jax.batching import batchify, make_windows
 
 CONFIG = model.ModelConfig(vocab_size=13, emsize=4, nhid=6, nhidlast=4, nlayers=2,
@@ -109,3 +109,59 @@ def test_the_one_device_plan_compiles_the_plain_jitted_program(setup):
         return re.sub(r'@[\w.]+|jit_\w+|"[^"]*"', "", text)
     assert "buffer_donor" in plain or "aliasing_output" in plain
     assert strip(planned) == strip(plain)
+
+
+@jax.jit
+def _slow_step(carry, inputs):
+    """Tens of milliseconds of work on the CPU: dispatch returns long before it ends."""
+    m = jnp.full((128, 128), 1e-3, jnp.float32)
+    carry = jax.lax.fori_loop(0, 40, lambda i, c: jnp.tanh(c @ m + 0.1), carry)
+    return carry, carry[:2, :3] + inputs[0, 0]
+
+
+def _slow_windows(n):
+    x = np.zeros((n, 2, 3), np.int32)
+    return batching.Windows(x, x, np.full(n, 2))
+
+
+def test_progress_reports_finished_calls_with_one_call_in_flight():
+    """Every reported count has its results ready (checked with `is_ready`, which does
+    not wait), and while a call is reported the next one is already dispatched."""
+    outs, reports = [], []
+
+    def fn(carry, inputs, targets, length):
+        carry, out = _slow_step(carry, inputs)
+        outs.append(out)
+        return carry, out
+
+    def progress(done, total):
+        reports.append((done, total, [o.is_ready() for o in outs[:done]], len(outs)))
+
+    _slow_step(jnp.zeros((128, 128)), jnp.zeros((2, 3), jnp.int32))  # compile first
+    _, rows = evaluate.scan_windows(fn, jnp.zeros((128, 128)), _slow_windows(5),
+                                    progress=progress)
+    assert [r[:2] for r in reports] == [(k, 5) for k in range(1, 6)]
+    assert all(all(ready) for _, _, ready, _ in reports)
+    assert [r[3] for r in reports] == [2, 3, 4, 5, 5]  # the next call was in flight
+    assert rows.shape == (5 * 2, 3)
+
+
+def test_progress_waits_for_a_donated_carry_before_the_next_call():
+    """A call with no output (its carry donated to the next) is reported once its carry
+    is ready, before the next call is dispatched (a donated buffer cannot be waited on)."""
+    step = jax.jit(lambda c, x: _slow_step(c, x)[0], donate_argnums=0)
+    carries, reports = [], []
+
+    def fn(carry, inputs, targets, length):
+        carry = step(carry, inputs)
+        carries.append(carry)
+        return carry, None
+
+    def progress(done, total):
+        reports.append((done, len(carries), carries[-1].is_ready()))
+
+    step(jnp.zeros((128, 128)), jnp.zeros((2, 3), jnp.int32))
+    carry, rows = evaluate.scan_windows(fn, jnp.zeros((128, 128)), _slow_windows(8),
+                                        per_call=2, progress=progress)
+    assert rows is None and carry.is_ready()
+    assert reports == [(2, 1, True), (4, 2, True), (6, 3, True), (8, 4, True)]

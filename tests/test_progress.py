@@ -45,3 +45,47 @@ def test_progress_lines_off_a_terminal(monkeypatch):
     lines = stream.getvalue().splitlines()
     assert lines == ["train epoch 1: 2/3 | 4 tok/s | loss 4.000 | lr 20.00"]
     assert p.tokens == 40
+
+
+class Marker:
+    """Stands in for a step's result array: ready or not, and waitable."""
+
+    def __init__(self):
+        self.ready = False
+
+    def is_ready(self):
+        return self.ready
+
+    def block_until_ready(self):
+        self.ready = True
+        return self
+
+
+def test_the_line_counts_only_updates_whose_work_is_done(monkeypatch):
+    stream = io.StringIO()
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: 10.0)
+    p = progress.Progress("train epoch 1", total=9, batch_size=2, every_s=0.0,
+                          stream=stream)
+    a, b, c = Marker(), Marker(), Marker()
+    p.update(1, rows=3, ready=a)  # dispatched, not finished: 0 shown
+    a.ready = True
+    p.update(2, rows=3, ready=b)  # a finished: 1 shown (6 tokens), b not yet
+    c.ready = True  # finished, but after b, which is not: still 1
+    p.update(3, rows=3, ready=c)
+    p.update(4, rows=3, loss=2.5)  # no marker (the caller fetched the loss): all done
+    p.update(5, rows=3, ready=Marker())
+    shown = [line.split(" | ")[0] for line in stream.getvalue().splitlines()]
+    assert shown == ["train epoch 1: 0/9", "train epoch 1: 1/9", "train epoch 1: 1/9",
+                     "train epoch 1: 4/9", "train epoch 1: 4/9"]
+    assert (p.done, p.tokens, p.shown_tokens) == (5, 30, 24)
+    p.close()  # waits for the last marker
+    assert (p.shown_done, p.shown_tokens) == (5, 30)
+
+
+def test_count_takes_cumulative_rows():
+    stream = io.StringIO()
+    p = progress.Progress("valid", total=0, batch_size=10, every_s=0.0, stream=stream)
+    for done in (20, 40, 45):
+        p.count(done, 45)
+    assert stream.getvalue().splitlines()[-1].startswith("valid: 45/45 |")
+    assert p.tokens == 450

@@ -172,6 +172,54 @@ def test_ctrl_c_saves_and_resumes_exactly(reference_run, tmp_path, monkeypatch):
     assert again["test_ppl"] == result["test_ppl"]
 
 
+def test_ctrl_c_in_validation_saves_and_resumes_exactly_and_in_the_test_finishes(
+        reference_run, tmp_path, monkeypatch):
+    """Ctrl-C while epoch 1 validates: the loop saves the epoch's training and stops
+    with the usual message; the resume redoes the validation and ends bit-identical to
+    the uninterrupted run. Ctrl-C during the final test is answered at once and the
+    run still ends with the test's result."""
+    ref_dir, ref_result = reference_run
+    ref_epochs = [r for r in read_metrics(ref_dir) if "epoch" in r]
+    workdir = tmp_path / "interrupted_validation"
+    seen = []
+
+    class CtrlCWhileEvaluating(train.Progress):
+        target = "train epoch 1 validation"
+
+        def count(self, done, total):
+            super().count(done, total)
+            seen.append((self.label, done, total))
+            if self.label == self.target and [s[0] for s in seen].count(self.target) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "Progress", CtrlCWhileEvaluating)
+    with pytest.raises(KeyboardInterrupt,
+                       match=r"during the validation of epoch 1; checkpoint saved at step "
+                             rf"{ref_epochs[0]['step']} .*continue with `mos-jax train"):
+        train.train_and_evaluate(tiny_config(), workdir, log=lambda m: None)
+    # the validation stopped at the next window (2 of many), before anything was written
+    assert [s[0] for s in seen] == ["train epoch 1 validation"] * 2
+    assert seen[1][2] > 2 * tiny_config().data.bptt
+    tree, meta = final_tree(workdir)
+    assert int(tree["step"]) == ref_epochs[0]["step"]
+    assert (meta["epoch"], meta["history"]) == (1, [])
+    assert meta["batch_in_epoch"] == meta["epoch_steps"] == ref_epochs[0]["step"]
+    assert read_metrics(workdir) == []
+
+    seen.clear()
+    CtrlCWhileEvaluating.target = "train test"
+    notes = []
+    result = train.train_and_evaluate(tiny_config(), workdir, log=notes.append)
+    assert any(n.startswith("Ctrl-C: training is over and saved") for n in notes)
+    test_calls = [s for s in seen if s[0] == "train test"]
+    assert len(test_calls) > 2 and test_calls[-1][1] == test_calls[-1][2]  # all of it
+    assert_bit_identical(final_tree(workdir)[0], final_tree(ref_dir)[0])
+    assert result["test_ppl"] == ref_result["test_ppl"]
+    assert result["valid_ppl"] == ref_result["valid_ppl"]
+    epochs = [r for r in read_metrics(workdir) if "epoch" in r]
+    assert [r["valid_loss"] for r in epochs] == [r["valid_loss"] for r in ref_epochs]
+
+
 def test_nt_asgd_switches_by_the_rule_and_evaluates_the_average(tmp_path):
     # A large lr makes validation loss bounce, so the non-monotone trigger fires. One
     # epoch at a time (a resume each), so that the best weights are checked whichever
