@@ -1,0 +1,200 @@
+"""The Transformer encoder against an independent float64 NumPy implementation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mos_jax import model
+from mos_jax.errors import ConfigError
+
+jax.config.update("jax_numpy_rank_promotion", "allow")
+
+jit_apply = jax.jit(model.apply, static_argnums=0, static_argnames="return_logprobs")
+jit_loss_grad = jax.jit(jax.grad(model.regularized_loss, argnums=1, has_aux=True),
+                        static_argnums=0)
+
+
+def tiny_config(head="mos", **kw):
+    base = dict(vocab_size=13, emsize=8, nlayers=2, head=head, n_experts=3,
+                encoder="transformer", n_heads=2, d_ff=12, vocab_chunk=0)
+    return model.ModelConfig(**{**base, **kw})
+
+
+def random_params(config, seed):
+    """Fresh parameters with every leaf redrawn, so biases and LayerNorm are not trivial."""
+    params = model.init_params(config, jax.random.key(seed))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(rng.normal(0, 0.4, x.shape), jnp.float32) for x in leaves]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+# --------------------------------------------------------------- NumPy, float64
+
+def np_layer_norm(x, scale, bias):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+
+
+def np_gelu(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def np_rotate(x, pos):
+    """x [d_h] at position pos: rotate pair (x[i], x[i + d_h/2]) by pos * 10000^(-2i/d_h)."""
+    half = len(x) // 2
+    out = np.empty_like(x)
+    for i in range(half):
+        a = pos * 10000.0 ** (-2.0 * i / len(x))
+        out[i] = x[i] * math.cos(a) - x[i + half] * math.sin(a)
+        out[i + half] = x[i + half] * math.cos(a) + x[i] * math.sin(a)
+    return out
+
+
+def np_log_softmax(z):
+    m = z.max(-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+
+
+def np_encode(p, cfg, ids):
+    """ids [T] (one column) -> output [T, d_model]."""
+    x = p["embedding"][ids]
+    if "in_proj" in p:
+        x = x @ p["in_proj"]
+    t, d = x.shape
+    nh = cfg.n_heads
+    dh = d // nh
+    for l in range(cfg.nlayers):
+        b = p[f"block_{l}"]
+        h = np_layer_norm(x, b["ln_1_scale"], b["ln_1_bias"])
+        qkv = h @ b["qkv_kernel"] + b["qkv_bias"]
+        q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+        att = np.zeros((t, d))
+        for head in range(nh):
+            sl = slice(head * dh, (head + 1) * dh)
+            for i in range(t):
+                qi = np_rotate(q[i, sl], i)
+                scores = np.array([np_rotate(k[j, sl], j) @ qi / math.sqrt(dh)
+                                   for j in range(i + 1)])
+                w = np.exp(scores - scores.max())
+                w /= w.sum()
+                att[i, sl] = w @ v[:i + 1, sl]
+        x = x + att @ b["out_kernel"] + b["out_bias"]
+        h = np_layer_norm(x, b["ln_2_scale"], b["ln_2_bias"])
+        x = x + np_gelu(h @ b["ff_in_kernel"] + b["ff_in_bias"]) @ b["ff_out_kernel"] \
+            + b["ff_out_bias"]
+    return np_layer_norm(x, p["ln_f_scale"], p["ln_f_bias"])
+
+
+def np_logprobs(p, cfg, ids):
+    """Full log-probabilities [T, V] of one column."""
+    out = np_encode(p, cfg, ids)
+    emb, hp = p["embedding"], p["head"]
+    if cfg.head == "softmax":
+        return np_log_softmax(out @ emb.T + hp["decoder_bias"])
+    assert cfg.head == "mos"
+    prior = np_log_softmax(out @ hp["prior_kernel"])  # [T, E]
+    latent = np.tanh(out @ hp["latent_kernel"] + hp["latent_bias"])
+    latent = latent.reshape(len(ids), cfg.n_experts, cfg.emsize)
+    comp = np_log_softmax(latent @ emb.T + hp["decoder_bias"])  # [T, E, V]
+    z = prior[..., None] + comp
+    m = z.max(1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
+
+
+def np_nll(p, cfg, inputs, targets):
+    """Mean NLL over a [T, B] window."""
+    total = 0.0
+    for j in range(inputs.shape[1]):
+        lp = np_logprobs(p, cfg, inputs[:, j])
+        total -= lp[np.arange(len(targets)), targets[:, j]].sum()
+    return total / targets.size
+
+
+def to64(params):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+
+
+# -------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("head,d_model", [("softmax", 0), ("mos", 0), ("mos", 12)])
+def test_forward_matches_numpy_float64(head, d_model):
+    cfg = tiny_config(head, d_model=d_model)
+    params = random_params(cfg, 1)
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(7, 2))
+    out = jit_apply(cfg, params, jnp.asarray(ids[:-1]), model.init_carry(cfg, 2),
+                    jnp.asarray(ids[1:]), return_logprobs=True)
+    p64 = to64(params)
+    assert ("in_proj" in params) == (d_model not in (0, cfg.emsize))
+    for j in range(2):
+        want = np_logprobs(p64, cfg, ids[:-1, j])
+        np.testing.assert_allclose(out.logprobs[:, j], want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(out.target_logprobs[:, j],
+                                   want[np.arange(6), ids[1:, j]], atol=1e-5, rtol=0)
+    assert out.carry == ()
+
+
+def test_causal_a_future_token_changes_no_earlier_logprob():
+    cfg = tiny_config("mos")
+    params = random_params(cfg, 3)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(10, 3))
+    k = 6
+    changed = ids.copy()
+    changed[k] = (ids[k] + 1 + np.arange(3)) % cfg.vocab_size
+    a, b = (jit_apply(cfg, params, jnp.asarray(x), (), None, return_logprobs=True).logprobs
+            for x in (ids, changed))
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a[:k], b[:k], atol=1e-6, rtol=0)
+    assert np.abs(a[k:] - b[k:]).max(axis=-1).min() > 1e-4  # later rows do see it
+
+
+@pytest.mark.parametrize("head", ["softmax", "mos"])
+def test_gradient_matches_finite_differences_of_numpy_loss(head):
+    cfg = tiny_config(head, vocab_size=7, emsize=4, n_heads=2, d_ff=6, n_experts=2,
+                      nlayers=1)
+    params = random_params(cfg, 5)
+    ids = np.random.default_rng(6).integers(0, 7, size=(5, 2))
+    inputs, targets = ids[:-1], ids[1:]
+    grads, aux = jit_loss_grad(cfg, params, jnp.asarray(inputs), jnp.asarray(targets), (),
+                               0.0, 0.0)
+    p64 = to64(params)
+    assert float(aux["nll"]) == pytest.approx(np_nll(p64, cfg, inputs, targets), abs=1e-5)
+    rng = np.random.default_rng(7)
+    for _ in range(3):  # directional derivatives along random directions
+        direction = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape), p64)
+        eps = 1e-5
+        shifted = [jax.tree_util.tree_map(lambda x, v: x + s * eps * v, p64, direction)
+                   for s in (1, -1)]
+        fd = (np_nll(shifted[0], cfg, inputs, targets)
+              - np_nll(shifted[1], cfg, inputs, targets)) / (2 * eps)
+        analytic = sum(float(np.sum(np.asarray(g, np.float64) * v)) for g, v in zip(
+            jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)))
+        assert analytic == pytest.approx(fd, rel=2e-3, abs=2e-4)
+
+
+def test_dropout_is_on_only_with_a_key_and_carry_is_empty():
+    cfg = tiny_config("mos", attn_dropout=0.3, resid_dropout=0.3)
+    params = random_params(cfg, 8)
+    ids = jnp.asarray(np.random.default_rng(9).integers(0, 13, size=(6, 2)))
+    plain = jit_apply(cfg, params, ids, (), ids).target_logprobs
+    again = jit_apply(cfg, params, ids, (), ids).target_logprobs
+    dropped = jit_apply(cfg, params, ids, (), ids, rng=jax.random.key(0)).target_logprobs
+    np.testing.assert_array_equal(plain, again)
+    assert np.abs(np.asarray(plain) - np.asarray(dropped)).max() > 1e-3
+    assert model.init_carry(cfg, 4) == ()
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    (dict(head="softmax", d_model=12), r"\(model.d_model=12\) must equal model.emsize"),
+    (dict(n_heads=3), "n_heads=3 must divide"),
+    (dict(n_heads=8), "even head size"),
+    (dict(encoder="gru"), "unknown encoder"),
+    (dict(attn_dropout=1.0), "attn_dropout"),
+])
+def test_config_mistakes_are_clear_errors(kw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        tiny_config(**kw)
