@@ -24,8 +24,9 @@ def tiny_config(head="mos", **kw):
 
 
 def random_params(config, seed):
-    """Fresh parameters with every leaf redrawn, so biases and LayerNorm are not trivial."""
-    params = model.init_params(config, jax.random.key(seed))
+    """Random parameters of the model's shapes (N(0, 0.4^2) everywhere, so biases and
+    LayerNorm are not trivial); shapes from `eval_shape`, so nothing compiles."""
+    params = jax.eval_shape(model.init_params, config, jax.random.key(seed))
     leaves, tree = jax.tree_util.tree_flatten(params)
     rng = np.random.default_rng(seed)
     leaves = [jnp.asarray(rng.normal(0, 0.4, x.shape), jnp.float32) for x in leaves]
@@ -177,7 +178,7 @@ def test_gradient_matches_finite_differences_of_numpy_loss(head):
 
 
 def test_dropout_is_on_only_with_a_key_and_carry_is_empty():
-    cfg = tiny_config("mos", attn_dropout=0.3, resid_dropout=0.3)
+    cfg = tiny_config("mos", attn_dropout=0.3, resid_dropout=0.3, nlayers=1)
     params = random_params(cfg, 8)
     ids = jnp.asarray(np.random.default_rng(9).integers(0, 13, size=(6, 2)))
     plain = jit_apply(cfg, params, ids, (), ids).target_logprobs
@@ -198,3 +199,52 @@ def test_dropout_is_on_only_with_a_key_and_carry_is_empty():
 def test_config_mistakes_are_clear_errors(kw, fragment):
     with pytest.raises(ConfigError, match=fragment):
         tiny_config(**kw)
+
+
+# ------------------------------------------------------ sliding-window evaluation
+
+@pytest.mark.parametrize("n_tokens,context,stride", [(50, 6, 4), (50, 6, 6), (41, 5, 1),
+                                                     (16, 9, 3)])
+def test_sliding_windows_score_every_target_once(n_tokens, context, stride):
+    from mos_jax.batching import sliding_windows
+    ids = np.arange(n_tokens)
+    w = sliding_windows(ids, 2, context, stride)
+    n = n_tokens // 2 - 1
+    scored = []
+    for k, (length, first) in enumerate(zip(w.lengths, w.first)):
+        start = int(w.inputs[k, 0, 0])  # ids are positions: column 0 starts at 0
+        assert np.array_equal(w.inputs[k, :length, 0], np.arange(start, start + length))
+        for r in range(first, length):
+            scored.append(start + r)
+            if k:  # the context of target row start + r: inputs start..start + r
+                assert r + 1 >= context - stride
+    assert scored == list(range(n))
+
+
+def test_sliding_token_logprobs_match_a_brute_force_loop():
+    from mos_jax import evaluate
+    cfg = tiny_config("mos", eval_stride=3)
+    params = random_params(cfg, 10)
+    ids = np.random.default_rng(11).integers(0, cfg.vocab_size, size=43)
+    context, stride, batch = 7, 3, 2
+    got = evaluate.token_logprobs(cfg, params, ids, batch, context)
+    rows = ids[: len(ids) // batch * batch].reshape(batch, -1).T
+    inputs, targets = rows[:-1], rows[1:]
+    n = len(targets)
+    x = np.zeros((context, n, batch), np.int32)  # one prefix per target, side by side
+    y = np.zeros_like(x)
+    offsets = []
+    for t in range(n):
+        # the window that scores target t starts at the multiple of the stride that
+        # leaves t among its last `stride` rows (0 for the first window's targets)
+        s = 0 if t < context else stride * -(-(t - context + 1) // stride)
+        assert t - s < context and (s == 0 or t - s + 1 >= context - stride)
+        x[: t - s + 1, t] = inputs[s:t + 1]
+        y[: t - s + 1, t] = targets[s:t + 1]
+        offsets.append(t - s)
+    out = jit_apply(cfg, params, jnp.asarray(x.reshape(context, -1)), (),
+                    jnp.asarray(y.reshape(context, -1)))
+    lp = np.asarray(out.target_logprobs).reshape(context, n, batch)
+    want = lp[offsets, np.arange(n)]
+    assert got.shape == want.shape == (20, 2)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
