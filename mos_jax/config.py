@@ -179,6 +179,9 @@ def default_config() -> ConfigDict:
         name="sgd",  # sgd (the paper's), momentum, adam, adamw (mos_jax.optim.OPTIMIZERS)
         momentum=0.9, nesterov=False,  # momentum
         b1=0.9, b2=0.999, eps=1e-8,  # adam, adamw
+        # lr schedule, a per-step multiplier: linear warm-up, then cosine decay to
+        # min_lr_ratio over decay_steps (0: none; mos_jax.optim.Optimizer.lr_multiplier)
+        warmup_steps=0, decay_steps=0, min_lr_ratio=0.0,
     ))
     c.train = ConfigDict(dict(
         seed=28,
