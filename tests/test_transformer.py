@@ -299,3 +299,23 @@ def test_transformer_trains_and_resumes_bit_identically(tmp_path, capsys):
         model.ModelConfig(vocab_size=50, emsize=16, nlayers=1, n_experts=4, head="mos",
                           encoder="transformer", n_heads=2), jax.random.key(0)))
     assert len(first) == len(jax.tree_util.tree_leaves(want["params"]))
+
+
+def test_ptb_configs_load_and_the_twins_share_a_parameter_budget():
+    from pathlib import Path
+    from mos_jax import config as config_lib, optim, train
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    counts = {}
+    for name in ("ptb_transformer", "ptb_transformer_softmax"):
+        c = config_lib.load_config(configs / f"{name}.py")
+        mc = train.model_config_from(c, 10000)
+        assert mc.encoder == "transformer" and optim.from_config(c.optim).has_schedule
+        counts[mc.head] = model.param_count(
+            jax.eval_shape(model.init_params, mc, jax.random.key(0)))
+    # by hand: embedding 10000*128; per block 4 LayerNorm vectors, qkv, out and ff
+    blocks = lambda f: 2 * (4 * 128 + 128 * 384 + 384 + 128 * 128 + 128
+                            + 128 * f + f + f * 128 + 128)
+    assert counts["mos"] == 1_280_000 + blocks(512) + 2 * 128 + (
+        128 * 4 + 128 * 512 + 512 + 10000)
+    assert counts["softmax"] == 1_280_000 + blocks(642) + 2 * 128 + 10000
+    assert abs(counts["mos"] - counts["softmax"]) / counts["mos"] < 1e-3
