@@ -319,3 +319,21 @@ def test_ptb_configs_load_and_the_twins_share_a_parameter_budget():
         128 * 4 + 128 * 512 + 512 + 10000)
     assert counts["softmax"] == 1_280_000 + blocks(642) + 2 * 128 + 10000
     assert abs(counts["mos"] - counts["softmax"]) / counts["mos"] < 1e-3
+
+
+def test_generation_draws_each_word_from_the_whole_history():
+    """The log-probabilities generate returns equal one teacher-forced pass over the
+    prompt and the sampled words (each word scored on everything before it)."""
+    from mos_jax import generate
+    cfg = tiny_config("mos", nlayers=1, attn_dropout=0.0, resid_dropout=0.0)
+    params = random_params(cfg, 12)
+    prompt = [3, 1, 4, 1, 5]
+    ids, logp = generate.sample(cfg, params, prompt, 6, temperature=1.3, seed=3,
+                                return_logprobs=True)
+    seq = np.asarray(prompt + list(ids), np.int32)[:, None]
+    out = jit_apply(cfg, params, jnp.asarray(seq[:-1]), (), jnp.asarray(seq[1:]))
+    np.testing.assert_allclose(logp, np.asarray(out.target_logprobs)[4:, 0], atol=1e-5)
+    # and not from the last word alone (what an empty carry would give)
+    alone = jit_apply(cfg, params, jnp.asarray(seq[4:-1].reshape(1, -1)), (),
+                      jnp.asarray(seq[5:].reshape(1, -1)))
+    assert np.abs(np.asarray(alone.target_logprobs)[0, 1:] - logp[1:]).max() > 1e-3
