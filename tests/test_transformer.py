@@ -337,3 +337,13 @@ def test_generation_draws_each_word_from_the_whole_history():
     alone = jit_apply(cfg, params, jnp.asarray(seq[4:-1].reshape(1, -1)), (),
                       jnp.asarray(seq[5:].reshape(1, -1)))
     assert np.abs(np.asarray(alone.target_logprobs)[0, 1:] - logp[1:]).max() > 1e-3
+
+
+def test_dynamic_evaluation_refuses_the_transformer_clearly():
+    from mos_jax import dynamic_eval
+    cfg = tiny_config("mos")
+    ids = np.arange(40) % cfg.vocab_size
+    with pytest.raises(ConfigError, match="not supported for the transformer encoder"):
+        dynamic_eval.gradient_statistics(cfg, {}, ids, batch_size=2)
+    with pytest.raises(ConfigError, match="not supported for the transformer encoder"):
+        dynamic_eval.dynamic_evaluate(cfg, {}, {}, {}, ids)
