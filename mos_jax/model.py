@@ -169,6 +169,8 @@ class Encoder:
     check(cfg) -> list of problems with the config (messages naming key and fix).
     output_size(cfg): the width of the output the head reads.
     init_carry(cfg, batch_size): the zero carry (any pytree; () for none).
+    flops_per_token(cfg, context): forward matmul FLOPs per token (`mos-jax bench`),
+      for windows of `context` tokens.
     encode(module, cfg, embedding, inputs [T, B], carry, *, rng, deterministic,
       valid) -> (output, raw_output [T, B, output_size], carry): run inside the
       model's compact scope (`module`), so the submodules it builds are the model's
@@ -190,6 +192,11 @@ class AWDLSTM(Encoder):
     @staticmethod
     def output_size(cfg) -> int:
         return cfg.nhidlast
+
+    @staticmethod
+    def flops_per_token(cfg, context: int) -> int:
+        """Forward matmul FLOPs per token: 2 * 4 H (I + H) per layer (any context)."""
+        return sum(2 * 4 * h * (i + h) for i, h in zip(cfg.input_sizes, cfg.hidden_sizes))
 
     @staticmethod
     def init_carry(cfg, batch_size: int) -> ModelCarry:

@@ -347,3 +347,14 @@ def test_dynamic_evaluation_refuses_the_transformer_clearly():
         dynamic_eval.gradient_statistics(cfg, {}, ids, batch_size=2)
     with pytest.raises(ConfigError, match="not supported for the transformer encoder"):
         dynamic_eval.dynamic_evaluate(cfg, {}, {}, {}, ids)
+
+
+def test_bench_counts_the_transformer_flops_by_hand():
+    from mos_jax import bench
+    cfg = tiny_config("softmax", vocab_size=100, emsize=8, nlayers=2, d_ff=12)
+    f = bench.model_flops_per_token(cfg, context=10)
+    # per block: qkv 2*8*24, out 2*8*8, ff 2*(8*12 + 12*8); attention: scores and
+    # mixing, 2 * 2 * 8 per earlier position, (10 + 1) / 2 positions on average
+    block = 2 * 8 * 24 + 2 * 8 * 8 + 2 * (8 * 12 + 12 * 8) + 4 * 8 * 11 // 2
+    assert f == {"transformer": 2 * block, "head": 2 * 8 * 100,
+                 "forward": 2 * block + 2 * 8 * 100}
