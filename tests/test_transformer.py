@@ -358,3 +358,55 @@ def test_bench_counts_the_transformer_flops_by_hand():
     block = 2 * 8 * 24 + 2 * 8 * 8 + 2 * (8 * 12 + 12 * 8) + 4 * 8 * 11 // 2
     assert f == {"transformer": 2 * block, "head": 2 * 8 * 100,
                  "forward": 2 * block + 2 * 8 * 100}
+
+
+# ---------------------------------------------------- one device against 4 (fake)
+
+_PARALLEL_SCRIPT = r'''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from mos_jax import config as config_lib, evaluate, model, parallel, train
+cfg = model.ModelConfig(vocab_size=30, emsize=8, nlayers=1, head="mos", n_experts=3,
+                        encoder="transformer", n_heads=2, d_ff=12, attn_dropout=0.0,
+                        resid_dropout=0.0, dropoute=0.0, dropoutl=0.0)
+B, T = 8, 9
+params = jax.tree_util.tree_map(np.asarray, model.init_params(cfg, jax.random.key(0)))
+seq = np.random.default_rng(0).integers(0, 30, size=(T + 1, B)).astype(np.int32)
+c = config_lib.default_config()
+c.optim.alpha, c.optim.beta, c.optim.clip, c.optim.wdecay = 0.0, 0.0, 1e6, 0.0
+c.optim.name = "sgd"  # with lr 1 the update is the gradient itself
+c.data.batch_size, c.data.bptt, c.train.seed = B, T, 0
+out = {"devices": jax.device_count()}
+results = {}
+for name, plan in (("one", parallel.local_plan(1, "none")),
+                   ("mesh", parallel.make_plan("mesh", jax.devices()))):
+    step = train.build_train_step(c, cfg, plan)
+    state = train.init_state(cfg, jax.tree_util.tree_map(jnp.array, params), B, step.tx)
+    state, m = step(state, seq[:-1], seq[1:], T, T, 1.0)
+    ids = np.random.default_rng(1).integers(0, 30, size=200)
+    logp = evaluate.token_logprobs(cfg, params, ids, 4, 10, plan=plan)
+    results[name] = (jax.tree_util.tree_map(np.asarray, state.params), float(m["loss"]), logp)
+(pa, la, ea), (pb, lb, eb) = results["one"], results["mesh"]
+out["loss"] = abs(la - lb)
+out["params"] = max(float(np.max(np.abs(x - y))) for x, y in
+                    zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)))
+out["eval"] = float(np.max(np.abs(ea - eb)))
+print(json.dumps(out))
+'''
+
+
+def test_four_devices_give_the_one_device_losses_and_evaluation():
+    import json, os, subprocess, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+               "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(root))
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", _PARALLEL_SCRIPT], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    assert out["loss"] < 1e-5 and out["params"] < 1e-5 and out["eval"] < 1e-5, out
