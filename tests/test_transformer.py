@@ -410,3 +410,14 @@ def test_four_devices_give_the_one_device_losses_and_evaluation():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4
     assert out["loss"] < 1e-5 and out["params"] < 1e-5 and out["eval"] < 1e-5, out
+
+
+def test_bfloat16_matmuls_stay_close_to_float32():
+    cfg = tiny_config("mos", nlayers=1)
+    params = random_params(cfg, 13)
+    ids = jnp.asarray(np.random.default_rng(14).integers(0, 13, size=(6, 2)))
+    a = jit_apply(cfg, params, ids, (), ids).target_logprobs
+    b = jit_apply(cfg.replace(compute_dtype="bfloat16"), params, ids, (), ids).target_logprobs
+    assert b.dtype == jnp.float32  # log space stays float32
+    diff = np.abs(np.asarray(a) - np.asarray(b)).max()
+    assert 0 < diff < 0.1  # bfloat16 operands were used, and are close
