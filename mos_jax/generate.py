@@ -5,9 +5,8 @@ dropout, the carry starting from zeros), then draws `n_words` words one after th
 each from `softmax(log p(. | history) / temperature)` over the full vocabulary, the
 drawn word fed back as the next input. The whole loop is one jitted `jax.lax.scan`, so
 a sample costs one compiled program per (model, prompt length, length) and no Python
-work per word. An encoder without carry (the Transformer) rereads the whole history for
-each word instead (no key/value cache yet: each word costs a pass over the prompt and
-the words so far).
+work per word. The Transformer generates with a key/value cache
+(`Transformer.generation_state`): each word costs one position, not the whole prefix.
 
 Words and ids convert through the corpus (`Corpus.encode` splits a prompt on whitespace
 and names any word outside the vocabulary; `Corpus.decode`); `render` joins words into
@@ -53,9 +52,9 @@ def _sample(config: ModelConfig, params: Params, prompt: jax.Array, n_words: int
         word = jax.random.categorical(k, logp / temperature, axis=-1).astype(jnp.int32)
         return word, jnp.take_along_axis(logp, word[:, None], axis=-1)[:, 0]
 
-    if not config.encoder_cls.stateful:
-        return _sample_recomputing(config, params, prompt, n_words, keys, draw)
-    carry = model_lib.init_carry(config, prompt.shape[1])
+    # the zero carry (LSTM) or an empty key/value cache for every position (Transformer)
+    carry = config.encoder_cls.generation_state(config, prompt.shape[1],
+                                                prompt.shape[0] + n_words)
     out = model_lib.apply(config, params, prompt, carry, None, return_logprobs=True)
 
     first, first_logp = draw(keys[0], out.logprobs[-1])
@@ -70,26 +69,6 @@ def _sample(config: ModelConfig, params: Params, prompt: jax.Array, n_words: int
     _, (rest, rest_logp) = jax.lax.scan(step, (out.carry, first), keys[1:])
     words = jnp.concatenate([first[None], rest])
     return words, jnp.concatenate([first_logp[None], rest_logp])
-
-
-def _sample_recomputing(config: ModelConfig, params: Params, prompt: jax.Array,
-                        n_words: int, keys: jax.Array, draw):
-    """`_sample` for an encoder without carry (the Transformer): every word is drawn
-    from a pass over the whole history so far, prompt included (a buffer of P +
-    n_words positions; causal attention leaves the unfilled ones unseen). Each word
-    costs a pass over the buffer: there is no key/value cache yet."""
-    p = prompt.shape[0]
-    buffer = jnp.zeros((p + n_words, prompt.shape[1]), jnp.int32).at[:p].set(prompt)
-
-    def step(buffer, xs):
-        i, k = xs
-        out = model_lib.apply(config, params, buffer, (), None, return_logprobs=True)
-        word, logp = draw(k, jax.lax.dynamic_index_in_dim(out.logprobs, p - 1 + i, 0,
-                                                          keepdims=False))
-        return jax.lax.dynamic_update_index_in_dim(buffer, word, p + i, 0), (word, logp)
-
-    _, (words, logp) = jax.lax.scan(step, buffer, (jnp.arange(n_words), keys))
-    return words, logp
 
 
 def sample(model_config: ModelConfig, params: Params, prompt_ids: Sequence[int],

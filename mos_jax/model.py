@@ -169,6 +169,8 @@ class Encoder:
     check(cfg) -> list of problems with the config (messages naming key and fix).
     output_size(cfg): the width of the output the head reads.
     init_carry(cfg, batch_size): the zero carry (any pytree; () for none).
+    generation_state(cfg, batch_size, max_len): the carry to generate up to `max_len`
+      words with, one at a time (the zero carry; the Transformer's key/value cache).
     flops_per_token(cfg, context): forward matmul FLOPs per token (`mos-jax bench`),
       for windows of `context` tokens.
     encode(module, cfg, embedding, inputs [T, B], carry, *, rng, deterministic,
@@ -204,6 +206,10 @@ class AWDLSTM(Encoder):
         return tuple((jnp.zeros((batch_size, h), jnp.float32),
                       jnp.zeros((batch_size, h), jnp.float32))
                      for h in cfg.hidden_sizes)
+
+    @staticmethod
+    def generation_state(cfg, batch_size: int, max_len: int) -> ModelCarry:
+        return AWDLSTM.init_carry(cfg, batch_size)
 
     @staticmethod
     def encode(module, cfg, embedding, inputs, carry, *, rng, deterministic, valid):
@@ -254,7 +260,7 @@ class LanguageModel(nn.Module):
                                    return_logprobs=return_logprobs,
                                    target_weights=target_weights)
         return ModelOutput(out.target_logprobs, out.logprobs, output, raw_output,
-                           tuple(new_carry), out.nll)
+                           new_carry, out.nll)
 
 
 def init_carry(config: ModelConfig, batch_size: int) -> ModelCarry:

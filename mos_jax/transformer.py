@@ -85,7 +85,12 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, rng: Callable[[], jax.Array | None]) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: Callable[[], jax.Array | None],
+                 cache: tuple[jax.Array, jax.Array] | None = None, offset=0):
+        """`x` [T, B, D] at positions `offset + t` -> the new x, and with a key/value
+        `cache` ([L, B, n_heads, d_h] each) that cache with this window's keys and
+        values written at rows `offset ...` (attention then reads the cache: every
+        earlier position written before, none after)."""
         d, f, nh = self.d_model, self.d_ff, self.n_heads
         dh = d // nh
         t, b = x.shape[:2]
@@ -102,13 +107,17 @@ class Block(nn.Module):
 
         h = layer_norm(x, p["ln_1_scale"], p["ln_1_bias"])
         qkv = (dot(h, p["qkv_kernel"], self.dtype) + p["qkv_bias"]).reshape(t, b, 3, nh, dh)
-        positions = jnp.arange(t)
+        positions = offset + jnp.arange(t)
         q = rotary(qkv[:, :, 0], positions)
         k = rotary(qkv[:, :, 1], positions)
         v = qkv[:, :, 2]
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, offset, 0)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, offset, 0)
+            cache = (k, v)
         scores = jnp.einsum("tbhd,sbhd->bhts", q.astype(self.dtype), k.astype(self.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(dh)
-        causal = jnp.tril(jnp.ones((t, t), bool))
+        causal = jnp.arange(k.shape[0])[None, :] <= positions[:, None]  # [T, S]
         scores = jnp.where(causal, scores, -jnp.inf)
         probs = dropout(jax.nn.softmax(scores, axis=-1), self.attn_dropout, rng())
         att = jnp.einsum("bhts,sbhd->tbhd", probs.astype(self.dtype), v.astype(self.dtype),
@@ -119,7 +128,7 @@ class Block(nn.Module):
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"])
         h = jax.nn.gelu(dot(h, p["ff_in_kernel"], self.dtype) + p["ff_in_bias"])
         h = dot(h, p["ff_out_kernel"], self.dtype) + p["ff_out_bias"]
-        return x + dropout(h, self.resid_dropout, rng())
+        return x + dropout(h, self.resid_dropout, rng()), cache
 
 
 class Transformer:
@@ -173,6 +182,19 @@ class Transformer:
         return ()
 
     @staticmethod
+    def generation_state(cfg, batch_size: int, max_len: int) -> dict:
+        """An empty key/value cache for `max_len` positions: `{"pos": 0, "layers":
+        ((k, v) per block, each [max_len, B, n_heads, d_h] float32)}`. Given as the
+        carry, the model attends to the cached positions and returns the cache with
+        the window's keys and values added, `pos` advanced by the window's length, so
+        each generated word costs one position (`mos_jax.generate`)."""
+        d = Transformer.d_model(cfg)
+        shape = (max_len, batch_size, cfg.n_heads, d // cfg.n_heads)
+        return {"pos": jnp.zeros((), jnp.int32),
+                "layers": tuple((jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+                                for _ in range(cfg.nlayers))}
+
+    @staticmethod
     def flops_per_token(cfg, context: int) -> int:
         """Forward matmul FLOPs per token at `context` positions: projections
         2 (4 D^2 + 2 D F) per block (+ 2 emsize D for in_proj), and attention scores
@@ -185,16 +207,22 @@ class Transformer:
     def encode(module: nn.Module, cfg, embedding, inputs, carry, *, rng, deterministic,
                valid):
         """Called inside the model's compact scope: `(output, raw_output, carry)`."""
-        del carry, valid, deterministic  # no state; padding at the end cannot reach earlier positions
+        del valid, deterministic  # padding at the end cannot reach earlier positions
         d = Transformer.d_model(cfg)
+        cache = carry or None  # () in training and evaluation; a dict when generating
+        offset = cache["pos"] if cache else 0
+        layers = []
         x = embedding_dropout(embedding, inputs, cfg.dropoute, rng())
         if d != cfg.emsize:
             x = dot(x, module.param("in_proj", nn.initializers.normal(0.02),
                                     (cfg.emsize, d)), cfg.dtype)
         x = dropout(x.astype(jnp.float32), cfg.resid_dropout, rng())
         for l in range(cfg.nlayers):
-            x = Block(d, cfg.n_heads, Transformer.d_ff(cfg), cfg.nlayers, cfg.attn_dropout,
-                      cfg.resid_dropout, cfg.dtype, name=f"block_{l}")(x, rng)
+            x, kv = Block(d, cfg.n_heads, Transformer.d_ff(cfg), cfg.nlayers,
+                          cfg.attn_dropout, cfg.resid_dropout, cfg.dtype, name=f"block_{l}")(
+                x, rng, cache["layers"][l] if cache else None, offset)
+            layers.append(kv)
         x = layer_norm(x, module.param("ln_f_scale", nn.initializers.ones, (d,)),
                        module.param("ln_f_bias", nn.initializers.zeros, (d,)))
-        return x, x, ()
+        new = {"pos": offset + inputs.shape[0], "layers": tuple(layers)} if cache else ()
+        return x, x, new

@@ -321,15 +321,18 @@ def test_ptb_configs_load_and_the_twins_share_a_parameter_budget():
     assert abs(counts["mos"] - counts["softmax"]) / counts["mos"] < 1e-3
 
 
-def test_generation_draws_each_word_from_the_whole_history():
-    """The log-probabilities generate returns equal one teacher-forced pass over the
-    prompt and the sampled words (each word scored on everything before it)."""
+def test_generation_with_the_cache_equals_recomputing_the_prefix():
+    """generate runs the prompt, then one position per word against the key/value
+    cache; the log-probabilities it returns equal one pass that recomputes the whole
+    prefix (the prompt and the sampled words, each scored on everything before it)."""
     from mos_jax import generate
     cfg = tiny_config("mos", nlayers=1, attn_dropout=0.0, resid_dropout=0.0)
     params = random_params(cfg, 12)
     prompt = [3, 1, 4, 1, 5]
     ids, logp = generate.sample(cfg, params, prompt, 6, temperature=1.3, seed=3,
                                 return_logprobs=True)
+    cache = cfg.encoder_cls.generation_state(cfg, 1, 11)
+    assert cache["layers"][0][0].shape == (11, 1, 2, 4)  # [P + n, B, heads, d_h]
     seq = np.asarray(prompt + list(ids), np.int32)[:, None]
     out = jit_apply(cfg, params, jnp.asarray(seq[:-1]), (), jnp.asarray(seq[1:]))
     np.testing.assert_allclose(logp, np.asarray(out.target_logprobs)[4:, 0], atol=1e-5)
