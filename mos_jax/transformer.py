@@ -18,7 +18,9 @@ Positions are rotary (RoPE, "half split" form): in every head, query and key vec
 `(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)` on the two halves of the vector. Only
 relative offsets matter, there are no position parameters and any window length
 works (the sliding-window evaluation relies on that). Positions count from 0 at the
-start of each window: the encoder has no carry, a window is its whole context.
+start of each window: the encoder has no carry, a window is its whole context. To
+generate, a key/value cache given as the carry (`Transformer.generation_state`) holds
+the keys and values of the positions read so far, so each new word costs one position.
 
 Parameters (Flax names under the model's scope, D = d_model, F = d_ff):
     in_proj                 [emsize, D]  only when D != emsize
@@ -137,7 +139,8 @@ class Transformer:
     Config keys (`mos_jax.model.ModelConfig`): nlayers (blocks), n_heads, d_model (0:
     emsize), d_ff (0: 4 d_model), attn_dropout, resid_dropout, dropoute (embedding
     rows, as the LSTM's). The LSTM's other dropouts (dropout, dropouth, dropouti,
-    wdrop) and nhid/nhidlast are not used. No carry: the empty tuple.
+    wdrop) and nhid/nhidlast are not used. No carry in training and evaluation (the
+    empty tuple); to generate, the carry is a key/value cache (`generation_state`).
     """
 
     stateful = False
