@@ -167,7 +167,8 @@ class Encoder:
       when a window is the whole context (the Transformer: evaluation then scores a
       stream in sliding windows, `mos_jax.evaluate.sliding_token_logprobs`).
     check(cfg) -> list of problems with the config (messages naming key and fix).
-    output_size(cfg): the width of the output the head reads.
+    output_size(cfg): the width of the output the head reads; `width_key` the model
+      config key that sets it (a tied head needs it equal to emsize).
     init_carry(cfg, batch_size): the zero carry (any pytree; () for none).
     generation_state(cfg, batch_size, max_len): the carry to generate up to `max_len`
       words with, one at a time (the zero carry; the Transformer's key/value cache).
@@ -186,6 +187,8 @@ class Encoder:
 class AWDLSTM(Encoder):
     """The AWD-LSTM encoder (SPEC.md section 2): its parameters sit at the model's top
     level (`lstm_{l}`), as they always have."""
+
+    width_key = "nhidlast"
 
     @staticmethod
     def check(cfg) -> list[str]:

@@ -144,6 +144,7 @@ class Transformer:
     """
 
     stateful = False
+    width_key = "d_model"
 
     @staticmethod
     def d_model(cfg) -> int:

@@ -424,3 +424,17 @@ def test_bfloat16_matmuls_stay_close_to_float32():
     assert b.dtype == jnp.float32  # log space stays float32
     diff = np.abs(np.asarray(a) - np.asarray(b)).max()
     assert 0 < diff < 0.1  # bfloat16 operands were used, and are close
+
+
+def test_compare_heads_sets_the_transformers_width_for_a_tied_head():
+    from pathlib import Path
+    from mos_jax import compare, config as config_lib
+    c = config_lib.load_config_file(Path(__file__).resolve().parents[1] / "configs"
+                                    / "tiny.py")
+    c.model.encoder, c.model.n_heads, c.model.d_model = "transformer", 2, 24
+    soft, notes = compare.head_config(c, "softmax")
+    assert soft.model.d_model == soft.model.emsize == 16
+    assert notes == ["d_model set to emsize = 16 (config: 24); the softmax head needs "
+                     "d_model == emsize"]
+    mos, notes = compare.head_config(c, "mos")
+    assert mos.model.d_model == 24 and notes == []
