@@ -115,6 +115,52 @@ def make_windows(ids: np.ndarray, batch_size: int, bptt: int,
     return cut_windows(rows[:-1], rows[1:], bptt, max_windows, multiple)
 
 
+class SlidingWindows(NamedTuple):
+    """Overlapping windows of a stream for an encoder without carry.
+
+    inputs/targets `[K, C, B]` (zero-padded), `lengths` `[K]` the real rows of each,
+    `first` `[K]` the first row each window scores: rows `first[k]:lengths[k]` of
+    window k are the targets it scores, and the windows' scored rows, in order, are
+    every target of the stream exactly once.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    lengths: np.ndarray
+    first: np.ndarray
+
+
+def sliding_windows(ids: np.ndarray, batch_size: int, context: int, stride: int
+                    ) -> SlidingWindows:
+    """Batchify `ids` and cut windows of `context` rows, one every `stride` rows.
+
+    Window k starts at row `k * stride`. The first window scores all its targets;
+    every later one only its last `stride` (rows `context - stride` on), so each
+    target is scored once, and every target but those of the first window sees at
+    least `context - stride` earlier tokens (its own input included, more than that).
+    The last window may be short (`lengths`); windows stop once the stream is covered.
+    """
+    if not 1 <= stride <= context:
+        raise DataError(f"a sliding window needs 1 <= stride <= context, got stride "
+                        f"{stride} and context {context}: lower model.eval_stride (0: "
+                        "half the window)")
+    rows = batchify(ids, batch_size)
+    inputs, targets = rows[:-1], rows[1:]
+    n = len(inputs)
+    starts = [0] + list(range(stride, max(n - context, 0) + stride, stride))
+    starts = [s for s in starts if s == 0 or s + context - stride < n]
+    k = len(starts)
+    x = np.zeros((k, context, batch_size), np.int32)
+    y = np.zeros((k, context, batch_size), np.int32)
+    lengths = np.zeros(k, np.int32)
+    first = np.zeros(k, np.int32)
+    for i, s in enumerate(starts):
+        length = min(context, n - s)
+        x[i, :length], y[i, :length] = inputs[s:s + length], targets[s:s + length]
+        lengths[i], first[i] = length, 0 if i == 0 else context - stride
+    return SlidingWindows(x, y, lengths, first)
+
+
 def sample_seq_len(rng: np.random.Generator, bptt: int, max_len: int) -> int:
     """The reference's random BPTT length (SPEC.md section 3).
 

@@ -43,15 +43,18 @@ from mos_jax.errors import ConfigError
 WORKLOADS = ("train", "eval", "dynamic_eval")
 
 
-def model_flops_per_token(mc: model_lib.ModelConfig) -> dict[str, int]:
+def model_flops_per_token(mc: model_lib.ModelConfig, context: int = 70
+                          ) -> dict[str, int]:
     """Forward matmul FLOPs per token (2 per multiply-add), by part.
 
-    The LSTM's from its sizes; the head's as the head declares it
-    (`mos_jax.heads.Head.flops_per_token`), so a head of your own is counted too.
+    The encoder's as it declares them (keyed by its name, `lstm` or `transformer`;
+    the Transformer's attention depends on the window, `context` tokens); the head's as
+    the head declares it (`mos_jax.heads.Head.flops_per_token`), so a head of your own
+    is counted too.
     """
-    lstm = sum(2 * 4 * h * (i + h) for i, h in zip(mc.input_sizes, mc.hidden_sizes))
+    encoder = int(mc.encoder_cls.flops_per_token(mc, context))
     head = int(heads.get_head(mc.head).flops_per_token(mc))
-    return {"lstm": lstm, "head": head, "forward": lstm + head}
+    return {mc.encoder: encoder, "head": head, "forward": encoder + head}
 
 
 def matmul_peak_flops(dtype, n: int | None = None, repeats: int = 5) -> float:
@@ -200,7 +203,7 @@ def run_bench(c, settings: BenchSettings, log: Callable[[str], None] = print) ->
                           f"{', '.join(WORKLOADS)}")
     mc = train.model_config_from(c, settings.vocab)
     dev = jax.devices()[0]
-    flops = model_flops_per_token(mc)
+    flops = model_flops_per_token(mc, settings.bptt or c.data.bptt)
     out: dict[str, Any] = {
         "device": dev.device_kind, "platform": dev.platform,
         "devices_visible": jax.device_count(), "jax": jax.__version__,

@@ -312,7 +312,7 @@ def _cmd_rank(args) -> None:
                           bptt=args.bptt, log=_note)
     s = result.pop("singular_values")
     plot = args.plot or Path(args.workdir or ".") / "rank_spectrum.png"
-    title = (f"{config.head} head, d={config.nhidlast}: rank {result['rank']:,} of "
+    title = (f"{config.head} head, d={config.output_size}: rank {result['rank']:,} of "
              f"{result['contexts']:,} x {result['vocab_size']:,} ({args.split})")
     rank.plot_spectrum(s, result["threshold"], plot, title=title)
     out = {"split": args.split, **result,

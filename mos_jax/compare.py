@@ -129,20 +129,24 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
     """`config` with `model.head = head` (and `train.test = test`), and notes.
 
     A head that declares itself tied (`mos_jax.heads.Head.tied`: its decoder is the
-    embedding applied to the last layer) gets `model.nhidlast = model.emsize` when the
+    embedding applied to the last layer) gets the encoder's width (`model.nhidlast`
+    for the LSTM, `model.d_model` for the Transformer) set to `model.emsize` when the
     config differs, and a note says so. Then the model's parameter shapes are built
     (no compute): a head that cannot be built raises a one-line ConfigError naming it.
     """
     from mos_jax import heads as heads_lib
+    from mos_jax import model as model_lib
     c = config.copy_and_resolve_references()
     c.model.head = head
     c.train.test = bool(test)
     notes = []
     m = c.model
-    if heads_lib.get_head(head).tied and m.nhidlast != m.emsize:
-        notes.append(f"nhidlast set to emsize = {m.emsize} (config: {m.nhidlast}); "
-                     f"the {head} head needs nhidlast == emsize")
-        m.nhidlast = m.emsize
+    encoder = model_lib.ENCODERS.get(m.get("encoder", "lstm"), model_lib.AWDLSTM)
+    key = encoder.width_key  # nhidlast (LSTM), d_model (Transformer)
+    if heads_lib.get_head(head).tied and encoder.output_size(m) != m.emsize:
+        notes.append(f"{key} set to emsize = {m.emsize} (config: {m[key]}); "
+                     f"the {head} head needs {key} == emsize")
+        m[key] = m.emsize
     try:
         _probe(m.to_dict())
     except Exception as e:  # a head of one's own may fail in any way: one line
@@ -151,8 +155,8 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
         if not isinstance(e, MosJaxError):
             reason = f"{type(e).__name__}: {reason}".rstrip(": ")
         hint = ""
-        if m.nhidlast != m.emsize:
-            hint = (f" (nhidlast {m.nhidlast} != emsize {m.emsize}: a head whose decoder "
+        if encoder.output_size(m) != m.emsize:
+            hint = (f" ({key} {m[key]} != emsize {m.emsize}: a head whose decoder "
                     "is the embedding applied to its input declares tied = True)")
         raise ConfigError(f"the {head} head cannot be built with this config: "
                           f"{reason}{hint}") from None

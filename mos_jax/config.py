@@ -168,6 +168,10 @@ def default_config() -> ConfigDict:
         wdrop=0.5,
         compute_dtype="auto",  # matmul operands; auto: float32 on CPU, bfloat16 on GPU/TPU
         vocab_chunk="auto",  # head: 0 whole logits, N stream over N-word chunks, auto
+        # the encoder: "lstm" (AWD-LSTM, the keys above) or "transformer" (these keys,
+        # with nlayers, emsize and dropoute; mos_jax.transformer)
+        encoder="lstm", n_heads=4, d_model=0, d_ff=0, attn_dropout=0.1, resid_dropout=0.1,
+        eval_stride=0,  # Transformer evaluation: sliding-window stride; 0: bptt // 2
     ))
     c.optim = ConfigDict(dict(
         lr=20.0, clip=0.25, wdecay=1.2e-6, alpha=2.0, beta=1.0, nonmono=5,
@@ -175,6 +179,9 @@ def default_config() -> ConfigDict:
         name="sgd",  # sgd (the paper's), momentum, adam, adamw (mos_jax.optim.OPTIMIZERS)
         momentum=0.9, nesterov=False,  # momentum
         b1=0.9, b2=0.999, eps=1e-8,  # adam, adamw
+        # lr schedule, a per-step multiplier: linear warm-up, then cosine decay to
+        # min_lr_ratio over decay_steps (0: none; mos_jax.optim.Optimizer.lr_multiplier)
+        warmup_steps=0, decay_steps=0, min_lr_ratio=0.0,
     ))
     c.train = ConfigDict(dict(
         seed=28,

@@ -96,6 +96,16 @@ class GradientStatistics(NamedTuple):
     windows: int  # windows the statistics came from
 
 
+def _require_carry(model_config: ModelConfig) -> None:
+    """Dynamic evaluation adapts along a stream scored in short windows with the
+    carry passed on; an encoder without carry would see 5-token contexts."""
+    if not model_config.encoder_cls.stateful:
+        raise ConfigError(
+            f"dynamic evaluation is not supported for the {model_config.encoder} encoder "
+            "yet: it scores the stream in short windows and relies on a carry between "
+            "them. Use mos-jax evaluate (sliding windows) for this model.")
+
+
 def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np.ndarray,
                         *, lamb: float = 0.02, batch_size: int = 100, bptt: int = 5,
                         max_batches: int | None = None, rms: bool = False,
@@ -111,6 +121,7 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
     whole window's mean NLL), then squared and summed as on one device. A batch that
     does not split runs on one device, with a note to `log`.
     """
+    _require_carry(model_config)
     if lamb <= 0:
         raise ConfigError(f"lamb must be positive (decrate is clipped at 1/lamb), got {lamb}")
     plan = parallel.resolve(plan)
@@ -232,6 +243,7 @@ def dynamic_evaluate(model_config: ModelConfig, params: Params, ms: Params,
     Runs on the first device of `plan` (a note to `log` when it has more).
     `progress(done_windows, total)` is called once each chunk has finished.
     """
+    _require_carry(model_config)
     plan = parallel.resolve(plan)
     plan = plan.one_device(update_pass_note(plan, batch_size), log)
     w = make_windows(ids, batch_size, bptt, multiple=CHUNK)

@@ -23,7 +23,7 @@ import numpy as np
 
 from mos_jax import model as model_lib
 from mos_jax import parallel
-from mos_jax.batching import Windows, make_windows
+from mos_jax.batching import Windows, make_windows, sliding_windows
 from mos_jax.model import ModelConfig, Params
 
 
@@ -124,7 +124,15 @@ def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
     when given, once each window's result is ready. With a `plan` over several devices the columns split
     over them (the same result, on every process); a batch that does not split (batch
     1, say) is scored on one device, with a note to `log`.
+
+    An encoder without carry (the Transformer) is scored in sliding windows of `bptt`
+    tokens with stride `model_config.eval_stride` (0: bptt // 2), in the same layout
+    (`sliding_token_logprobs`).
     """
+    if not model_config.encoder_cls.stateful:  # no carry: overlapping windows
+        return sliding_token_logprobs(
+            model_config, params, ids, batch_size, bptt,
+            model_config.eval_stride or max(bptt // 2, 1), progress, plan=plan, log=log)
     plan = parallel.resolve(plan).for_batch(batch_size, log)
     w = make_windows(ids, batch_size, bptt)
     total = int(w.lengths.sum())
@@ -140,6 +148,37 @@ def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
         lambda done, n: progress(min(done * bptt, total), total))
     _, out = scan_windows(fn, plan.zero_carry(model_config, batch_size), w,
                           fetch=lambda x: plan.fetch(x, 1), progress=rows)
+    out = plan.gather_columns(out)
+    assert out.shape == (total, batch_size), out.shape
+    return out
+
+
+def sliding_token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
+                           batch_size: int, context: int, stride: int,
+                           progress: Callable[[int, int], None] | None = None, *,
+                           plan: parallel.Plan | None = None,
+                           log: Callable[[str], None] | None = None) -> np.ndarray:
+    """`token_logprobs`' layout `[nrows - 1, batch_size]` from overlapping windows.
+
+    Windows of `context` tokens, one every `stride` (`mos_jax.batching.sliding_windows`):
+    every target is scored exactly once, each (beyond the first window) with at least
+    `context - stride` tokens of context. The encoder's carry (if any) restarts from
+    zeros in every window. One program serves all windows.
+    """
+    plan = parallel.resolve(plan).for_batch(batch_size, log)
+    w = sliding_windows(ids, batch_size, context, stride)
+    cols = plan.host_slice(batch_size)
+    params = plan.place(params, plan.replicated)
+    score = window_scorer(plan, model_config)
+    total = int(len(ids) // batch_size - 1)
+    pieces = []
+    for k, (length, first) in enumerate(zip(w.lengths, w.first)):
+        logp, _ = score(params, plan.zero_carry(model_config, batch_size),
+                        w.inputs[k][:, cols], w.targets[k][:, cols], int(length))
+        pieces.append((logp, int(first), int(length)))
+        if progress is not None:
+            progress(min(k * stride + int(length), total), total)
+    out = np.concatenate([plan.fetch(x, 1)[a:b] for x, a, b in pieces])
     out = plan.gather_columns(out)
     assert out.shape == (total, batch_size), out.shape
     return out

@@ -5,7 +5,8 @@ dropout, the carry starting from zeros), then draws `n_words` words one after th
 each from `softmax(log p(. | history) / temperature)` over the full vocabulary, the
 drawn word fed back as the next input. The whole loop is one jitted `jax.lax.scan`, so
 a sample costs one compiled program per (model, prompt length, length) and no Python
-work per word.
+work per word. The Transformer generates with a key/value cache
+(`Transformer.generation_state`): each word costs one position, not the whole prefix.
 
 Words and ids convert through the corpus (`Corpus.encode` splits a prompt on whitespace
 and names any word outside the vocabulary; `Corpus.decode`); `render` joins words into
@@ -45,13 +46,16 @@ def render(words: Iterable[str]) -> str:
 def _sample(config: ModelConfig, params: Params, prompt: jax.Array, n_words: int,
             temperature: jax.Array, key: jax.Array):
     """Words [n_words, B] after `prompt` [P, B], and their log-probabilities at T = 1."""
-    carry = model_lib.init_carry(config, prompt.shape[1])
-    out = model_lib.apply(config, params, prompt, carry, None, return_logprobs=True)
     keys = jax.random.split(key, n_words)
 
     def draw(k, logp):  # logp [B, V] -> word [B], its log-probability [B]
         word = jax.random.categorical(k, logp / temperature, axis=-1).astype(jnp.int32)
         return word, jnp.take_along_axis(logp, word[:, None], axis=-1)[:, 0]
+
+    # the zero carry (LSTM) or an empty key/value cache for every position (Transformer)
+    carry = config.encoder_cls.generation_state(config, prompt.shape[1],
+                                                prompt.shape[0] + n_words)
+    out = model_lib.apply(config, params, prompt, carry, None, return_logprobs=True)
 
     first, first_logp = draw(keys[0], out.logprobs[-1])
 

@@ -297,7 +297,7 @@ class _Mixture(Head):
     @classmethod
     def mixture_flops_per_token(cls, mc) -> int:
         """The prior and latent projections: 2 H E + 2 H E D."""
-        h, d, e = mc.nhidlast, mc.emsize, mc.n_experts
+        h, d, e = mc.output_size, mc.emsize, mc.n_experts
         return 2 * h * e + 2 * h * e * d
 
     @classmethod
@@ -573,7 +573,7 @@ class Mixtape(Head):
         (K-1) D + 2 H (K-1) and 2 (K-1) D per gate row (S, plus the shared one when
         S < V), for K > 1; the K contexts on the S gated words, 2 K D S; one mixed
         context on the V - S others, 2 D (V - S)."""
-        h, d, v, k = mc.nhidlast, mc.emsize, mc.vocab_size, mc.n_experts
+        h, d, v, k = mc.output_size, mc.emsize, mc.vocab_size, mc.n_experts
         s = default_gate_shared_from(v)
         gates = (2 * h * (k - 1) * d + 2 * h * (k - 1)
                  + 2 * (k - 1) * d * (s + (s < v))) if k > 1 else 0

@@ -1,11 +1,15 @@
-"""The AWD-LSTM language model with a pluggable output head, and its training loss.
+"""The language model: an encoder with a pluggable output head, and its training loss.
 
-`LanguageModel` = tied embedding (with embedding dropout) -> locked dropout -> L
-weight-dropped LSTM layers (locked dropout between them) -> locked dropout -> head.
-Parameters (Flax names; SPEC.md section 2 gives the reference's):
+`LanguageModel` = tied embedding -> encoder -> head. The encoder is an axis of its own
+(`model.encoder`, looked up in `ENCODERS`; see `Encoder`): the AWD-LSTM (`lstm`, the
+default: embedding dropout -> locked dropout -> L weight-dropped LSTM layers, locked
+dropout between them -> locked dropout) or a causal Transformer (`transformer`,
+`mos_jax.transformer`). Parameters (Flax names; SPEC.md section 2 gives the
+reference's):
 
     embedding            [V, D]    U(-0.1, 0.1), also the decoder weight
     lstm_{l}/ih_kernel   [I_l, 4H_l], hh_kernel [H_l, 4H_l], ih_bias, hh_bias [4H_l]
+                         (the LSTM; the Transformer's are in mos_jax.transformer)
     head/...             see `mos_jax.heads`
 
 The functional entry points are `init_params`, `init_carry`, `apply` and
@@ -24,12 +28,13 @@ import jax
 import jax.numpy as jnp
 
 from mos_jax import heads as heads_lib
+from mos_jax import transformer as transformer_lib
 from mos_jax.errors import ConfigError
 from mos_jax.layers import (Carry, WeightDropLSTM, embedding_dropout, locked_dropout,
                             uniform_init)
 
 Params = Any  # a pytree of arrays
-ModelCarry = tuple[Carry, ...]  # one (h, c) per layer
+ModelCarry = tuple[Carry, ...]  # one (h, c) per LSTM layer; () for the Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +59,27 @@ class ModelConfig:
     # with gradients in the forward pass, mos_jax.fused), or "auto" (fused for training,
     # streamed or whole logits for scoring, by size)
     vocab_chunk: int | str = "auto"
+    # The encoder (ENCODERS): "lstm" (AWD-LSTM) or "transformer"; the keys below are the
+    # Transformer's (mos_jax.transformer; it uses nlayers and dropoute too).
+    encoder: str = "lstm"
+    n_heads: int = 4
+    d_model: int = 0  # 0: emsize
+    d_ff: int = 0  # 0: 4 d_model
+    attn_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    eval_stride: int = 0  # sliding-window evaluation stride; 0: half the window (bptt)
 
     def __post_init__(self):
         head_cls = heads_lib.get_head(self.head)  # raises on an unknown name
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"unknown encoder model.encoder={self.encoder!r}: use one "
+                              f"of {', '.join(sorted(ENCODERS))}")
+        problems = ENCODERS[self.encoder].check(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if self.eval_stride < 0:
+            raise ConfigError(f"model.eval_stride must be >= 0 (0: half the window), "
+                              f"got {self.eval_stride}")
         for f in ("vocab_size", "emsize", "nhid", "nhidlast", "nlayers", "n_experts"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"model.{f} must be at least 1, got {getattr(self, f)}")
@@ -64,7 +87,7 @@ class ModelConfig:
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"model.{f} is a dropout rate in [0, 1), got "
                                   f"{getattr(self, f)}")
-        head_cls.check_sizes(self.head, self.nhidlast, self.emsize)  # a tied head
+        head_cls.check_sizes(self.head, self.output_size, self.emsize)  # a tied head
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"model.compute_dtype {self.compute_dtype!r}: use float32, "
                               "bfloat16, or auto (float32 on CPU, bfloat16 on GPU/TPU)")
@@ -89,6 +112,17 @@ class ModelConfig:
         if name == "auto":
             name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         return jnp.dtype(name)
+
+    @property
+    def encoder_cls(self) -> type:
+        """The encoder (`ENCODERS[self.encoder]`): what the model asks about it."""
+        return ENCODERS[self.encoder]
+
+    @property
+    def output_size(self) -> int:
+        """The width of the encoder's output, the head's input (nhidlast for the LSTM,
+        d_model for the Transformer)."""
+        return self.encoder_cls.output_size(self)
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -126,8 +160,79 @@ class ModelOutput(NamedTuple):
     nll: jax.Array | None = None
 
 
+class Encoder:
+    """What the model asks of an encoder: the interface every entry of `ENCODERS` has.
+
+    stateful: True when a carry passes from one window to the next (the LSTM); False
+      when a window is the whole context (the Transformer: evaluation then scores a
+      stream in sliding windows, `mos_jax.evaluate.sliding_token_logprobs`).
+    check(cfg) -> list of problems with the config (messages naming key and fix).
+    output_size(cfg): the width of the output the head reads; `width_key` the model
+      config key that sets it (a tied head needs it equal to emsize).
+    init_carry(cfg, batch_size): the zero carry (any pytree; () for none).
+    generation_state(cfg, batch_size, max_len): the carry to generate up to `max_len`
+      words with, one at a time (the zero carry; the Transformer's key/value cache).
+    flops_per_token(cfg, context): forward matmul FLOPs per token (`mos-jax bench`),
+      for windows of `context` tokens.
+    encode(module, cfg, embedding, inputs [T, B], carry, *, rng, deterministic,
+      valid) -> (output, raw_output [T, B, output_size], carry): run inside the
+      model's compact scope (`module`), so the submodules it builds are the model's
+      children; `rng()` draws a dropout key (None when `deterministic`), `valid` [T]
+      marks the real steps (None: all).
+    """
+
+    stateful = True
+
+
+class AWDLSTM(Encoder):
+    """The AWD-LSTM encoder (SPEC.md section 2): its parameters sit at the model's top
+    level (`lstm_{l}`), as they always have."""
+
+    width_key = "nhidlast"
+
+    @staticmethod
+    def check(cfg) -> list[str]:
+        return []
+
+    @staticmethod
+    def output_size(cfg) -> int:
+        return cfg.nhidlast
+
+    @staticmethod
+    def flops_per_token(cfg, context: int) -> int:
+        """Forward matmul FLOPs per token: 2 * 4 H (I + H) per layer (any context)."""
+        return sum(2 * 4 * h * (i + h) for i, h in zip(cfg.input_sizes, cfg.hidden_sizes))
+
+    @staticmethod
+    def init_carry(cfg, batch_size: int) -> ModelCarry:
+        """Zero `(h, c)` for every layer, each [batch_size, H_l] float32."""
+        return tuple((jnp.zeros((batch_size, h), jnp.float32),
+                      jnp.zeros((batch_size, h), jnp.float32))
+                     for h in cfg.hidden_sizes)
+
+    @staticmethod
+    def generation_state(cfg, batch_size: int, max_len: int) -> ModelCarry:
+        return AWDLSTM.init_carry(cfg, batch_size)
+
+    @staticmethod
+    def encode(module, cfg, embedding, inputs, carry, *, rng, deterministic, valid):
+        x = embedding_dropout(embedding, inputs, cfg.dropoute, rng())
+        x = locked_dropout(x, cfg.dropouti, rng())
+        new_carry = []
+        for l, size in enumerate(cfg.hidden_sizes):
+            x, c = WeightDropLSTM(size, cfg.wdrop, cfg.dtype, name=f"lstm_{l}")(
+                x, carry[l], deterministic=deterministic, valid=valid)
+            new_carry.append(c)
+            if l < cfg.nlayers - 1:
+                x = locked_dropout(x, cfg.dropouth, rng())
+        return locked_dropout(x, cfg.dropout, rng()), x, tuple(new_carry)
+
+
+ENCODERS: dict[str, type] = {"lstm": AWDLSTM, "transformer": transformer_lib.Transformer}
+
+
 class LanguageModel(nn.Module):
-    """AWD-LSTM encoder + head with tied weights. Time-major inputs [T, B]."""
+    """Encoder (`config.encoder`) + head with tied weights. Time-major inputs [T, B]."""
 
     config: ModelConfig
 
@@ -148,17 +253,9 @@ class LanguageModel(nn.Module):
         valid = None
         if length is not None:
             valid = jnp.arange(inputs.shape[0]) < length
-        x = embedding_dropout(embedding, inputs, cfg.dropoute, rng())
-        x = locked_dropout(x, cfg.dropouti, rng())
-        new_carry = []
-        for l, size in enumerate(cfg.hidden_sizes):
-            x, c = WeightDropLSTM(size, cfg.wdrop, dtype, name=f"lstm_{l}")(
-                x, carry[l], deterministic=deterministic, valid=valid)
-            new_carry.append(c)
-            if l < cfg.nlayers - 1:
-                x = locked_dropout(x, cfg.dropouth, rng())
-        raw_output = x
-        output = locked_dropout(x, cfg.dropout, rng())
+        output, raw_output, new_carry = cfg.encoder_cls.encode(
+            self, cfg, embedding, inputs, carry, rng=rng, deterministic=deterministic,
+            valid=valid)
         head = heads_lib.get_head(cfg.head)(
             n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype,
             vocab_chunk=cfg.vocab_chunk, name="head")
@@ -166,14 +263,13 @@ class LanguageModel(nn.Module):
                                    return_logprobs=return_logprobs,
                                    target_weights=target_weights)
         return ModelOutput(out.target_logprobs, out.logprobs, output, raw_output,
-                           tuple(new_carry), out.nll)
+                           new_carry, out.nll)
 
 
 def init_carry(config: ModelConfig, batch_size: int) -> ModelCarry:
-    """Zero `(h, c)` for every layer, each [batch_size, H_l] float32."""
-    return tuple((jnp.zeros((batch_size, h), jnp.float32),
-                  jnp.zeros((batch_size, h), jnp.float32))
-                 for h in config.hidden_sizes)
+    """The encoder's zero carry: for the LSTM `(h, c)` per layer, each [batch_size,
+    H_l] float32; for the Transformer `()`."""
+    return config.encoder_cls.init_carry(config, batch_size)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -18,6 +18,11 @@ Optimisers (`optim.name`), each a few lines in `OPTIMIZERS`:
   as torch's `Adam(weight_decay=...)`;
 - `adamw`: Adam on the clipped gradient, then decoupled decay: `u = adam(g) + wdecay * p`.
 
+A schedule (`warmup_steps`, `decay_steps`, `min_lr_ratio`: linear warm-up, then a
+cosine decay) is a per-step multiplier of the learning rate, `lr_multiplier(step)`,
+computed in the train step from the traced step count; without one (the default)
+the step is exactly as before.
+
 Adding one: write a function `Optimizer -> list of transformations` (what comes between
 clipping and the learning rate), decorate it with `@register("name")`, and add a
 field plus a config line for any new hyperparameter.
@@ -58,6 +63,10 @@ class Optimizer:
     b1: float = 0.9  # adam, adamw
     b2: float = 0.999
     eps: float = 1e-8
+    # The schedule, a per-step multiplier of the learning rate (`lr_multiplier`):
+    warmup_steps: int = 0  # linear warm-up over the first steps; 0: none
+    decay_steps: int = 0  # cosine decay over these steps after warm-up; 0: none
+    min_lr_ratio: float = 0.0  # the multiplier at the end of the decay (and after it)
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -68,6 +77,35 @@ class Optimizer:
                 raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.eps <= 0:
             raise ConfigError(f"optim.eps must be positive, got {self.eps}")
+        for key in ("warmup_steps", "decay_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key} must be >= 0 (0: none), got "
+                                  f"{getattr(self, key)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got "
+                              f"{self.min_lr_ratio}")
+
+    @property
+    def has_schedule(self) -> bool:
+        return bool(self.warmup_steps or self.decay_steps)
+
+    def lr_multiplier(self, step: jax.Array) -> jax.Array:
+        """The schedule's factor at optimiser step `step` (0-based, traced): float32.
+
+        `min(1, (step + 1) / warmup_steps)` during warm-up, then over `decay_steps`
+        a cosine from 1 down to `min_lr_ratio`, where it stays. 1 without a schedule.
+        The train step multiplies its learning rate by it, so changing step never
+        recompiles.
+        """
+        step = jnp.asarray(step, jnp.float32)
+        factor = jnp.ones((), jnp.float32)
+        if self.warmup_steps:
+            factor = jnp.minimum(1.0, (step + 1.0) / self.warmup_steps)
+        if self.decay_steps:
+            done = jnp.clip((step - self.warmup_steps) / self.decay_steps, 0.0, 1.0)
+            cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * done))
+            factor = factor * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+        return factor
 
     def transform(self) -> optax.GradientTransformationExtraArgs:
         """The whole chain; its `update` takes `learning_rate=` (the step's lr)."""

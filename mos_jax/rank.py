@@ -241,7 +241,7 @@ def analyse(model_config: ModelConfig, params: Params, ids: np.ndarray,
     s = result.singular_values
     return {"rank": result.rank, "max_rank": int(min(matrix.shape)),
             "contexts": int(n_contexts), "vocab_size": vocab_size,
-            "hidden_size": model_config.nhidlast, "head": model_config.head,
+            "hidden_size": model_config.output_size, "head": model_config.head,
             "rank_bound": get_head(model_config.head).rank_bound(model_config),
             "threshold": result.threshold, "eps": eps, "s_max": float(s[0]),
             "s_min": float(s[-1]), "matrix_seconds": round(matrix_s, 3),

@@ -207,8 +207,11 @@ class TrainStep:
         losses, nlls = jnp.mean(losses), jnp.mean(nlls)
         if self.axis_name is not None:  # every device holds an equal share of columns
             grads, losses, nlls = jax.lax.pmean((grads, losses, nlls), self.axis_name)
+        lr_t = lr * seq_len / self.bptt
+        if self.optimizer.has_schedule:  # warm-up / decay (optim.Optimizer.lr_multiplier)
+            lr_t = lr_t * self.optimizer.lr_multiplier(state.step)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params,
-                                            learning_rate=lr * seq_len / self.bptt)
+                                            learning_rate=lr_t)
         params = optax.apply_updates(state.params, updates)
         averaging = optim.averaging_update(state.averaging, params)
         carry = jax.tree_util.tree_map(lambda x: x.reshape(batch, x.shape[-1]), carries)

@@ -175,3 +175,37 @@ def test_an_optimiser_registered_in_one_place_is_usable_by_name():
         np.testing.assert_array_equal(got[0]["w"], [0.5, 1.5, 1.0])
     finally:
         del optim.OPTIMIZERS["sign_sgd_test"]
+
+
+def test_schedule_warmup_then_cosine_by_hand():
+    o = optim.Optimizer("adamw", warmup_steps=4, decay_steps=10, min_lr_ratio=0.1)
+    assert o.has_schedule and not optim.Optimizer("adamw").has_schedule
+    got = {s: float(jax.jit(o.lr_multiplier)(s)) for s in (0, 1, 3, 4, 9, 14, 30)}
+    # warm-up (s + 1) / 4; then 0.1 + 0.9 * (1 + cos(pi * (s - 4) / 10)) / 2
+    want = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 9: 0.55, 14: 0.1, 30: 0.1}
+    for s in want:
+        assert got[s] == pytest.approx(want[s], abs=1e-6), s
+    assert float(optim.Optimizer("sgd").lr_multiplier(7)) == 1.0
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        optim.Optimizer("sgd", min_lr_ratio=1.5)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        optim.Optimizer("sgd", warmup_steps=-1)
+
+
+def test_train_step_scales_its_lr_by_the_schedule():
+    from mos_jax import model, train
+    cfg = model.ModelConfig(vocab_size=9, emsize=4, nhid=4, nhidlast=4, nlayers=1,
+                            head="softmax", dropout=0.0, dropouth=0.0, dropouti=0.0,
+                            dropoute=0.0, dropoutl=0.0, wdrop=0.0)
+    params = model.init_params(cfg, jax.random.key(0))
+    seq = jnp.asarray(np.random.default_rng(0).integers(0, 9, size=(6, 2)))
+    grads = jax.jit(jax.grad(lambda p: model.regularized_loss(
+        cfg, p, seq[:-1], seq[1:], model.init_carry(cfg, 2), 0.0, 0.0)[0]))(params)
+    o = optim.Optimizer("sgd", clip=0.0, warmup_steps=4)
+    step = train.TrainStep(cfg, alpha=0.0, beta=0.0, bptt=5, n_groups=1, seed=0,
+                           optimizer=o)
+    state = train.init_state(cfg, jax.tree_util.tree_map(jnp.copy, params), 2, step.tx)
+    state, _ = step(state, seq[:-1], seq[1:], 5, 5, 2.0)  # step 0: lr 2 * 1/4
+    for p, g, new in zip(*(jax.tree_util.tree_leaves(t) for t in
+                           (params, grads, state.params))):
+        np.testing.assert_allclose(new, np.asarray(p) - 0.5 * np.asarray(g), atol=1e-6)
