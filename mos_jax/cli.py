@@ -232,15 +232,24 @@ def _count_edges(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _params_digest(params) -> str:
+def _digest(tree) -> str:
+    """The first 16 hex digits of a SHA-256 over the bytes of `tree`'s arrays."""
     import hashlib
 
     import jax
     import numpy as np
     h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(params):
+    for leaf in jax.tree_util.tree_leaves(tree):
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     return h.hexdigest()[:16]
+
+
+def _statistics_file(home: Path, params, train_ids, args) -> Path:
+    """Where dynamic evaluation caches the gradient statistics of `params` over the
+    training ids `train_ids`: named by both digests and every setting that changes them."""
+    key = (f"{_digest(params)}-c{_digest(train_ids)[:8]}-b{args.stats_batch_size}"
+           f"-t{args.bptt}-m{args.max_batches or 0}-{'rms' if args.rms else 'sum'}")
+    return home / "dynamic_eval" / f"stats-{key}.npz"
 
 
 def _cmd_dynamic_eval(args) -> None:
@@ -261,10 +270,7 @@ def _cmd_dynamic_eval(args) -> None:
     for key in ("lr", "lamb", "epsilon"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    home = Path(args.workdir or args.weights) / "dynamic_eval"
-    key = (f"{_params_digest(params)}-b{args.stats_batch_size}-t{args.bptt}"
-           f"-m{args.max_batches or 0}-{'rms' if args.rms else 'sum'}")
-    cache = home / f"stats-{key}.npz"
+    cache = _statistics_file(Path(args.workdir or args.weights), params, corpus.train, args)
     start = time.perf_counter()
     if cache.is_file():
         stats = de.load_statistics(cache, params, settings["lamb"])

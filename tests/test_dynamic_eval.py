@@ -192,3 +192,25 @@ def test_command_caches_statistics(tiny_run, capsys):
                                            corpus.test, lr=0.01, lamb=0.075, epsilon=0.001)
     assert a["ppl"] == pytest.approx(direct.perplexity, rel=1e-6)
     assert a["tokens"] == len(corpus.test) - 1
+
+
+def test_statistics_file_names_the_weights_the_training_corpus_and_the_settings(tmp_path):
+    import argparse
+
+    from mos_jax import cli
+    args = argparse.Namespace(stats_batch_size=100, bptt=5, max_batches=None, rms=False)
+    params = {"w": np.arange(6, dtype=np.float32)}
+    ids = np.arange(50, dtype=np.int32)
+    base = cli._statistics_file(tmp_path, params, ids, args)
+    assert base.parent == tmp_path / "dynamic_eval" and base.suffix == ".npz"
+    assert cli._statistics_file(tmp_path, {"w": params["w"].copy()}, ids.copy(), args) == base
+    other_corpus = ids.copy()
+    other_corpus[7] = 8  # one token differs
+    other_weights = {"w": params["w"] + np.float32(1e-6)}
+    names = {cli._statistics_file(tmp_path, params, other_corpus, args),
+             cli._statistics_file(tmp_path, other_weights, ids, args),
+             cli._statistics_file(tmp_path, params, ids,
+                                  argparse.Namespace(**{**vars(args), "rms": True})),
+             cli._statistics_file(tmp_path, params, ids,
+                                  argparse.Namespace(**{**vars(args), "max_batches": 3}))}
+    assert base not in names and len(names) == 4
