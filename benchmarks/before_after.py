@@ -3,7 +3,8 @@
     python benchmarks/before_after.py OUTDIR
 
 For each workload: the median tokens/s of every round for both trees, the per-round
-ratio after / before (median and range over rounds), and both peak memories.
+ratio after / before (median and range over rounds), and the range of both peak
+memories (process peak RSS) over the rounds.
 """
 
 import json
@@ -27,11 +28,12 @@ def main(out: Path) -> None:
         tb = [p[0]["tokens_per_s"]["median"] for p in pairs]
         ta = [p[1]["tokens_per_s"]["median"] for p in pairs]
         ratios = [y / x for x, y in zip(tb, ta)]
-        mb = max(p[0]["peak_memory_mb"] for p in pairs)
-        ma = max(p[1]["peak_memory_mb"] for p in pairs)
+        mb = [p[0]["peak_memory_mb"] for p in pairs]
+        ma = [p[1]["peak_memory_mb"] for p in pairs]
         fmt = lambda xs: ", ".join(f"{x:,.1f}" for x in xs)  # noqa: E731
         print(f"| {w} | {fmt(tb)} | {fmt(ta)} | {statistics.median(ratios):.3f} "
-              f"[{min(ratios):.3f}, {max(ratios):.3f}] | {mb:,} / {ma:,} MB |")
+              f"[{min(ratios):.3f}, {max(ratios):.3f}] | {min(mb):,}-{max(mb):,} / "
+              f"{min(ma):,}-{max(ma):,} MB |")
 
 
 if __name__ == "__main__":
