@@ -30,6 +30,7 @@ a bad `--dump` or `--plot` never costs the result of a long run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -596,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = rest
     if rest and args.command not in ("train", "finetune", "compare-heads", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
+        hook = functools.partial(_unraisable, sys.unraisablehook)
+        hook.drops_closed_loop_noise = True  # installed once a process
+        sys.unraisablehook = hook
     try:
         args.func(args)
     except MosJaxError as e:
@@ -605,6 +610,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     return 0
+
+
+def _unraisable(previous, unraisable) -> None:
+    """Drop the "Event loop is closed" errors that Orbax's reader threads report, one
+    per array, during and after a checkpoint that failed to restore (the command's own
+    error message says what happened); pass anything else on to `previous`."""
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        return
+    previous(unraisable)
 
 
 if __name__ == "__main__":
