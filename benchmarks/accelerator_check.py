@@ -342,7 +342,9 @@ class Check:
 
     def _pytest(self, name, tests, timeout, env):
         xml = self.tmp / f"{name}.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        # `-o addopts=`: not setup.cfg's two xdist workers (each a JAX start, and two
+        # processes on one accelerator); a few tests run in this process
+        cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
                "-p", "accel_float32", f"--junitxml={xml}", *tests]
         code, output, _ = self.run(name, cmd, timeout, env)
         if code is None or not xml.is_file():
