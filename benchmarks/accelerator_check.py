@@ -45,8 +45,9 @@ check failed, timed out or the environment lacks a required package; 3 when only
 benchmark or training steps failed or were cut by the budget.
 
 `--rehearse` runs every step on the CPU at tiny sizes (configs/tiny.py, its synthetic
-corpus, small bench shapes) in one to two minutes on 2 cores (a minute of CPU time);
-tests/test_accelerator_check.py runs it.
+corpus, small bench shapes) in under a minute on 2 cores; tests/test_accelerator_check.py
+runs it. There the `mos-jax bench` and `mos-jax train` steps share one child process
+(`COMMAND_SERVER`: each step's command, timeout and output as before, one JAX start).
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ import argparse
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -206,6 +209,25 @@ print(json.dumps(out))
 AUTO_SHAPES = {"full": [["ptb", 10000, 15, 280, 12, 70, 10], ["wt2", 33278, 15, 300, 15, 70, 10]],
                "rehearse": [["tiny", 50, 4, 16, 4, 8, 4]]}
 
+# The rehearsal's `mos-jax bench` and `mos-jax train` steps run in one long-lived child
+# (a JAX start each costs more than the tiny step): it reads one JSON argv a line, runs
+# the command and prints a marker with its exit status. A step that times out kills it;
+# the next step starts a fresh one.
+COMMAND_SERVER = r"""
+import json, sys, traceback
+from mos_jax import cli
+for line in sys.stdin:
+    try:
+        code = cli.main(json.loads(line))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    print("\n%s %d" % (sys.argv[1], code or 0), flush=True)
+"""
+SERVER_MARK = "@@mos-jax-command-done"
+
 WORKER_RUNNER = r"""
 import runpy, sys
 sys.path.insert(0, "benchmarks")
@@ -240,6 +262,7 @@ class Check:
         self.log_path.write_text("")
         self.tmp = Path(tempfile.mkdtemp(prefix="mos_jax_accel_"))
         self.steps: dict[str, dict] = {}
+        self.server = None  # the rehearsal's command child and its output queue
         self.env = dict(os.environ)
         path = [str(ROOT)] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
         self.env.update(PYTHONPATH=os.pathsep.join(path), PYTHONUNBUFFERED="1",
@@ -280,6 +303,61 @@ class Check:
             f.write(output or "")
             f.write(f"===== {name}: exit {code}, {seconds:.1f} s\n")
         return code, output or "", seconds
+
+    def run_cli(self, name: str, argv: list[str], timeout: float
+                ) -> tuple[int | None, str, float]:
+        """`mos-jax ARGV` as `run` gives it; in the rehearsal, in the shared command
+        child (`COMMAND_SERVER`), started on first use."""
+        cmd = [sys.executable, "-m", "mos_jax.cli", *argv]
+        if not self.args.rehearse:
+            return self.run(name, cmd, timeout)
+        t = time.monotonic()
+        with open(self.log_path, "a") as f:
+            f.write(f"\n===== {name}: {' '.join(cmd)} (shared child, timeout "
+                    f"{timeout:.0f} s)\n")
+        if self.server is None or self.server[0].poll() is not None:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", COMMAND_SERVER, SERVER_MARK], cwd=ROOT, env=self.env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, start_new_session=True)
+            lines: queue.Queue = queue.Queue()
+            threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [
+                lines.put(None)], daemon=True).start()
+            self.server = (proc, lines)
+        proc, lines = self.server
+        code, output = None, []
+        try:
+            proc.stdin.write(json.dumps(argv) + "\n")
+            proc.stdin.flush()
+        except OSError:
+            code = 1
+        while code is None:
+            try:
+                line = lines.get(timeout=max(0.0, timeout - (time.monotonic() - t)))
+            except queue.Empty:  # timed out: kill the child, the next step starts another
+                break
+            if line is None:  # the child died
+                code = 1
+            elif line.startswith(SERVER_MARK + " "):
+                code = int(line.split()[1])
+            else:
+                output.append(line)
+        if code is None or proc.poll() is not None:
+            self.stop_server()
+        seconds = time.monotonic() - t
+        text = "".join(output)
+        with open(self.log_path, "a") as f:
+            f.write(text)
+            f.write(f"===== {name}: exit {code}, {seconds:.1f} s\n")
+        return code, text, seconds
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            proc, _ = self.server
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self.server = None
 
     def step(self, name: str, fn, timeout: float, fatal: bool = False) -> None:
         left = self.remaining()
@@ -342,7 +420,9 @@ class Check:
 
     def _pytest(self, name, tests, timeout, env):
         xml = self.tmp / f"{name}.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        # `-o addopts=`: not setup.cfg's two xdist workers (each a JAX start, and two
+        # processes on one accelerator); a few tests run in this process
+        cmd = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
                "-p", "accel_float32", f"--junitxml={xml}", *tests]
         code, output, _ = self.run(name, cmd, timeout, env)
         if code is None or not xml.is_file():
@@ -426,7 +506,7 @@ class Check:
     def bench(self, name, extra, timeout):
         out_json = self.tmp / f"{name}.json"
         cmd = [sys.executable, "-m", "mos_jax.cli", "bench", *extra, "--out", str(out_json)]
-        code, output, _ = self.run(name, cmd, timeout)
+        code, output, _ = self.run_cli(name, cmd[3:], timeout)
         if code != 0 or not out_json.is_file():
             return self.failed(code, output, "mos-jax bench")
         b = json.loads(out_json.read_text())
@@ -464,7 +544,10 @@ class Check:
                               f"repository (e.g. .data/{corpus}), carry it, pass --data .data"}
         workdir = self.tmp / name
         cmd = self._train_cmd(workdir, extra)
-        code, output, seconds = self.run(name, cmd, timeout, env)
+        if env is None:
+            code, output, seconds = self.run_cli(name, cmd[3:], timeout)
+        else:
+            code, output, seconds = self.run(name, cmd, timeout, env)
         if code != 0:
             return self.failed(code, output, "mos-jax train")
         records = [json.loads(line) for line in
@@ -591,6 +674,7 @@ class Check:
         (self.out / "accelerator_check.md").write_text(table + "\n")
         self.note("\n" + table)
         self.note(f"wrote {self.out}/accelerator_check.json, .md and .log; exit {code}")
+        self.stop_server()
         shutil.rmtree(self.tmp, ignore_errors=True)
         return code
 
@@ -640,6 +724,7 @@ def cpu_reference(args) -> int:
     name = "train_ptb"
     check.step(name, lambda t: check.train(name, t), 3600 if not args.rehearse else 300)
     r = check.steps[name]
+    check.stop_server()
     shutil.rmtree(check.tmp, ignore_errors=True)
     if r["status"] != "ok":
         print(json.dumps(r, indent=2))

@@ -19,18 +19,26 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # cache hit skips XLA's compile. The environment carries it into the processes the
 # tests launch (compare-heads' per-head runs, multi-device workers, the command).
 # A fresh directory each run: nothing stale is ever read. MOS_JAX_TEST_XLA_CACHE=0
-# turns it off.
+# turns it off. The pytest-xdist workers use their controller's directory (inherited in
+# the environment), so a program one worker compiled is read by the other.
 _CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": None,
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+_SHARED_CACHE_ENV = "MOS_JAX_TEST_XLA_CACHE_DIR"  # this run's directory, for the workers
 
 
 def pytest_configure(config):
     if os.environ.get("MOS_JAX_TEST_XLA_CACHE", "1") == "0":
         return
-    cache = tempfile.mkdtemp(prefix="mos-jax-tests-xla-")
-    config.mos_jax_xla_cache = cache
-    config.mos_jax_saved_env = {k: os.environ.get(k) for k in _CACHE_ENV}
+    inherited = os.environ.get(_SHARED_CACHE_ENV)
+    if os.environ.get("PYTEST_XDIST_WORKER") and inherited and os.path.isdir(inherited):
+        cache = inherited  # the controller made it, and removes it
+    else:
+        cache = tempfile.mkdtemp(prefix="mos-jax-tests-xla-")
+        config.mos_jax_xla_cache = cache
+        config.mos_jax_saved_env = {k: os.environ.get(k)
+                                    for k in (*_CACHE_ENV, _SHARED_CACHE_ENV)}
+        os.environ[_SHARED_CACHE_ENV] = cache
     os.environ.update({k: v or cache for k, v in _CACHE_ENV.items()})
     import jax  # already imported or not: the settings apply from the next compile
     jax.config.update("jax_compilation_cache_dir", cache)

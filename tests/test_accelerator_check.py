@@ -135,3 +135,26 @@ def test_exit_status_and_missing_tests(tmp_path):
         bad = [n for n, (s, _) in steps.items() if s != "ok"]
         assert report["failed_steps"] == bad
     assert "| bench_x | ok |" in (tmp_path / "accelerator_check.md").read_text()
+
+
+def test_rehearsal_commands_share_one_child_and_a_timeout_kills_it(tmp_path):
+    helper = load_helper()
+    args = helper.argparse.Namespace(rehearse=True, cpu_reference=False, budget=0.0,
+                                     out=str(tmp_path), data=str(tmp_path))
+    check = helper.Check(args)
+    try:
+        code, output, _ = check.run_cli("bad", ["no-such-command"], 60)
+        assert code == 2 and "invalid choice" in output  # argparse's exit, reported
+        child = check.server[0]
+        code, output, _ = check.run_cli("version", ["--version"], 60)
+        from mos_jax import __version__
+        assert code == 0 and f"mos-jax {__version__}" in output
+        assert check.server[0] is child and child.poll() is None  # the same process
+        code, _, _ = check.run_cli("late", ["--version"], 0)  # no time to answer
+        assert code is None and check.server is None and child.poll() is not None
+        code, output, _ = check.run_cli("again", ["--version"], 60)  # a fresh child
+        assert code == 0 and check.server[0] is not child
+        log = (tmp_path / "accelerator_check.log").read_text()
+        assert "===== late: exit None" in log and "===== again: exit 0" in log
+    finally:
+        check.stop_server()

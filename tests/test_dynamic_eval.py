@@ -56,8 +56,9 @@ def plain_dynamic_eval(params, ms, decrate, ids, lr, lamb, eps, bptt):
         x, y = rows[i:i + length], rows[i + 1:i + 1 + length]
         g, (logp, carry) = window_grad(theta, carry, x, y)
         scores.append(np.asarray(logp))
-        theta = jax.tree_util.tree_map(
-            lambda t, t0, d, m, gg: t + lamb * d * (t0 - t) - lr * np.asarray(gg) / (m + eps),
+        theta = jax.tree_util.tree_map(  # in NumPy (float32), not op by op in JAX
+            lambda t, t0, d, m, gg: t + lamb * np.asarray(d) * (t0 - t)
+            - lr * np.asarray(gg) / (np.asarray(m) + eps),
             theta, theta0, decrate, ms, g)
     return np.concatenate(scores), theta
 
