@@ -1,6 +1,9 @@
 """The `mos-jax` command.
 
     mos-jax demo [--workdir runs/demo]
+    mos-jax study [--config FILE] [--transformer-config FILE] [--heads softmax,mos]
+                  [--widths 8,16,32,64] [--encoders lstm,transformer] [--steps N]
+                  [--evals E] [--workdir runs/study] [--config.KEY=VALUE ...]
     mos-jax compare-heads --config FILE --heads softmax,mos,... [--workdir DIR]
                           [--steps N | --time-budget S] [--config.KEY=VALUE ...]
     mos-jax train --config configs/ptb.py [--workdir DIR] [--config.KEY=VALUE ...]
@@ -416,6 +419,35 @@ def _cmd_demo(args) -> None:
     run_demo(args.workdir)
 
 
+def _cmd_study(args) -> None:
+    from mos_jax import config as config_lib
+    from mos_jax import study
+    overrides = config_lib.parse_overrides(args.overrides)
+    encoders = study.parse_encoders(args.encoders)
+    if args.config is None and args.transformer_config is None:
+        defaults = study.synthetic_configs()
+        configs = {e: config_lib.apply_overrides(defaults[e], overrides)
+                   for e in encoders}
+    else:
+        if args.config is None and encoders != ["transformer"]:
+            raise MosJaxError("--transformer-config alone covers the transformer "
+                              "encoder only: add --config FILE for the others, or "
+                              "--encoders transformer")
+        configs = {}
+        for e in encoders:
+            path = (args.transformer_config if e == "transformer"
+                    and args.transformer_config is not None else args.config)
+            configs[e] = config_lib.load_config(path, overrides)
+    if args.steps is not None and args.steps < 1:
+        raise MosJaxError(f"--steps must be at least 1, got {args.steps}")
+    if args.evals is not None and args.evals < 1:
+        raise MosJaxError(f"--evals must be at least 1, got {args.evals}")
+    summary = study.run_study(configs, args.heads, args.widths, args.workdir,
+                              steps=args.steps, evals=args.evals,
+                              rank_contexts=args.rank_contexts, log=print)
+    print(f"wrote {summary['markdown']}, {summary['json']} and {summary['plot']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mos-jax", description="AWD-LSTM with a Mixture-of-Softmaxes head, in JAX.")
@@ -588,6 +620,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="softmax vs MoS on the built-in high-rank corpus")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("study", help="the width study: heads x widths x encoders with "
+                       "one budget; validation perplexity and rank against width, as a "
+                       "table and one plot",
+                       epilog="Default: the built-in synthetic corpus, 3,000 steps per "
+                       "run. Overrides (--config.KEY=VALUE) apply to every encoder's "
+                       "config.")
+    p.add_argument("--config", type=Path, help="base config of every encoder (default: "
+                   "the built-in synthetic study configs)")
+    p.add_argument("--transformer-config", type=Path, help="base config of the "
+                   "transformer encoder (default: --config)")
+    p.add_argument("--heads", default="softmax,mos", help="comma-separated head names "
+                   "(default softmax,mos)")
+    p.add_argument("--widths", default="8,16,32,64", help="comma-separated widths d: "
+                   "emsize and the encoder's output width (default 8,16,32,64)")
+    p.add_argument("--encoders", default="lstm,transformer",
+                   help="comma-separated encoders (default lstm,transformer)")
+    p.add_argument("--steps", type=int, default=3000, help="train steps per run "
+                   "(default 3000)")
+    p.add_argument("--evals", type=int, default=6, help="validated epochs the steps are "
+                   "split into (default 6)")
+    p.add_argument("--rank-contexts", type=int, default=2000,
+                   help="cap on the validation contexts N of the rank (N = min(V, cap))")
+    p.add_argument("--workdir", type=Path, default=Path("runs/study"))
+    p.set_defaults(func=_cmd_study)
     return parser
 
 
@@ -595,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     args.overrides = rest
-    if rest and args.command not in ("train", "finetune", "compare-heads", "bench"):
+    if rest and args.command not in ("train", "finetune", "compare-heads", "bench",
+                                             "study"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
         hook = functools.partial(_unraisable, sys.unraisablehook)

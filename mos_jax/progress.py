@@ -94,7 +94,7 @@ class Progress:
         if self.loss is not None:
             parts.append(f"loss {self.loss:.3f}")
         if self.lr is not None:
-            parts.append(f"lr {self.lr:.2f}")
+            parts.append(f"lr {self.lr:.3g}")
         return " | ".join(parts)
 
     def _emit(self, final: bool) -> None:

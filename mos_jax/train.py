@@ -653,8 +653,10 @@ class _Loop:
         if not math.isfinite(loss):
             self.diverged(f"the training loss became {loss}")
         self.fold_losses()
-        progress.update(done, window.length, loss=loss,
-                        lr=run.lr * window.seq_len / run.config.data.bptt)
+        lr = run.lr * window.seq_len / run.config.data.bptt
+        if run.optimizer.has_schedule:  # the scheduled value of the last step taken
+            lr *= float(run.optimizer.lr_multiplier(self.host_step - 1))
+        progress.update(done, window.length, loss=loss, lr=lr)
 
     def end_epoch(self, policy: StopPolicy) -> str | None:
         """Validate, keep the best weights, apply NT-ASGD's switch, move to the next

@@ -43,7 +43,7 @@ def test_progress_lines_off_a_terminal(monkeypatch):
     p.update(1, rows=5, loss=4.0, lr=20.0)  # at 0.5 s: too soon for a line
     p.update(2, rows=5)  # at 11 s: one line, 40 tokens in 11 s
     lines = stream.getvalue().splitlines()
-    assert lines == ["train epoch 1: 2/3 | 4 tok/s | loss 4.000 | lr 20.00"]
+    assert lines == ["train epoch 1: 2/3 | 4 tok/s | loss 4.000 | lr 20"]
     assert p.tokens == 40
 
 

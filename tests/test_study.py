@@ -1,0 +1,134 @@
+"""`mos-jax study` (mos_jax.study): widths x heads x encoders on a small synthetic chain."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mos_jax import cli, study
+from mos_jax import data as data_lib
+from mos_jax.errors import ConfigError
+
+WIDTHS = [4, 8]
+HEADS = ["softmax", "mos"]
+STEPS, EVALS = 6, 1
+V = 40
+
+
+def small_configs():
+    """The default study's configs on a smaller chain (V = 40) with short windows."""
+    configs = study.synthetic_configs()
+    for c in configs.values():
+        s = c.data.synthetic
+        s.vocab_size, s.train_tokens, s.valid_tokens, s.test_tokens = V, 4000, 1200, 1200
+        c.data.batch_size = 16
+        c.data.eval_batch_size = c.data.test_batch_size = 10
+        c.model.n_experts = 3
+    return configs
+
+
+@pytest.fixture(scope="module")
+def studied(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    lines = []
+    summary = study.run_study(small_configs(), HEADS, WIDTHS, workdir, steps=STEPS,
+                              evals=EVALS, log=lines.append, isolate=False)
+    return workdir, summary, lines
+
+
+def test_every_encoder_head_and_width_has_a_row(studied):
+    workdir, summary, lines = studied
+    cells = {(r["encoder"], r["head"], r["width"]) for r in summary["rows"]}
+    assert cells == {(e, h, w) for e in ("lstm", "transformer") for h in HEADS
+                     for w in WIDTHS}
+    assert len(summary["rows"]) == 8
+    table = (workdir / "study.md").read_text().splitlines()
+    assert table == summary["table"] and all(line in lines for line in table)
+    stored = json.loads((workdir / "study.json").read_text())
+    assert stored["rows"] == summary["rows"]
+    for r in summary["rows"]:
+        assert r["steps"] == STEPS and r["epochs"] == EVALS
+        assert f"| {r['encoder']} | {r['head']} | {r['width']} | {r['params']:,} | " \
+               f"{r['valid_ppl']:.2f} | {r['rank']} |" in "\n".join(table)
+    png = workdir / "study.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_width_is_the_one_that_bounds_the_softmax_rank(studied):
+    _, summary, _ = studied
+    for r in summary["rows"]:
+        if r["head"] == "softmax":
+            # A softmax over a d-vector plus a bias: log-probabilities of rank <= d + 2,
+            # so a measured rank above that would mean the width was not applied.
+            assert r["rank_bound"] == r["width"] + 2
+            assert r["rank"] <= r["width"] + 2
+        else:
+            assert r["rank_bound"] is None
+
+
+def test_parameter_counts_follow_the_width(studied):
+    _, summary, _ = studied
+    by = {(r["encoder"], r["head"], r["width"]): r["params"] for r in summary["rows"]}
+    for d in WIDTHS:
+        # 1-layer LSTM of size d on a d-embedding, tied softmax decoder with a bias.
+        assert by[("lstm", "softmax", d)] == V * d + 2 * 4 * d * d + 2 * 4 * d + V
+        # 1 pre-LN block: 2 LayerNorms, QKV + output projection, MLP d -> 4d -> d
+        # (biases), a final LayerNorm; tied decoder with a bias.
+        block = 2 * 2 * d + 4 * d * d + 4 * d + d * 4 * d + 4 * d + 4 * d * d + d
+        assert by[("transformer", "softmax", d)] == V * d + block + 2 * d + V
+
+
+def test_true_rank_counts_the_distinct_contexts(studied):
+    _, summary, _ = studied
+    n = {r["rank_contexts"] for r in summary["rows"]}
+    assert n == {V}
+    corpus = data_lib.synthetic_corpus(vocab_size=V, train_tokens=4000,
+                                       valid_tokens=1200, test_tokens=1200)
+    # Full-rank transitions: the rows at N contexts are independent per distinct word.
+    assert summary["true_rank"] == len(np.unique(corpus.valid[:V]))
+    assert summary["true_ppl"] == pytest.approx(np.exp(corpus.entropy_rate))
+
+
+def test_a_rerun_reuses_every_run(studied):
+    workdir, summary, _ = studied
+    again = study.run_study(small_configs(), HEADS, WIDTHS, workdir, steps=STEPS,
+                            evals=EVALS, log=lambda _: None, isolate=False, plot=False)
+    assert all(r["reused"] for r in again["rows"])
+    key = lambda r: (r["encoder"], r["head"], r["width"])  # noqa: E731
+    old = {key(r): r["valid_ppl"] for r in summary["rows"]}
+    assert {key(r): r["valid_ppl"] for r in again["rows"]} == old
+
+
+def test_width_config_sets_every_width_key():
+    lstm, tf = (study.synthetic_configs()[e] for e in ("lstm", "transformer"))
+    c = study.width_config(lstm, 24)
+    assert (c.model.emsize, c.model.nhidlast, c.model.nhid) == (24, 24, 24)
+    tf.model.n_heads, tf.model.d_model, tf.model.d_ff = 4, 16, 48  # ratio 3
+    expected = {8: (4, 24), 12: (3, 36), 6: (3, 18), 10: (1, 30), 2: (1, 6)}
+    for width, (heads, d_ff) in expected.items():
+        c = study.width_config(tf, width)
+        # Heads: the most (at most 4) that divide d with an even head size.
+        assert (c.model.emsize, c.model.d_model) == (width, width)
+        assert (c.model.n_heads, c.model.d_ff) == (heads, d_ff)
+    with pytest.raises(ConfigError, match="even head size"):
+        study.width_config(tf, 7)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--widths", "8,x"], "not a whole number"),
+    (["--widths", "8,8"], "given twice"),
+    (["--widths", "1"], "at least 2"),
+    (["--encoders", "gru"], "unknown encoder 'gru'"),
+    (["--heads", "softmax,nope"], "nope"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--widths", "8,9"], "width 9 is odd"),
+    (["--transformer-config", "configs/ptb_transformer.py"], "--config FILE"),
+    (["--config", "no/such/config.py"], "no config file at no/such/config.py"),
+    (["--config.model.nope=1"], "nope"),
+])
+def test_bad_arguments_fail_before_any_training(argv, message, tmp_path, capsys):
+    workdir = tmp_path / "study"
+    assert cli.main(["study", "--workdir", str(workdir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not workdir.exists()
