@@ -17,8 +17,8 @@ even head size (rotary positions). Everything else is the base config's.
 Default (`synthetic_configs`): the built-in high-rank synthetic corpus of `mos-jax
 demo` (a random Markov chain over V = 100 words whose log-transition matrix has full
 rank), widths 8, 16, 32, 64, softmax and MoS (15 components), a 1-layer LSTM trained
-like the demo's and a 1-block Transformer trained with AdamW; 3,000 steps per run
-(6 validated epochs of 500). Pass
+like the demo's and a 1-block Transformer trained with AdamW; 6,000 steps per run
+(6 validated epochs of 1,000). Pass
 configs of your own for a real corpus (see the README's Findings for PTB).
 
 Written into `workdir`: `study.json` (every measurement), `study.md` (the table) and
@@ -43,7 +43,7 @@ from mos_jax.errors import ConfigError
 DEFAULT_WIDTHS = (8, 16, 32, 64)
 DEFAULT_HEADS = ("softmax", "mos")
 DEFAULT_ENCODERS = ("lstm", "transformer")
-DEFAULT_STEPS = 3000
+DEFAULT_STEPS = 6000
 DEFAULT_EVALS = 6
 
 
@@ -203,7 +203,8 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
         train steps in `evals` validated epochs. None: the configs' own epochs. A
         config with a decaying learning rate (`optim.decay_steps > 0`) gets
         `decay_steps = steps`.
-      rank_contexts: cap on N, the validation contexts of each rank matrix.
+      rank_contexts: cap on N, the validation contexts of each rank matrix
+        (N = min(10 V, cap, validation length)).
       log: where progress and the table go.
       isolate: each run in a process of its own (as `compare-heads`).
       plot: write `study.png`.
@@ -241,6 +242,8 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
             log=lambda line: None)
         for head in head_names:
             h = result["heads"][head]
+            h = {**h, **_rank(workdir / f"{encoder}-w{width}" / head, rank_contexts,
+                              h)}
             summary["rows"].append({
                 "encoder": encoder, "width": width, "head": head,
                 "params": h["params"], "valid_ppl": h["valid_ppl"], "rank": h["rank"],
@@ -253,7 +256,7 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
         summary["vocab_size"] = result["vocab_size"]
         summary["true_ppl"] = result["true_ppl"]
         if summary["true_ppl"] is not None and "true_rank" not in summary:
-            summary["true_rank"] = true_rank(config, result["rank_contexts"])
+            summary["true_rank"] = true_rank(config, summary["rows"][-1]["rank_contexts"])
         _write(summary, workdir, start)
     if plot:
         summary["plot"] = str(plot_study(summary, workdir / "study.png"))
@@ -261,6 +264,23 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
     for line in summary["table"]:
         log(line)
     return summary
+
+
+def _rank(run_dir: Path, cap: int, measured: dict) -> dict:
+    """`rank` and `rank_contexts` of the run's best weights over the first
+    N = min(10 V, cap, validation length) validation contexts: the compare's own
+    measurement when its N (at most V) is that, else measured here. With N = 10 V
+    contexts every word of a small vocabulary occurs as a context, so a model that fits
+    a full-rank chain can show its full rank; at most V contexts cannot."""
+    from mos_jax import rank as rank_lib
+    from mos_jax import train
+    _, corpus, model_config, params = train.load_best(run_dir)
+    n = min(10 * corpus.vocab_size, cap, len(corpus.valid))
+    if n == measured["rank_contexts"]:
+        return {}
+    matrix = rank_lib.logprob_matrix(model_config.replace(compute_dtype="float32"),
+                                     params, corpus.valid, n)
+    return {"rank": rank_lib.empirical_rank(matrix).rank, "rank_contexts": n}
 
 
 def true_rank(config: config_lib.ConfigDict, n_contexts: int) -> int:

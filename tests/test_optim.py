@@ -209,3 +209,42 @@ def test_train_step_scales_its_lr_by_the_schedule():
     for p, g, new in zip(*(jax.tree_util.tree_leaves(t) for t in
                            (params, grads, state.params))):
         np.testing.assert_allclose(new, np.asarray(p) - 0.5 * np.asarray(g), atol=1e-6)
+
+
+def test_the_progress_line_shows_the_scheduled_lr(tmp_path, monkeypatch):
+    """Each logged step's lr is the base lr (scaled by the window length, as in the step)
+    times the schedule at that step, by hand: warm-up (s + 1) / 4, then a cosine to 0.1
+    over 10 steps."""
+    import math
+    from pathlib import Path
+
+    from mos_jax import config as config_lib
+    from mos_jax import train
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+    config = config_lib.load_config(tiny, [
+        ("data.bptt", "8"), ("data.max_seq_len_delta", "0"), ("optim.name", "adamw"),
+        ("optim.lr", "0.01"), ("optim.asgd", "False"), ("optim.warmup_steps", "4"),
+        ("optim.decay_steps", "10"), ("optim.min_lr_ratio", "0.1"),
+        ("train.max_epochs", "1"), ("train.steps_per_epoch", "16"),
+        ("train.log_every_steps", "1"), ("train.test", "False")])
+    seen = []
+    log_step = train._Loop._log_step
+
+    def spy(self, progress, done, window, loss):
+        shown = []
+        update = progress.update
+        progress.update = lambda *a, **k: (shown.append(k.get("lr")), update(*a, **k))
+        try:
+            log_step(self, progress, done, window, loss)
+        finally:
+            del progress.update
+        seen.append((self.host_step - 1, window.seq_len, shown[0]))
+
+    monkeypatch.setattr(train._Loop, "_log_step", spy)
+    train.train_and_evaluate(config, tmp_path / "run", log=lambda _: None)
+    assert [s for s, _, _ in seen] == list(range(16))
+    for s, seq_len, lr in seen:
+        factor = min(1.0, (s + 1) / 4)
+        done = min(max((s - 4) / 10, 0.0), 1.0)
+        factor *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+        assert lr == pytest.approx(0.01 * seq_len / 8 * factor, rel=1e-5), s

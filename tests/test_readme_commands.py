@@ -20,7 +20,7 @@ from mos_jax.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SECTIONS = ("data", "model", "optim", "train", "finetune", "parallel")
-OVERRIDES_OK = ("train", "finetune", "compare-heads", "bench")  # as cli.main
+OVERRIDES_OK = cli.OVERRIDE_COMMANDS
 
 
 def _code_blocks(text: str) -> list[str]:
@@ -94,9 +94,10 @@ def test_every_readme_command_parses(argv):
             config_lib.apply_overrides(config, config_lib.parse_overrides(rest))
         except ConfigError as e:
             pytest.fail(f"`mos-jax {' '.join(argv)}`: {e}")
-    config_path = getattr(args, "config", None)
-    if config_path is not None:
-        assert (ROOT / config_path).is_file(), f"no config file {config_path}"
+    for key in ("config", "transformer_config"):
+        config_path = getattr(args, key, None)
+        if config_path is not None:
+            assert (ROOT / config_path).is_file(), f"no config file {config_path}"
 
 
 def test_every_subcommand_named_exists():
