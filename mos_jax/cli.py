@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="the width study: heads x widths x encoders with "
                        "one budget; validation perplexity and rank against width, as a "
                        "table and one plot",
-                       epilog="Default: the built-in synthetic corpus, 6,000 steps per "
+                       epilog="Default: the built-in synthetic corpus, 3,000 steps per "
                        "run. Overrides (--config.KEY=VALUE) apply to every encoder's "
                        "config.")
     p.add_argument("--config", type=Path, help="base config of every encoder (default: "
@@ -639,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "emsize and the encoder's output width (default 8,16,32,64)")
     p.add_argument("--encoders", default="lstm,transformer",
                    help="comma-separated encoders (default lstm,transformer)")
-    p.add_argument("--steps", type=int, default=6000, help="train steps per run "
-                   "(default 6000)")
+    p.add_argument("--steps", type=int, default=3000, help="train steps per run "
+                   "(default 3000)")
     p.add_argument("--evals", type=int, default=6, help="validated epochs the steps are "
                    "split into (default 6)")
     p.add_argument("--rank-contexts", type=int, default=2000,

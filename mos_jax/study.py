@@ -17,8 +17,8 @@ even head size (rotary positions). Everything else is the base config's.
 Default (`synthetic_configs`): the built-in high-rank synthetic corpus of `mos-jax
 demo` (a random Markov chain over V = 100 words whose log-transition matrix has full
 rank), widths 8, 16, 32, 64, softmax and MoS (15 components), a 1-layer LSTM trained
-like the demo's and a 1-block Transformer trained with AdamW; 6,000 steps per run
-(6 validated epochs of 1,000). Pass
+like the demo's and a 1-block Transformer trained with AdamW; 3,000 steps per run
+(6 validated epochs of 500). Pass
 configs of your own for a real corpus (see the README's Findings for PTB).
 
 Written into `workdir`: `study.json` (every measurement), `study.md` (the table) and
@@ -43,7 +43,7 @@ from mos_jax.errors import ConfigError
 DEFAULT_WIDTHS = (8, 16, 32, 64)
 DEFAULT_HEADS = ("softmax", "mos")
 DEFAULT_ENCODERS = ("lstm", "transformer")
-DEFAULT_STEPS = 6000
+DEFAULT_STEPS = 3000
 DEFAULT_EVALS = 6
 
 
