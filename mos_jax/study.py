@@ -274,6 +274,8 @@ def _rank(run_dir: Path, cap: int, measured: dict) -> dict:
     a full-rank chain can show its full rank; at most V contexts cannot."""
     from mos_jax import rank as rank_lib
     from mos_jax import train
+    if measured["rank_contexts"] < measured["vocab_size"]:
+        return {}  # N was held below V by the cap or the split: the same N here
     _, corpus, model_config, params = train.load_best(run_dir)
     n = min(10 * corpus.vocab_size, cap, len(corpus.valid))
     if n == measured["rank_contexts"]:
@@ -333,8 +335,8 @@ def format_table(summary: dict) -> list[str]:
               "numerical rank of the [N, V] log-probability matrix over the first "
               f"N = {', '.join(map(str, n))} validation contexts; rank bound: what the "
               "head declares (a softmax over a d-vector: d + 2; empty: no bound). "
-              "Train s: the run's training and validation wall time (empty when it was "
-              "reused from an earlier invocation)."]
+              "Train s: the run's training and validation wall time, as measured by "
+              "the invocation that trained it."]
     if summary.get("true_ppl") is not None:
         lines.append(f"True perplexity of the synthetic chain (exp entropy rate): "
                      f"{summary['true_ppl']:.2f}. Its log-transition matrix has "
