@@ -9,6 +9,7 @@
     mos-jax train --config configs/ptb.py [--workdir DIR] [--config.KEY=VALUE ...]
     mos-jax train --workdir DIR                      (continue a run)
     mos-jax finetune --config configs/ptb_finetune.py --workdir DIR
+    mos-jax config --config FILE [--config.KEY=VALUE ...] | --workdir DIR | --reference
     mos-jax evaluate --workdir DIR | --weights DIR [--data CORPUS] [--split test]
                      [--batch-size 1] [--bptt 70] [--dump FILE.npy] [--out FILE]
                      [--by-frequency [--top-words 100] [--count-edges 1000,100,10]]
@@ -45,7 +46,7 @@ from mos_jax import __version__
 from mos_jax.errors import MosJaxError
 
 # The subcommands that take --config.KEY=VALUE overrides.
-OVERRIDE_COMMANDS = ("train", "finetune", "compare-heads", "bench", "study")
+OVERRIDE_COMMANDS = ("train", "finetune", "compare-heads", "bench", "study", "config")
 PRESET_NAMES = ("default", "ptb", "wt2")  # mos_jax.dynamic_eval.PRESETS, without JAX
 
 
@@ -154,9 +155,22 @@ def _run_config(args):
     if args.workdir is not None and (Path(args.workdir) / "config.json").is_file():
         from mos_jax import train
         config = train.load_run_config(args.workdir)
-        return config_lib.apply_overrides(config, overrides), args.workdir
+        config_lib.apply_overrides(config, overrides)
+        config_lib.validate(config, unknown_ok=True)
+        return config, args.workdir
     raise MosJaxError("give --config FILE (e.g. configs/ptb.py), or --workdir of a run "
                       "to continue")
+
+
+def _cmd_config(args) -> None:
+    from mos_jax import config as config_lib
+    if args.reference:
+        if args.config is not None or args.workdir is not None or args.overrides:
+            raise MosJaxError("--reference prints every key's declaration; give it alone")
+        print(config_lib.reference_markdown(), end="")
+        return
+    config, _ = _run_config(args)
+    print(config_lib.resolved(config))
 
 
 def _cmd_train(args) -> None:
@@ -564,6 +578,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where checkpoints and metrics go (default runs/CONFIG_NAME)")
         p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("config", help="print the resolved config (a file with overrides, "
+                       "or a run's) as JSON, or the reference of every key",
+                       epilog="Any config key can be overridden: --config.optim.lr=10")
+    p.add_argument("--config", type=Path, help="a config file, e.g. configs/ptb.py")
+    p.add_argument("--workdir", type=Path, help="a run's work directory (its config.json)")
+    p.add_argument("--reference", action="store_true",
+                   help="print every key with its default, range and meaning (Markdown; "
+                   "docs/config.md)")
+    p.set_defaults(func=_cmd_config)
+
     p = sub.add_parser("plot", help="learning curves of runs to a PNG")
     p.add_argument("--workdir", type=Path, action="append", required=True,
                    help="a run's work directory (repeat to compare runs)")
@@ -665,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     except MosJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`| head`): not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as e:
         print(f"\ninterrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130

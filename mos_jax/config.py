@@ -8,11 +8,13 @@ error listing the close matches; values are parsed to the type of the key's defa
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
@@ -60,19 +62,28 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
         raise ConfigError(f"--config.{key} takes true or false, got {text!r}")
     if isinstance(default, str):
         return text
+    declared = schema().get(key)
+    expected = (f"{key} must be {declared.check}" if declared is not None
+                else f"it is a {type(default).__name__}")
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         if default is None:
             return text
-        raise ConfigError(f"--config.{key}: cannot read {text!r} as a "
-                          f"{type(default).__name__}") from None
+        if isinstance(default, float):
+            try:  # nan, inf: read, then refused by the range check with the key's range
+                return float(text)
+            except ValueError:
+                pass
+        raise ConfigError(f"--config.{key}={text}: cannot read {text!r} as a "
+                          f"{type(default).__name__}: {expected}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(default)(value)
     if default is not None and not isinstance(value, type(default)):
-        raise ConfigError(f"--config.{key} is a {type(default).__name__}, got {text!r}")
+        raise ConfigError(f"--config.{key}={text} is not a {type(default).__name__}: "
+                          f"{expected}")
     return value
 
 
@@ -125,8 +136,10 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[tuple[str, str]]) ->
 
 
 def load_config(path: str | Path, overrides: Sequence[tuple[str, str]] = ()) -> ConfigDict:
+    """The config of file `path` with `overrides`, every value checked (`validate`)."""
     config = load_config_file(path)
     apply_overrides(config, overrides)
+    validate(config)
     config.lock()
     return config
 
@@ -141,71 +154,404 @@ def from_json(text: str) -> ConfigDict:
     return config
 
 
+# --------------------------------------------------------------------------------------
+# Every key: its default, what it may hold and what it means, declared once. The default
+# config, the checks run before any work and the reference (`docs/config.md`, printed by
+# `mos-jax config --reference`) are all read from these declarations.
+
+class Check:
+    """What a key may hold: `ok(value)` and a phrase for messages ("an integer >= 1")."""
+
+    text = ""
+
+    def ok(self, value) -> bool:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+class Int(Check):
+    """An integer in [lo, hi] (None: unbounded), or one of `also` (special values)."""
+
+    def __init__(self, lo: int | None = None, hi: int | None = None, also: tuple = (),
+                 meaning: str = ""):
+        self.lo, self.hi, self.also = lo, hi, also
+        parts = ["an integer"]
+        if lo is not None and hi is not None:
+            parts = [f"an integer in [{lo}, {hi}]"]
+        elif lo is not None:
+            parts.append(f">= {lo}")
+        elif hi is not None:
+            parts.append(f"<= {hi}")
+        text = " ".join(parts)
+        if also:
+            text += ", or " + " or ".join(str(a) for a in also) + (f" ({meaning})"
+                                                                   if meaning else "")
+        self.text = text
+
+    def ok(self, value) -> bool:
+        if not _is_int(value):
+            return False
+        if value in self.also:
+            return True
+        return ((self.lo is None or value >= self.lo)
+                and (self.hi is None or value <= self.hi))
+
+
+class Real(Check):
+    """A finite number in a range; `open_lo` / `open_hi` exclude the bound."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None,
+                 open_lo: bool = False, open_hi: bool = False):
+        self.lo, self.hi, self.open_lo, self.open_hi = lo, hi, open_lo, open_hi
+        if lo is not None and hi is not None:
+            self.text = (f"a number in {'(' if open_lo else '['}{lo:g}, "
+                         f"{hi:g}{')' if open_hi else ']'}")
+        elif lo is not None:
+            self.text = f"a number {'>' if open_lo else '>='} {lo:g}"
+        elif hi is not None:
+            self.text = f"a number {'<' if open_hi else '<='} {hi:g}"
+        else:
+            self.text = "a finite number"
+
+    def ok(self, value) -> bool:
+        if not _is_number(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo):
+            return False
+        if self.hi is not None and (value >= self.hi if self.open_hi else value > self.hi):
+            return False
+        return True
+
+
+class Bool(Check):
+    text = "true or false"
+
+    def ok(self, value) -> bool:
+        return isinstance(value, bool)
+
+
+class Text(Check):
+    """A string; `nonempty` refuses ""."""
+
+    def __init__(self, nonempty: bool = False):
+        self.nonempty = nonempty
+        self.text = "a non-empty string" if nonempty else "a string"
+
+    def ok(self, value) -> bool:
+        return isinstance(value, str) and (bool(value.strip()) or not self.nonempty)
+
+
+class OneOf(Check):
+    """One of a fixed list of strings, or of a registry's names (`names`, a callable
+    asked at check time, so heads and optimisers registered later count too)."""
+
+    def __init__(self, *choices: str, names: Callable[[], Sequence[str]] | None = None,
+                 what: str = ""):
+        self.choices, self.names = choices, names
+        self.text = ("one of " + ", ".join(choices)) if choices else f"a name of {what}"
+
+    def allowed(self) -> list[str]:
+        return list(self.choices) if self.names is None else sorted(self.names())
+
+    def ok(self, value) -> bool:
+        return isinstance(value, str) and value in self.allowed()
+
+    def describe_now(self) -> str:
+        return "one of " + ", ".join(self.allowed())
+
+
+class VocabChunk(Check):
+    text = "auto, fused, 0 (whole logits) or a chunk size >= 1 (words)"
+
+    def ok(self, value) -> bool:
+        if _is_int(value):
+            return value >= 0
+        if not isinstance(value, str):
+            return False
+        value = value.strip().lower()
+        return value in ("auto", "fused") or (value.isdigit())
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One config key: its default, its `Check`, and what it means."""
+
+    default: Any
+    check: Check
+    doc: str
+
+
+def _heads() -> list[str]:
+    from mos_jax import heads
+    heads.load_plugins()
+    return list(heads.HEADS)
+
+
+def _encoders() -> list[str]:
+    from mos_jax import model
+    return list(model.ENCODERS)
+
+
+def _optimizers() -> list[str]:
+    from mos_jax import optim
+    return list(optim.OPTIMIZERS)
+
+
+def _strategies() -> list[str]:
+    from mos_jax import parallel
+    return list(parallel.STRATEGIES)
+
+
+_RATE = Real(0.0, 1.0, open_hi=True)  # a dropout rate, [0, 1)
+_COUNT = Int(1)
+_SECTION_DOCS = {
+    "data": "the corpus and how it is cut into batches and windows",
+    "data.synthetic": "the built-in synthetic corpus (data.dir = synthetic): a random "
+                      "first-order Markov chain with a full-rank log-transition matrix",
+    "model": "the architecture: encoder, head, sizes, dropout rates, numerics",
+    "optim": "the optimiser, its learning rate and the NT-ASGD switch",
+    "train": "the training loop: seed, epochs, stops, checkpoints, logging",
+    "finetune": "the finetune stage (`mos-jax finetune`)",
+    "parallel": "placement over devices and hosts (mos_jax.parallel)",
+}
+
+
+def declarations() -> dict:
+    """Every key of the config, as nested dicts of `Key`s (sections are dicts)."""
+    return {
+        "data": {
+            "dir": Key("data/ptb", Text(nonempty=True),
+                       "a corpus directory (train.txt, valid.txt, test.txt), "
+                       "`synthetic`, or `tfds:NAME[:FEATURE]`"),
+            "batch_size": Key(12, _COUNT, "training columns (the batch)"),
+            "small_batch_size": Key(-1, Int(1, also=(-1,), meaning="no accumulation"),
+                                    "columns per gradient-accumulation group; it must "
+                                    "divide each device's columns"),
+            "eval_batch_size": Key(10, _COUNT, "validation columns"),
+            "test_batch_size": Key(1, _COUNT, "test columns"),
+            "bptt": Key(70, _COUNT, "the mean training window length, and the "
+                        "evaluation window length"),
+            "max_seq_len_delta": Key(40, Int(0), "random window lengths are capped at "
+                                     "bptt + this"),
+            "synthetic": {
+                "vocab_size": Key(500, Int(2), "words of the chain"),
+                "train_tokens": Key(200_000, Int(2), "tokens of the train split"),
+                "valid_tokens": Key(20_000, Int(2), "tokens of the valid split"),
+                "test_tokens": Key(20_000, Int(2), "tokens of the test split"),
+                "peakedness": Key(2.0, Real(0.0), "standard deviation of the transition "
+                                  "logits: larger is sharper"),
+                "seed": Key(0, Int(0), "the chain and its samples"),
+            },
+            "tfds_data_dir": Key("", Text(), "TFDS data_dir (empty: TFDS's default)"),
+            "tfds_manual_dir": Key("", Text(), "the manual_dir of tfds:mos_jax_ptb and "
+                                   "tfds:mos_jax_wikitext2"),
+        },
+        "model": {
+            "emsize": Key(280, _COUNT, "embedding width"),
+            "nhid": Key(960, _COUNT, "LSTM width of the layers below the last"),
+            "nhidlast": Key(620, _COUNT, "LSTM width of the last layer (the head's input)"),
+            "nlayers": Key(3, _COUNT, "encoder layers"),
+            "head": Key("mos", OneOf(names=_heads, what="a registered head "
+                                     "(mos_jax.heads.HEADS)"),
+                        "the output head"),
+            "n_experts": Key(15, _COUNT, "mixture components of the mos and moc heads"),
+            "dropout": Key(0.4, _RATE, "locked dropout on the last layer's output"),
+            "dropouth": Key(0.225, _RATE, "locked dropout between LSTM layers"),
+            "dropouti": Key(0.4, _RATE, "locked dropout on the embedding output"),
+            "dropoute": Key(0.1, _RATE, "embedding dropout (whole words)"),
+            "dropoutl": Key(0.29, _RATE, "dropout on the MoS latent vectors"),
+            "wdrop": Key(0.5, _RATE, "DropConnect on the recurrent matrices"),
+            "compute_dtype": Key("auto", OneOf("auto", "float32", "bfloat16", "float16"),
+                                 "matmul operands; auto: float32 on CPU, bfloat16 on "
+                                 "GPU/TPU"),
+            "vocab_chunk": Key("auto", VocabChunk(),
+                               "the head's path: 0 whole logits, N streamed over N-word "
+                               "chunks, fused, or auto (by size)"),
+            "encoder": Key("lstm", OneOf(names=_encoders, what="an encoder "
+                                         "(mos_jax.model.ENCODERS)"),
+                           "`lstm` (AWD-LSTM) or `transformer` (the keys below, with "
+                           "nlayers, emsize and dropoute)"),
+            "n_heads": Key(4, _COUNT, "Transformer attention heads"),
+            "d_model": Key(0, Int(0), "Transformer width; 0: emsize"),
+            "d_ff": Key(0, Int(0), "Transformer feed-forward width; 0: 4 d_model"),
+            "attn_dropout": Key(0.1, _RATE, "Transformer attention dropout"),
+            "resid_dropout": Key(0.1, _RATE, "Transformer residual dropout"),
+            "eval_stride": Key(0, Int(0), "Transformer evaluation: sliding-window "
+                               "stride; 0: bptt // 2"),
+        },
+        "optim": {
+            "lr": Key(20.0, Real(0.0), "learning rate (scaled by seq_len / bptt)"),
+            "clip": Key(0.25, Real(0.0), "global-norm gradient clipping; 0: none"),
+            "wdecay": Key(1.2e-6, Real(0.0), "weight decay"),
+            "alpha": Key(2.0, Real(0.0), "activation regularisation (AR)"),
+            "beta": Key(1.0, Real(0.0), "temporal activation regularisation (TAR)"),
+            "nonmono": Key(5, _COUNT, "the non-monotone trigger's window (NT-ASGD, and "
+                           "finetune's stop)"),
+            "asgd": Key(True, Bool(), "switch to averaged SGD by the non-monotone "
+                        "trigger"),
+            "name": Key("sgd", OneOf(names=_optimizers, what="an optimiser "
+                                     "(mos_jax.optim.OPTIMIZERS)"),
+                        "sgd (the paper's), momentum, adam, adamw"),
+            "momentum": Key(0.9, Real(0.0, 1.0, open_hi=True), "momentum"),
+            "nesterov": Key(False, Bool(), "Nesterov momentum"),
+            "b1": Key(0.9, Real(0.0, 1.0, open_hi=True), "Adam's b1"),
+            "b2": Key(0.999, Real(0.0, 1.0, open_hi=True), "Adam's b2"),
+            "eps": Key(1e-8, Real(0.0, open_lo=True), "Adam's eps"),
+            "warmup_steps": Key(0, Int(0), "linear learning-rate warm-up steps"),
+            "decay_steps": Key(0, Int(0), "cosine decay steps after the warm-up; 0: none"),
+            "min_lr_ratio": Key(0.0, Real(0.0, 1.0), "the learning rate at the end of "
+                                "the decay, as a fraction"),
+        },
+        "train": {
+            "seed": Key(28, Int(0), "the one root of all randomness"),
+            "max_epochs": Key(1000, _COUNT, "training epochs"),
+            "time_budget_s": Key(0.0, Real(0.0), "stop (with a checkpoint) after this "
+                                 "much wall time; 0: none"),
+            "stop_at_step": Key(0, Int(0), "stop (with a checkpoint) at this global "
+                                "step; 0: never"),
+            "steps_per_epoch": Key(0, Int(0), "cap on the windows of an epoch; 0: all"),
+            "checkpoint_every_s": Key(600.0, Real(0.0, open_lo=True),
+                                      "mid-epoch checkpoint cadence"),
+            "log_every_steps": Key(20, _COUNT, "steps between progress lines"),
+            "eval_max_tokens": Key(0, Int(2, also=(0,), meaning="all"),
+                                   "validate on only the first N tokens"),
+            "test": Key(True, Bool(), "a final test of the best weights"),
+        },
+        "finetune": {
+            "init_from": Key("", Text(), "the training work directory whose best weights "
+                             "start finetuning"),
+            "lr": Key(25.0, Real(0.0), "finetune learning rate"),
+            "max_epochs": Key(500, _COUNT, "finetune epochs"),
+        },
+        "parallel": {
+            "strategy": Key("mesh", OneOf(names=_strategies, what="a strategy "
+                                          "(mos_jax.parallel.STRATEGIES)"),
+                            "mesh (jit + shard_map), pmap, or none"),
+            "num_devices": Key(0, Int(0), "devices per process; 0: all local devices"),
+            "coordinator_address": Key("", Text(), "multi-host: process 0's host:port; "
+                                       "empty: JAX_COORDINATOR_ADDRESS, else one process; "
+                                       "auto: JAX's cluster detection"),
+            "num_processes": Key(0, Int(0), "multi-host: 0 from JAX_NUM_PROCESSES or "
+                                 "detection"),
+            "process_id": Key(-1, Int(-1), "multi-host: -1 from JAX_PROCESS_ID or "
+                              "detection"),
+        },
+    }
+
+
+def schema() -> dict[str, Key]:
+    """Every key by its dotted name ("data.bptt")."""
+    out: dict[str, Key] = {}
+
+    def walk(tree: dict, prefix: str) -> None:
+        for name, node in tree.items():
+            if isinstance(node, dict):
+                walk(node, f"{prefix}{name}.")
+            else:
+                out[prefix + name] = node
+    walk(declarations(), "")
+    return out
+
+
+def _defaults(tree: dict) -> ConfigDict:
+    return ConfigDict({name: _defaults(node) if isinstance(node, dict) else node.default
+                       for name, node in tree.items()})
+
+
 def default_config() -> ConfigDict:
-    """Every key there is, with the paper's PTB values (SPEC.md section 5).
+    """Every key there is, at its declared default (the paper's PTB values;
+    docs/reference.md section 5).
 
     Config files start from this and change what differs, so a typo in an override or a
     config file is caught against one complete list of keys.
     """
-    c = ConfigDict()
-    c.data = ConfigDict(dict(
-        dir="data/ptb",  # a corpus directory, "synthetic", or "tfds:NAME[:FEATURE]"
-        batch_size=12,
-        small_batch_size=-1,  # columns per gradient-accumulation group; -1: batch_size
-        eval_batch_size=10,
-        test_batch_size=1,
-        bptt=70,
-        max_seq_len_delta=40,  # random lengths are capped at bptt + this
-        synthetic=ConfigDict(dict(vocab_size=500, train_tokens=200_000,
-                                  valid_tokens=20_000, test_tokens=20_000,
-                                  peakedness=2.0, seed=0)),
-        tfds_data_dir="",  # TFDS data_dir ("" = TFDS's default)
-        tfds_manual_dir="",  # for tfds:mos_jax_ptb / tfds:mos_jax_wikitext2
-    ))
-    c.model = ConfigDict(dict(
-        emsize=280, nhid=960, nhidlast=620, nlayers=3, head="mos", n_experts=15,
-        dropout=0.4, dropouth=0.225, dropouti=0.4, dropoute=0.1, dropoutl=0.29,
-        wdrop=0.5,
-        compute_dtype="auto",  # matmul operands; auto: float32 on CPU, bfloat16 on GPU/TPU
-        vocab_chunk="auto",  # head: 0 whole logits, N stream over N-word chunks, auto
-        # the encoder: "lstm" (AWD-LSTM, the keys above) or "transformer" (these keys,
-        # with nlayers, emsize and dropoute; mos_jax.transformer)
-        encoder="lstm", n_heads=4, d_model=0, d_ff=0, attn_dropout=0.1, resid_dropout=0.1,
-        eval_stride=0,  # Transformer evaluation: sliding-window stride; 0: bptt // 2
-    ))
-    c.optim = ConfigDict(dict(
-        lr=20.0, clip=0.25, wdecay=1.2e-6, alpha=2.0, beta=1.0, nonmono=5,
-        asgd=True,  # switch to averaged SGD by the non-monotone trigger
-        name="sgd",  # sgd (the paper's), momentum, adam, adamw (mos_jax.optim.OPTIMIZERS)
-        momentum=0.9, nesterov=False,  # momentum
-        b1=0.9, b2=0.999, eps=1e-8,  # adam, adamw
-        # lr schedule, a per-step multiplier: linear warm-up, then cosine decay to
-        # min_lr_ratio over decay_steps (0: none; mos_jax.optim.Optimizer.lr_multiplier)
-        warmup_steps=0, decay_steps=0, min_lr_ratio=0.0,
-    ))
-    c.train = ConfigDict(dict(
-        seed=28,
-        max_epochs=1000,
-        time_budget_s=0.0,  # stop (with a checkpoint) after this much wall time; 0: none
-        stop_at_step=0,  # stop (with a checkpoint) at this global step; 0: never
-        steps_per_epoch=0,  # cap on the windows of an epoch (short epochs); 0: all
-        checkpoint_every_s=600.0,  # mid-epoch checkpoints
-        log_every_steps=20,
-        eval_max_tokens=0,  # validate on only the first N tokens; 0: all
-        test=True,  # final test on the best weights
-    ))
-    c.finetune = ConfigDict(dict(
-        init_from="",  # the training work directory whose best weights start finetuning
-        lr=25.0,
-        max_epochs=500,
-    ))
-    c.parallel = ConfigDict(dict(  # data parallelism (mos_jax.parallel)
-        strategy="mesh",  # "mesh" (jit + shard_map on a Mesh), "pmap", or "none"
-        num_devices=0,  # devices per process; 0: all local devices (one: no parallelism)
-        # Multi-host launch settings (not kept in a run's config.json):
-        coordinator_address="",  # process 0's host:port; "": from
-        # JAX_COORDINATOR_ADDRESS, else one process; "auto": JAX's cluster detection
-        num_processes=0,  # 0: from JAX_NUM_PROCESSES or cluster detection
-        process_id=-1,  # -1: from JAX_PROCESS_ID or cluster detection
-    ))
-    return c
+    return _defaults(declarations())
+
+
+def _flat_values(config, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, value in config.items():
+        if isinstance(value, (ConfigDict, dict)):
+            out.update(_flat_values(value, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = value
+    return out
+
+
+def problems(config, unknown_ok: bool = False) -> list[str]:
+    """One line per key of `config` whose value its declaration does not allow (and per
+    key no declaration knows, unless `unknown_ok`)."""
+    keys = schema()
+    found = []
+    for name, value in _flat_values(config).items():
+        key = keys.get(name)
+        if key is None:
+            if not unknown_ok:
+                close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.6)
+                found.append(f"unknown config key {name}" + (
+                    f" (did you mean {close[0]}?)" if close else "") +
+                    ": remove it from the config file")
+            continue
+        if not key.check.ok(value):
+            if isinstance(key.check, OneOf):
+                found.append(f"--config.{name}={value!r} is not allowed: {name} must be "
+                             f"{key.check.describe_now()} ({key.doc})")
+            else:
+                found.append(f"--config.{name}={value!r} is out of range: {name} must "
+                             f"be {key.check} ({key.doc})")
+    return found
+
+
+def validate(config, unknown_ok: bool = False) -> None:
+    """Raise one ConfigError naming the first key out of its declared range (the key,
+    the value, the range and what the key means), before any corpus or compile."""
+    found = problems(config, unknown_ok)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise ConfigError(found[0] + more)
+
+
+def resolved(config) -> str:
+    """The resolved config as JSON (what `mos-jax config` prints)."""
+    return to_json(config)
+
+
+def reference_markdown() -> str:
+    """The reference of every config key (docs/config.md), from the declarations."""
+    lines = ["# Config keys", "",
+             "Generated from the declarations in `mos_jax/config.py` by "
+             "`mos-jax config --reference`; a test keeps this file equal to it. Set any "
+             "key on the command line with `--config.SECTION.KEY=VALUE`; every value is "
+             "checked against its range before a corpus loads or anything compiles. "
+             "`mos-jax config --config FILE [overrides]` prints a resolved config.", ""]
+
+    def table(tree: dict, prefix: str) -> None:
+        rows = [(n, k) for n, k in tree.items() if not isinstance(k, dict)]
+        lines.extend([f"## `{prefix.rstrip('.')}`: {_SECTION_DOCS[prefix.rstrip('.')]}",
+                      "", "| key | default | allowed | meaning |", "|---|---|---|---|"])
+        for name, key in rows:
+            allowed = str(key.check)
+            if isinstance(key.check, OneOf) and key.check.names is not None:
+                allowed = f"{key.check.text}"
+            default = json.dumps(key.default)
+            lines.append(f"| `{prefix}{name}` | `{default}` | {allowed} | "
+                         f"{key.doc.replace('|', '/')} |")
+        lines.append("")
+        for name, node in tree.items():
+            if isinstance(node, dict):
+                table(node, f"{prefix}{name}.")
+
+    for section, tree in declarations().items():
+        table(tree, f"{section}.")
+    return "\n".join(lines).rstrip() + "\n"

@@ -476,7 +476,8 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -
     """Join the placement, check the config against the work directory (and the
     finetune source), load the corpus, build the step. Writes nothing but empty
     directories: `config.json` is written by `_started`, once the run has started."""
-    plan = parallel.from_config(config)  # first: a multi-host run joins before JAX work
+    config_lib.validate(config, unknown_ok=True)  # every value, before any work
+    plan = parallel.from_config(config)  # a multi-host run joins before JAX work
     primary = plan.is_primary  # only process 0 logs and writes metrics
     optimizer = optim.from_config(config.optim)  # a wrong optim.name fails here
     if not primary:

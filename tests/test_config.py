@@ -1,5 +1,7 @@
 """Config files and command-line overrides."""
 
+import json
+
 import pytest
 
 from mos_jax import config as config_lib
@@ -60,3 +62,155 @@ def test_missing_or_broken_config_file(tmp_path):
     (tmp_path / "bad.py").write_text("def get_config():\n    return 3\n")
     with pytest.raises(ConfigError, match="ConfigDict"):
         config_lib.load_config(tmp_path / "bad.py")
+
+
+# ------------------------------------------------------------------ declared ranges
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _out_of_range(check):
+    """Values a check must refuse, read off its bounds (both sides where it has two)."""
+    bad = []
+    if isinstance(check, config_lib.Int):
+        if check.lo is not None:
+            low = check.lo - 1
+            while low in check.also:
+                low -= 1
+            bad.append(low)
+        if check.hi is not None:
+            bad.append(check.hi + 1)
+        bad.append(2.5)  # not an integer
+    elif isinstance(check, config_lib.Real):
+        if check.lo is not None:
+            bad.append(check.lo if check.open_lo else check.lo - 0.5)
+        if check.hi is not None:
+            bad.append(check.hi if check.open_hi else check.hi + 0.5)
+        bad.append(float("nan"))
+    return bad
+
+
+NUMERIC = {name: key for name, key in config_lib.schema().items()
+           if isinstance(key.check, (config_lib.Int, config_lib.Real))}
+CASES = [(name, value) for name, key in NUMERIC.items()
+         for value in _out_of_range(key.check)]
+
+
+def test_every_key_is_declared_and_every_default_is_allowed():
+    keys = set(config_lib._all_keys(config_lib.default_config()))
+    sections = {k for k in keys if isinstance(
+        config_lib.default_config()[k.split(".")[0]], config_lib.ConfigDict)
+        and k.count(".") == 0 or k == "data.synthetic"}
+    assert keys - sections == set(config_lib.schema())
+    assert config_lib.problems(config_lib.default_config()) == []
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        assert config_lib.problems(config_lib.load_config_file(path)) == [], path.name
+    # every numeric key has a lower bound, so the table below reaches every one of them
+    assert all(key.check.lo is not None for key in NUMERIC.values())
+    assert len(NUMERIC) >= 50
+
+
+def test_hand_written_ranges():
+    """A few ranges written out by hand, independently of the declarations."""
+    bad = {"data.bptt": (0, -5), "data.eval_batch_size": (0,), "data.batch_size": (0,),
+           "model.dropout": (1.0, -0.1), "model.wdrop": (1.5,), "optim.lr": (-1.0,),
+           "optim.nonmono": (0,), "data.small_batch_size": (0, -2),
+           "train.checkpoint_every_s": (0.0,), "optim.b2": (1.0,)}
+    good = {"data.bptt": (1, 70), "data.small_batch_size": (-1, 4), "model.dropout": (0.0, 0.99),
+            "optim.lr": (0.0, 30.0), "train.eval_max_tokens": (0, 100)}
+    for table, expect in ((bad, False), (good, True)):
+        for name, values in table.items():
+            for value in values:
+                assert config_lib.schema()[name].check.ok(value) is expect, (name, value)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a corpus is loaded or a train step is built."""
+    from mos_jax import data, train
+
+    def refuse(*a, **k):
+        raise AssertionError("work started before the config was checked")
+    monkeypatch.setattr(train, "load_corpus_from", refuse)
+    monkeypatch.setattr(train, "build_train_step", refuse)
+    monkeypatch.setattr(data, "load_corpus", refuse)
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: ")
+    return err[0]
+
+
+@pytest.mark.parametrize("name, value", CASES, ids=[f"{n}={v}" for n, v in CASES])
+def test_out_of_range_values_are_one_line_before_any_work(name, value, tmp_path,
+                                                           capsys, no_work):
+    from mos_jax import cli
+    workdir = tmp_path / "run"
+    rc = cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir",
+                   str(workdir), f"--config.{name}={value}"])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert f"--config.{name}=" in line and name in line
+    if isinstance(value, int):
+        assert f"={value}" in line  # the value as given
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("name, value, choices", [
+    ("model.head", "sofmax", ["softmax", "mos", "moc"]),
+    ("model.encoder", "gru", ["lstm", "transformer"]),
+    ("optim.name", "lamb", ["sgd", "adam"]),
+    ("parallel.strategy", "fsdp", ["mesh", "pmap", "none"]),
+    ("model.compute_dtype", "float8", ["float32", "bfloat16"]),
+    ("model.vocab_chunk", "big", ["auto", "fused"]),
+])
+def test_unknown_choices_are_one_line_listing_the_choices(name, value, choices, tmp_path,
+                                                          capsys, no_work):
+    from mos_jax import cli
+    rc = cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir",
+                   str(tmp_path / "run"), f"--config.{name}={value}"])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert name in line and value in line and all(c in line for c in choices)
+
+
+def test_the_python_api_checks_too(tmp_path, no_work):
+    from mos_jax import train
+    c = config_lib.load_config_file(CONFIGS / "tiny.py")
+    c.data.bptt = 0
+    with pytest.raises(ConfigError, match=r"data\.bptt must be an integer >= 1"):
+        train.train_and_evaluate(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_with_an_unknown_key_is_refused(tmp_path):
+    (tmp_path / "typo.py").write_text(
+        "from mos_jax.config import default_config\n"
+        "def get_config():\n    c = default_config()\n    c.optim.lrr = 3.0\n    return c\n")
+    with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr \(did you mean "
+                       r"optim\.lr\?\)"):
+        config_lib.load_config(tmp_path / "typo.py")
+
+
+def test_config_command_prints_the_resolved_config(capsys):
+    from mos_jax import cli
+    assert cli.main(["config", "--config", str(CONFIGS / "tiny.py"),
+                     "--config.optim.lr=3", "--config.data.bptt", "9"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = config_lib.load_config_file(CONFIGS / "tiny.py").to_dict()
+    expected["optim"]["lr"], expected["data"]["bptt"] = 3.0, 9
+    assert printed == expected
+
+
+def test_config_reference_is_generated_from_the_declarations(capsys):
+    from mos_jax import cli
+    assert cli.main(["config", "--reference"]) == 0
+    text = capsys.readouterr().out
+    assert (ROOT / "docs" / "config.md").read_text() == text, (
+        "docs/config.md is stale: regenerate it with "
+        "`mos-jax config --reference > docs/config.md`")
+    for name, key in config_lib.schema().items():  # one row per key, with its default
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"`{json.dumps(key.default)}`" in row
