@@ -421,8 +421,8 @@ def declarations() -> dict:
             "stop_at_step": Key(0, Int(0), "stop (with a checkpoint) at this global "
                                 "step; 0: never"),
             "steps_per_epoch": Key(0, Int(0), "cap on the windows of an epoch; 0: all"),
-            "checkpoint_every_s": Key(600.0, Real(0.0, open_lo=True),
-                                      "mid-epoch checkpoint cadence"),
+            "checkpoint_every_s": Key(600.0, Real(0.0), "mid-epoch checkpoint "
+                                      "cadence; 0: after every step"),
             "log_every_steps": Key(20, _COUNT, "steps between progress lines"),
             "eval_max_tokens": Key(0, Int(2, also=(0,), meaning="all"),
                                    "validate on only the first N tokens"),

@@ -115,7 +115,7 @@ def test_hand_written_ranges():
     bad = {"data.bptt": (0, -5), "data.eval_batch_size": (0,), "data.batch_size": (0,),
            "model.dropout": (1.0, -0.1), "model.wdrop": (1.5,), "optim.lr": (-1.0,),
            "optim.nonmono": (0,), "data.small_batch_size": (0, -2),
-           "train.checkpoint_every_s": (0.0,), "optim.b2": (1.0,)}
+           "train.checkpoint_every_s": (-1.0,), "optim.b2": (1.0,)}
     good = {"data.bptt": (1, 70), "data.small_batch_size": (-1, 4), "model.dropout": (0.0, 0.99),
             "optim.lr": (0.0, 30.0), "train.eval_max_tokens": (0, 100)}
     for table, expect in ((bad, False), (good, True)):
