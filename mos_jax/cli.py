@@ -11,6 +11,7 @@
     mos-jax finetune --config configs/ptb_finetune.py --workdir DIR
     mos-jax config --config FILE [--config.KEY=VALUE ...] | --workdir DIR | --reference
     mos-jax evaluate --workdir DIR | --weights DIR [--data CORPUS] [--split test]
+                     [--text FILE]
                      [--batch-size 1] [--bptt 70] [--dump FILE.npy] [--out FILE]
                      [--by-frequency [--top-words 100] [--count-edges 1000,100,10]]
     mos-jax dynamic-eval --workdir DIR | --weights DIR [--preset ptb] [--lr --lamb ...]
@@ -180,28 +181,51 @@ def _cmd_train(args) -> None:
     print(json.dumps(run(config, workdir)))
 
 
-def _load_model(args):
-    """`(model_config, params, corpus)` from --workdir or --weights (+ --data)."""
+def _load_model(args, splits=()):
+    """`(model_config, params, corpus, vocab, unknown)` from --workdir or --weights
+    (+ --data).
+
+    `vocab` is the weights' vocabulary: a run's `vocab.json` (or, for runs and imports
+    that recorded none, its corpus's order). `corpus` (None unless `splits` name the
+    splits the command reads) is the run's corpus or --data's, its words mapped into
+    `vocab` by string, never by id: words the vocabulary lacks become `<unk>` (each
+    split's count and first words are noted on stderr and returned in `unknown`), or
+    are refused in one line when it has no `<unk>`.
+    """
     from mos_jax import convert, data
     if (args.weights is None) == (args.workdir is None):
         raise MosJaxError("give exactly one of --workdir (a training run) or --weights "
                           "(a directory written by `mos-jax import`)")
+    corpus, unknown = None, []
     if args.workdir is not None:
         from mos_jax import train
-        _, corpus, config, params = train.load_best(args.workdir)
-        if args.data is not None:
-            corpus = data.load_corpus(args.data)
+        best = train.load_run(args.workdir, corpus=bool(splits) and args.data is None,
+                              splits=tuple(splits))
+        config, params, vocab = best.model_config, best.params, best.vocab
+        corpus, unknown = best.corpus, list(best.unknown)
+        if not best.recorded and args.data is not None:
+            _note(f"note: {args.workdir} records no vocabulary (trained before "
+                  f"vocab.json): {args.data}'s word ids are taken as they are")
+            vocab = None
     else:
-        if args.data is None:
-            raise MosJaxError("--weights needs --data: the corpus to evaluate on")
         config, params = convert.load_weights(args.weights)
+        vocab = data.load_vocab(args.weights)
+        if args.data is None and (vocab is None or splits):
+            raise MosJaxError("--weights needs --data: the corpus to evaluate on")
+    if args.data is not None and (splits or vocab is None):
         corpus = data.load_corpus(args.data)
-    if corpus.vocab_size != config.vocab_size:
+        if vocab is None:  # ids as the corpus gives them (no recorded vocabulary)
+            vocab = corpus.vocab
+        else:
+            corpus, unknown = data.map_to_vocab(corpus, vocab, splits)
+    if len(vocab) != config.vocab_size:
         raise MosJaxError(
             f"the weights have a {config.vocab_size:,}-word vocabulary but {args.data} "
-            f"has {corpus.vocab_size:,} words: evaluate on the corpus the model was "
+            f"has {len(vocab):,} words: evaluate on the corpus the model was "
             "trained on")
-    return config, params, corpus
+    for u in unknown:
+        _note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
+    return config, params, corpus, tuple(vocab), unknown
 
 
 def _cmd_evaluate(args) -> None:
@@ -215,21 +239,44 @@ def _cmd_evaluate(args) -> None:
     if args.by_frequency:  # a bad --top-words before anything loads
         from mos_jax import frequency
         frequency.check_edges(args.top_words, args.count_edges)
-    config, params, corpus = _load_model(args)
-    ids = corpus.split(args.split)
+    if args.text is not None:
+        if args.data is not None:
+            raise MosJaxError("give --text FILE or --data CORPUS, not both")
+        if not Path(args.text).is_file():
+            raise MosJaxError(f"--text {args.text}: no such file; give a UTF-8 text "
+                              "file to score")
+    needed = ([] if args.text is not None else [args.split]) + (
+        ["train"] if args.by_frequency else [])
+    config, params, corpus, vocab, unknown = _load_model(args, needed)
+    if args.text is not None:
+        from mos_jax import data
+        ids, u = data.encode_text_file(args.text, vocab)
+        if u is not None:
+            _note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
+            unknown.append(u)
+        if corpus is not None:  # --by-frequency: the text in place of the test split
+            import dataclasses
+            corpus = dataclasses.replace(corpus, test=ids)
+    else:
+        ids = corpus.split(args.split)
     plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
     logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
                                    progress=_Progress(args.split, args.batch_size),
                                    plan=plan, log=_note)
     nll = -float(np.mean(logp, dtype=np.float64))
-    result = {"split": args.split, "tokens": int(logp.size), "nll": nll,
-              "ppl": math.exp(nll), "batch_size": args.batch_size, "bptt": args.bptt}
+    where = {"text": str(args.text)} if args.text is not None else {"split": args.split}
+    result = {**where, "tokens": int(logp.size), "nll": nll, "ppl": math.exp(nll),
+              "unknown_tokens": sum(u.tokens for u in unknown if u.split == (
+                  None if args.text is not None else args.split)),
+              "batch_size": args.batch_size, "bptt": args.bptt}
     if args.dump:
         np.save(args.dump, logp)
         result["dump"] = str(args.dump)
     if args.by_frequency:
         from mos_jax import frequency
-        rep = frequency.by_frequency(config, params, corpus, args.split, args.batch_size,
+        rep = frequency.by_frequency(config, params, corpus,
+                                     "test" if args.text is not None else args.split,
+                                     args.batch_size,
                                      args.bptt, top=args.top_words,
                                      edges=args.count_edges, logp=logp)
         result["by_frequency"] = {k: rep[k] for k in ("top", "edges", "buckets")}
@@ -284,7 +331,7 @@ def _cmd_dynamic_eval(args) -> None:
     _positive("--epsilon", args.epsilon)
     _output_file("--dump", args.dump, suffixes={".npy"})
     _output_file("--out", args.out)
-    config, params, corpus = _load_model(args)
+    config, params, corpus, _, _ = _load_model(args, ("train", args.split))
     plan = parallel.local_plan(args.num_devices)
     settings = dict(de.PRESETS[args.preset])
     for key in ("lr", "lamb", "epsilon"):
@@ -332,7 +379,7 @@ def _cmd_rank(args) -> None:
     _at_least("--bptt", args.bptt)
     _output_file("--plot", args.plot, suffixes=_image_formats(), make_dirs=True)
     _output_file("--out", args.out)
-    config, params, corpus = _load_model(args)
+    config, params, corpus, _, _ = _load_model(args, (args.split,))
     result = rank.analyse(config, params, corpus.split(args.split), args.contexts,
                           max_memory_gb=args.max_memory_gb, batch_size=args.batch_size,
                           bptt=args.bptt, log=_note)
@@ -361,21 +408,24 @@ def _cmd_generate(args) -> None:
     if args.words < 1:
         raise MosJaxError(f"--words must be at least 1, got {args.words}")
     _output_file("--out", args.out)
-    config, params, corpus = _load_model(args)
+    config, params, _, vocab, _ = _load_model(args)
+    decode = lambda ids: [vocab[int(i)] for i in ids]  # noqa: E731
     shown = []  # the prompt words printed before the sample
     if args.prompt is not None and args.prompt.split():
-        prompt = corpus.encode(args.prompt, what="prompt word")
-        shown = corpus.decode(prompt)
-    elif data.EOS in corpus.word_to_id:  # start a fresh sentence
-        prompt = np.asarray([corpus.word_to_id[data.EOS]], np.int32)
+        prompt, unknown = data.encode_words(args.prompt.split(), vocab, "the prompt")
+        if unknown is not None:
+            _note(f"note: {unknown.describe(vocab, 'are read as <unk>')}")
+        shown = decode(prompt)
+    elif data.EOS in vocab:  # start a fresh sentence
+        prompt = np.asarray([vocab.index(data.EOS)], np.int32)
     else:  # no sentence ends (a synthetic corpus): the first word of the train split
-        prompt = corpus.train[:1]
-        shown = corpus.decode(prompt)
+        prompt = _load_model(args, ("train",))[2].train[:1]
+        shown = decode(prompt)
     timings: dict = {}
     ids, logp = generate.sample(config, params, prompt, args.words,
                                 temperature=args.temperature, seed=args.seed,
                                 return_logprobs=True, timings=timings)
-    text = generate.render(shown + corpus.decode(ids))
+    text = generate.render(shown + decode(ids))
     seconds = timings["sample_seconds"]
     stats = {"words": int(ids.size), "prompt_words": int(prompt.size),
              "temperature": args.temperature, "seed": args.seed,
@@ -495,6 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "imported weights on a split")
     model_source(p)
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--text", type=Path, default=None, metavar="FILE",
+                   help="score a plain text file instead of a split: its words are "
+                   "mapped through the weights' vocabulary, unknown ones to <unk> "
+                   "(counted on stderr), or refused when it has no <unk>")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--bptt", type=int, default=70)
     p.add_argument("--dump", type=Path, help="save per-token log-probs [rows, batch] as .npy")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import tempfile
 import warnings
@@ -173,6 +174,140 @@ def read_lines(path: Path) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return lines
+
+
+# --------------------------------------------------------------------------------------
+# A run's vocabulary: recorded with its weights, and the words of any other text mapped
+# through it by string (never by id: ids follow first occurrence in a corpus's training
+# text, so the same words get other ids in another copy of a corpus).
+
+UNK = "<unk>"
+VOCAB_FILE = "vocab.json"
+_VOCAB_FORMAT = "mos-jax-vocab-v1"
+
+
+def vocab_digest(vocab: Sequence[str]) -> str:
+    """Hex SHA-256 of the word list (in id order): equal digests, equal ids."""
+    return hashlib.sha256(json.dumps(list(vocab), ensure_ascii=False).encode()).hexdigest()
+
+
+def save_vocab(directory: str | os.PathLike, vocab: Sequence[str]) -> Path:
+    """Write `directory/vocab.json`: the words in id order, their count and digest."""
+    path = Path(directory) / VOCAB_FILE
+    atomic_write_bytes(path, json.dumps(
+        {"format": _VOCAB_FORMAT, "size": len(vocab), "sha256": vocab_digest(vocab),
+         "words": list(vocab)}, ensure_ascii=False).encode())
+    return path
+
+
+def load_vocab(directory: str | os.PathLike) -> tuple[str, ...] | None:
+    """The vocabulary recorded in `directory/vocab.json` (None when there is none: a
+    run from before vocabularies were recorded). A file whose words do not match its
+    digest is refused."""
+    path = Path(directory) / VOCAB_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        words = tuple(record["words"])
+        digest = record["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is damaged ({type(e).__name__}: {e}): the run's "
+                        "vocabulary cannot be read") from None
+    if vocab_digest(words) != digest or len(words) != record.get("size", len(words)):
+        raise DataError(f"{path} is damaged: its words do not match its digest")
+    return words
+
+
+@dataclasses.dataclass(frozen=True)
+class Unknown:
+    """Tokens of a text that a vocabulary lacks: `tokens` of `total`, the distinct
+    `words` in order of first appearance."""
+
+    what: str
+    tokens: int
+    total: int
+    words: tuple[str, ...]
+    split: str | None = None  # the corpus split, if the text is one
+
+    def describe(self, vocab: Sequence[str], fate: str) -> str:
+        return (f"{self.tokens:,} of {self.total:,} tokens of {self.what} "
+                f"({len(self.words):,} distinct word{'s' if len(self.words) != 1 else ''}) are not in the run's "
+                f"{len(vocab):,}-word vocabulary and {fate}: {_preview(self.words)}")
+
+
+def _unknown_words(words: Sequence[str], missing_ids: np.ndarray) -> tuple[str, ...]:
+    """Distinct words of `missing_ids` (ids into `words`) in order of first appearance."""
+    unique, first = np.unique(missing_ids, return_index=True)
+    return tuple(words[int(i)] for i in unique[np.argsort(first)])
+
+
+def _map_ids(ids: np.ndarray, words: Sequence[str], vocab: Sequence[str], what: str,
+             split: str | None = None) -> tuple[np.ndarray, Unknown | None]:
+    """`ids` (into `words`) as ids into `vocab`, mapped by string; words `vocab` lacks
+    become `<unk>`, or a DataError when it has none."""
+    w2i = {w: i for i, w in enumerate(vocab)}
+    table = np.fromiter((w2i.get(w, -1) for w in words), dtype=np.int64, count=len(words))
+    mapped = table[ids]
+    missing = mapped < 0
+    if not missing.any():
+        return mapped.astype(np.int32), None
+    unknown = Unknown(what, int(missing.sum()), int(ids.size),
+                      _unknown_words(words, ids[missing]), split)
+    if UNK not in w2i:
+        raise DataError(
+            unknown.describe(vocab, "the vocabulary has no <unk> to score them as")
+            + ". Score text in the run's own words (e.g. its own corpus)")
+    return np.where(missing, w2i[UNK], mapped).astype(np.int32), unknown
+
+
+def map_to_vocab(corpus: Corpus, vocab: Sequence[str], splits: Sequence[str] = SPLITS
+                 ) -> tuple[Corpus, list[Unknown]]:
+    """`corpus` with its ids mapped by string into `vocab` (a run's vocabulary).
+
+    The splits in `splits` are the ones that will be read: a word `vocab` lacks becomes
+    `<unk>` (returned in the list of `Unknown`s, to report), or, when `vocab` has no
+    `<unk>`, a DataError that names the words. A split not in `splits` that holds such
+    words is left empty. The same vocabulary in the same order returns `corpus` itself.
+    """
+    vocab = tuple(vocab)
+    if corpus.vocab == vocab:
+        return corpus, []
+    streams, unknown = {}, []
+    for s in SPLITS:
+        try:
+            streams[s], u = _map_ids(corpus.split(s), corpus.vocab, vocab,
+                                     f"the {s} split of {corpus.name}", s)
+        except DataError:
+            if s in splits:
+                raise
+            streams[s], u = np.zeros(0, np.int32), None
+        if u is not None and s in splits:
+            unknown.append(u)
+    return Corpus(name=corpus.name, vocab=vocab,
+                  entropy_rate=None if unknown else corpus.entropy_rate,
+                  **streams), unknown
+
+
+def encode_words(tokens: Sequence[str], vocab: Sequence[str], what: str
+                 ) -> tuple[np.ndarray, Unknown | None]:
+    """`tokens` as ids into `vocab`, by string; unknown words as in `map_to_vocab`
+    (`what` names the tokens in messages)."""
+    words = tuple(dict.fromkeys(tokens))
+    index = {w: i for i, w in enumerate(words)}
+    ids = np.fromiter((index[t] for t in tokens), dtype=np.int64, count=len(tokens))
+    return _map_ids(ids, words, vocab, what)
+
+
+def encode_text_file(path: str | os.PathLike, vocab: Sequence[str]
+                     ) -> tuple[np.ndarray, Unknown | None]:
+    """The words of a plain text file (lines split on whitespace, `<eos>` after each,
+    as a corpus's splits are read) as ids into `vocab`, by string; unknown words as in
+    `map_to_vocab`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--text {path}: no such file; give a UTF-8 text file to score")
+    return encode_words(tokenize_lines(read_lines(path)), vocab, str(path))
 
 
 def default_cache_dir() -> Path:

@@ -38,7 +38,7 @@ from mos_jax import optim
 from mos_jax import parallel
 from mos_jax.batching import batchify, default_buckets, padded_window, train_windows
 from mos_jax.checkpoint import CheckpointStore
-from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
+from mos_jax.errors import CheckpointError, ConfigError, DataError, MosJaxError
 from mos_jax.progress import MetricsWriter, Progress
 
 
@@ -487,6 +487,7 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -
     if mode == "finetune" and not _has_work(workdir, ("checkpoints",)):
         _check_finetune_source(config)  # a resume needs no source: it restores its own
     corpus = load_corpus_from(config)
+    _check_vocabulary(config, workdir, mode, corpus)
     model_config = model_config_from(config, corpus.vocab_size)
     d, o, t = config.data, config.optim, config.train
     train_rows = batchify(corpus.train, d.batch_size)
@@ -506,11 +507,39 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -
                 abstract, changes)
 
 
+def _check_vocabulary(config, workdir: Path, mode: str, corpus: data_lib.Corpus) -> None:
+    """The corpus must have the vocabulary, in the same order, that the run in `workdir`
+    recorded (a resume) and, for a finetune, that its `init_from` run recorded: the
+    weights were trained on those ids."""
+    sources = [(workdir, "this run")]
+    if mode == "finetune" and config.finetune.init_from:
+        sources.append((Path(config.finetune.init_from), "the run it finetunes"))
+    digest = data_lib.vocab_digest(corpus.vocab)
+    for directory, who in sources:
+        if directory == workdir and not _has_work(workdir):
+            continue  # a start that saved nothing binds nothing (see _config_changes)
+        recorded = data_lib.load_vocab(directory)
+        if recorded is None or data_lib.vocab_digest(recorded) == digest:
+            continue
+        same_words = set(recorded) == set(corpus.vocab)
+        raise DataError(
+            f"{corpus.name} does not give the word ids {directory} ({who}) was trained "
+            f"with: its vocabulary ({corpus.vocab_size:,} words) "
+            + ("holds the same words in another order (the training text changed)"
+               if same_words else f"differs from the recorded {len(recorded):,} words")
+            + f" ({directory / data_lib.VOCAB_FILE}). Train on the corpus the run used "
+            "(--config.data.dir), or use a new --workdir")
+
+
 def _started(run: _Run, step: int) -> None:
-    """The run has started (restored or initialised): write its `config.json` (process
-    0, atomically) and say, and record in `metrics.jsonl`, which keys changed."""
+    """The run has started (restored or initialised): write its `config.json` and
+    `vocab.json` (process 0, atomically) and say, and record in `metrics.jsonl`, which
+    keys changed."""
     if not run.primary:
         return
+    recorded = data_lib.load_vocab(run.workdir)
+    if recorded is None or recorded != run.corpus.vocab:  # (a differing one: no work)
+        data_lib.save_vocab(run.workdir, run.corpus.vocab)
     data_lib.atomic_write_bytes(run.workdir / "config.json", json.dumps(
         _saved_config(run.config), indent=2, sort_keys=True).encode())
     if run.changes:
@@ -1012,15 +1041,52 @@ def load_run_config(workdir: str | Path):
     return config
 
 
-def load_best(workdir: str | Path):
-    """`(config, corpus, model_config, params)` of the best weights saved in `workdir`."""
+@dataclasses.dataclass
+class BestWeights:
+    """A run's best weights and what scoring text with them needs.
+
+    `vocab`: the run's vocabulary (id -> word), from its `vocab.json`, or from its
+    corpus for runs from before vocabularies were recorded (`recorded` False).
+    `corpus`: the run's corpus with its words mapped into `vocab` by string (None when
+    not asked for); `unknown`: its words the vocabulary lacks (a changed corpus).
+    """
+
+    config: Any
+    model_config: model_lib.ModelConfig
+    params: Any
+    vocab: tuple
+    recorded: bool
+    corpus: data_lib.Corpus | None = None
+    unknown: list = dataclasses.field(default_factory=list)
+
+
+def load_run(workdir: str | Path, corpus: bool = True,
+             splits: tuple = data_lib.SPLITS) -> BestWeights:
+    """The best weights saved in `workdir`, with the run's vocabulary, and (`corpus`)
+    the run's corpus read through that vocabulary (`splits`: the splits that will be
+    read, as `data.map_to_vocab` takes them)."""
     config = load_run_config(workdir)
-    corpus = load_corpus_from(config)
-    model_config = model_config_from(config, corpus.vocab_size)
+    vocab = data_lib.load_vocab(workdir)
+    recorded, run_corpus, unknown = vocab is not None, None, []
+    if corpus or vocab is None:
+        run_corpus = load_corpus_from(config)
+        if vocab is None:
+            vocab = run_corpus.vocab
+        else:
+            run_corpus, unknown = data_lib.map_to_vocab(run_corpus, vocab, splits)
+    model_config = model_config_from(config, len(vocab))
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
     with CheckpointStore(workdir, read_only=True) as store:
         if not store.has_best():
             raise CheckpointError(f"{workdir} has no best weights yet: train at least one "
                                   "epoch first")
         params, _ = store.restore_best(parallel.local_plan(1, "none").abstract(abstract))
-    return config, corpus, model_config, params
+    return BestWeights(config, model_config, params, tuple(vocab), recorded,
+                       run_corpus if corpus else None, unknown)
+
+
+def load_best(workdir: str | Path):
+    """`(config, corpus, model_config, params)` of the best weights saved in `workdir`,
+    the corpus read through the run's vocabulary (`load_run`)."""
+    best = load_run(workdir)
+    return best.config, best.corpus, best.model_config, best.params

@@ -284,9 +284,11 @@ def test_finetune_stops_by_the_non_monotone_rule(reference_run, tmp_path):
 
 
 def test_errors_nan_corrupt_checkpoint_and_mismatched_config(tmp_path):
-    with pytest.raises(train.TrainingError, match="optim.lr"):
+    # a NaN learning rate is refused before any work (divergence: test_run_life.py)
+    with pytest.raises(ConfigError, match=r"optim\.lr=nan is out of range"):
         train.train_and_evaluate(tiny_config(optim__lr=float("nan")), tmp_path / "nan",
                                  log=lambda m: None)
+    assert not (tmp_path / "nan").exists()
     workdir = tmp_path / "run"
     train.train_and_evaluate(tiny_config(train__stop_at_step=20), workdir,
                              log=lambda m: None)
