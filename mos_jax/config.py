@@ -142,7 +142,7 @@ def from_json(text: str) -> ConfigDict:
 
 
 def default_config() -> ConfigDict:
-    """Every key there is, with the paper's PTB values (SPEC.md section 5).
+    """Every key there is, with the paper's PTB values (docs/reference.md section 5).
 
     Config files start from this and change what differs, so a typo in an override or a
     config file is caught against one complete list of keys.
