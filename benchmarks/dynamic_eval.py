@@ -3,7 +3,7 @@
     python benchmarks/dynamic_eval.py --config configs/ptb.py [--windows 256]
 
 Random weights and ids of the config's shapes. The statistics pass uses batch 100 and
-windows of 5, the evaluation pass batch 1 and windows of 5 (SPEC.md section 4). For
+windows of 5, the evaluation pass batch 1 and windows of 5 (docs/reference.md section 4). For
 each pass: the compile time of its chunk program (ahead of time, on its own), one
 warm-up run, then `--windows` windows timed; tokens/s = tokens scored / seconds.
 """

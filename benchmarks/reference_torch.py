@@ -1,10 +1,10 @@
 """The reference's computation in PyTorch, timed on this machine (a yardstick, not a model).
 
-SPEC.md section 6 gives the reference's costs measured on another machine of the same
+docs/reference.md section 6 gives the reference's costs measured on another machine of the same
 kind; machines of that kind differ in speed by up to 2x, so a target set relative to the
 reference is only checkable if the reference runs beside mos-jax. This script runs the
 work of the reference's training step, evaluation window and dynamic-evaluation update
-pass as SPEC.md sections 2 and 4 describe it, written the reference's way: PyTorch's
+pass as docs/reference.md sections 2 and 4 describe it, written the reference's way: PyTorch's
 fused `nn.LSTM` per layer with the weight-dropped recurrent matrix swapped in every
 call, the MoS head mixing probabilities of whole `[T*B*E, V]` softmaxes and returning
 `log(p + 1e-8)`, autograd, `clip_grad_norm_` and a plain SGD update. It is written here
@@ -148,7 +148,7 @@ def bench_dynamic_eval(model, s, warmup, repeats, windows=16):
     model.eval()
     params = list(model.parameters())
     ms = [torch.rand_like(p) * 1e-3 + 1e-4 for p in params]
-    total = sum(m.mean() for m in ms)  # SPEC.md section 4: MS / sum of tensor means
+    total = sum(m.mean() for m in ms)  # docs/reference.md section 4: MS / sum of tensor means
     decrate = [torch.clamp(m / total, max=1 / 0.075) for m in ms]
     theta0 = [p.detach().clone() for p in params]
     ids = torch.randint(0, s["vocab"], (5 * windows + 1, 1))

@@ -5,7 +5,7 @@
 For each workload: both medians of every round (tokens/s), the per-round ratio
 mos-jax / reference (median and range over rounds, each round's two processes having
 run back to back), peak memory, and the ratio the issue-6/issue-4 targets ask for
-(the target tokens/s over the reference's tokens/s in SPEC.md section 6).
+(the target tokens/s over the reference's tokens/s in docs/reference.md section 6).
 """
 
 import json

@@ -1,4 +1,4 @@
-"""AWD-LSTM-MoS on Penn Treebank with the paper's hyperparameters (SPEC.md section 5).
+"""AWD-LSTM-MoS on Penn Treebank with the paper's hyperparameters (docs/reference.md section 5).
 
     mos-jax download ptb --dest data/ptb
     mos-jax train --config configs/ptb.py --workdir runs/ptb

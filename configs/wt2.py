@@ -1,4 +1,4 @@
-"""AWD-LSTM-MoS on WikiText-2 with the paper's hyperparameters (SPEC.md section 5).
+"""AWD-LSTM-MoS on WikiText-2 with the paper's hyperparameters (docs/reference.md section 5).
 
     mos-jax download wikitext-2 --dest data/wikitext-2
     mos-jax train --config configs/wt2.py --workdir runs/wt2

@@ -1,7 +1,7 @@
 """Batching: `batchify`, BPTT windows, random window lengths rounded up to buckets.
 
 Layouts are time-major: a batchified stream is `[n, B]`, column j the contiguous stretch
-`ids[j*n : (j+1)*n]` (SPEC.md section 1). A window at row i of length L has inputs
+`ids[j*n : (j+1)*n]` (docs/reference.md section 1). A window at row i of length L has inputs
 `rows[i : i+L]` and targets `rows[i+1 : i+1+L]`, with L cut to `n - 1 - i` at the end.
 """
 
@@ -162,7 +162,7 @@ def sliding_windows(ids: np.ndarray, batch_size: int, context: int, stride: int
 
 
 def sample_seq_len(rng: np.random.Generator, bptt: int, max_len: int) -> int:
-    """The reference's random BPTT length (SPEC.md section 3).
+    """The reference's random BPTT length (docs/reference.md section 3).
 
     `base = bptt` with probability 0.95, else `bptt / 2`; `max(5, int(normal(base, 5)))`
     (int truncates), capped at `max_len`.
@@ -208,7 +208,7 @@ class TrainWindow:
 def train_windows(n_rows: int, rng: np.random.Generator, bptt: int, max_len: int,
                   buckets: Sequence[int] | None = None, start: int = 0
                   ) -> Iterator[TrainWindow]:
-    """The windows of one training epoch with random lengths (SPEC.md section 3).
+    """The windows of one training epoch with random lengths (docs/reference.md section 3).
 
     Each step draws `sample_seq_len`, advances by that many rows and is padded to its
     bucket. The last window is cut at the stream's end; the epoch ends when fewer than

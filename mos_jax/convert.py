@@ -1,6 +1,6 @@
 """Weights in the reference's layout: import (`.npz`, `.pt`) and export.
 
-The reference names and layouts are those of SPEC.md section 2 (`encoder.weight` [V, D],
+The reference names and layouts are those of docs/reference.md section 2 (`encoder.weight` [V, D],
 `rnns.{l}.weight_ih` [4H, I], ...). The names the reference code actually saves are
 accepted too: `rnns.{l}.module.weight_hh_l0_raw` (weight-dropped LSTM),
 `rnns.{l}.weight_ih_l0`, `latent.0.weight` (a Sequential), a leading `module.`
@@ -22,7 +22,7 @@ import numpy as np
 from mos_jax.errors import CheckpointError
 from mos_jax.model import ModelConfig, Params
 
-_ALIASES = [  # (pattern on a reference name, SPEC.md name)
+_ALIASES = [  # (pattern on a reference name, its docs/reference.md name)
     (re.compile(r"^rnns\.(\d+)\.(?:module\.)?weight_hh(?:_l0)?_raw$"), r"rnns.\1.weight_hh"),
     (re.compile(r"^rnns\.(\d+)\.(?:module\.)?(weight_ih|weight_hh|bias_ih|bias_hh)(?:_l0)?$"),
      r"rnns.\1.\2"),
@@ -35,7 +35,7 @@ _LSTM_PARTS = {"weight_ih": "ih_kernel", "weight_hh": "hh_kernel",
 
 
 def normalize_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Map a reference state dict to SPEC.md names as float32 NumPy arrays.
+    """Map a reference state dict to docs/reference.md names as float32 NumPy arrays.
 
     Unknown keys are ignored whatever they hold (metadata such as a JSON string, an
     optimizer's step count); a weight name with a non-numeric value is an error. A raw
@@ -137,7 +137,7 @@ def to_reference_state(model_config: ModelConfig, params: Params,
                        style: str = "spec") -> dict[str, np.ndarray]:
     """Export params to the reference's names and layouts (inverse of the import).
 
-    `style="spec"` uses SPEC.md's names (`rnns.0.weight_hh`, `latent.weight`);
+    `style="spec"` uses docs/reference.md's names (`rnns.0.weight_hh`, `latent.weight`);
     `style="reference"` the names the reference code's `state_dict()` has
     (`rnns.0.module.weight_hh_l0_raw`, `latent.0.weight`, and `decoder.weight`).
     """
@@ -306,7 +306,7 @@ def import_weights(path: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def save_weights(out_dir: str | os.PathLike, config: ModelConfig, params: Params) -> None:
-    """`weights.npz` (SPEC.md names) and `model.json` (the ModelConfig) in out_dir."""
+    """`weights.npz` (docs/reference.md names) and `model.json` (the ModelConfig) in out_dir."""
     import dataclasses
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Corpora: vocabulary, reading a corpus directory, the id cache, the synthetic corpus.
 
-Conventions follow SPEC.md section 1: each line is split on whitespace and `<eos>` is
+Conventions follow docs/reference.md section 1: each line is split on whitespace and `<eos>` is
 appended (a blank line yields just `<eos>`); one vocabulary for all splits, ids in order
 of first occurrence scanning train, then valid, then test.
 
@@ -372,7 +372,7 @@ def _load_cache(path: Path, name: str) -> Corpus | None:
 
 def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = None,
                 cache: bool = True, cache_dir: str | os.PathLike | None = None) -> Corpus:
-    """Read `train.txt`, `valid.txt`, `test.txt` from `directory` (SPEC.md section 1).
+    """Read `train.txt`, `valid.txt`, `test.txt` from `directory` (docs/reference.md section 1).
 
     The encoded ids are cached as `.npz` under `cache_dir` (default
     `default_cache_dir()`), keyed by a SHA-256 of the three files, so a second load

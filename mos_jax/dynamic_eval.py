@@ -1,4 +1,4 @@
-"""Dynamic evaluation (Krause et al., 2018), functional and jitted (SPEC.md section 4).
+"""Dynamic evaluation (Krause et al., 2018), functional and jitted (docs/reference.md section 4).
 
 Two pure functions:
 
@@ -36,7 +36,7 @@ from mos_jax.evaluate import scan_windows
 from mos_jax.errors import ConfigError
 from mos_jax.model import ModelConfig, Params
 
-PRESETS = {  # SPEC.md sections 4 and 5
+PRESETS = {  # docs/reference.md sections 4 and 5
     "default": dict(lr=0.002, lamb=0.02, epsilon=0.001),
     "ptb": dict(lr=0.002, lamb=0.075, epsilon=0.001),
     "wt2": dict(lr=0.002, lamb=0.02, epsilon=0.002),
@@ -112,7 +112,7 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
                         progress: Callable[[int, int], None] | None = None,
                         plan: parallel.Plan | None = None,
                         log: Callable[[str], None] | None = None) -> GradientStatistics:
-    """The gradient statistics pass of SPEC.md section 4, step 1.
+    """The gradient statistics pass of docs/reference.md section 4, step 1.
 
     `max_batches` caps the number of windows; `rms` takes `sqrt(mean g^2)` over the
     windows instead of `sqrt(sum g^2)`. `progress(done_windows, total)` is called
@@ -238,7 +238,7 @@ def dynamic_evaluate(model_config: ModelConfig, params: Params, ms: Params,
                      progress: Callable[[int, int], None] | None = None,
                      plan: parallel.Plan | None = None,
                      log: Callable[[str], None] | None = None) -> DynamicEvalResult:
-    """Score `ids` with dynamic evaluation (SPEC.md section 4, steps 2 and 3).
+    """Score `ids` with dynamic evaluation (docs/reference.md section 4, steps 2 and 3).
 
     Runs on the first device of `plan` (a note to `log` when it has more).
     `progress(done_windows, total)` is called once each chunk has finished.

@@ -1,10 +1,10 @@
 """Evaluation: per-token log-probabilities with carried state, and perplexity.
 
-The stream is batchified (SPEC.md section 1) and scored in windows of `bptt` rows with
+The stream is batchified (docs/reference.md section 1) and scored in windows of `bptt` rows with
 no dropout, the carry passed from window to window starting from zeros. Every window,
 the last (shorter) one included, is padded to `bptt` rows so one program serves all.
 Perplexity is `exp` of the true per-token mean NLL (the reference divides by rows
-instead, SPEC.md section 3; mos-jax does not).
+instead, docs/reference.md section 3; mos-jax does not).
 
 `scan_windows` is the one loop over the windows of a stream with the carry passed on;
 evaluation, rank and both passes of dynamic evaluation run on it. Every function here

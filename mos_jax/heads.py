@@ -322,7 +322,7 @@ class _Mixture(Head):
 
 @register_head("mos")
 class MixtureOfSoftmaxes(_Mixture):
-    """Mixture of softmaxes, in log space (SPEC.md section 2, step 5).
+    """Mixture of softmaxes, in log space (docs/reference.md section 2, step 5).
 
     `log p(w) = logsumexp_e(log prior_e + log_softmax(latent_e @ E^T + b)_w)`. Target
     log-probabilities need only the per-expert log-normalisers and target logits, so no

@@ -39,7 +39,7 @@ def embedding_dropout(embedding: jax.Array, ids: jax.Array, rate: float,
     """Look up `ids` in `embedding` [V, D], dropping whole vocabulary rows.
 
     One Bernoulli keep per row, drawn once per call, so every occurrence of a word in
-    the batch drops together (SPEC.md section 2, step 1). Returns `[*ids.shape, D]`.
+    the batch drops together (docs/reference.md section 2, step 1). Returns `[*ids.shape, D]`.
     """
     vectors = jnp.take(embedding, ids, axis=0)
     if rng is None or rate == 0.0:
@@ -128,7 +128,7 @@ lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 class WeightDropLSTM(nn.Module):
-    """One LSTM layer with DropConnect on the recurrent matrix (SPEC.md section 2).
+    """One LSTM layer with DropConnect on the recurrent matrix (docs/reference.md section 2).
 
     Parameters (Flax kernels are the transposes of PyTorch weights; gate columns in
     order i, f, g, o): `ih_kernel` [I, 4H], `hh_kernel` [H, 4H], `ih_bias` [4H],

@@ -4,7 +4,7 @@
 (`model.encoder`, looked up in `ENCODERS`; see `Encoder`): the AWD-LSTM (`lstm`, the
 default: embedding dropout -> locked dropout -> L weight-dropped LSTM layers, locked
 dropout between them -> locked dropout) or a causal Transformer (`transformer`,
-`mos_jax.transformer`). Parameters (Flax names; SPEC.md section 2 gives the
+`mos_jax.transformer`). Parameters (Flax names; docs/reference.md section 2 gives the
 reference's):
 
     embedding            [V, D]    U(-0.1, 0.1), also the decoder weight
@@ -185,7 +185,7 @@ class Encoder:
 
 
 class AWDLSTM(Encoder):
-    """The AWD-LSTM encoder (SPEC.md section 2): its parameters sit at the model's top
+    """The AWD-LSTM encoder (docs/reference.md section 2): its parameters sit at the model's top
     level (`lstm_{l}`), as they always have."""
 
     width_key = "nhidlast"
@@ -274,7 +274,7 @@ def init_carry(config: ModelConfig, batch_size: int) -> ModelCarry:
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
-    """Fresh parameters with the reference's initialisation (SPEC.md section 2)."""
+    """Fresh parameters with the reference's initialisation (docs/reference.md section 2)."""
     dummy = jnp.zeros((2, 1), jnp.int32)
     return LanguageModel(config).init(rng, dummy, init_carry(config, 1), dummy)["params"]
 
@@ -319,7 +319,7 @@ def regularized_loss(model_config: ModelConfig, params: Params, inputs: jax.Arra
                      rng: jax.Array | None = None,
                      length: jax.Array | int | None = None
                      ) -> tuple[jax.Array, dict[str, Any]]:
-    """The training loss of one window (SPEC.md section 2, item 6).
+    """The training loss of one window (docs/reference.md section 2, item 6).
 
     `NLL + alpha * mean(output^2) + beta * mean((raw_{t+1} - raw_t)^2)`, NLL the mean
     over the window's targets. `inputs`, `targets`: [T, B] int. With `length`, only the

@@ -12,7 +12,7 @@ of the train state and of every checkpoint; plain SGD's is empty.
 
 Optimisers (`optim.name`), each a few lines in `OPTIMIZERS`:
 
-- `sgd` (the paper's, SPEC.md section 3): `p -= lr_t * (clip(g) + wdecay * p)`;
+- `sgd` (the paper's, docs/reference.md section 3): `p -= lr_t * (clip(g) + wdecay * p)`;
 - `momentum`: the same L2 term, then a momentum trace (`optim.momentum`, `optim.nesterov`);
 - `adam`: the L2 term added to the clipped gradient, then Adam (`b1`, `b2`, `eps`),
   as torch's `Adam(weight_decay=...)`;
@@ -206,7 +206,7 @@ def averaging_update(state: AveragingState, params: Params) -> AveragingState:
 
     While inactive, the state is unchanged. When active, after k steps the average is
     the mean of the k iterates produced since the switch (the first one included,
-    unlike torch's ASGD, whose mean starts at the second; SPEC.md section 3).
+    unlike torch's ASGD, whose mean starts at the second; docs/reference.md section 3).
     """
     count = state.count + state.active.astype(jnp.int32)
     weight = jnp.where(state.active, 1.0 / jnp.maximum(count, 1), 0.0)
@@ -228,7 +228,7 @@ def eval_params(state: AveragingState, params: Params) -> Params:
 
 
 def should_switch(previous: Sequence[float], current: float, nonmono: int) -> bool:
-    """The non-monotone trigger of SPEC.md section 3 (also finetune's stop rule).
+    """The non-monotone trigger of docs/reference.md section 3 (also finetune's stop rule).
 
     `previous` holds the validation losses of the epochs logged before this one;
     `current` is this epoch's. True when more than `nonmono` epochs are logged and

@@ -1,6 +1,6 @@
 """Training: the jitted train step, the epoch loop with NT-ASGD, finetuning, resume.
 
-`train_and_evaluate(config, workdir)` runs the procedure of SPEC.md section 3 and
+`train_and_evaluate(config, workdir)` runs the procedure of docs/reference.md section 3 and
 `finetune(config, workdir)` the finetune stage; both share one loop (`_run`), in parts:
 `_setup` (placement, work directory, corpus, step), `_restore_or_init`, `_Loop.run_epoch`,
 `_Loop.end_epoch` (validate, NT-ASGD switch, best weights, save) and `_finish` (test),

@@ -1,6 +1,6 @@
 """An independent float64 NumPy forward pass of the reference AWD-LSTM-MoS.
 
-Written from SPEC.md section 2 in the reference's own layouts (PyTorch weights [out, in],
+Written from docs/reference.md section 2 in the reference's own layouts (PyTorch weights [out, in],
 gate rows i, f, g, o) and its own arithmetic (mixing in probability space), sharing no
 code with mos_jax (but for `true_ppl`, which draws the synthetic chain with
 mos_jax.data). Used by the tests as the ground truth.
@@ -24,7 +24,7 @@ def softmax(x, axis=-1):
 
 def random_state(rng: np.random.Generator, vocab, emsize, nhid, nhidlast, nlayers,
                  n_experts, head="mos", scale=0.5) -> dict[str, np.ndarray]:
-    """Random weights under SPEC.md's names, U(-scale, scale) everywhere."""
+    """Random weights under docs/reference.md's names, U(-scale, scale) everywhere."""
     def u(*shape):
         return rng.uniform(-scale, scale, size=shape)
 

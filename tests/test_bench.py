@@ -19,7 +19,7 @@ def test_model_flops_per_token_of_the_ptb_config_by_hand():
     # prior 620x15, latent 620x(15*280), then 15 decoder products 280x10000.
     head = 2 * (620 * 15 + 620 * 15 * 280 + 15 * 280 * 10000)
     assert f == {"lstm": lstm, "head": head, "forward": lstm + head}
-    assert f["lstm"] / 1e6 == pytest.approx(32.2, abs=0.1)  # SPEC.md section 6
+    assert f["lstm"] / 1e6 == pytest.approx(32.2, abs=0.1)  # docs/reference.md section 6
     soft = bench.model_flops_per_token(mc.replace(head="softmax", nhidlast=280))
     assert soft["head"] == 2 * 280 * 10000
     # Mixtape, K=4: latent 620x(4*280); gates 620x(3*280) + 620x3 and 3x280 per gated

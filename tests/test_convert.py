@@ -173,7 +173,7 @@ def test_import_torch_state_dict_and_pickled_model(tmp_path):
     with np.load(tmp_path / "expect.npz") as z:
         expect = convert.normalize_state({k: z[k] for k in z.files})
     expect.pop("decoder.weight")
-    assert "rnns.0.weight_hh" in expect  # the raw weight, under SPEC.md's name
+    assert "rnns.0.weight_hh" in expect  # the raw weight, under its docs/reference.md name
     assert "refmodel" not in sys.modules
     for name in ("sd.pt", "model.pt"):
         config, params = convert.import_torch(tmp_path / name, tmp_path / f"out-{name}")

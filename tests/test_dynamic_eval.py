@@ -32,7 +32,7 @@ def window_grad(p, carry, x, y):
 
 
 def plain_statistics(params, ids, batch_size, bptt, lamb):
-    """SPEC.md section 4, step 1, one window at a time in Python."""
+    """docs/reference.md section 4, step 1, one window at a time in Python."""
     rows = batching.batchify(ids, batch_size)
     carry = model.init_carry(CONFIG, batch_size)
     ms = jax.tree_util.tree_map(np.zeros_like, params)

@@ -67,7 +67,7 @@ def test_regularized_loss_and_gradient_match_numpy_finite_differences(head):
     (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     assert float(loss) == pytest.approx(
         ref.regularized_loss(state, inputs, targets, head, alpha, beta), abs=1e-5)
-    # Each reported term against its own NumPy value (SPEC.md's AR and TAR).
+    # Each reported term against its own NumPy value (docs/reference.md section 2, item 6).
     output, _ = ref.encode(state, inputs, ref.zero_carry(state, 2))
     probs = ref.head_probs(state, output, head)
     nll = -np.log(np.take_along_axis(probs, targets[..., None], axis=-1)).mean()
@@ -142,7 +142,7 @@ def test_parameter_counts_of_the_paper_configs():
     def count(cfg):
         shapes = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
         return model.param_count(shapes)
-    # SPEC.md section 2: PTB 21,500,620; WikiText-2 34,909,528. Independent count:
+    # docs/reference.md section 2: PTB 21,500,620; WikiText-2 34,909,528. Independent count:
     def by_formula(v, d, nhid, last, e):
         lstm = sum(4 * h * (i + h) + 8 * h for i, h in [(d, nhid), (nhid, nhid), (nhid, last)])
         return v * d + lstm + e * last + e * d * last + e * d + v
