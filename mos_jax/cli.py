@@ -21,7 +21,7 @@
                      [--words 100] [--temperature 1.0] [--seed 0] [--out FILE]
     mos-jax plot --workdir DIR [--workdir DIR ...] [--out curves.png]
     mos-jax download ptb|wikitext-2 --dest DIR
-    mos-jax import FILE.pt|FILE.npz --out DIR [--head mos|moc|softmax]
+    mos-jax import FILE.pt|FILE.npz --out DIR [--head mos|moc|softmax] [--data CORPUS]
                                                      (alias: import-torch)
     mos-jax bench [--config configs/ptb.py] [--batch 12] [--bptt 70] [--dtype float32]
                   [--vocab-chunk auto] [--num-devices 1] [--only train,eval] [--out F]
@@ -109,11 +109,21 @@ def _output_file(flag: str, path, suffixes=None, make_dirs: bool = False) -> Non
 
 
 def _cmd_import(args) -> None:
-    from mos_jax import convert, model
+    from mos_jax import convert, data, model
+    corpus = data.load_corpus(args.data) if args.data is not None else None
     config, params = convert.import_weights(args.file, args.out, head=args.head)
+    vocab_note = ""
+    if corpus is not None:
+        if corpus.vocab_size != config.vocab_size:
+            raise MosJaxError(
+                f"--data {args.data} has {corpus.vocab_size:,} words but the weights "
+                f"{config.vocab_size:,}: name the corpus the weights were trained on")
+        data.save_vocab(args.out, corpus.vocab)  # the reference's ids: first occurrence
+        vocab_note = f", vocabulary of {args.data} recorded"
     print(f"imported {model.param_count(params):,} parameters ({config.head} head, "
           f"V={config.vocab_size}, emsize={config.emsize}, nhid={config.nhid}, "
-          f"nhidlast={config.nhidlast}, experts={config.n_experts}) into {args.out}")
+          f"nhidlast={config.nhidlast}, experts={config.n_experts}) into "
+          f"{args.out}{vocab_note}")
 
 
 class _Progress:
@@ -533,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--head", choices=["mos", "moc", "softmax"], default=None,
                    help="head to read the weights as (default: from the weights)")
+    p.add_argument("--data", default=None, help="the corpus the weights were trained "
+                   "on: its vocabulary (ids in order of first occurrence, as the "
+                   "reference numbers them) is recorded in OUT/vocab.json, and every "
+                   "later --data is mapped through it by string")
     p.set_defaults(func=_cmd_import)
 
     def model_source(p):

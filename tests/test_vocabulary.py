@@ -154,3 +154,24 @@ def test_a_run_refuses_to_resume_or_finetune_on_other_ids(text_run, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "same words in another order" in err and str(copy) in err
+
+
+def test_imported_weights_record_the_vocabulary_of_their_corpus(text_run, tmp_path,
+                                                                  capsys):
+    import numpy_reference as ref
+    _, original, shuffled = text_run
+    v = data.read_corpus(original).vocab_size
+    state = ref.random_state(np.random.default_rng(1), vocab=v, emsize=4, nhid=6,
+                             nhidlast=5, nlayers=2, n_experts=2, head="mos", scale=0.3)
+    np.savez(tmp_path / "w.npz", **state)
+    out = tmp_path / "imported"
+    assert cli.main(["import", str(tmp_path / "w.npz"), "--out", str(out), "--data",
+                     str(original)]) == 0
+    assert "vocabulary of" in capsys.readouterr().out
+    assert data.load_vocab(out) == data.read_corpus(original).vocab
+    scores = [run_json(capsys, "evaluate", "--weights", out, "--data", d)[0]["ppl"]
+              for d in (original, shuffled)]
+    assert scores[0] == scores[1]
+    # the reference's own numbers, by the original corpus's ids
+    want = ref.token_logprobs(state, data.read_corpus(original).test, 1, 70, "mos")
+    assert math.isclose(scores[0], math.exp(-np.mean(want)), rel_tol=1e-5)
