@@ -40,6 +40,7 @@ from mos_jax.batching import batchify, default_buckets, padded_window, train_win
 from mos_jax.checkpoint import CheckpointStore
 from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
 from mos_jax.progress import MetricsWriter, Progress
+from mos_jax.workdir import WorkdirLock
 
 
 class TrainingError(MosJaxError):
@@ -701,11 +702,15 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     and test figures) and the `reason` it ended; `trained_steps` counts the steps this
     call took (0 when the run had finished before and is only reported).
     """
-    run = _setup(config, workdir, mode, log)
-    try:
-        return _run_loop(run)
-    finally:  # errors included: an open Orbax manager complains at exit
-        run.store.close()
+    # One run per work directory: the lock is taken (by process 0 of a multi-process
+    # run) before anything in it is read or written, and held to the end.
+    primary = parallel.from_config(config).is_primary  # cached: _setup gets the same
+    with WorkdirLock(workdir, mode, active=primary):
+        run = _setup(config, workdir, mode, log)
+        try:
+            return _run_loop(run)
+        finally:  # errors included: an open Orbax manager complains at exit
+            run.store.close()
 
 
 def _run_loop(run: _Run) -> dict:
