@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mos_jax import config as config_lib
+from mos_jax import outputs
 from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
 
 RESULT_FILE = "compare_head.json"  # per head, in its sub-workdir
@@ -398,7 +399,7 @@ def compare_heads(config: config_lib.ConfigDict, heads: str | Sequence[str],
     plans = {}
     for name in names:  # every config error before any training
         plans[name] = head_config(base, name, test=test)
-    workdir.mkdir(parents=True, exist_ok=True)
+    outputs.make_folder("--workdir", workdir)  # a bad path: one line, before training
     results: dict[str, dict] = {}
     for name in names:
         cfg, notes = plans[name]

@@ -28,6 +28,7 @@ import numpy as np
 
 from mos_jax import config as config_lib
 from mos_jax import data as data_lib
+from mos_jax import outputs
 from mos_jax import rank as rank_lib
 from mos_jax import train
 from mos_jax.errors import ConfigError
@@ -127,7 +128,7 @@ def run_demo(workdir: str | Path, config: config_lib.ConfigDict | None = None,
         raise ConfigError("the demo needs the synthetic corpus (data.dir = "
                           f"'synthetic'), whose true perplexity is known; got "
                           f"{config.data.dir!r}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    outputs.make_folder("--workdir", workdir)  # a bad path: one line, before training
 
     results: dict[str, dict] = {}
     for head in HEADS:

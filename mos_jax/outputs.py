@@ -57,9 +57,11 @@ def _probe(flag: str, path: Path, folder: Path) -> None:
     """Refuse `folder` unless a file can be created (and removed) in it."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".mos-jax-probe-", dir=folder)
-    except OSError as e:
-        raise OutputError(f"{flag} {path}: cannot create files in {folder} "
-                          f"({_reason(e)}); choose another path") from None
+    except OSError as e:  # /proc answers "no such file"
+        why = ("it takes no new files" if isinstance(e, FileNotFoundError)
+               else _reason(e))
+        raise OutputError(f"{flag} {path}: cannot create files in {folder} ({why}); "
+                          "choose another path") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -191,13 +193,16 @@ class Deliveries:
         data = array_bytes(array)
         return self.write(flag, path, lambda p: write_bytes(p, data))
 
-    def check(self) -> None:
-        """Raise one `OutputError` for the failed writes, if any (after the result
-        was printed: the message says it is above)."""
+    def check(self, shown: bool = True) -> None:
+        """Raise one `OutputError` for the failed writes, if any. `shown`: the
+        command printed its result (the message says it is above)."""
         if not self.failures:
             return
         what = "; ".join(f"{flag} {path}: {reason}"
                          for flag, path, reason, _ in self.failures)
-        kept = [str(f) for *_, f in self.failures if f is not None]
-        raise OutputError(f"could not write {what}; the result is above"
-                          + (f" (and in {', '.join(kept)})" if kept else ""))
+        kept = ", ".join(str(f) for *_, f in self.failures if f is not None)
+        if shown:
+            where = "the result is above" + (f" (and in {kept})" if kept else "")
+        else:
+            where = f"it is in {kept} instead" if kept else "nothing was written"
+        raise OutputError(f"could not write {what}; {where}")

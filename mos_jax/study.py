@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from mos_jax import config as config_lib
+from mos_jax import outputs
 from mos_jax.errors import ConfigError
 
 DEFAULT_WIDTHS = (8, 16, 32, 64)
@@ -227,7 +228,7 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
         raise ConfigError(f"the step budget must be at least 1, got {steps}")
     cells = plan_runs(configs, head_names, widths, steps, evals)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    outputs.make_folder("--workdir", workdir)  # a bad path: one line, before training
     first = next(iter(configs.values()))
     summary = {"encoders": list(configs), "heads": head_names, "widths": widths,
                "budget": {"steps": steps, "evals": evals}, "seed": int(first.train.seed),
