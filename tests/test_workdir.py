@@ -137,6 +137,15 @@ def test_a_failed_start_releases_the_lock_and_leaves_no_folder(tmp_path, capsys,
     with WorkdirLock(w):  # free
         pass
 
+    def ctrl_c(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_corpus_from", ctrl_c)  # Ctrl-C releases it too
+    assert cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir", str(w),
+                     *TINY]) == 130
+    with WorkdirLock(w):
+        pass
+
 
 def test_only_the_primary_process_takes_the_lock(tmp_path):
     w = tmp_path / "run"
