@@ -196,7 +196,7 @@ def _cmd_evaluate(args) -> None:
               "ppl": math.exp(nll), "batch_size": args.batch_size, "bptt": args.bptt}
     deliveries = outputs.Deliveries()
     if args.dump:
-        result["dump"] = _where(deliveries.array("--dump", args.dump, logp))
+        result["dump"] = outputs.where(deliveries.array("--dump", args.dump, logp))
     if args.by_frequency:
         from mos_jax import frequency
         rep = frequency.by_frequency(config, params, corpus, args.split, args.batch_size,
@@ -212,11 +212,6 @@ def _cmd_evaluate(args) -> None:
     else:
         print(json.dumps(result))
     deliveries.check()
-
-
-def _where(path) -> str | None:
-    """Where an output went (the path asked for, or its fallback), for a result."""
-    return None if path is None else str(path)
 
 
 def _count_edges(text: str) -> tuple[int, ...]:
@@ -298,7 +293,7 @@ def _cmd_dynamic_eval(args) -> None:
            "eval_seconds": round(time.perf_counter() - start, 2)}
     deliveries = outputs.Deliveries()
     if args.dump:
-        out["dump"] = _where(deliveries.array("--dump", args.dump,
+        out["dump"] = outputs.where(deliveries.array("--dump", args.dump,
                                               result.token_logprobs))
     if args.out:
         deliveries.text("--out", args.out, json.dumps(out, indent=2))
@@ -327,9 +322,11 @@ def _cmd_rank(args) -> None:
         s, result["threshold"], path, title=title))
     out = {"split": args.split, **result,
            "threshold_rule": "0.5 * sqrt(N + V + 1) * s_max * eps (Numerical Recipes)",
-           "batch_size": args.batch_size, "bptt": args.bptt, "plot": _where(drawn)}
+           "batch_size": args.batch_size, "bptt": args.bptt,
+           "plot": outputs.where(drawn)}
     if args.out:
-        out["out"] = _where(deliveries.text("--out", args.out, json.dumps(out, indent=2)))
+        out["out"] = outputs.where(deliveries.text("--out", args.out,
+                                                   json.dumps(out, indent=2)))
     print(json.dumps(out))
     deliveries.check()
 
@@ -368,7 +365,7 @@ def _cmd_generate(args) -> None:
              "sample_ppl": math.exp(-float(np.mean(logp, dtype=np.float64)))}
     deliveries = outputs.Deliveries()
     if args.out:
-        stats["out"] = _where(deliveries.text("--out", args.out, text + "\n"))
+        stats["out"] = outputs.where(deliveries.text("--out", args.out, text + "\n"))
     print(text, flush=True)
     print(json.dumps(stats), file=sys.stderr)
     deliveries.check()

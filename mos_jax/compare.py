@@ -447,21 +447,24 @@ def compare_heads(config: config_lib.ConfigDict, heads: str | Sequence[str],
         "true_ppl": (math.exp(first["entropy_rate"])
                      if first.get("entropy_rate") is not None else None),
     }
+    deliveries = outputs.Deliveries()  # a failed write loses nothing: see check()
     if plot:
         from mos_jax.plot import plot_learning_curves
-        png = plot_learning_curves(
-            {name: workdir / name for name in names}, workdir / "learning_curves.png",
-            title=title or f"heads on {Path(str(base.data.dir)).name}, "
-                           f"V={summary['vocab_size']}, seed {summary['seed']}",
-            reference_ppl=summary["true_ppl"])
-        summary["plot"] = str(png)
+        title = title or (f"heads on {Path(str(base.data.dir)).name}, "
+                          f"V={summary['vocab_size']}, seed {summary['seed']}")
+        summary["plot"] = outputs.where(deliveries.write(
+            "", workdir / "learning_curves.png", lambda path: plot_learning_curves(
+                {name: workdir / name for name in names}, path, title=title,
+                reference_ppl=summary["true_ppl"])))
     summary["table"] = format_table(summary)
-    (workdir / "compare.md").write_text("\n".join(summary["table"]) + "\n")
-    summary["markdown"] = str(workdir / "compare.md")
+    summary["markdown"] = outputs.where(deliveries.text(
+        "", workdir / "compare.md", "\n".join(summary["table"]) + "\n"))
     summary["json"] = str(workdir / "compare.json")
-    (workdir / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["json"] = outputs.where(deliveries.text(
+        "", workdir / "compare.json", json.dumps(summary, indent=2) + "\n"))
     for line in summary["table"]:
         log(line)
+    deliveries.check()
     return summary
 
 

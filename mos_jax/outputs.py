@@ -150,6 +150,12 @@ def array_bytes(array) -> bytes:
     return buf.getvalue()
 
 
+def where(path) -> str | None:
+    """Where an output went (the path asked for, or its fallback; None: nowhere), as
+    a result records it."""
+    return None if path is None else str(path)
+
+
 def fallback_path(path) -> Path:
     """A new file in the system's temporary folder named after `path`."""
     name = Path(path).name or "output"
@@ -171,7 +177,8 @@ class Deliveries:
 
     def write(self, flag: str, path, write: Callable[[Path], object]) -> Path | None:
         """`write(path)`; if it fails (OSError), `write(fallback)`. Returns where the
-        output is: `path`, the fallback, or None."""
+        output is: `path`, the fallback, or None. `flag`: the option that named the
+        path ("" for a file a command writes into its --workdir)."""
         path = Path(path)
         try:
             write(path)
@@ -198,7 +205,7 @@ class Deliveries:
         command printed its result (the message says it is above)."""
         if not self.failures:
             return
-        what = "; ".join(f"{flag} {path}: {reason}"
+        what = "; ".join(f"{flag} {path}: {reason}".lstrip()
                          for flag, path, reason, _ in self.failures)
         kept = ", ".join(str(f) for *_, f in self.failures if f is not None)
         if shown:

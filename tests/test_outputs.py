@@ -243,3 +243,24 @@ def test_dynamic_eval_goes_on_when_its_statistics_cache_cannot_be_written(
     assert json.loads(captured.out.strip().splitlines()[-1])["tokens"] > 0
     assert "could not cache the gradient statistics" in captured.err
     assert "error:" not in captured.err
+
+
+def test_compare_heads_delivers_its_table_when_a_summary_file_cannot_be_written(
+        tmp_path, fallbacks):
+    from mos_jax import compare
+    from mos_jax import config as config_lib
+    config = config_lib.load_config(TINY, [("data.bptt", "8"),
+                                           ("data.max_seq_len_delta", "0")])
+    workdir = tmp_path / "compare"
+    (workdir / "compare.md").mkdir(parents=True)  # a folder where the table goes
+    lines = []
+    with pytest.raises(outputs.OutputError) as error:
+        compare.compare_heads(config, "softmax", workdir, log=lines.append, steps=4,
+                              evals=1, isolate=False)
+    message = str(error.value)
+    assert message.startswith(f"could not write {workdir / 'compare.md'}: ")
+    fallback = Path(message.rsplit("(and in ", 1)[1].rstrip(")"))
+    table = fallback.read_text().splitlines()
+    assert table and table == lines[-len(table):]  # logged, and in the fallback
+    saved = json.loads((workdir / "compare.json").read_text())  # the rest is written
+    assert saved["markdown"] == str(fallback) and (workdir / "learning_curves.png").is_file()
