@@ -36,11 +36,11 @@ from mos_jax import evaluate
 from mos_jax import model as model_lib
 from mos_jax import optim
 from mos_jax import parallel
+from mos_jax import workdir as workdir_lib
 from mos_jax.batching import batchify, default_buckets, padded_window, train_windows
 from mos_jax.checkpoint import CheckpointStore
 from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
 from mos_jax.progress import MetricsWriter, Progress
-from mos_jax.workdir import WorkdirLock
 
 
 class TrainingError(MosJaxError):
@@ -704,8 +704,8 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     """
     # One run per work directory: the lock is taken (by process 0 of a multi-process
     # run) before anything in it is read or written, and held to the end.
-    primary = parallel.from_config(config).is_primary  # cached: _setup gets the same
-    with WorkdirLock(workdir, mode, active=primary):
+    plan = parallel.from_config(config)  # cached: _setup gets the same
+    with workdir_lib.hold(workdir, mode, plan):
         run = _setup(config, workdir, mode, log)
         try:
             return _run_loop(run)

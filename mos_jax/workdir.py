@@ -1,9 +1,10 @@
 """Work directories: one run at a time in each.
 
-`WorkdirLock` is held by `train`/`finetune` (`mos_jax.train._run`, and so by the Python
-API, `compare-heads` and `study`) for the whole run, from before the run reads its work
-directory to the end (errors and Ctrl-C included). A second start in the same work
-directory is refused in one line that names the holder.
+`WorkdirLock` is held by `train`/`finetune` (`mos_jax.train._run` takes it through
+`hold`, and so the Python API, `compare-heads` and `study` do too) for the whole run,
+from before the run reads its work directory to the end (errors and Ctrl-C included).
+A second start in the same work directory is refused in one line that names the
+holder. In a multi-process run process 0 holds it, and the others stop with it.
 
 The lock is `flock(LOCK_EX | LOCK_NB)` on `WORKDIR/lock`. The kernel releases it when
 the holding process ends in any way (SIGKILL, a crash), and a restarted machine holds
@@ -74,7 +75,7 @@ class WorkdirLock:
         self._created: list[Path] = []
 
     def __enter__(self) -> "WorkdirLock":
-        if self.active:
+        if self.active and self._fd is None:  # not taken yet (see `hold`)
             self.acquire()
         return self
 
@@ -140,6 +141,28 @@ class WorkdirLock:
             except OSError:
                 break
         self._created = []
+
+
+def hold(workdir, mode: str, plan) -> WorkdirLock:
+    """The lock of a run over the placement `plan` (a `mos_jax.parallel.Plan`), taken:
+    process 0 takes it, and in a multi-process run every process learns whether it
+    did, so that none is left waiting for a peer that stopped. Use it as a context
+    manager (`with hold(...):`) to release it."""
+    lock = WorkdirLock(workdir, mode, active=plan.is_primary)
+    error = None
+    if plan.is_primary:
+        try:
+            lock.acquire()
+        except MosJaxError as e:
+            error = e
+    if plan.process_count > 1:
+        refused = plan.agree(True, error is not None)[0]
+        if refused and error is None:
+            raise WorkdirBusy(f"process 0 of this run could not take the work directory "
+                              f"{workdir} (its message says why)")
+    if error is not None:
+        raise error
+    return lock
 
 
 def _command_line(mode: str) -> str:

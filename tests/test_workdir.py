@@ -13,7 +13,7 @@ import pytest
 from mos_jax import cli, train
 from mos_jax import config as config_lib
 from mos_jax.progress import read_metrics
-from mos_jax.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock, holder
+from mos_jax.workdir import LOCK_FILE, WorkdirBusy, WorkdirLock, hold, holder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REPO = Path(__file__).resolve().parents[1]
@@ -147,9 +147,28 @@ def test_a_failed_start_releases_the_lock_and_leaves_no_folder(tmp_path, capsys,
         pass
 
 
-def test_only_the_primary_process_takes_the_lock(tmp_path):
+class TwoProcesses:
+    """A stand-in placement plan of a 2-process run, seen from one process: `agree`
+    ORs the flag with what the other process says (`peer`)."""
+
+    process_count = 2
+
+    def __init__(self, primary: bool, peer: bool = False):
+        self.is_primary, self.peer = primary, peer
+
+    def agree(self, check, requested):
+        return (requested or self.peer,)
+
+
+def test_only_the_primary_process_takes_the_lock_and_all_stop_when_it_cannot(tmp_path):
     w = tmp_path / "run"
-    with WorkdirLock(w, active=False):
-        assert not w.exists()
-        with WorkdirLock(w):
-            pass
+    with hold(w, "train", TwoProcesses(primary=False)):
+        assert not w.exists()  # process 1 touches nothing
+        with hold(w, "train", TwoProcesses(primary=True)):
+            assert holder(w)["pid"] == os.getpid()
+            # a second run: its process 0 is refused, and its process 1 learns it
+            with pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
+                hold(w, "train", TwoProcesses(primary=True))
+            with pytest.raises(WorkdirBusy, match="process 0 of this run could not"):
+                hold(w, "train", TwoProcesses(primary=False, peer=True))
+    assert not w.exists()
