@@ -28,8 +28,10 @@
     mos-jax --version
 
 A user mistake (missing file, bad key, ...) prints one line starting with `error:` and
-exits with status 2; no traceback. Sizes and output paths are checked before any work, so
-a bad `--dump` or `--plot` never costs the result of a long run.
+exits with status 2; no traceback. Sizes and output paths are checked before any work
+(one rule for every output: `mos_jax.outputs`), so a bad `--dump` or `--plot` never
+costs the result of a long run; a write that fails after the work anyway still prints
+the result, puts the file in the temporary folder, and ends with that error line.
 """
 
 from __future__ import annotations
@@ -38,12 +40,11 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-from mos_jax import __version__
+from mos_jax import __version__, outputs
 from mos_jax.errors import MosJaxError
 
 # The subcommands that take --config.KEY=VALUE overrides.
@@ -53,6 +54,7 @@ PRESET_NAMES = ("default", "ptb", "wt2")  # mos_jax.dynamic_eval.PRESETS, withou
 
 def _cmd_download(args) -> None:
     from mos_jax.download import download_corpus
+    outputs.check_folder("--dest", args.dest)
     dest = download_corpus(args.corpus, args.dest, timeout=args.timeout)
     print(f"{args.corpus} is ready in {dest}")
 
@@ -81,35 +83,17 @@ def _image_formats() -> set[str]:
     return {f".{k}" for k in FigureCanvasAgg.get_supported_filetypes()}
 
 
-def _output_file(flag: str, path, suffixes=None, make_dirs: bool = False) -> None:
-    """Refuse, before any work, an output path that cannot be written.
-
-    `suffixes`: the accepted file endings (an image format for plots). `make_dirs`: the
-    writer creates missing folders, so only the nearest existing one must be writable.
-    """
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise MosJaxError(f"{flag} {path} is a directory: give a file name inside it")
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise MosJaxError(
-            f"{flag} {path}: cannot write a {path.suffix or 'suffix-less'} file; give a "
-            f"name ending in one of {', '.join(sorted(suffixes))} (e.g. {path.stem}.png)")
-    folder = path.parent
-    if make_dirs:
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-    if not folder.is_dir():
-        raise MosJaxError(f"{flag} {path}: the folder {folder} does not exist; create it "
-                          f"first (mkdir -p {folder}) or choose another path")
-    if not os.access(folder, os.W_OK):
-        raise MosJaxError(f"{flag} {path}: the folder {folder} is not writable; choose "
-                          "another path")
+def _output_file(flag: str, path, suffixes=None, make_dirs: bool = True) -> None:
+    """Refuse, before any work, an output file that cannot be written: the one rule of
+    `mos_jax.outputs.check_file` (missing folders are created by every writer, so
+    `make_dirs` is kept for the callers' sake only). `suffixes`: the accepted file
+    endings (an image format for plots)."""
+    outputs.check_file(flag, path, suffixes)
 
 
 def _cmd_import(args) -> None:
     from mos_jax import convert, data, model
+    outputs.check_folder("--out", args.out)
     corpus = data.load_corpus(args.data) if args.data is not None else None
     config, params = convert.import_weights(args.file, args.out, head=args.head)
     vocab_note = ""
@@ -279,9 +263,9 @@ def _cmd_evaluate(args) -> None:
               "unknown_tokens": sum(u.tokens for u in unknown if u.split == (
                   None if args.text is not None else args.split)),
               "batch_size": args.batch_size, "bptt": args.bptt}
+    deliveries = outputs.Deliveries()
     if args.dump:
-        np.save(args.dump, logp)
-        result["dump"] = str(args.dump)
+        result["dump"] = outputs.where(deliveries.array("--dump", args.dump, logp))
     if args.by_frequency:
         from mos_jax import frequency
         rep = frequency.by_frequency(config, params, corpus,
@@ -291,13 +275,14 @@ def _cmd_evaluate(args) -> None:
                                      edges=args.count_edges, logp=logp)
         result["by_frequency"] = {k: rep[k] for k in ("top", "edges", "buckets")}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        deliveries.text("--out", args.out, json.dumps(result, indent=2) + "\n")
     if args.by_frequency:  # the table on stdout, the numbers in --out
         print(frequency.describe(rep))
         print()
         print("\n".join(frequency.format_table(rep)))
     else:
         print(json.dumps(result))
+    deliveries.check()
 
 
 def _count_edges(text: str) -> tuple[int, ...]:
@@ -359,7 +344,11 @@ def _cmd_dynamic_eval(args) -> None:
             max_batches=args.max_batches, rms=args.rms,
             progress=_Progress("gradient statistics", args.stats_batch_size * args.bptt,
                                unit="windows"), plan=plan, log=_note)
-        de.save_statistics(cache, stats)
+        try:  # a cache: a folder that takes no file costs the next run, not this one
+            de.save_statistics(cache, stats)
+        except OSError as e:
+            _note(f"could not cache the gradient statistics in {cache} "
+                  f"({e.strerror or e}); they will be computed again next time")
     stats_s = time.perf_counter() - start
     start = time.perf_counter()
     result = de.dynamic_evaluate(
@@ -373,12 +362,14 @@ def _cmd_dynamic_eval(args) -> None:
            "batch_size": args.batch_size, "stats_windows": stats.windows,
            "stats_cache": str(cache), "stats_seconds": round(stats_s, 2),
            "eval_seconds": round(time.perf_counter() - start, 2)}
+    deliveries = outputs.Deliveries()
     if args.dump:
-        np.save(args.dump, result.token_logprobs)
-        out["dump"] = str(args.dump)
+        out["dump"] = outputs.where(deliveries.array("--dump", args.dump,
+                                              result.token_logprobs))
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        deliveries.text("--out", args.out, json.dumps(out, indent=2))
     print(json.dumps(out))
+    deliveries.check()
 
 
 def _cmd_rank(args) -> None:
@@ -387,24 +378,28 @@ def _cmd_rank(args) -> None:
         raise MosJaxError(f"--contexts must be at least 1, got {args.contexts}")
     _at_least("--batch-size", args.batch_size)
     _at_least("--bptt", args.bptt)
-    _output_file("--plot", args.plot, suffixes=_image_formats(), make_dirs=True)
+    plot = args.plot or Path(args.workdir or ".") / "rank_spectrum.png"
+    _output_file("--plot", plot, suffixes=_image_formats())
     _output_file("--out", args.out)
     config, params, corpus, _, _ = _load_model(args, (args.split,))
     result = rank.analyse(config, params, corpus.split(args.split), args.contexts,
                           max_memory_gb=args.max_memory_gb, batch_size=args.batch_size,
                           bptt=args.bptt, log=_note)
     s = result.pop("singular_values")
-    plot = args.plot or Path(args.workdir or ".") / "rank_spectrum.png"
     title = (f"{config.head} head, d={config.output_size}: rank {result['rank']:,} of "
              f"{result['contexts']:,} x {result['vocab_size']:,} ({args.split})")
-    rank.plot_spectrum(s, result["threshold"], plot, title=title)
+    deliveries = outputs.Deliveries()
+    drawn = deliveries.write("--plot", plot, lambda path: rank.plot_spectrum(
+        s, result["threshold"], path, title=title))
     out = {"split": args.split, **result,
            "threshold_rule": "0.5 * sqrt(N + V + 1) * s_max * eps (Numerical Recipes)",
-           "batch_size": args.batch_size, "bptt": args.bptt, "plot": str(plot)}
+           "batch_size": args.batch_size, "bptt": args.bptt,
+           "plot": outputs.where(drawn)}
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
-        out["out"] = str(args.out)
+        out["out"] = outputs.where(deliveries.text("--out", args.out,
+                                                   json.dumps(out, indent=2)))
     print(json.dumps(out))
+    deliveries.check()
 
 
 def _cmd_generate(args) -> None:
@@ -442,19 +437,23 @@ def _cmd_generate(args) -> None:
              "seconds": round(seconds, 4), "words_per_s": round(ids.size / seconds, 1),
              "compile_seconds": round(timings["compile_seconds"], 2),
              "sample_ppl": math.exp(-float(np.mean(logp, dtype=np.float64)))}
+    deliveries = outputs.Deliveries()
     if args.out:
-        Path(args.out).write_text(text + "\n")
-        stats["out"] = str(args.out)
+        stats["out"] = outputs.where(deliveries.text("--out", args.out, text + "\n"))
     print(text, flush=True)
     print(json.dumps(stats), file=sys.stderr)
+    deliveries.check()
 
 
 def _cmd_plot(args) -> None:
     from mos_jax.plot import plot_learning_curves
-    _output_file("--out", args.out, suffixes=_image_formats(), make_dirs=True)
+    _output_file("--out", args.out, suffixes=_image_formats())
     runs = {Path(w).name or str(w): w for w in args.workdir}
-    out = plot_learning_curves(runs, args.out)
-    print(f"wrote {out}")
+    deliveries = outputs.Deliveries()
+    out = deliveries.write("--out", args.out, lambda path: plot_learning_curves(runs, path))
+    if out == Path(args.out):
+        print(f"wrote {out}")
+    deliveries.check(shown=False)
 
 
 def _cmd_bench(args) -> None:
@@ -475,7 +474,11 @@ def _cmd_bench(args) -> None:
         dyn_windows=args.dyn_windows, workloads=workloads, matmul_n=args.matmul_n)
     result = bench.run_bench(config, settings, log=_note)
     result["config"] = str(args.config)
-    bench.main_print(result, args.out)
+    deliveries = outputs.Deliveries()
+    if args.out:
+        deliveries.text("--out", args.out, json.dumps(result, indent=2) + "\n")
+    bench.main_print(result)
+    deliveries.check()
 
 
 def _cmd_compare_heads(args) -> None:

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mos_jax import config as config_lib
+from mos_jax import outputs
 from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
 
 RESULT_FILE = "compare_head.json"  # per head, in its sub-workdir
@@ -398,7 +399,7 @@ def compare_heads(config: config_lib.ConfigDict, heads: str | Sequence[str],
     plans = {}
     for name in names:  # every config error before any training
         plans[name] = head_config(base, name, test=test)
-    workdir.mkdir(parents=True, exist_ok=True)
+    outputs.make_folder("--workdir", workdir)  # a bad path: one line, before training
     results: dict[str, dict] = {}
     for name in names:
         cfg, notes = plans[name]
@@ -446,21 +447,24 @@ def compare_heads(config: config_lib.ConfigDict, heads: str | Sequence[str],
         "true_ppl": (math.exp(first["entropy_rate"])
                      if first.get("entropy_rate") is not None else None),
     }
+    deliveries = outputs.Deliveries()  # a failed write loses nothing: see check()
     if plot:
         from mos_jax.plot import plot_learning_curves
-        png = plot_learning_curves(
-            {name: workdir / name for name in names}, workdir / "learning_curves.png",
-            title=title or f"heads on {Path(str(base.data.dir)).name}, "
-                           f"V={summary['vocab_size']}, seed {summary['seed']}",
-            reference_ppl=summary["true_ppl"])
-        summary["plot"] = str(png)
+        title = title or (f"heads on {Path(str(base.data.dir)).name}, "
+                          f"V={summary['vocab_size']}, seed {summary['seed']}")
+        summary["plot"] = outputs.where(deliveries.write(
+            "", workdir / "learning_curves.png", lambda path: plot_learning_curves(
+                {name: workdir / name for name in names}, path, title=title,
+                reference_ppl=summary["true_ppl"])))
     summary["table"] = format_table(summary)
-    (workdir / "compare.md").write_text("\n".join(summary["table"]) + "\n")
-    summary["markdown"] = str(workdir / "compare.md")
+    summary["markdown"] = outputs.where(deliveries.text(
+        "", workdir / "compare.md", "\n".join(summary["table"]) + "\n"))
     summary["json"] = str(workdir / "compare.json")
-    (workdir / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["json"] = outputs.where(deliveries.text(
+        "", workdir / "compare.json", json.dumps(summary, indent=2) + "\n"))
     for line in summary["table"]:
         log(line)
+    deliveries.check()
     return summary
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from mos_jax import config as config_lib
 from mos_jax import data as data_lib
+from mos_jax import outputs
 from mos_jax import rank as rank_lib
 from mos_jax import train
 from mos_jax.errors import ConfigError
@@ -127,7 +128,7 @@ def run_demo(workdir: str | Path, config: config_lib.ConfigDict | None = None,
         raise ConfigError("the demo needs the synthetic corpus (data.dir = "
                           f"'synthetic'), whose true perplexity is known; got "
                           f"{config.data.dir!r}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    outputs.make_folder("--workdir", workdir)  # a bad path: one line, before training
 
     results: dict[str, dict] = {}
     for head in HEADS:
@@ -182,19 +183,22 @@ def run_demo(workdir: str | Path, config: config_lib.ConfigDict | None = None,
         "mos": mos,
         "gap_recovered": (soft["test_ppl"] - mos["test_ppl"]) / gap if gap > 0 else None,
     }
+    deliveries = outputs.Deliveries()  # a failed write loses nothing: see check()
     if plot:
         from mos_jax.plot import plot_learning_curves
-        png = plot_learning_curves(
-            {"softmax": workdir / "softmax", f"MoS ({config.model.n_experts} experts)":
-             workdir / "mos"}, workdir / "learning_curves.png",
-            title=f"softmax vs MoS, hidden size d={d}, synthetic chain V="
-                  f"{corpus.vocab_size}", reference_ppl=true_ppl)
-        summary["plot"] = str(png)
+        summary["plot"] = outputs.where(deliveries.write(
+            "", workdir / "learning_curves.png", lambda path: plot_learning_curves(
+                {"softmax": workdir / "softmax",
+                 f"MoS ({config.model.n_experts} experts)": workdir / "mos"}, path,
+                title=f"softmax vs MoS, hidden size d={d}, synthetic chain V="
+                      f"{corpus.vocab_size}", reference_ppl=true_ppl)))
     summary["wall_time_s"] = time.perf_counter() - start
     summary["json"] = str(workdir / "demo.json")
-    (workdir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["json"] = outputs.where(deliveries.text(
+        "", workdir / "demo.json", json.dumps(summary, indent=2) + "\n"))
     for line in format_table(summary):
         log(line)
+    deliveries.check()
     return summary
 
 

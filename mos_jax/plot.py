@@ -6,6 +6,7 @@ backend), so importing this module costs nothing and needs no display.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Mapping
@@ -31,10 +32,11 @@ def finish(fig, ax, out_png: str | Path, title: str | None, dpi: int) -> Path:
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
+    from mos_jax.outputs import write_bytes
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    return out
+    buf = io.BytesIO()  # a failed write leaves no half-written figure behind
+    fig.savefig(buf, dpi=dpi, format=out.suffix[1:].lower() or None)
+    return write_bytes(out, buf.getvalue())
 
 
 def epoch_curves(workdir: str | Path) -> dict[str, list]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from mos_jax import config as config_lib
+from mos_jax import outputs
 from mos_jax.errors import ConfigError
 
 DEFAULT_WIDTHS = (8, 16, 32, 64)
@@ -227,7 +228,7 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
         raise ConfigError(f"the step budget must be at least 1, got {steps}")
     cells = plan_runs(configs, head_names, widths, steps, evals)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    outputs.make_folder("--workdir", workdir)  # a bad path: one line, before training
     first = next(iter(configs.values()))
     summary = {"encoders": list(configs), "heads": head_names, "widths": widths,
                "budget": {"steps": steps, "evals": evals}, "seed": int(first.train.seed),
@@ -257,12 +258,15 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
         summary["true_ppl"] = result["true_ppl"]
         if summary["true_ppl"] is not None and "true_rank" not in summary:
             summary["true_rank"] = true_rank(config, summary["rows"][-1]["rank_contexts"])
-        _write(summary, workdir, start)
+        _write(summary, workdir, start, log=log)
+    deliveries = outputs.Deliveries()  # a failed write loses nothing: see check()
     if plot:
-        summary["plot"] = str(plot_study(summary, workdir / "study.png"))
-    _write(summary, workdir, start)
+        summary["plot"] = outputs.where(deliveries.write(
+            "", workdir / "study.png", lambda path: plot_study(summary, path)))
+    _write(summary, workdir, start, deliveries=deliveries)
     for line in summary["table"]:
         log(line)
+    deliveries.check()
     return summary
 
 
@@ -301,13 +305,28 @@ def true_rank(config: config_lib.ConfigDict, n_contexts: int) -> int:
     return int(rank_lib.empirical_rank(rows, eps=float(np.finfo(np.float64).eps)).rank)
 
 
-def _write(summary: dict, workdir: Path, start: float) -> None:
+def _write(summary: dict, workdir: Path, start: float, *,
+           deliveries: outputs.Deliveries | None = None,
+           log: Callable[[str], None] = print) -> None:
+    """`study.md` and `study.json`: the final ones through `deliveries`; without it
+    (after each cell, written again after the next), a failure is only logged."""
     summary["wall_time_s"] = time.perf_counter() - start
     summary["table"] = format_table(summary)
     summary["markdown"] = str(workdir / "study.md")
     summary["json"] = str(workdir / "study.json")
-    (workdir / "study.md").write_text("\n".join(summary["table"]) + "\n")
-    (workdir / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if deliveries is None:
+        try:
+            for name, text in (("study.md", "\n".join(summary["table"]) + "\n"),
+                               ("study.json", json.dumps(summary, indent=2) + "\n")):
+                outputs.write_bytes(workdir / name, text.encode())
+        except OSError as e:
+            log(f"study: could not write {workdir / name} ({e.strerror or e}); "
+                "trying again after the next run")
+        return
+    summary["markdown"] = outputs.where(deliveries.text(
+        "", workdir / "study.md", "\n".join(summary["table"]) + "\n"))
+    summary["json"] = outputs.where(deliveries.text(
+        "", workdir / "study.json", json.dumps(summary, indent=2) + "\n"))
 
 
 def format_table(summary: dict) -> list[str]:

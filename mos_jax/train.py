@@ -36,6 +36,7 @@ from mos_jax import evaluate
 from mos_jax import model as model_lib
 from mos_jax import optim
 from mos_jax import parallel
+from mos_jax import workdir as workdir_lib
 from mos_jax.batching import batchify, default_buckets, padded_window, train_windows
 from mos_jax.checkpoint import CheckpointStore
 from mos_jax.errors import CheckpointError, ConfigError, DataError, MosJaxError
@@ -731,11 +732,15 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     and test figures) and the `reason` it ended; `trained_steps` counts the steps this
     call took (0 when the run had finished before and is only reported).
     """
-    run = _setup(config, workdir, mode, log)
-    try:
-        return _run_loop(run)
-    finally:  # errors included: an open Orbax manager complains at exit
-        run.store.close()
+    # One run per work directory: the lock is taken (by process 0 of a multi-process
+    # run) before anything in it is read or written, and held to the end.
+    plan = parallel.from_config(config)  # cached: _setup gets the same
+    with workdir_lib.hold(workdir, mode, plan):
+        run = _setup(config, workdir, mode, log)
+        try:
+            return _run_loop(run)
+        finally:  # errors included: an open Orbax manager complains at exit
+            run.store.close()
 
 
 def _run_loop(run: _Run) -> dict:

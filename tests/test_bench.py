@@ -64,8 +64,9 @@ def test_bench_rejects_an_unknown_workload(capsys):
 
 
 def test_bench_checks_its_output_path_first(tmp_path, capsys):
-    out = tmp_path / "missing" / "bench.json"
+    (tmp_path / "afile").write_text("a file\n")
+    out = tmp_path / "afile" / "bench.json"
     rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: --out") and "does not exist" in err
-    assert not out.parent.exists()
+    assert rc == 2 and err.startswith("error: --out") and "is a file, not a folder" in err
+    assert (tmp_path / "afile").read_text() == "a file\n"

@@ -118,8 +118,8 @@ BAD_ARGUMENTS = {
     "evaluate --bptt 0": (["evaluate", "--bptt", "0"], "--bptt must be at least 1, got 0"),
     "evaluate --batch-size 0": (["evaluate", "--batch-size", "0"],
                                 "--batch-size must be at least 1, got 0"),
-    "evaluate --dump missing folder": (["evaluate", "--dump", "{tmp}/missing/x.npy"],
-                                       "missing does not exist"),
+    "evaluate --dump under a file": (["evaluate", "--dump", "{tmp}/afile/x.npy"],
+                                     "afile is a file, not a folder"),
     "evaluate --dump x.txt": (["evaluate", "--dump", "{tmp}/x.txt"], "ending in one of .npy"),
     "dynamic-eval --bptt 0": (["dynamic-eval", "--bptt", "0"],
                               "--bptt must be at least 1, got 0"),
@@ -131,11 +131,11 @@ BAD_ARGUMENTS = {
                               "--lamb must be a positive number, got 0.0"),
     "dynamic-eval --epsilon nan": (["dynamic-eval", "--epsilon", "nan"],
                                    "--epsilon must be a positive number, got nan"),
-    "dynamic-eval --out missing folder": (["dynamic-eval", "--out", "{tmp}/no/r.json"],
-                                          "no does not exist"),
+    "dynamic-eval --out under a file": (["dynamic-eval", "--out", "{tmp}/afile/r.json"],
+                                        "afile is a file, not a folder"),
     "rank --plot x.txt": (["rank", "--plot", "{tmp}/x.txt"], "cannot write a .txt file"),
     "rank --bptt 0": (["rank", "--bptt", "0"], "--bptt must be at least 1, got 0"),
-    "generate --out a folder": (["generate", "--out", "{tmp}"], "is a directory"),
+    "generate --out a folder": (["generate", "--out", "{tmp}"], "is a folder, not a file"),
 }
 
 
@@ -149,6 +149,7 @@ def test_bad_arguments_are_refused_before_any_work(case, synthetic_model, tmp_pa
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(cli, "_load_model", no_work)
+    (tmp_path / "afile").write_text("a file, not a folder\n")
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert cli.main(argv + ["--weights", str(synthetic_model[2]),
                             "--data", "synthetic"]) == 2
