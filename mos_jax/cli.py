@@ -160,10 +160,15 @@ def _run_config(args):
 
 
 def _cmd_train(args) -> None:
-    from mos_jax import train
+    from mos_jax import config as config_lib, train
     config, workdir = _run_config(args)
-    run = train.finetune if args.command == "finetune" else train.train_and_evaluate
-    print(json.dumps(run(config, workdir)))
+    if args.command == "finetune":
+        # The data keys not given here come from the run being finetuned.
+        given = [key[len("data."):] for key, _ in config_lib.parse_overrides(args.overrides)
+                 if key.startswith("data.")]
+        print(json.dumps(train.finetune(config, workdir, data_given=given)))
+    else:
+        print(json.dumps(train.train_and_evaluate(config, workdir)))
 
 
 def _load_model(args):
