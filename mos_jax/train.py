@@ -546,10 +546,16 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
     record = LoopRecord(mode=mode, optimizer=name)
     config, mc, batch_size = run.config, run.model_config, run.config.data.batch_size
     if run.finetuning:
-        params, start_val = _finetune_start(config, mc, run.corpus, run.log)
+        params, start_val, init_epoch = _finetune_start(config, mc, run.corpus, run.log)
         record.best_val, record.best_epoch = start_val, 0
         state = init_state(mc, params, batch_size, tx, averaging_active=True)
         store.save_best(0, params, {"val_loss": start_val, "epoch": 0})
+        # The starting weights' validation: what the finetune keeps if no epoch beats it
+        # (mos_jax.plot labels and places the finetune's curve with it).
+        run.metrics.write({"mode": mode, "start": True, "step": 0,
+                           "init_from": str(Path(config.finetune.init_from).resolve()),
+                           "init_epoch": init_epoch, "valid_loss": start_val,
+                           "valid_ppl": _ppl(start_val)})
     else:
         params = model_lib.init_params(mc, jax.random.key(config.train.seed))
         state = init_state(mc, params, batch_size, tx)
@@ -885,7 +891,7 @@ def _finetune_start(config, model_config, corpus, log):
     val = _validation_loss(model_config, params, corpus.valid, config, watch)
     log(f"finetune: starting from {source} (epoch {meta['epoch']}), valid ppl "
         f"{_ppl(val):.2f}")
-    return params, val
+    return params, val, int(meta["epoch"])
 
 
 # Keys that belong to one launch, not to the run: config.json keeps them at their
