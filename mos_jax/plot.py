@@ -220,6 +220,7 @@ def plot_learning_curves(runs: Mapping[str, str | Path], out_png: str | Path,
             ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)))
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch (dots: averaged weights)")
         ax.set_ylabel("perplexity")
         return finish(fig, ax, out_png, title, dpi)
