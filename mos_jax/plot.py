@@ -54,9 +54,11 @@ def _epoch_records(workdir: str | Path) -> tuple[dict[tuple[bool, int], dict], l
 
 
 def _finetune_start(records: list) -> dict | None:
-    """The finetune's starting point: the last `start` record (its starting weights'
-    validation), else a final record that kept epoch 0 (the starting weights)."""
-    starts = [r for r in records if r.get("mode") == "finetune" and r.get("start")]
+    """The finetune's starting point: the last `finetune_start` record (its starting
+    weights' validation), else a final record that kept epoch 0 (the starting weights)."""
+    starts = [r["finetune_start"] for r in records
+              if isinstance(r.get("finetune_start"), dict)
+              and "valid_ppl" in r["finetune_start"]]
     if starts:
         return starts[-1]
     kept_start = [r for r in records if r.get("mode") == "finetune" and r.get("final")
@@ -135,8 +137,9 @@ def _init_from(workdir: Path) -> Path | None:
     by_key, records = _epoch_records(workdir)
     if any(not ft for ft, _ in by_key):
         return None
-    source = next((r["init_from"] for r in reversed(records)
-                   if r.get("start") and r.get("init_from")), None)
+    source = next((r["finetune_start"]["init_from"] for r in reversed(records)
+                   if isinstance(r.get("finetune_start"), dict)
+                   and r["finetune_start"].get("init_from")), None)
     path = Path(workdir) / "config.json"
     if source is None and path.is_file():
         try:

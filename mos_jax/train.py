@@ -552,10 +552,11 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
         store.save_best(0, params, {"val_loss": start_val, "epoch": 0})
         # The starting weights' validation: what the finetune keeps if no epoch beats it
         # (mos_jax.plot labels and places the finetune's curve with it).
-        run.metrics.write({"mode": mode, "start": True, "step": 0,
-                           "init_from": str(Path(config.finetune.init_from).resolve()),
-                           "init_epoch": init_epoch, "valid_loss": start_val,
-                           "valid_ppl": _ppl(start_val)})
+        # Nested, so that a reader of the epochs' records (valid_loss, ...) skips it.
+        run.metrics.write({"mode": mode, "step": 0, "finetune_start": {
+            "init_from": str(Path(config.finetune.init_from).resolve()),
+            "init_epoch": init_epoch, "valid_loss": start_val,
+            "valid_ppl": _ppl(start_val)}})
     else:
         params = model_lib.init_params(mc, jax.random.key(config.train.seed))
         state = init_state(mc, params, batch_size, tx)

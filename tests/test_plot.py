@@ -81,8 +81,9 @@ def training_and_finetune(tmp_path, ft_epochs=(810.0, 805.0), finished=True):
         {"mode": "train", "final": True, "best_epoch": 2, "valid_ppl": 800.0}])
     best = min((800.0, *ft_epochs))
     best_epoch = 0 if best == 800.0 else 1 + list(ft_epochs).index(best)
-    records = [{"mode": "finetune", "start": True, "step": 0, "init_from": str(run),
-                "init_epoch": 2, "valid_loss": math.log(800.0), "valid_ppl": 800.0}]
+    records = [{"mode": "finetune", "step": 0, "finetune_start": {
+        "init_from": str(run), "init_epoch": 2, "valid_loss": math.log(800.0),
+        "valid_ppl": 800.0}}]
     records += [epoch_record(e, p, 6.6, True, mode="finetune")
                 for e, p in enumerate(ft_epochs, 1)]
     if finished:

@@ -282,7 +282,8 @@ def test_a_finetune_takes_its_runs_corpus_unless_one_is_given(tmp_path, capfd):
     assert saved["data"] == json.loads((run / "config.json").read_text())["data"]
     assert "V=21" in err  # 20 words and <eos>
     # Its starting weights' validation is recorded (mos_jax.plot reads it).
-    (start,) = [r for r in read_metrics(tmp_path / "ft") if r.get("start")]
+    (start,) = [r["finetune_start"] for r in read_metrics(tmp_path / "ft")
+                if "finetune_start" in r]
     assert start["init_from"] == str(run.resolve()) and start["init_epoch"] == 1
     assert f"starting from {run} (epoch 1), valid ppl {start['valid_ppl']:.2f}" in err
     # The same command resumes it (its own config.json's data, not the file's).
