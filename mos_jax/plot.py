@@ -118,11 +118,13 @@ def kept_best(workdir: str | Path) -> tuple[float, str]:
     if finals:
         best_epoch, ppl = int(finals[-1]["best_epoch"]), float(finals[-1]["valid_ppl"])
     else:
-        training = [float(r["valid_ppl"]) for (ft, e), r in by_key.items() if not ft]
+        # What it starts from: its recorded start, or the best of the training
+        # epochs logged before it in the same directory.
+        before = [float(r["valid_ppl"]) for (ft, e), r in by_key.items() if not ft]
         start = _finetune_start(records)
         if start is not None:
-            training.append(float(start["valid_ppl"]))
-        best_epoch, ppl = 0, min(training) if training else math.inf
+            before.append(float(start["valid_ppl"]))
+        best_epoch, ppl = 0, min(before) if before else math.inf
         for e, p in sorted(finetune.items()):  # a later epoch must do strictly better
             if p < ppl:
                 best_epoch, ppl = e, p
