@@ -117,7 +117,8 @@ PLAN_TOL = 1e-5  # tests/test_parallel.py's TOL
 
 FULL = {
     "budget": 470.0,
-    "bench": ["--config", "configs/ptb.py", "--warmup", "2", "--repeats", "5"],
+    "bench": ["--config", "configs/ptb.py", "--vocab", "10000", "--warmup", "2",
+              "--repeats", "5"],
     "stream_chunk": 4096,  # streamed head (auto streams full log-probs in 1536s)
     "wt2": ["--config", "configs/wt2.py", "--vocab", "33278", "--warmup", "1",
             "--repeats", "3", "--config.data.small_batch_size=-1"],

@@ -12,7 +12,7 @@ mkdir -p "${3:?usage}"
 out=$(cd "$3" && pwd)
 rounds=${4:-3}
 bench() {  # TREE LABEL WORKLOAD ROUND
-  (cd "$1" && PYTHONPATH="$1" python3 -m mos_jax.cli bench --only "$3" --repeats 5 \
+  (cd "$1" && PYTHONPATH="$1" python3 -m mos_jax.cli bench --vocab 10000 --only "$3" --repeats 5 \
       --out "$out/$2_$3_$4.json" > /dev/null 2>&1)
 }
 for r in $(seq 1 "$rounds"); do

@@ -17,6 +17,7 @@ train token costs three times the forward. Achieved FLOP/s divided by a matmul p
 measured on the same device in the same dtype is the model FLOPs utilisation (MFU).
 Peak memory is the device's `peak_bytes_in_use` where the device reports it (GPU/TPU),
 else the process's peak resident memory (which includes JAX itself and the compiler).
+The vocabulary is the config's corpus's (`config_vocab_size`) unless `vocab` is given.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -103,9 +105,23 @@ def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
     return times
 
 
+def config_vocab_size(c) -> tuple[int, str]:
+    """The vocabulary size of config `c`'s corpus, and where it came from: a synthetic
+    corpus's `vocab_size`, else the corpus's own (loaded; a directory's is cached)."""
+    source = c.data.dir
+    if source == "synthetic":
+        return int(c.data.synthetic.vocab_size), "data.synthetic.vocab_size"
+    if not source.startswith("tfds:") and not Path(source).is_dir():
+        raise ConfigError(
+            f"bench takes the vocabulary from the config's corpus, but the corpus "
+            f"directory {source} does not exist: give --config.data.dir DIR, or "
+            "--vocab N (PTB: 10000, WikiText-2: 33278)")
+    return train.load_corpus_from(c).vocab_size, f"the corpus {source}"
+
+
 @dataclasses.dataclass
 class BenchSettings:
-    vocab: int = 10000
+    vocab: int | None = None  # None: the config's corpus's (config_vocab_size)
     batch: int = 0  # 0: the config's
     bptt: int = 0
     eval_batch: int = 0
@@ -201,7 +217,11 @@ def run_bench(c, settings: BenchSettings, log: Callable[[str], None] = print) ->
     if unknown:
         raise ConfigError(f"unknown workload(s) {sorted(unknown)}: choose from "
                           f"{', '.join(WORKLOADS)}")
-    mc = train.model_config_from(c, settings.vocab)
+    vocab = settings.vocab
+    if vocab is None:
+        vocab, whence = config_vocab_size(c)
+        log(f"bench: V = {vocab:,}, from {whence} (--vocab N for another)")
+    mc = train.model_config_from(c, vocab)
     dev = jax.devices()[0]
     flops = model_flops_per_token(mc, settings.bptt or c.data.bptt)
     out: dict[str, Any] = {

@@ -25,6 +25,7 @@
                                                      (alias: import-torch)
     mos-jax bench [--config configs/ptb.py] [--batch 12] [--bptt 70] [--dtype float32]
                   [--vocab-chunk auto] [--num-devices 1] [--only train,eval] [--out F]
+                  [--vocab N]   (default: the config's corpus's vocabulary)
     mos-jax --version
 
 A user mistake (missing file, bad key, ...) prints one line starting with `error:` and
@@ -169,10 +170,15 @@ def _cmd_config(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    from mos_jax import train
+    from mos_jax import config as config_lib, train
     config, workdir = _run_config(args)
-    run = train.finetune if args.command == "finetune" else train.train_and_evaluate
-    print(json.dumps(run(config, workdir)))
+    if args.command == "finetune":
+        # The data keys not given here come from the run being finetuned.
+        given = [key[len("data."):] for key, _ in config_lib.parse_overrides(args.overrides)
+                 if key.startswith("data.")]
+        print(json.dumps(train.finetune(config, workdir, data_given=given)))
+    else:
+        print(json.dumps(train.train_and_evaluate(config, workdir)))
 
 
 def _load_model(args, splits=()):
@@ -460,6 +466,7 @@ def _cmd_bench(args) -> None:
     from mos_jax import bench
     from mos_jax import config as config_lib
     _output_file("--out", args.out)
+    _at_least("--vocab", args.vocab)
     overrides = config_lib.parse_overrides(args.overrides)
     for key, value in (("model.head", args.head), ("model.compute_dtype", args.dtype),
                        ("model.vocab_chunk", args.vocab_chunk)):
@@ -669,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "config's train step, evaluation and dynamic evaluation",
                        epilog="Any config key can be overridden: --config.model.nhid=512")
     p.add_argument("--config", type=Path, default=Path("configs/ptb.py"))
-    p.add_argument("--vocab", type=int, default=10000, help="vocabulary size (PTB: 10000)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: "
+                   "the config's corpus's; PTB: 10000)")
     p.add_argument("--batch", type=int, default=0, help="train batch (default: config)")
     p.add_argument("--bptt", type=int, default=0, help="window length (default: config)")
     p.add_argument("--eval-batch", type=int, default=0, help="default: config")

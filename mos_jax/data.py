@@ -148,6 +148,13 @@ def build_corpus(splits: Mapping[str, Iterable[str]], name: str,
     return Corpus(name=name, vocab=vocab_t, **ids)
 
 
+# How to name a corpus directory: training takes it as a config key, the commands that
+# load a model's weights as --data.
+_GIVE_CORPUS = ("pass a directory holding train.txt, valid.txt and test.txt with "
+                "--config.data.dir DIR (evaluate, rank, generate: --data DIR), or fetch "
+                "PTB or WikiText-2 into one with `mos-jax download ptb --dest DIR`")
+
+
 def read_lines(path: Path) -> list[str]:
     """The lines of a UTF-8 text file, split on '\\n' only, as the reference reads them.
 
@@ -155,8 +162,7 @@ def read_lines(path: Path) -> list[str]:
     """
     if not path.is_file():
         raise DataError(
-            f"missing corpus file {path}: a corpus directory holds train.txt, valid.txt "
-            "and test.txt (fetch PTB or WikiText-2 with `mos-jax download`)")
+            f"missing corpus file {path}: {_GIVE_CORPUS}")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -381,9 +387,7 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(
-            f"corpus directory {directory} does not exist: pass a directory with "
-            "train.txt, valid.txt and test.txt, or fetch one with "
-            "`mos-jax download ptb --dest DIR`")
+            f"corpus directory {directory} does not exist: {_GIVE_CORPUS}")
     paths = [directory / f"{s}.txt" for s in SPLITS]
     for p in paths:
         if not p.is_file():

@@ -22,7 +22,7 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
@@ -473,10 +473,12 @@ class _Run:
                 else self.config.train.max_epochs)
 
 
-def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> _Run:
+def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None],
+           data_given: Sequence[str] = ()) -> _Run:
     """Join the placement, check the config against the work directory (and the
     finetune source), load the corpus, build the step. Writes nothing but empty
-    directories: `config.json` is written by `_started`, once the run has started."""
+    directories: `config.json` is written by `_started`, once the run has started.
+    A finetune takes its data section from its run (`_finetune_data`)."""
     config_lib.validate(config, unknown_ok=True)  # every value, before any work
     plan = parallel.from_config(config)  # a multi-host run joins before JAX work
     primary = plan.is_primary  # only process 0 logs and writes metrics
@@ -484,6 +486,8 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -
     if not primary:
         log = lambda message: None  # noqa: E731
     workdir = Path(workdir)
+    if mode == "finetune":
+        config = _finetune_data(config, workdir, data_given, log)
     changes = _config_changes(config, workdir, log)
     if mode == "finetune" and not _has_work(workdir, ("checkpoints",)):
         _check_finetune_source(config)  # a resume needs no source: it restores its own
@@ -573,10 +577,17 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
     record = LoopRecord(mode=mode, optimizer=name)
     config, mc, batch_size = run.config, run.model_config, run.config.data.batch_size
     if run.finetuning:
-        params, start_val = _finetune_start(config, mc, run.corpus, run.log)
+        params, start_val, init_epoch = _finetune_start(config, mc, run.corpus, run.log)
         record.best_val, record.best_epoch = start_val, 0
         state = init_state(mc, params, batch_size, tx, averaging_active=True)
         store.save_best(0, params, {"val_loss": start_val, "epoch": 0})
+        # The starting weights' validation: what the finetune keeps if no epoch beats it
+        # (mos_jax.plot labels and places the finetune's curve with it).
+        # Nested, so that a reader of the epochs' records (valid_loss, ...) skips it.
+        run.metrics.write({"mode": mode, "step": 0, "finetune_start": {
+            "init_from": str(Path(config.finetune.init_from).resolve()),
+            "init_epoch": init_epoch, "valid_loss": start_val,
+            "valid_ppl": _ppl(start_val)}})
     else:
         params = model_lib.init_params(mc, jax.random.key(config.train.seed))
         state = init_state(mc, params, batch_size, tx)
@@ -725,7 +736,8 @@ class _Loop:
         return None
 
 
-def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> dict:
+def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None],
+         data_given: Sequence[str] = ()) -> dict:
     """Set up, restore or initialise, run epochs until the end or a stop, conclude.
 
     The result says whether training `finished` (then it holds the final validation
@@ -734,9 +746,10 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None]) -> 
     """
     # One run per work directory: the lock is taken (by process 0 of a multi-process
     # run) before anything in it is read or written, and held to the end.
+    config_lib.validate(config, unknown_ok=True)  # every value, before any work
     plan = parallel.from_config(config)  # cached: _setup gets the same
     with workdir_lib.hold(workdir, mode, plan):
-        run = _setup(config, workdir, mode, log)
+        run = _setup(config, workdir, mode, log, data_given)
         try:
             return _run_loop(run)
         finally:  # errors included: an open Orbax manager complains at exit
@@ -858,6 +871,49 @@ def _finish(config, record, store, model_config, corpus, metrics, abstract, log)
     return result
 
 
+def _finetune_data(config, workdir: Path, data_given: Sequence[str],
+                   log: Callable[[str], None]):
+    """`config` with the data section of the run this finetune continues.
+
+    The corpus and its layout belong to the training run: a finetune takes every data
+    key from the `config.json` of `finetune.init_from` (of its own work directory when
+    resuming its checkpoints), except the keys in `data_given` (`dir`, `bptt`, ...: those
+    the caller set, e.g. the command's --config.data.* overrides). So a finetune config
+    whose `data.dir` is its file's placeholder finetunes on the corpus the run was
+    trained on. Says so in one line when a key changes; without such a file (weights
+    copied without it) the config is kept as given.
+    """
+    own = workdir / "config.json"
+    if own.is_file() and _has_work(workdir, ("checkpoints",)):
+        path = own
+    elif config.finetune.init_from:
+        path = Path(config.finetune.init_from) / "config.json"
+    else:
+        return config  # _check_finetune_source says what is missing
+    try:
+        theirs = json.loads(path.read_text()).get("data")
+    except (OSError, ValueError):
+        return config
+    if not isinstance(theirs, dict):
+        return config
+    ours = config.data.to_dict()
+    given = {key.split(".")[0] for key in data_given}
+    taken = {key: value for key, value in theirs.items()
+             if key in ours and key not in given and ours[key] != value}
+    if not taken:
+        return config
+    whole = config.to_dict()
+    whole["data"].update(taken)
+    new = config_lib.ConfigDict(whole)
+    new.lock()
+    log(f"finetune: the data of the run, from {path}: " + "; ".join(
+        f"data.{key} {value!r} (this config: {ours[key]!r})"
+        for key, value in taken.items())
+        + "; give --config.data.dir (Python: data_given=('dir',)) to finetune on "
+        "another corpus")
+    return new
+
+
 def _finetune_start(config, model_config, corpus, log):
     source = config.finetune.init_from
     abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
@@ -872,7 +928,7 @@ def _finetune_start(config, model_config, corpus, log):
     val = _validation_loss(model_config, params, corpus.valid, config, watch)
     log(f"finetune: starting from {source} (epoch {meta['epoch']}), valid ppl "
         f"{_ppl(val):.2f}")
-    return params, val
+    return params, val, int(meta["epoch"])
 
 
 # Keys that belong to one launch, not to the run: config.json keeps them at their
@@ -1027,10 +1083,17 @@ def train_and_evaluate(config, workdir: str | Path,
     return _run(config, workdir, "train", log)
 
 
-def finetune(config, workdir: str | Path, log: Callable[[str], None] = _print) -> dict:
+def finetune(config, workdir: str | Path, log: Callable[[str], None] = _print,
+             data_given: Sequence[str] = ()) -> dict:
     """The finetune stage from `config.finetune.init_from`'s best weights; returns
-    what `train_and_evaluate` returns."""
-    return _run(config, workdir, "finetune", log)
+    what `train_and_evaluate` returns.
+
+    The data section (corpus, batch layout) is the training run's, from its
+    `config.json`, except the keys named in `data_given` (e.g. `("dir",)` to finetune
+    on `config.data.dir`); the `mos-jax finetune` command names those given as
+    --config.data.* overrides.
+    """
+    return _run(config, workdir, "finetune", log, data_given)
 
 
 def load_run_config(workdir: str | Path):

@@ -70,3 +70,32 @@ def test_bench_checks_its_output_path_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --out") and "is a file, not a folder" in err
     assert (tmp_path / "afile").read_text() == "a file\n"
+
+
+def test_bench_takes_the_vocabulary_of_the_configs_corpus(tmp_path, capsys):
+    quick = ["--only", "eval", "--repeats", "1", "--warmup", "0", "--eval-batch", "2",
+             "--bptt", "5", "--matmul-n", "64"]
+    rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), *quick])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    printed = json.loads(out.strip().splitlines()[-1])
+    # tiny.py: data.synthetic.vocab_size = 50; the head's decoder is 4 x 16 x V.
+    assert printed["vocab"] == 50 and "V = 50, from data.synthetic.vocab_size" in err
+    assert printed["model_flops_per_token"]["head"] == 2 * (16 * 4 + 16 * 4 * 16
+                                                            + 4 * 16 * 50)
+    # A corpus directory: its own vocabulary (7 words and <eos>).
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for split in ("train", "valid", "test"):
+        (corpus / f"{split}.txt").write_text("a b c d\ne f g a\n")
+    rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"), *quick,
+                   "--config.data.dir", str(corpus)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["vocab"] == 8
+    # A corpus directory that is not there: the two ways out, before any work.
+    rc = cli.main(["bench", "--config", str(CONFIGS / "ptb_small.py"),
+                   "--config.data.dir", str(tmp_path / "no_ptb")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_ptb does not exist" in err
+    assert "--config.data.dir DIR" in err and "--vocab N" in err and "bench:" not in err

@@ -85,12 +85,16 @@ def test_damaged_cache_is_rebuilt(tmp_path):
 
 
 def test_errors_name_the_problem(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist") as e:
         data.read_corpus(tmp_path / "nowhere")
+    # How to give one (the config key; the loading commands' flag) and how to fetch one.
+    assert "--config.data.dir DIR" in str(e.value) and "--data DIR" in str(e.value)
+    assert "mos-jax download" in str(e.value) and "\n" not in str(e.value)
     d = write_corpus(tmp_path / "c", "a\n", "a\n", "a\n")
     (d / "valid.txt").unlink()
-    with pytest.raises(DataError, match=r"missing corpus file .*valid\.txt"):
+    with pytest.raises(DataError, match=r"missing corpus file .*valid\.txt") as e:
         data.read_corpus(d)
+    assert "--config.data.dir DIR" in str(e.value) and "mos-jax download" in str(e.value)
     write_corpus(d, "a\n", " \n\n", "a\n")
     with pytest.raises(DataError, match=r"valid\.txt is empty"):
         data.read_corpus(d, cache=False)

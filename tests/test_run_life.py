@@ -172,6 +172,8 @@ def test_a_failed_first_start_leaves_no_config_and_the_fix_runs(tmp_path, capfd)
                                bad)
         assert code == 2 and says in err and "Traceback" not in err
         assert not (w / "config.json").exists()
+        if says == "no_corpus":  # and how to name one
+            assert "--config.data.dir DIR" in err and "mos-jax download" in err
     code, _, err = run_cli(capfd, "finetune", "--config", CONFIGS / "tiny_finetune.py",
                            "--workdir", tmp_path / "ft", "--config.finetune.init_from",
                            tmp_path / "nothing_here")
@@ -244,3 +246,75 @@ def test_a_finetune_resumes_from_its_own_checkpoints_without_its_source(
     code, out, err = run_cli(capfd, "finetune", "--workdir", ft)
     assert code == 0, err
     assert json.loads(out)["finished"]
+
+
+# ------------------------------------------------ 5. a finetune runs on its run's corpus
+
+def text_corpus(path: Path, seed: int = 0) -> Path:
+    """A small text corpus: 20 words, lines of 10 (train 3,000 words)."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(20)]
+    path.mkdir(parents=True)
+    for split, n in (("train", 300), ("valid", 40), ("test", 40)):
+        lines = [" ".join(rng.choice(words, 10)) for _ in range(n)]
+        (path / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_finetune_takes_its_runs_corpus_unless_one_is_given(tmp_path, capfd):
+    corpus = text_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    code, _, err = run_cli(capfd, "train", "--config", TINY, "--workdir", run,
+                           "--config.data.dir", corpus, "--config.train.max_epochs=1",
+                           "--config.train.test=false")
+    assert code == 0, err
+    # tiny_finetune.py says data.dir "synthetic" (50 words); the run's corpus has 21.
+    ft_config = CONFIGS / "tiny_finetune.py"
+    code, out, err = run_cli(capfd, "finetune", "--config", ft_config, "--workdir",
+                             tmp_path / "ft", "--config.finetune.init_from", run,
+                             "--config.finetune.max_epochs=1", "--config.train.test=false",
+                             "--config.train.stop_at_step=2")
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "data of the run" in line]
+    assert len(said) == 1 and f"data.dir {str(corpus)!r} (this config: 'synthetic')" \
+        in said[0]
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert saved["data"] == json.loads((run / "config.json").read_text())["data"]
+    assert "V=21" in err  # 20 words and <eos>
+    # Its starting weights' validation is recorded (mos_jax.plot reads it).
+    (start,) = [r["finetune_start"] for r in read_metrics(tmp_path / "ft")
+                if "finetune_start" in r]
+    assert start["init_from"] == str(run.resolve()) and start["init_epoch"] == 1
+    assert f"starting from {run} (epoch 1), valid ppl {start['valid_ppl']:.2f}" in err
+    # The same command resumes it (its own config.json's data, not the file's).
+    code, out, err = run_cli(capfd, "finetune", "--config", ft_config, "--workdir",
+                             tmp_path / "ft", "--config.finetune.init_from", run,
+                             "--config.finetune.max_epochs=1", "--config.train.test=false")
+    assert code == 0, err
+    assert json.loads(out)["finished"] and "resuming finetune from step 2" in err
+    # A data key given is kept, the others still come from the run.
+    code, out, err = run_cli(capfd, "finetune", "--config", ft_config, "--workdir",
+                             tmp_path / "ft2", "--config.finetune.init_from", run,
+                             "--config.finetune.max_epochs=1", "--config.train.test=false",
+                             "--config.train.stop_at_step=1",
+                             "--config.data.eval_batch_size=4")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "ft2" / "config.json").read_text())["data"]
+    assert saved["eval_batch_size"] == 4 and saved["dir"] == str(corpus)
+    # A corpus given is the one used: here one that does not exist, so it is refused.
+    code, _, err = run_cli(capfd, "finetune", "--config", ft_config, "--workdir",
+                           tmp_path / "ft3", "--config.finetune.init_from", run,
+                           "--config.data.dir", tmp_path / "elsewhere")
+    assert code == 2 and "elsewhere does not exist" in err
+    assert not (tmp_path / "ft3" / "config.json").exists()
+    # The Python API does what the command does.
+    config = config_lib.load_config(ft_config, [("finetune.init_from", str(run)),
+                                                ("finetune.max_epochs", "1"),
+                                                ("train.test", "false"),
+                                                ("train.stop_at_step", "1")])
+    lines = []
+    result = train.finetune(config, tmp_path / "ft4", log=lines.append)
+    assert result["step"] == 1 and config.data.dir == "synthetic"  # not changed in place
+    assert sum("data of the run" in line for line in lines) == 1
+    assert json.loads((tmp_path / "ft4" / "config.json").read_text())["data"]["dir"] \
+        == str(corpus)
