@@ -6,8 +6,8 @@ MoS with 4 components, light dropout (no weight drop), no AR/TAR. AdamW (lr 1e-2
 weight decay, gradient norm clipped at 0.25) with 100 warm-up steps and a cosine decay
 to a tenth over 2,500 steps; windows of exactly 35 tokens over 20 columns (one compiled
 train step), 500-step epochs. The paper's SGD at lr 20 needs thousands of steps to leave
-the unigram plateau at these sizes (configs/ptb_small.py: valid ppl 665 after 800
-steps). Learning rate probed on machine C over 1,000 steps of MoS (valid ppl): width 16:
+the unigram plateau at these sizes (configs/ptb_small.py, 800 steps: valid ppl 665 at
+lr 20 as first recorded, 993 when re-measured, 734 at its tuned lr 5). Learning rate probed on machine C over 1,000 steps of MoS (valid ppl): width 16:
 3e-3 683, 1e-2 472, 3e-2 340; width 64: 1e-2 257, 3e-2 297.
 
     mos-jax study --config configs/ptb_study_lstm.py \
