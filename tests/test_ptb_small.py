@@ -1,5 +1,5 @@
 """configs/ptb_small.py, the README's first PTB run, on the real corpus: validation
-perplexity falls every epoch. A shortened run (2 epochs of 25 steps, validation on the
+perplexity falls every epoch. A shortened run (2 epochs of 12 steps, validation on the
 first 5,000 tokens); the three-seed check over the config's own 2 x 400 steps is the
 recorded probe in the config's docstring and BENCHMARKS.md."""
 
@@ -18,7 +18,7 @@ def test_ptb_small_improves_every_epoch(tmp_path, capsys):
     workdir = tmp_path / "run"
     assert cli.main(["train", "--config", str(CONFIGS / "ptb_small.py"), "--workdir",
                      str(workdir), "--config.data.dir", str(ptb),
-                     "--config.train.steps_per_epoch=25", "--config.train.max_epochs=2",
+                     "--config.train.steps_per_epoch=12", "--config.train.max_epochs=2",
                      "--config.train.eval_max_tokens=5000",
                      "--config.train.test=false"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -27,5 +27,5 @@ def test_ptb_small_improves_every_epoch(tmp_path, capsys):
     assert len(valid) == 2
     assert valid[1] < valid[0], valid
     assert result["best_epoch"] == 2 and result["valid_ppl"] == valid[-1]
-    # far below a uniform guess (10,000); measured on machine A: 1638.5, 1073.9
-    assert valid[-1] < 1300
+    # far below a uniform guess (10,000); measured on machine A: 1823.7, 1266.4
+    assert valid[-1] < 1500

@@ -266,7 +266,7 @@ def test_a_finetune_takes_its_runs_corpus_unless_one_is_given(tmp_path, capfd):
     run = tmp_path / "run"
     code, _, err = run_cli(capfd, "train", "--config", TINY, "--workdir", run,
                            "--config.data.dir", corpus, "--config.train.max_epochs=1",
-                           "--config.train.test=false")
+                           "--config.train.test=false", "--config.train.steps_per_epoch=3")
     assert code == 0, err
     # tiny_finetune.py says data.dir "synthetic" (50 words); the run's corpus has 21.
     ft_config = CONFIGS / "tiny_finetune.py"
@@ -297,10 +297,10 @@ def test_a_finetune_takes_its_runs_corpus_unless_one_is_given(tmp_path, capfd):
                              tmp_path / "ft2", "--config.finetune.init_from", run,
                              "--config.finetune.max_epochs=1", "--config.train.test=false",
                              "--config.train.stop_at_step=1",
-                             "--config.data.eval_batch_size=4")
+                             "--config.data.test_batch_size=4")  # (no test: no compile)
     assert code == 0, err
     saved = json.loads((tmp_path / "ft2" / "config.json").read_text())["data"]
-    assert saved["eval_batch_size"] == 4 and saved["dir"] == str(corpus)
+    assert saved["test_batch_size"] == 4 and saved["dir"] == str(corpus)
     # A corpus given is the one used: here one that does not exist, so it is refused.
     code, _, err = run_cli(capfd, "finetune", "--config", ft_config, "--workdir",
                            tmp_path / "ft3", "--config.finetune.init_from", run,

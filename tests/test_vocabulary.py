@@ -43,7 +43,8 @@ def text_run(tmp_path_factory):
     workdir = root / "run"
     assert cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir",
                      str(workdir), "--config.data.dir", str(original),
-                     "--config.train.max_epochs=1", "--config.train.test=false"]) == 0
+                     "--config.train.max_epochs=1", "--config.train.test=false",
+                     "--config.train.steps_per_epoch=4"]) == 0  # weights: any will do
     return workdir, original, shuffled
 
 
