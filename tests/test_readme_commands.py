@@ -90,7 +90,7 @@ def test_the_extraction_finds_what_is_there():
                                               "docs/laboratory.md", "docs/parallel.md",
                                               "docs/performance.md", "docs/extending.md"}
     found = {" ".join(argv) for _, argv in COMMANDS}
-    assert {"config --reference", "evaluate --workdir runs/ptb --text notes.txt"} <= found
+    assert {"config --reference", "evaluate --workdir runs/ptb_small --text notes.txt"} <= found
 
 
 @pytest.mark.parametrize("doc,argv", COMMANDS,
