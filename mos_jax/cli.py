@@ -41,6 +41,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,15 +97,19 @@ def _cmd_import(args) -> None:
     from mos_jax import convert, data, model
     outputs.check_folder("--out", args.out)
     corpus = data.load_corpus(args.data) if args.data is not None else None
-    config, params = convert.import_weights(args.file, args.out, head=args.head)
+    config, params = convert.read_weights(args.file, head=args.head)
+    if corpus is not None and corpus.vocab_size != config.vocab_size:
+        raise MosJaxError(
+            f"--data {args.data} has {corpus.vocab_size:,} words but the weights "
+            f"{config.vocab_size:,}: name the corpus the weights were trained on "
+            "(nothing was written)")
+    convert.save_weights(args.out, config, params)
     vocab_note = ""
     if corpus is not None:
-        if corpus.vocab_size != config.vocab_size:
-            raise MosJaxError(
-                f"--data {args.data} has {corpus.vocab_size:,} words but the weights "
-                f"{config.vocab_size:,}: name the corpus the weights were trained on")
         data.save_vocab(args.out, corpus.vocab)  # the reference's ids: first occurrence
         vocab_note = f", vocabulary of {args.data} recorded"
+    else:  # no earlier import's vocabulary may stay beside these weights
+        (Path(args.out) / data.VOCAB_FILE).unlink(missing_ok=True)
     print(f"imported {model.param_count(params):,} parameters ({config.head} head, "
           f"V={config.vocab_size}, emsize={config.emsize}, nhid={config.nhid}, "
           f"nhidlast={config.nhidlast}, experts={config.n_experts}) into "
@@ -240,11 +245,13 @@ def _cmd_evaluate(args) -> None:
         from mos_jax import frequency
         frequency.check_edges(args.top_words, args.count_edges)
     if args.text is not None:
-        if args.data is not None:
-            raise MosJaxError("give --text FILE or --data CORPUS, not both")
+        if args.split is not None:
+            raise MosJaxError("give --text FILE or --split SPLIT, not both: --text "
+                              "scores the file instead of a split")
         if not Path(args.text).is_file():
             raise MosJaxError(f"--text {args.text}: no such file; give a UTF-8 text "
                               "file to score")
+    args.split = args.split or "test"
     needed = ([] if args.text is not None else [args.split]) + (
         ["train"] if args.by_frequency else [])
     config, params, corpus, vocab, unknown = _load_model(args, needed)
@@ -261,7 +268,9 @@ def _cmd_evaluate(args) -> None:
         ids = corpus.split(args.split)
     plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
     logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
-                                   progress=_Progress(args.split, args.batch_size),
+                                   progress=_Progress(
+                                       "text" if args.text is not None else args.split,
+                                       args.batch_size),
                                    plan=plan, log=_note)
     nll = -float(np.mean(logp, dtype=np.float64))
     where = {"text": str(args.text)} if args.text is not None else {"split": args.split}
@@ -279,6 +288,8 @@ def _cmd_evaluate(args) -> None:
                                      args.batch_size,
                                      args.bptt, top=args.top_words,
                                      edges=args.count_edges, logp=logp)
+        if args.text is not None:
+            rep["text"] = str(args.text)
         result["by_frequency"] = {k: rep[k] for k in ("top", "edges", "buckets")}
     if args.out:
         deliveries.text("--out", args.out, json.dumps(result, indent=2) + "\n")
@@ -568,11 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="perplexity of a run's best weights or of "
                        "imported weights on a split")
     model_source(p)
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--split", default=None, choices=["train", "valid", "test"],
+                   help="the split to score (default test)")
     p.add_argument("--text", type=Path, default=None, metavar="FILE",
                    help="score a plain text file instead of a split: its words are "
                    "mapped through the weights' vocabulary, unknown ones to <unk> "
-                   "(counted on stderr), or refused when it has no <unk>")
+                   "(counted on stderr), or refused when it has no <unk>; --data then "
+                   "only gives the vocabulary of weights that record none, and the "
+                   "training counts of --by-frequency")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--bptt", type=int, default=70)
     p.add_argument("--dump", type=Path, help="save per-token log-probs [rows, batch] as .npy")

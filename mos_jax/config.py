@@ -335,7 +335,7 @@ def declarations() -> dict:
                        "a corpus directory (train.txt, valid.txt, test.txt), "
                        "`synthetic`, or `tfds:NAME[:FEATURE]`"),
             "batch_size": Key(12, _COUNT, "training columns (the batch)"),
-            "small_batch_size": Key(-1, Int(1, also=(-1,), meaning="no accumulation"),
+            "small_batch_size": Key(-1, Int(1, also=(-1, 0), meaning="no accumulation"),
                                     "columns per gradient-accumulation group; it must "
                                     "divide each device's columns"),
             "eval_batch_size": Key(10, _COUNT, "validation columns"),

@@ -293,14 +293,20 @@ def import_torch(path: str | os.PathLike, out_dir: str | os.PathLike,
     return config, params
 
 
+def read_weights(path: str | os.PathLike, head: str | None = None
+                 ) -> tuple[ModelConfig, Params]:
+    """Reference weights, a `.npz` of reference-named arrays or a PyTorch file (any
+    other name), as a ModelConfig and params; nothing is written."""
+    if Path(path).suffix.lower() == ".npz":
+        return load_reference_npz(path, head=head)
+    return from_reference_state(read_torch_state(path), head=head)
+
+
 def import_weights(path: str | os.PathLike, out_dir: str | os.PathLike,
                    head: str | None = None) -> tuple[ModelConfig, Params]:
-    """Convert reference weights, a `.npz` of reference-named arrays or a PyTorch file
-    (any other name); writes `weights.npz` and `model.json` to out_dir."""
-    if Path(path).suffix.lower() == ".npz":
-        config, params = load_reference_npz(path, head=head)
-    else:
-        config, params = from_reference_state(read_torch_state(path), head=head)
+    """Convert reference weights (`read_weights`); writes `weights.npz` and
+    `model.json` to out_dir."""
+    config, params = read_weights(path, head=head)
     save_weights(out_dir, config, params)
     return config, params
 

@@ -213,7 +213,8 @@ def describe(rep: dict) -> str:
     """One line saying how the buckets were made."""
     edges = ", ".join(map(str, rep["edges"]))
     unk = any(b["name"] == UNK for b in rep["buckets"])
-    return (f"Targets of the {rep['split']} split by their training-set count: the "
+    what = rep["text"] if rep.get("text") else f"the {rep['split']} split"
+    return (f"Targets of {what} by their training-set count: the "
             f"{rep['top']} most frequent types, then count edges {edges or 'none'}"
             f"{'; <unk> on its own' if unk else ''}; a type is in one bucket only; "
             "unseen words count 0.")

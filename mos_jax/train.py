@@ -493,6 +493,7 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None],
         _check_finetune_source(config)  # a resume needs no source: it restores its own
     corpus = load_corpus_from(config)
     _check_vocabulary(config, workdir, mode, corpus)
+    _check_split_sizes(config, corpus)
     model_config = model_config_from(config, corpus.vocab_size)
     d, o, t = config.data, config.optim, config.train
     train_rows = batchify(corpus.train, d.batch_size)
@@ -536,13 +537,38 @@ def _check_vocabulary(config, workdir: Path, mode: str, corpus: data_lib.Corpus)
             "(--config.data.dir), or use a new --workdir")
 
 
+def _check_split_sizes(config, corpus: data_lib.Corpus) -> None:
+    """Before any work: every split the run reads holds at least two tokens per column
+    of its batch size (what `batchify` needs), so that no validation or final test
+    fails after the training it follows."""
+    d, t = config.data, config.train
+    valid = len(corpus.valid) if not t.eval_max_tokens else min(len(corpus.valid),
+                                                                 t.eval_max_tokens)
+    checks = [("data.batch_size", d.batch_size, "train", len(corpus.train), ""),
+              ("data.eval_batch_size", d.eval_batch_size, "valid", valid,
+               f" (train.eval_max_tokens={t.eval_max_tokens})" if t.eval_max_tokens
+               else "")]
+    if t.test:
+        checks.append(("data.test_batch_size", d.test_batch_size, "test",
+                       len(corpus.test), ""))
+    for key, batch, split, tokens, note in checks:
+        if tokens // batch < 2:
+            raise ConfigError(
+                f"--config.{key}={batch} is too large for the {tokens:,} tokens of the "
+                f"{split} split{note}: each column needs at least 2 tokens; use at most "
+                f"{max(tokens // 2, 1)}")
+
+
 def _started(run: _Run, step: int) -> None:
     """The run has started (restored or initialised): write its `config.json` and
     `vocab.json` (process 0, atomically) and say, and record in `metrics.jsonl`, which
     keys changed."""
     if not run.primary:
         return
-    recorded = data_lib.load_vocab(run.workdir)
+    try:
+        recorded = data_lib.load_vocab(run.workdir)
+    except DataError:  # damaged, and (checked in _setup) bound to no checkpoint
+        recorded = None
     if recorded is None or recorded != run.corpus.vocab:  # (a differing one: no work)
         data_lib.save_vocab(run.workdir, run.corpus.vocab)
     data_lib.atomic_write_bytes(run.workdir / "config.json", json.dumps(

@@ -93,8 +93,14 @@ class WorkdirLock:
                 "pid": os.getpid(), "host": socket.gethostname(),
                 "since": datetime.datetime.now(datetime.timezone.utc)
                 .strftime("%Y-%m-%d %H:%M:%S UTC")}
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, (json.dumps(info) + "\n").encode())
+        try:
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, (json.dumps(info) + "\n").encode())
+        except OSError as e:  # a full disk, say: let go of what was taken
+            self.release()
+            raise outputs.OutputError(
+                f"{self.flag} {self.workdir}: cannot write {self.path} "
+                f"({outputs._reason(e)}); free some space or choose another path") from None
 
     def _take(self) -> int:
         while True:
@@ -153,7 +159,7 @@ def hold(workdir, mode: str, plan) -> WorkdirLock:
     if plan.is_primary:
         try:
             lock.acquire()
-        except MosJaxError as e:
+        except Exception as e:  # any failure: the other processes must hear of it
             error = e
     if plan.process_count > 1:
         refused = plan.agree(True, error is not None)[0]

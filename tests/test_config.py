@@ -114,9 +114,9 @@ def test_hand_written_ranges():
     """A few ranges written out by hand, independently of the declarations."""
     bad = {"data.bptt": (0, -5), "data.eval_batch_size": (0,), "data.batch_size": (0,),
            "model.dropout": (1.0, -0.1), "model.wdrop": (1.5,), "optim.lr": (-1.0,),
-           "optim.nonmono": (0,), "data.small_batch_size": (0, -2),
+           "optim.nonmono": (0,), "data.small_batch_size": (-2,),
            "train.checkpoint_every_s": (-1.0,), "optim.b2": (1.0,)}
-    good = {"data.bptt": (1, 70), "data.small_batch_size": (-1, 4), "model.dropout": (0.0, 0.99),
+    good = {"data.bptt": (1, 70), "data.small_batch_size": (-1, 0, 4), "model.dropout": (0.0, 0.99),
             "optim.lr": (0.0, 30.0), "train.eval_max_tokens": (0, 100)}
     for table, expect in ((bad, False), (good, True)):
         for name, values in table.items():
@@ -214,3 +214,33 @@ def test_config_reference_is_generated_from_the_declarations(capsys):
     for name, key in config_lib.schema().items():  # one row per key, with its default
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
         assert f"`{json.dumps(key.default)}`" in row
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.data.test_batch_size=501", "data.test_batch_size=501"),
+    ("--config.train.eval_max_tokens=2", "data.eval_batch_size=8"),
+    ("--config.data.eval_batch_size=600", "data.eval_batch_size=600"),
+])
+def test_batch_sizes_too_large_for_a_split_are_refused_before_training(
+        override, key, tmp_path, capsys, monkeypatch):
+    """tiny.py: 1,000 valid and test tokens; a split needs 2 tokens per column."""
+    from mos_jax import cli, train
+
+    def refuse(*a, **k):
+        raise AssertionError("training started")
+    monkeypatch.setattr(train, "build_train_step", refuse)
+    rc = cli.main(["train", "--config", str(CONFIGS / "tiny.py"), "--workdir",
+                   str(tmp_path / "run"), override])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert f"--config.{key} is too large" in line and "at most" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    import subprocess
+    import sys
+    proc = subprocess.run(["bash", "-c", "set -o pipefail; " + sys.executable +
+                           " -m mos_jax.cli config --reference | true"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]

@@ -166,6 +166,10 @@ def test_imported_weights_record_the_vocabulary_of_their_corpus(text_run, tmp_pa
                              nhidlast=5, nlayers=2, n_experts=2, head="mos", scale=0.3)
     np.savez(tmp_path / "w.npz", **state)
     out = tmp_path / "imported"
+    # a corpus of another size: refused before anything is written
+    assert cli.main(["import", str(tmp_path / "w.npz"), "--out", str(out), "--data",
+                     "synthetic"]) == 2
+    assert "nothing was written" in capsys.readouterr().err and not out.exists()
     assert cli.main(["import", str(tmp_path / "w.npz"), "--out", str(out), "--data",
                      str(original)]) == 0
     assert "vocabulary of" in capsys.readouterr().out
@@ -176,3 +180,17 @@ def test_imported_weights_record_the_vocabulary_of_their_corpus(text_run, tmp_pa
     # the reference's own numbers, by the original corpus's ids
     want = ref.token_logprobs(state, data.read_corpus(original).test, 1, 70, "mos")
     assert math.isclose(scores[0], math.exp(-np.mean(want)), rel_tol=1e-5)
+    # --text with weights that record no vocabulary: --data gives it
+    bare = tmp_path / "bare"
+    assert cli.main(["import", str(tmp_path / "w.npz"), "--out", str(bare)]) == 0
+    capsys.readouterr()
+    assert data.load_vocab(bare) is None
+    text, _ = run_json(capsys, "evaluate", "--weights", bare, "--data", original,
+                       "--text", original / "test.txt")
+    assert text["ppl"] == scores[0]
+    # an import without --data into a folder that had a vocabulary removes it
+    assert cli.main(["import", str(tmp_path / "w.npz"), "--out", str(out)]) == 0
+    assert data.load_vocab(out) is None
+    assert cli.main(["evaluate", "--weights", str(out), "--text",
+                     str(original / "test.txt"), "--split", "valid"]) == 2
+    assert "not both" in capsys.readouterr().err
