@@ -249,8 +249,10 @@ def _cmd_evaluate(args) -> None:
             raise MosJaxError("give --text FILE or --split SPLIT, not both: --text "
                               "scores the file instead of a split")
         if not Path(args.text).is_file():
-            raise MosJaxError(f"--text {args.text}: no such file; give a UTF-8 text "
-                              "file to score")
+            what = "is a folder, not a file" if Path(args.text).is_dir() else \
+                "no such file"
+            raise MosJaxError(f"--text {args.text}: {what}; give a UTF-8 text file to "
+                              "score")
     args.split = args.split or "test"
     needed = ([] if args.text is not None else [args.split]) + (
         ["train"] if args.by_frequency else [])

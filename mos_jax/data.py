@@ -264,6 +264,11 @@ def _map_ids(ids: np.ndarray, words: Sequence[str], vocab: Sequence[str], what: 
         raise DataError(
             unknown.describe(vocab, "the vocabulary has no <unk> to score them as")
             + ". Score text in the run's own words (e.g. its own corpus)")
+    if 2 * unknown.tokens > unknown.total:  # a perplexity of mostly <unk> means nothing
+        raise DataError(
+            unknown.describe(vocab, "would be scored as <unk>: more than half")
+            + ". Is it the corpus (or the language) the run was trained on? Score text "
+            "in the run's own words")
     return np.where(missing, w2i[UNK], mapped).astype(np.int32), unknown
 
 

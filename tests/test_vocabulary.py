@@ -194,3 +194,20 @@ def test_imported_weights_record_the_vocabulary_of_their_corpus(text_run, tmp_pa
     assert cli.main(["evaluate", "--weights", str(out), "--text",
                      str(original / "test.txt"), "--split", "valid"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_text_mostly_outside_the_vocabulary_is_refused(text_run, tmp_path, capsys):
+    """Another corpus or language: a perplexity of mostly <unk> would mean nothing."""
+    workdir = text_run[0]
+    (tmp_path / "other.txt").write_text("alpha beta word1 gamma\n")  # 3 of 5 unknown
+    (tmp_path / "half.txt").write_text("alpha word1 word2 word3\n")  # 1 of 5: scored
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--text",
+                     str(tmp_path / "other.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 of 5 tokens" in err[0] and "more than half" in err[0]
+    got, _ = run_json(capsys, "evaluate", "--workdir", workdir, "--text",
+                      tmp_path / "half.txt")
+    assert got["unknown_tokens"] == 1
+    assert cli.main(["evaluate", "--workdir", str(workdir), "--text",
+                     str(tmp_path)]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
