@@ -85,11 +85,10 @@ def _image_formats() -> set[str]:
     return {f".{k}" for k in FigureCanvasAgg.get_supported_filetypes()}
 
 
-def _output_file(flag: str, path, suffixes=None, make_dirs: bool = True) -> None:
+def _output_file(flag: str, path, suffixes=None) -> None:
     """Refuse, before any work, an output file that cannot be written: the one rule of
-    `mos_jax.outputs.check_file` (missing folders are created by every writer, so
-    `make_dirs` is kept for the callers' sake only). `suffixes`: the accepted file
-    endings (an image format for plots)."""
+    `mos_jax.outputs.check_file`. `suffixes`: the accepted file endings (an image
+    format for plots)."""
     outputs.check_file(flag, path, suffixes)
 
 
@@ -171,7 +170,7 @@ def _cmd_config(args) -> None:
         print(config_lib.reference_markdown(), end="")
         return
     config, _ = _run_config(args)
-    print(config_lib.resolved(config))
+    print(config_lib.to_json(config))
 
 
 def _cmd_train(args) -> None:
@@ -432,10 +431,13 @@ def _cmd_generate(args) -> None:
     if args.words < 1:
         raise MosJaxError(f"--words must be at least 1, got {args.words}")
     _output_file("--out", args.out)
-    config, params, _, vocab, _ = _load_model(args)
+    prompted = args.prompt is not None and bool(args.prompt.split())
+    # without a prompt, a vocabulary without <eos> starts from the train split's first
+    # word: the corpus is read with the weights, once
+    config, params, corpus, vocab, _ = _load_model(args, () if prompted else ("train",))
     decode = lambda ids: [vocab[int(i)] for i in ids]  # noqa: E731
     shown = []  # the prompt words printed before the sample
-    if args.prompt is not None and args.prompt.split():
+    if prompted:
         prompt, unknown = data.encode_words(args.prompt.split(), vocab, "the prompt")
         if unknown is not None:
             _note(f"note: {unknown.describe(vocab, 'are read as <unk>')}")
@@ -443,7 +445,7 @@ def _cmd_generate(args) -> None:
     elif data.EOS in vocab:  # start a fresh sentence
         prompt = np.asarray([vocab.index(data.EOS)], np.int32)
     else:  # no sentence ends (a synthetic corpus): the first word of the train split
-        prompt = _load_model(args, ("train",))[2].train[:1]
+        prompt = corpus.train[:1]
         shown = decode(prompt)
     timings: dict = {}
     ids, logp = generate.sample(config, params, prompt, args.words,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import json
 import math
@@ -450,8 +451,9 @@ def declarations() -> dict:
     }
 
 
+@functools.lru_cache(maxsize=1)
 def schema() -> dict[str, Key]:
-    """Every key by its dotted name ("data.bptt")."""
+    """Every key by its dotted name ("data.bptt"); built once (do not modify it)."""
     out: dict[str, Key] = {}
 
     def walk(tree: dict, prefix: str) -> None:
@@ -520,11 +522,6 @@ def validate(config, unknown_ok: bool = False) -> None:
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise ConfigError(found[0] + more)
-
-
-def resolved(config) -> str:
-    """The resolved config as JSON (what `mos-jax config` prints)."""
-    return to_json(config)
 
 
 def reference_markdown() -> str:

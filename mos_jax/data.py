@@ -237,8 +237,9 @@ class Unknown:
     split: str | None = None  # the corpus split, if the text is one
 
     def describe(self, vocab: Sequence[str], fate: str) -> str:
+        plural = "s" if len(self.words) != 1 else ""
         return (f"{self.tokens:,} of {self.total:,} tokens of {self.what} "
-                f"({len(self.words):,} distinct word{'s' if len(self.words) != 1 else ''}) are not in the run's "
+                f"({len(self.words):,} distinct word{plural}) are not in the run's "
                 f"{len(vocab):,}-word vocabulary and {fate}: {_preview(self.words)}")
 
 

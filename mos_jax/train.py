@@ -478,8 +478,8 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None],
     """Join the placement, check the config against the work directory (and the
     finetune source), load the corpus, build the step. Writes nothing but empty
     directories: `config.json` is written by `_started`, once the run has started.
-    A finetune takes its data section from its run (`_finetune_data`)."""
-    config_lib.validate(config, unknown_ok=True)  # every value, before any work
+    A finetune takes its data section from its run (`_finetune_data`). `_run` has
+    checked every value already."""
     plan = parallel.from_config(config)  # a multi-host run joins before JAX work
     primary = plan.is_primary  # only process 0 logs and writes metrics
     optimizer = optim.from_config(config.optim)  # a wrong optim.name fails here
@@ -520,12 +520,11 @@ def _check_vocabulary(config, workdir: Path, mode: str, corpus: data_lib.Corpus)
     sources = [(workdir, "this run")]
     if mode == "finetune" and config.finetune.init_from:
         sources.append((Path(config.finetune.init_from), "the run it finetunes"))
-    digest = data_lib.vocab_digest(corpus.vocab)
     for directory, who in sources:
         if directory == workdir and not _has_work(workdir):
             continue  # a start that saved nothing binds nothing (see _config_changes)
         recorded = data_lib.load_vocab(directory)
-        if recorded is None or data_lib.vocab_digest(recorded) == digest:
+        if recorded is None or recorded == corpus.vocab:
             continue
         same_words = set(recorded) == set(corpus.vocab)
         raise DataError(
