@@ -319,7 +319,8 @@ _COUNT = Int(1)
 _SECTION_DOCS = {
     "data": "the corpus and how it is cut into batches and windows",
     "data.synthetic": "the built-in synthetic corpus (data.dir = synthetic): a random "
-                      "first-order Markov chain with a full-rank log-transition matrix",
+                      "first-order Markov chain with a high-rank log-transition matrix "
+                      "(dense: full rank; zipf: sparse rows, Zipfian frequencies)",
     "model": "the architecture: encoder, head, sizes, dropout rates, numerics",
     "optim": "the optimiser, its learning rate and the NT-ASGD switch",
     "train": "the training loop: seed, epochs, stops, checkpoints, logging",
@@ -353,6 +354,18 @@ def declarations() -> dict:
                 "peakedness": Key(2.0, Real(0.0), "standard deviation of the transition "
                                   "logits: larger is sharper"),
                 "seed": Key(0, Int(0), "the chain and its samples"),
+                "structure": Key("dense", OneOf("dense", "zipf"),
+                                 "dense: V x V Gaussian logits (V <= 10,000); zipf: "
+                                 "sparse, Zipfian frequencies, O(V successors) (V up to "
+                                 "hundreds of thousands; ids in decreasing frequency)"),
+                "zipf_exponent": Key(1.0, Real(0.0, open_lo=True),
+                                     "zipf: s of the unigram u_j ~ (j + 1)^-s"),
+                "successors": Key(32, _COUNT, "zipf: successor words drawn from u for "
+                                  "each word (at most vocab_size)"),
+                "smoothing": Key(0.1, Real(0.0, 1.0), "zipf: eps of P = (1 - eps) S + "
+                                 "eps u (the chance the next word is drawn from u)"),
+                "successor_peakedness": Key(1.0, Real(0.0), "zipf: standard deviation "
+                                            "of the logits over a word's successors"),
             },
             "tfds_data_dir": Key("", Text(), "TFDS data_dir (empty: TFDS's default)"),
             "tfds_manual_dir": Key("", Text(), "the manual_dir of tfds:mos_jax_ptb and "

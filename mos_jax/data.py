@@ -437,6 +437,10 @@ class MarkovChain:
         row_entropy = -(p * self.log_transition).sum(axis=1)
         return float(self.stationary @ row_entropy)
 
+    def log_rows(self, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), V] log P(next | current = ids[r])."""
+        return self.log_transition[np.asarray(ids)]
+
     def sample(self, n: int, rng: np.random.Generator, start: int | None = None) -> np.ndarray:
         """A stationary run of `n` states (the first drawn from `stationary`)."""
         import bisect
@@ -480,12 +484,199 @@ def make_markov_chain(vocab_size: int, peakedness: float, seed: int) -> MarkovCh
     return MarkovChain(log_transition=log_p, stationary=pi)
 
 
+# Beyond this the dense chain's V x V matrices (and its O(V^3) eigendecomposition) do
+# not fit a machine: V = 10,000 already holds several 800 MB matrices.
+DENSE_MAX_VOCAB = 10_000
+STRUCTURES = ("dense", "zipf")
+
+
+@dataclasses.dataclass(frozen=True)
+class ZipfChain:
+    """A sparse first-order Markov chain over `V` words with Zipfian frequencies.
+
+    The transition matrix is P = (1 - eps) S + eps u 1^T row-wise, i.e.
+    P[i, j] = (1 - eps) S[i, j] + eps u[j]: with probability eps the next word is drawn
+    from the unigram distribution u, otherwise from the m successor slots of word i,
+    slot k holding word `successors[i, k]` with weight `weights[i, k]` (each row of
+    `weights` sums to 1; a word in two slots of a row gets both weights). Only O(V m)
+    numbers are stored; `log_rows` gives dense rows on demand.
+
+    Ids are in order of decreasing stationary probability (id 0 the most frequent).
+
+    Attributes:
+      unigram: [V] float64, u (the smoothing distribution).
+      successors: [V, m] int32, the successor words of each word (with repeats).
+      weights: [V, m] float64, their weights, rows summing to 1.
+      smoothing: eps in [0, 1].
+      stationary: [V] float64, pi = pi P.
+      entropy_rate: sum_i pi_i H(P_i), nats per token.
+    """
+
+    unigram: np.ndarray
+    successors: np.ndarray
+    weights: np.ndarray
+    smoothing: float
+    stationary: np.ndarray
+    entropy_rate: float
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.unigram.shape[0])
+
+    def log_rows(self, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), V] float64 log P(next | current = ids[r]) (dense, on demand)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        p = np.broadcast_to(self.smoothing * self.unigram,
+                            (len(ids), self.vocab_size)).copy()
+        rows = np.repeat(np.arange(len(ids)), self.successors.shape[1])
+        np.add.at(p, (rows, self.successors[ids].ravel()),
+                  (1.0 - self.smoothing) * self.weights[ids].ravel())
+        with np.errstate(divide="ignore"):
+            return np.log(p)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """A stationary run of `n` states (the first drawn from `stationary`).
+
+        Exact and vectorised: a smoothing step (probability eps) draws the next word
+        from u whatever the current one, so the run splits into independent segments
+        at those steps; all segments advance together, one successor step at a time
+        (as many numpy steps as the longest segment: about log(n) / eps).
+        """
+        v, m = self.successors.shape
+        cum = np.cumsum(self.weights, axis=1)
+        cum[:, -1] = 1.0
+        out = np.empty(n, dtype=np.int32)
+        restart = rng.random(n) < self.smoothing
+        restart[0] = True
+        starts = np.flatnonzero(restart)
+        first = _draw(self.stationary, 1, rng)
+        out[starts] = _draw(self.unigram, len(starts), rng)
+        out[0] = first[0]
+        ends = np.append(starts[1:], n)
+        pos, end = starts + 1, ends
+        live = pos < end
+        pos, end = pos[live], end[live]
+        r = rng.random(n)
+        while pos.size:
+            state = out[pos - 1]
+            slot = (cum[state] < r[pos, None]).sum(axis=1)
+            out[pos] = self.successors[state, np.minimum(slot, m - 1)]
+            pos = pos + 1
+            live = pos < end
+            pos, end = pos[live], end[live]
+        return out
+
+
+def _draw(p: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """`n` independent draws from the distribution `p` (inverse CDF)."""
+    cum = np.cumsum(p)
+    return np.minimum(np.searchsorted(cum, rng.random(n) * cum[-1], side="right"),
+                      len(p) - 1).astype(np.int32)
+
+
+def check_zipf(vocab_size: int, zipf_exponent: float, successors: int,
+               smoothing: float) -> None:
+    """One DataError for the first parameter of the zipf chain out of range."""
+    if vocab_size < 2:
+        raise DataError(f"the synthetic corpus needs vocab_size >= 2, got {vocab_size}")
+    if not zipf_exponent > 0 or not np.isfinite(zipf_exponent):
+        raise DataError(f"data.synthetic.zipf_exponent must be a number > 0 (about 1 for "
+                        f"natural text), got {zipf_exponent}")
+    if not 1 <= successors <= vocab_size:
+        raise DataError(f"data.synthetic.successors must be in [1, vocab_size = "
+                        f"{vocab_size}], got {successors}")
+    if not 0.0 <= smoothing <= 1.0:
+        raise DataError(f"data.synthetic.smoothing must be in [0, 1], got {smoothing}")
+
+
+def make_zipf_chain(vocab_size: int, zipf_exponent: float = 1.0, successors: int = 32,
+                    smoothing: float = 0.1, peakedness: float = 1.0, seed: int = 0,
+                    tol: float = 1e-13, max_iter: int = 10_000) -> ZipfChain:
+    """A random sparse chain with roughly Zipfian stationary frequencies, in O(V m).
+
+    u_j = (j + 1)^-s / sum_k (k + 1)^-s. Each word i draws m successor words
+    independently from u (so a word's expected in-links grow with its frequency, and
+    E[sum_i pi_i S[i, j]] = u_j: the stationary distribution is close to u) and weights
+    softmax(peakedness * z_i) over its m slots, z_i ~ N(0, I). P = (1 - eps) S + eps u:
+    S has V independent random sparse rows, so log P has high rank (a softmax with
+    hidden size d << V cannot represent it). Then:
+
+    - pi: power iteration pi <- (1 - eps) pi S + eps u (one bincount over the V m
+      slots per step; from u; until the L1 change is below `tol`; lazy steps
+      (pi + pi P) / 2 when eps = 0, where the chain may be periodic);
+    - H(P_i) = -sum_{j in A_i} q_ij log q_ij - (T - sum_{j in A_i} eps u_j log(eps u_j))
+      with A_i the distinct successors of i, q_ij = (1 - eps) S_ij + eps u_j and
+      T = sum_j eps u_j log(eps u_j) over all V words (computed once), so the
+      entropy rate sum_i pi_i H(P_i) is exact in O(V m);
+    - the words are renumbered by decreasing pi (stable), so id 0 is the most frequent.
+    """
+    check_zipf(vocab_size, zipf_exponent, successors, smoothing)
+    v, m, eps = int(vocab_size), int(successors), float(smoothing)
+    rng = np.random.default_rng([seed, 2])
+    u = np.arange(1, v + 1, dtype=np.float64) ** -float(zipf_exponent)
+    u /= u.sum()
+    cols = _draw(u, v * m, rng).reshape(v, m)
+    logits = peakedness * rng.standard_normal((v, m))
+    logits -= logits.max(axis=1, keepdims=True)
+    w = np.exp(logits)
+    w /= w.sum(axis=1, keepdims=True)
+
+    # Stationary distribution.
+    flat_cols = cols.ravel()
+    pi = u.copy()
+    for _ in range(max_iter):
+        nxt = (1.0 - eps) * np.bincount(flat_cols, weights=(pi[:, None] * w).ravel(),
+                                        minlength=v) + eps * u
+        if eps == 0.0:
+            nxt = 0.5 * (pi + nxt)
+        nxt /= nxt.sum()
+        change = np.abs(nxt - pi).sum()
+        pi = nxt
+        if change < tol:
+            break
+
+    # Renumber by decreasing stationary probability.
+    order = np.argsort(-pi, kind="stable")
+    new_id = np.empty(v, dtype=np.int64)
+    new_id[order] = np.arange(v)
+    u, pi = u[order], pi[order]
+    cols = new_id[cols[order]].astype(np.int32)
+    w = w[order]
+
+    # Entropy rate: merge repeated successors of a row (sort each row by word).
+    perm = np.argsort(cols, axis=1, kind="stable")
+    sc = np.take_along_axis(cols, perm, axis=1)
+    sw = np.take_along_axis(w, perm, axis=1)
+    first = np.ones((v, m), dtype=bool)
+    first[:, 1:] = sc[:, 1:] != sc[:, :-1]
+    group = np.cumsum(first.ravel()) - 1  # distinct (row, word) pairs, in order
+    merged = np.bincount(group, weights=sw.ravel())
+    words = sc.ravel()[first.ravel()]
+    rows = np.repeat(np.arange(v), first.sum(axis=1))
+    smooth = eps * u
+    q = (1.0 - eps) * merged + smooth[words]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s_log_s = np.where(smooth > 0, smooth * np.log(smooth), 0.0)
+        q_log_q = np.where(q > 0, q * np.log(q), 0.0)
+    total = s_log_s.sum()
+    row_h = -(np.bincount(rows, weights=q_log_q, minlength=v)
+              + total - np.bincount(rows, weights=s_log_s[words], minlength=v))
+    entropy = float(pi @ row_h)
+    return ZipfChain(unigram=u, successors=cols, weights=w, smoothing=eps,
+                     stationary=pi, entropy_rate=entropy)
+
+
 def synthetic_corpus(vocab_size: int = 500, train_tokens: int = 200_000,
                      valid_tokens: int = 20_000, test_tokens: int = 20_000,
-                     peakedness: float = 2.0, seed: int = 0) -> Corpus:
+                     peakedness: float = 2.0, seed: int = 0, structure: str = "dense",
+                     zipf_exponent: float = 1.0, successors: int = 32,
+                     smoothing: float = 0.1, successor_peakedness: float = 1.0) -> Corpus:
     """The built-in high-rank corpus: three runs of one random Markov chain.
 
-    Words are named `w0`, `w1`, ...; `Corpus.entropy_rate` holds the chain's true entropy
+    `structure` picks the chain: `dense` (`make_markov_chain`: V x V Gaussian logits,
+    up to `DENSE_MAX_VOCAB` words) or `zipf` (`make_zipf_chain`: sparse, Zipfian,
+    O(V m), hundreds of thousands of words; its ids are frequency-ordered). Words are
+    named `w0`, `w1`, ...; `Corpus.entropy_rate` holds the chain's true entropy
     rate, so `exp(entropy_rate)` is the best perplexity any model can reach (in
     expectation). The same arguments always give the same corpus.
     """
@@ -493,12 +684,35 @@ def synthetic_corpus(vocab_size: int = 500, train_tokens: int = 200_000,
     for s, n in sizes.items():
         if n < 2:
             raise DataError(f"the synthetic {s} split needs at least 2 tokens, got {n}")
-    chain = make_markov_chain(vocab_size, peakedness, seed)
+    chain = synthetic_chain(vocab_size, peakedness, seed, structure, zipf_exponent,
+                            successors, smoothing, successor_peakedness)
     rng = np.random.default_rng([seed, 1])
     streams = {s: chain.sample(n, rng) for s, n in sizes.items()}
     vocab = tuple(f"w{i}" for i in range(vocab_size))
-    return Corpus(name=f"synthetic(V={vocab_size}, seed={seed})", vocab=vocab,
+    label = "" if structure == "dense" else f"{structure}, "
+    return Corpus(name=f"synthetic({label}V={vocab_size}, seed={seed})", vocab=vocab,
                   entropy_rate=chain.entropy_rate, **streams)
+
+
+def synthetic_chain(vocab_size: int, peakedness: float = 2.0, seed: int = 0,
+                    structure: str = "dense", zipf_exponent: float = 1.0,
+                    successors: int = 32, smoothing: float = 0.1,
+                    successor_peakedness: float = 1.0, **_unused
+                    ) -> MarkovChain | ZipfChain:
+    """The chain of `synthetic_corpus` with these parameters (others are ignored, so
+    `synthetic_chain(**config.data.synthetic)` works)."""
+    if structure == "zipf":
+        return make_zipf_chain(vocab_size, zipf_exponent, successors, smoothing,
+                               successor_peakedness, seed)
+    if structure != "dense":
+        raise DataError(f"data.synthetic.structure={structure!r}: choose one of "
+                        f"{', '.join(STRUCTURES)}")
+    if vocab_size > DENSE_MAX_VOCAB:
+        raise DataError(
+            f"the dense synthetic chain holds V x V matrices and cannot have "
+            f"{vocab_size:,} words (at most {DENSE_MAX_VOCAB:,}): use "
+            "--config.data.synthetic.structure=zipf for a large vocabulary")
+    return make_markov_chain(vocab_size, peakedness, seed)
 
 
 def load_corpus(source: str, **kwargs) -> Corpus:

@@ -299,9 +299,8 @@ def true_rank(config: config_lib.ConfigDict, n_contexts: int) -> int:
     from mos_jax import rank as rank_lib
     s = config.data.synthetic
     corpus = data_lib.synthetic_corpus(**s.to_dict())
-    chain = data_lib.make_markov_chain(int(s.vocab_size), float(s.peakedness),
-                                       int(s.seed))
-    rows = chain.log_transition[corpus.valid[:n_contexts]]
+    chain = data_lib.synthetic_chain(**s.to_dict())
+    rows = chain.log_rows(corpus.valid[:n_contexts])
     return int(rank_lib.empirical_rank(rows, eps=float(np.finfo(np.float64).eps)).rank)
 
 

@@ -1016,6 +1016,11 @@ def _config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
             f"{new['optim']['name']!r}, and its checkpoints hold that optimiser's "
             "state: resume it with its own config (omit --config), or use a new "
             "--workdir")
+    # Synthetic-corpus keys added later (data.synthetic.structure, ...) read as their
+    # defaults in a run started before them, which used what those defaults describe.
+    if isinstance(old.get("data", {}).get("synthetic"), dict):
+        declared = config_lib.default_config().data.synthetic.to_dict()
+        old["data"]["synthetic"] = {**declared, **old["data"]["synthetic"]}
     for section in ("model", "data"):
         for key, value in new.get(section, {}).items():
             if section == "data" and key not in _LAYOUT_DATA:
