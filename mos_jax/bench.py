@@ -18,18 +18,24 @@ measured on the same device in the same dtype is the model FLOPs utilisation (MF
 Peak memory is the device's `peak_bytes_in_use` where the device reports it (GPU/TPU),
 else the process's peak resident memory (which includes JAX itself and the compiler).
 The vocabulary is the config's corpus's (`config_vocab_size`) unless `vocab` is given.
+
+`run_vocab_sweep` (`mos-jax bench --vocab-sizes ... --heads ...`) measures the train
+step and evaluation of several heads at several vocabulary sizes, on runs of the zipf
+synthetic chain, the heads' timed calls interleaved; `format_sweep` and `plot_sweep`
+print and draw it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -274,3 +280,286 @@ def main_print(result: dict, out_path=None) -> None:
         with open(out_path, "w") as f:
             f.write(json.dumps(result, indent=2) + "\n")
     print(text)
+
+
+# --------------------------------------------------------------------------------------
+# Cost against vocabulary size: `mos-jax bench --vocab-sizes 10000,33000 --heads ...`.
+
+def parse_vocab_sizes(text: str) -> tuple[int, ...]:
+    """`"10000,33000"` -> (10000, 33000): distinct integers >= 2; else one ConfigError."""
+    parts = [t.strip() for t in str(text).split(",")]
+    try:
+        sizes = tuple(int(t.replace("_", "")) for t in parts)
+    except ValueError:
+        sizes = ()
+    if not sizes or any(v < 2 for v in sizes) or len(set(sizes)) != len(sizes):
+        raise ConfigError(f"--vocab-sizes {text!r}: give distinct vocabulary sizes >= 2, "
+                          "comma-separated, e.g. --vocab-sizes 10000,33000,100000")
+    return sizes
+
+
+def parse_heads(text: str | None) -> tuple[str, ...]:
+    """Head names of `--heads` (None: every registered head); unknown names: one error."""
+    heads.load_plugins()
+    if text is None:
+        return tuple(heads.HEADS)
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"--heads {text!r}: give distinct head names, comma-separated, "
+                          f"e.g. --heads softmax,mos (registered: "
+                          f"{', '.join(sorted(heads.HEADS))})")
+    for name in names:
+        heads.get_head(name)  # one ConfigError naming the registered heads
+    return names
+
+
+def _head_model_config(c, head: str, vocab: int) -> model_lib.ModelConfig:
+    """The config's model with `head` and `vocab` words; a tied head (its decoder is
+    the embedding) gets the encoder's output width set to emsize."""
+    m = dict(c.model.to_dict(), head=head, vocab_size=vocab)
+    encoder = model_lib.ENCODERS[m["encoder"]]
+    if heads.get_head(head).tied:
+        m[encoder.width_key] = m["emsize"]
+    return model_lib.ModelConfig.from_dict(m)
+
+
+def _xla_mb(compiled) -> float | None:
+    """A compiled program's planned bytes (arguments + outputs + temporaries - aliased),
+    in MiB; None where the backend does not say."""
+    try:
+        m = compiled.memory_analysis()
+        total = (m.argument_size_in_bytes + m.output_size_in_bytes
+                 + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:
+        return None
+    return round(total / 2 ** 20, 2)
+
+
+def zipf_stream(c, vocab: int, n: int) -> tuple[np.ndarray, float]:
+    """`n` token ids of the zipf synthetic chain with `vocab` words (the config's
+    `data.synthetic` zipf parameters and seed; successors capped at `vocab`), and the
+    chain's entropy rate."""
+    from mos_jax import data as data_lib
+    s = c.data.synthetic
+    chain = data_lib.make_zipf_chain(
+        vocab, float(s.zipf_exponent), min(int(s.successors), vocab), float(s.smoothing),
+        float(s.successor_peakedness), int(s.seed))
+    return chain.sample(n, np.random.default_rng([int(s.seed), 3])), chain.entropy_rate
+
+
+def _windows(stream: np.ndarray, batch: int, bptt: int, count: int):
+    """`count` consecutive (inputs, targets) windows `[bptt, batch]` of `stream`."""
+    rows = np.asarray(stream[:batch * (bptt * count + 1)]).reshape(batch, -1).T
+    return [(rows[k * bptt:(k + 1) * bptt], rows[k * bptt + 1:(k + 1) * bptt + 1])
+            for k in range(count)]
+
+
+class _Entry:
+    """One head at one vocabulary size: its compiled train step and evaluation, their
+    state, and the times of its calls."""
+
+    def __init__(self, c, head: str, vocab: int, s: BenchSettings, stream, log):
+        self.head, self.vocab = head, vocab
+        self.mc = mc = _head_model_config(c, head, vocab)
+        self.batch, self.bptt = s.batch or c.data.batch_size, s.bptt or c.data.bptt
+        self.eb = s.eval_batch or c.data.eval_batch_size
+        self.workloads = [w for w in s.workloads if w in ("train", "eval")]
+        self.record: dict[str, Any] = {
+            "head": head, "vocab": vocab, "experts": mc.n_experts,
+            "nhidlast": mc.nhidlast, "emsize": mc.emsize,
+            "params": model_lib.param_count(jax.eval_shape(
+                lambda: model_lib.init_params(mc, jax.random.key(0)))),
+            "model_flops_per_token": model_flops_per_token(mc, self.bptt)}
+        self.times: dict[str, list[float]] = {w: [] for w in self.workloads}
+        plan = parallel.local_plan(1, "none")
+        params = model_lib.init_params(mc, jax.random.key(0))
+        eval_params = jax.tree_util.tree_map(jnp.copy, params)
+        n_windows = 4
+        if "train" in self.workloads:
+            step = train.build_train_step(c, mc, plan, batch_size=self.batch,
+                                          bptt=self.bptt, seed=0)
+            self.state = train.init_state(mc, params, self.batch, step.tx)
+            self.train_windows = [tuple(plan.feed_batch(np.ascontiguousarray(a))
+                                        for a in w)
+                                  for w in _windows(stream, self.batch, self.bptt,
+                                                    n_windows)]
+            self.step, self.k_train = step, 0
+            t = time.perf_counter()
+            jax.block_until_ready(self._train())
+            first = time.perf_counter() - t
+            compiled = step.compiled((self.bptt, self.batch)) if hasattr(
+                step, "compiled") else None
+            self.record["train"] = {"batch": self.batch, "bptt": self.bptt,
+                                    "first_step_s": round(first, 2),
+                                    "xla_memory_mb": _xla_mb(compiled)}
+        if "eval" in self.workloads:
+            self.params = eval_params  # a copy: the train step donates its state
+            self.carry = model_lib.init_carry(mc, self.eb)
+            self.eval_windows = [tuple(jnp.asarray(a) for a in w) for w in
+                                 _windows(stream, self.eb, self.bptt, n_windows)]
+            x, y = self.eval_windows[0]
+            t = time.perf_counter()
+            self.score = evaluate.window_scorer(plan, mc).lower(
+                params, self.carry, x, y, self.bptt).compile()
+            self.record["eval"] = {"batch": self.eb, "bptt": self.bptt,
+                                   "compile_s": round(time.perf_counter() - t, 2),
+                                   "xla_memory_mb": _xla_mb(self.score)}
+            self.k_eval = 0
+        for _ in range(s.warmup):
+            for w in self.workloads:
+                jax.block_until_ready(self.call(w))
+        self.record.update(peak_memory())
+        log(f"bench: {head} at V = {vocab:,} ready: {json.dumps(self.record)}")
+
+    def _train(self):
+        x, y = self.train_windows[self.k_train % len(self.train_windows)]
+        self.k_train += 1
+        self.state, m = self.step(self.state, x, y, self.bptt, self.bptt, 20.0)
+        return m["loss"]
+
+    def _eval(self):
+        x, y = self.eval_windows[self.k_eval % len(self.eval_windows)]
+        self.k_eval += 1
+        logp, self.carry = self.score(self.params, self.carry, x, y, self.bptt)
+        return logp
+
+    def call(self, workload: str):
+        return self._train() if workload == "train" else self._eval()
+
+    def timed(self, workload: str) -> None:
+        t = time.perf_counter()
+        out = jax.block_until_ready(self.call(workload))
+        self.times[workload].append(time.perf_counter() - t)
+        if workload == "train" and not np.isfinite(float(out)):
+            raise FloatingPointError(f"the {self.head} head's train loss at V = "
+                                     f"{self.vocab} is {float(out)}")
+
+    def finish(self) -> dict:
+        for w in self.workloads:
+            r, times = self.record[w], self.times[w]
+            tokens = r["batch"] * r["bptt"]
+            r.update(steps=len(times), tokens=tokens * len(times),
+                     seconds=round(sum(times), 4),
+                     tokens_per_s=_summary(times, tokens))
+        return self.record
+
+
+def run_vocab_sweep(c, vocab_sizes, head_names, settings: BenchSettings,
+                    log: Callable[[str], None] = print) -> dict:
+    """Tokens/s of the train step and of evaluation, and memory, for every head in
+    `head_names` at every vocabulary size in `vocab_sizes` (on one device).
+
+    The input is a stationary run of the zipf synthetic chain of that size
+    (`mos_jax.data.make_zipf_chain`, with the config's `data.synthetic` zipf keys):
+    a dense head's cost depends on shapes only, but a head whose cost depends on which
+    words are targets (an adaptive softmax computing a tail cluster only for the rows
+    that need it) is measured honestly only on Zipfian text. Sizes run in increasing
+    order; at each, every head is compiled and warmed up, then the timed calls alternate
+    between the heads (`repeats` rounds of one train step each, then of one evaluation
+    window each), so a drift of the machine's speed hits them alike. Memory per (head,
+    V): `xla_memory_mb`, the compiled program's planned bytes, and `peak_memory_mb`,
+    `peak_memory()` after its warm-up (on CPU the process's peak so far: cumulative).
+    """
+    unknown = set(settings.workloads) - {"train", "eval"}
+    if unknown:
+        raise ConfigError(f"bench --vocab-sizes measures train and eval, not "
+                          f"{', '.join(sorted(unknown))}: use --only train,eval")
+    import gc
+    batch, bptt = settings.batch or c.data.batch_size, settings.bptt or c.data.bptt
+    eb = settings.eval_batch or c.data.eval_batch_size
+    s = c.data.synthetic
+    dev = jax.devices()[0]
+    out: dict[str, Any] = {
+        "device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+        "compute_dtype": str(train.model_config_from(c, 2).dtype),
+        "vocab_chunk": c.model.vocab_chunk, "batch": batch, "bptt": bptt,
+        "eval_batch": eb, "warmup": settings.warmup, "repeats": settings.repeats,
+        "heads": list(head_names), "vocab_sizes": sorted(vocab_sizes),
+        "corpus": (f"zipf synthetic chain (zipf_exponent={s.zipf_exponent}, "
+                   f"successors={s.successors}, smoothing={s.smoothing}, "
+                   f"successor_peakedness={s.successor_peakedness}, seed={s.seed})"),
+        "records": []}
+    for vocab in sorted(vocab_sizes):
+        t = time.perf_counter()
+        need = 4 * bptt * max(batch, eb) + max(batch, eb) + 1
+        stream, entropy = zipf_stream(c, vocab, need)
+        log(f"bench: V = {vocab:,}: zipf chain and {need:,} tokens in "
+            f"{time.perf_counter() - t:.1f} s (its perplexity {math.exp(entropy):.1f})")
+        entries = [_Entry(c, h, vocab, settings, stream, log) for h in head_names]
+        workloads = entries[0].workloads
+        for _ in range(settings.repeats):
+            for w in workloads:
+                for e in entries:
+                    e.timed(w)
+        for e in entries:
+            rec = e.finish()
+            rec["chain_perplexity"] = round(math.exp(entropy), 2)
+            out["records"].append(rec)
+            log(f"bench: {e.head} at V = {vocab:,}: " + ", ".join(
+                f"{w} {rec[w]['tokens_per_s']['median']:,.0f} tokens/s"
+                for w in workloads))
+        del entries
+        gc.collect()
+        train.release_free_heap()
+    return out
+
+
+def format_sweep(result: dict) -> str:
+    """The sweep's table: one line per (head, V)."""
+    lines = [f"{result['device']} ({result['platform']}), {result['compute_dtype']}, "
+             f"vocab_chunk={result['vocab_chunk']}, train batch {result['batch']}, eval "
+             f"batch {result['eval_batch']}, bptt {result['bptt']}; {result['corpus']}",
+             f"{'head':<12} {'V':>8} {'params':>12} {'train tok/s [min, max]':<28} "
+             f"{'eval tok/s [min, max]':<28} {'XLA MB tr/ev':>14} {'peak MB':>8}"]
+
+    def rate(r):
+        if r is None:
+            return "-".ljust(28)
+        t = r["tokens_per_s"]
+        return f"{t['median']:>9,.0f} [{t['min']:,.0f}, {t['max']:,.0f}]".ljust(28)
+    for rec in result["records"]:
+        tr, ev = rec.get("train"), rec.get("eval")
+        mem = "/".join("-" if r is None or r.get("xla_memory_mb") is None
+                       else f"{r['xla_memory_mb']:.0f}" for r in (tr, ev))
+        lines.append(f"{rec['head']:<12} {rec['vocab']:>8,} {rec['params']:>12,} "
+                     f"{rate(tr)} {rate(ev)} {mem:>14} {rec['peak_memory_mb']:>8}")
+    return "\n".join(lines)
+
+
+def plot_sweep(result: dict, out_png) -> Path:
+    """Train and eval tokens/s and the train step's planned memory against V (log-x),
+    one line per head, as one PNG."""
+    from mos_jax import plot
+    plt = plot.pyplot()
+    panels = [(w, f"{w} tokens/s") for w in ("train", "eval")
+              if any(w in r for r in result["records"])]
+    panels.append(("memory", "train step XLA memory (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    axes = np.atleast_1d(axes)
+    for ax, (what, label) in zip(axes, panels):
+        for head in result["heads"]:
+            recs = sorted((r for r in result["records"] if r["head"] == head),
+                          key=lambda r: r["vocab"])
+            if what == "memory":
+                pts = [(r["vocab"], r["train"]["xla_memory_mb"]) for r in recs
+                       if (r.get("train", {}).get("xla_memory_mb") or 0) > 0]
+            else:
+                pts = [(r["vocab"], r[what]["tokens_per_s"]["median"]) for r in recs
+                       if what in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=head)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel(label)
+        if ax is not axes[-1]:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    title = f"cost against vocabulary size ({result['device']})"
+    fig.suptitle(title, fontsize="medium")
+    fig.subplots_adjust(top=0.88)
+    try:
+        return plot.finish(fig, axes[-1], out_png, None, 100)
+    finally:
+        plt.close(fig)

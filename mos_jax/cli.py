@@ -26,6 +26,8 @@
     mos-jax bench [--config configs/ptb.py] [--batch 12] [--bptt 70] [--dtype float32]
                   [--vocab-chunk auto] [--num-devices 1] [--only train,eval] [--out F]
                   [--vocab N]   (default: the config's corpus's vocabulary)
+    mos-jax bench --vocab-sizes 10000,33000,100000 [--heads softmax,mos] [--plot F.png]
+                  [--batch B] [--bptt T] [--repeats R] [--out F] [--config.KEY=VALUE ...]
     mos-jax --version
 
 A user mistake (missing file, bad key, ...) prints one line starting with `error:` and
@@ -482,6 +484,24 @@ def _cmd_bench(args) -> None:
     from mos_jax import config as config_lib
     _output_file("--out", args.out)
     _at_least("--vocab", args.vocab)
+    sweep = args.vocab_sizes is not None
+    for flag, value in (("--heads", args.heads), ("--plot", args.plot)):
+        if value is not None and not sweep:
+            raise MosJaxError(f"{flag} goes with --vocab-sizes (the cost of several "
+                              "heads across vocabulary sizes): add --vocab-sizes "
+                              "10000,33000,...")
+    if sweep:
+        for flag, value in (("--vocab", args.vocab), ("--head", args.head)):
+            if value is not None:
+                raise MosJaxError(f"{flag} and --vocab-sizes exclude each other: give "
+                                  "the sizes with --vocab-sizes and the heads with "
+                                  "--heads")
+        if args.num_devices != 1:
+            raise MosJaxError("bench --vocab-sizes measures one device: drop "
+                              "--num-devices")
+        _output_file("--plot", args.plot, suffixes=_image_formats())
+        sizes = bench.parse_vocab_sizes(args.vocab_sizes)
+        head_names = bench.parse_heads(args.heads)
     overrides = config_lib.parse_overrides(args.overrides)
     for key, value in (("model.head", args.head), ("model.compute_dtype", args.dtype),
                        ("model.vocab_chunk", args.vocab_chunk)):
@@ -490,10 +510,25 @@ def _cmd_bench(args) -> None:
     config = config_lib.load_config(args.config, overrides)
     workloads = tuple(w.strip() for w in args.only.split(",")) if args.only else \
         bench.WORKLOADS
+    if sweep and not args.only:
+        workloads = ("train", "eval")
     settings = bench.BenchSettings(
         vocab=args.vocab, batch=args.batch, bptt=args.bptt, eval_batch=args.eval_batch,
         num_devices=args.num_devices, warmup=args.warmup, repeats=args.repeats,
         dyn_windows=args.dyn_windows, workloads=workloads, matmul_n=args.matmul_n)
+    if sweep:
+        result = bench.run_vocab_sweep(config, sizes, head_names, settings, log=_note)
+        result["config"] = str(args.config)
+        deliveries = outputs.Deliveries()
+        if args.out:
+            deliveries.text("--out", args.out, json.dumps(result, indent=2) + "\n")
+        if args.plot:
+            deliveries.write("--plot", args.plot,
+                             lambda path: bench.plot_sweep(result, path))
+        print(bench.format_sweep(result), file=sys.stderr)
+        print(json.dumps(result))
+        deliveries.check()
+        return
     result = bench.run_bench(config, settings, log=_note)
     result["config"] = str(args.config)
     deliveries = outputs.Deliveries()
@@ -715,6 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "process gives a clean peak-memory figure on CPU)")
     p.add_argument("--matmul-n", type=int, default=0, help="size of the matmul that "
                    "measures the peak FLOP/s (default 0: 2048 on CPU, 8192 elsewhere)")
+    p.add_argument("--vocab-sizes", default=None, metavar="V1,V2,...",
+                   help="cost against vocabulary size: train and eval tokens/s and "
+                   "memory of each head of --heads at each size, on the zipf synthetic "
+                   "chain, heads interleaved (e.g. 10000,33000,100000,267000)")
+    p.add_argument("--heads", default=None, help="with --vocab-sizes: comma-separated "
+                   "heads (default: every registered head)")
+    p.add_argument("--plot", type=Path, default=None, help="with --vocab-sizes: a PNG "
+                   "of tokens/s and memory against V, one line per head")
     p.add_argument("--out", type=Path, help="also write the JSON result here")
     p.set_defaults(func=_cmd_bench)
 

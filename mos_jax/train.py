@@ -166,6 +166,10 @@ class TrainStep:
             release_free_heap()
         return self._compiled[key](state, inputs, targets, *scalars)
 
+    def compiled(self, shape: tuple[int, int]):
+        """The compiled program for windows of `shape` `[T, B]` (None before a call)."""
+        return self._compiled.get((tuple(shape), tuple(shape)))
+
     def _loss(self, params, inputs, targets, carry, rng, length):
         return model_lib.regularized_loss(self.model_config, params, inputs, targets,
                                           carry, self.alpha, self.beta, rng=rng,
