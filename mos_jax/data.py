@@ -441,6 +441,10 @@ class MarkovChain:
         """[len(ids), V] log P(next | current = ids[r])."""
         return self.log_transition[np.asarray(ids)]
 
+    def log_prob(self, current: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        """log P(nxt[t] | current[t]), elementwise."""
+        return self.log_transition[np.asarray(current), np.asarray(nxt)]
+
     def sample(self, n: int, rng: np.random.Generator, start: int | None = None) -> np.ndarray:
         """A stationary run of `n` states (the first drawn from `stationary`)."""
         import bisect
@@ -533,6 +537,14 @@ class ZipfChain:
                   (1.0 - self.smoothing) * self.weights[ids].ravel())
         with np.errstate(divide="ignore"):
             return np.log(p)
+
+    def log_prob(self, current: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        """log P(nxt[t] | current[t]), elementwise, in O(len * m)."""
+        current, nxt = np.asarray(current), np.asarray(nxt)
+        hit = self.successors[current] == nxt[:, None]
+        s = np.where(hit, self.weights[current], 0.0).sum(axis=1)
+        with np.errstate(divide="ignore"):
+            return np.log((1.0 - self.smoothing) * s + self.smoothing * self.unigram[nxt])
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """A stationary run of `n` states (the first drawn from `stationary`).

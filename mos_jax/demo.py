@@ -2,7 +2,7 @@
 
 `run_demo(workdir)` trains both heads (same config otherwise) on the built-in synthetic
 corpus, a random first-order Markov chain whose log-transition matrix has full rank V
-(see `mos_jax.data.make_markov_chain`), then prints and returns:
+(see `mos_jax.data.synthetic_chain`), then prints and returns:
 
 - the true perplexity `exp(entropy rate)`, the best any model can do in expectation;
 - each head's validation and test perplexity (best weights);
@@ -155,15 +155,15 @@ def run_demo(workdir: str | Path, config: config_lib.ConfigDict | None = None,
                              singular_values=entry["singular_values"])
 
     s = config.data.synthetic
-    chain = data_lib.make_markov_chain(s.vocab_size, s.peakedness, s.seed)
+    chain = data_lib.synthetic_chain(**s.to_dict())
     true_ppl = math.exp(corpus.entropy_rate)
     true = {"ppl": true_ppl}
     for name in ("valid", "test"):  # the true model's perplexity on the finite samples
         ids = corpus.split(name)
-        true[f"{name}_ppl"] = math.exp(-float(np.mean(chain.log_transition[ids[:-1],
-                                                                           ids[1:]])))
+        true[f"{name}_ppl"] = math.exp(-float(np.mean(chain.log_prob(ids[:-1],
+                                                                     ids[1:]))))
     # The true log-probabilities at the same contexts are exact in float64.
-    true_entry = _rank_entry(chain.log_transition[corpus.split(split)[:n]],
+    true_entry = _rank_entry(chain.log_rows(corpus.split(split)[:n]),
                              eps=float(np.finfo(np.float64).eps))
     true.update(rank=true_entry["rank"], rank_threshold=true_entry["threshold"])
 

@@ -36,6 +36,10 @@ def test_stationary_and_entropy_rate_match_dense_float64(eps):
         ref = np.linalg.lstsq(a, np.r_[np.zeros(50), 1.0], rcond=None)[0]
         np.testing.assert_allclose(pi, ref, atol=1e-12)
     assert np.all(np.diff(pi) <= 0)  # ids in decreasing stationary frequency
+    cur, nxt = np.repeat(np.arange(50), 50), np.tile(np.arange(50), 50)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(chain.log_prob(cur, nxt), np.log(p[cur, nxt]),
+                                   atol=1e-13)
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
     assert chain.entropy_rate == pytest.approx(float(pi @ h), rel=1e-12, abs=1e-14)
