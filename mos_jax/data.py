@@ -552,7 +552,9 @@ class ZipfChain:
         Exact and vectorised: a smoothing step (probability eps) draws the next word
         from u whatever the current one, so the run splits into independent segments
         at those steps; all segments advance together, one successor step at a time
-        (as many numpy steps as the longest segment: about log(n) / eps).
+        (as many numpy steps as the longest segment: about log(n) / eps). With eps = 0
+        the run is one segment, one numpy step per token (about 13 us each on a 2-core
+        CPU, against 0.3 s for 10^6 tokens at eps = 0.1).
         """
         v, m = self.successors.shape
         cum = np.cumsum(self.weights, axis=1)
@@ -646,6 +648,9 @@ def make_zipf_chain(vocab_size: int, zipf_exponent: float = 1.0, successors: int
         pi = nxt
         if change < tol:
             break
+    else:
+        warnings.warn(f"the zipf chain's stationary distribution moved by {change:.1e} "
+                      f"(L1) in its last power step of {max_iter}")
 
     # Renumber by decreasing stationary probability.
     order = np.argsort(-pi, kind="stable")
