@@ -533,7 +533,8 @@ def plot_sweep(result: dict, out_png) -> Path:
     plt = plot.pyplot()
     panels = [(w, f"{w} tokens/s") for w in ("train", "eval")
               if any(w in r for r in result["records"])]
-    panels.append(("memory", "train step XLA memory (MiB)"))
+    if any((r.get("train", {}).get("xla_memory_mb") or 0) > 0 for r in result["records"]):
+        panels.append(("memory", "train step XLA memory (MiB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     axes = np.atleast_1d(axes)
     for ax, (what, label) in zip(axes, panels):

@@ -50,13 +50,13 @@ def test_windows_are_consecutive_columns_of_the_stream():
 
 
 def test_bench_sweep_writes_one_consistent_record_per_head_and_size(tmp_path, capsys):
+    """Two sizes, evaluation only (cheap to compile), through the command."""
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    steps, batch, bptt, eval_batch = 2, 3, 4, 2
+    steps, bptt, eval_batch = 2, 4, 2
     rc = cli.main(["bench", "--config", str(CONFIGS / "tiny.py"),
-                   "--vocab-sizes", "70,30", "--heads", "softmax",
-                   "--repeats", str(steps), "--warmup", "0", "--batch", str(batch),
-                   "--bptt", str(bptt), "--eval-batch", str(eval_batch),
-                   "--out", str(out), "--plot", str(png),
+                   "--vocab-sizes", "70,30", "--heads", "softmax", "--only", "eval",
+                   "--repeats", str(steps), "--warmup", "0", "--bptt", str(bptt),
+                   "--eval-batch", str(eval_batch), "--out", str(out), "--plot", str(png),
                    "--config.model.emsize=8", "--config.model.nhid=8"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -65,14 +65,8 @@ def test_bench_sweep_writes_one_consistent_record_per_head_and_size(tmp_path, ca
     recs = result["records"]
     assert [(r["head"], r["vocab"]) for r in recs] == [("softmax", 30), ("softmax", 70)]
     for r in recs:
-        for w, rows in (("train", batch), ("eval", eval_batch)):
-            t = r[w]
-            assert t["steps"] == steps and t["tokens"] == steps * rows * bptt
-            rate = t["tokens_per_s"]
-            assert rate["runs"] == steps and rate["min"] <= rate["median"] <= rate["max"]
-            # the median of two calls is their mean rate's harmonic partner: between
-            assert rate["min"] <= t["tokens"] / t["seconds"] * 1.001
-            assert t["tokens"] / t["seconds"] <= rate["max"] * 1.001
+        assert "train" not in r
+        _check_counts(r["eval"], steps, eval_batch, bptt)
         # softmax, tied: nhidlast set to emsize = 8; head FLOPs 2 D V
         assert r["nhidlast"] == 8
         assert r["model_flops_per_token"]["head"] == 2 * 8 * r["vocab"]
@@ -80,3 +74,30 @@ def test_bench_sweep_writes_one_consistent_record_per_head_and_size(tmp_path, ca
     assert recs[1]["params"] - recs[0]["params"] == (70 - 30) * (8 + 1)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "softmax" in captured.err and "70" in captured.err  # the table
+
+
+def _check_counts(t, steps, rows, bptt):
+    assert t["steps"] == steps and t["tokens"] == steps * rows * bptt
+    assert t["batch"] == rows and t["bptt"] == bptt
+    rate = t["tokens_per_s"]
+    assert rate["runs"] == steps and rate["min"] <= rate["median"] <= rate["max"]
+    # tokens over the summed call times: a mean rate, between the slowest and fastest
+    assert rate["min"] <= t["tokens"] / t["seconds"] * 1.01
+    assert t["tokens"] / t["seconds"] <= rate["max"] * 1.01
+
+
+def test_bench_sweep_times_the_train_step_of_each_head():
+    from mos_jax import config as config_lib
+    c = config_lib.load_config(CONFIGS / "tiny.py", [("model.emsize", "8"),
+                                                     ("model.nhid", "8")])
+    steps, batch, bptt = 3, 3, 4
+    settings = bench.BenchSettings(batch=batch, bptt=bptt, warmup=0, repeats=steps,
+                                   workloads=("train",))
+    result = bench.run_vocab_sweep(c, [40], ["softmax"], settings, log=lambda _: None)
+    (rec,) = result["records"]
+    assert rec["vocab"] == 40 and "eval" not in rec
+    _check_counts(rec["train"], steps, batch, bptt)
+    assert rec["train"]["xla_memory_mb"] > 0
+    with pytest.raises(ConfigError, match="--only train,eval"):
+        bench.run_vocab_sweep(c, [40], ["softmax"],
+                              bench.BenchSettings(workloads=("dynamic_eval",)))
