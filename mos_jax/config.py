@@ -346,6 +346,18 @@ def declarations() -> dict:
                         "evaluation window length"),
             "max_seq_len_delta": Key(40, Int(0), "random window lengths are capped at "
                                      "bptt + this"),
+            "tokenizer": Key("word", OneOf("word", "bpe", "unigram"),
+                             "word: whitespace words and <eos>; bpe or unigram: "
+                             "data.vocab_size subword pieces trained on the training "
+                             "split of a corpus directory (docs/training.md)"),
+            "vocab_size": Key(0, Int(0), "subword pieces of a bpe or unigram tokenizer; "
+                              "0 (and only 0) with the word tokenizer, whose vocabulary "
+                              "is the corpus's words"),
+            "vocab_order": Key("auto", OneOf("auto", "first", "frequency"),
+                               "ids in order of first occurrence (subwords: the "
+                               "tokenizer's), or by training-split frequency; auto: "
+                               "frequency when the head asks for it "
+                               "(wants_frequency_order), else first"),
             "synthetic": {
                 "vocab_size": Key(500, Int(2), "words of the chain"),
                 "train_tokens": Key(200_000, Int(2), "tokens of the train split"),
@@ -525,7 +537,32 @@ def problems(config, unknown_ok: bool = False) -> list[str]:
             else:
                 found.append(f"--config.{name}={value!r} is out of range: {name} must "
                              f"be {key.check} ({key.doc})")
+    if not found:
+        found.extend(_data_problems(config))
     return found
+
+
+def _data_problems(config) -> list[str]:
+    """The data keys that only make sense together (tokenizer, vocab_size, source)."""
+    data = config.get("data") if hasattr(config, "get") else None
+    if data is None or "tokenizer" not in data:
+        return []
+    kind, size = data.get("tokenizer"), data.get("vocab_size", 0)
+    source = str(data.get("dir", ""))
+    if kind == "word" and size:
+        return [f"--config.data.vocab_size={size} is ignored by data.tokenizer=word (its "
+                "vocabulary is the corpus's words): drop it, or choose a subword "
+                "tokenizer with --config.data.tokenizer=bpe or unigram"]
+    if kind in ("bpe", "unigram"):
+        if source == "synthetic" or source.startswith("tfds:"):
+            what = "the synthetic corpus" if source == "synthetic" else source
+            return [f"--config.data.tokenizer={kind} cannot read {what}: subword "
+                    "vocabularies are trained on a corpus directory's text "
+                    "(train.txt, ...); use --config.data.tokenizer=word with it"]
+        if not size:
+            return [f"--config.data.tokenizer={kind} needs the number of subword pieces: "
+                    "add --config.data.vocab_size=N (e.g. 8000)"]
+    return []
 
 
 def validate(config, unknown_ok: bool = False) -> None:

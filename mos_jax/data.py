@@ -29,6 +29,7 @@ SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
 # Bumped whenever the cached layout or the tokenisation changes.
 _CACHE_FORMAT = "mos-jax-ids-v1"
+_SUBWORD_CACHE = "s1"  # the layout of subword caches (tokenizer JSON, word counts)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,6 +42,10 @@ class Corpus:
       train, valid, test: int32 arrays of token ids, `<eos>` included.
       entropy_rate: for synthetic corpora, the true entropy rate in nats per token (the
         log of the best achievable perplexity); None for natural text.
+      subwords: the subword tokenizer (`mos_jax.subword.Subwords`) whose pieces `vocab`
+        holds; None for a word-level corpus.
+      words: words per split (train, valid, test) as the word tokenizer counts them
+        (whitespace tokens + `<eos>`), for perplexity per word; None: the ids are words.
     """
 
     name: str
@@ -49,6 +54,8 @@ class Corpus:
     valid: np.ndarray
     test: np.ndarray
     entropy_rate: float | None = None
+    subwords: object | None = None
+    words: tuple[int, int, int] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -62,6 +69,12 @@ class Corpus:
         if name not in SPLITS:
             raise DataError(f"unknown split {name!r}: choose one of {', '.join(SPLITS)}")
         return getattr(self, name)
+
+    def words_in(self, split: str) -> int:
+        """Words of `split` as the word tokenizer counts them (its ids, when word-level)."""
+        if self.words is None:
+            return len(self.split(split))
+        return int(self.words[SPLITS.index(split)])
 
     def encode(self, words: str | Sequence[str], what: str = "word") -> np.ndarray:
         """int32 ids of `words` (a sequence of words, or a string split on whitespace).
@@ -225,6 +238,27 @@ def load_vocab(directory: str | os.PathLike) -> tuple[str, ...] | None:
     return words
 
 
+def save_subwords(directory: str | os.PathLike, subwords) -> None:
+    """Record a run's subword tokenizer in `directory/tokenizer.json` (beside its
+    vocab.json); a word-level run (`subwords` None) keeps none there."""
+    from mos_jax.subword import TOKENIZER_FILE
+    path = Path(directory) / TOKENIZER_FILE
+    if subwords is None:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write_bytes(path, subwords.to_json().encode())
+
+
+def load_subwords(directory: str | os.PathLike):
+    """The subword tokenizer a run in `directory` records (`mos_jax.subword.Subwords`),
+    or None: a word-level run."""
+    from mos_jax.subword import TOKENIZER_FILE, Subwords
+    path = Path(directory) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    return Subwords.from_json(path.read_text(encoding="utf-8"), str(path))
+
+
 @dataclasses.dataclass(frozen=True)
 class Unknown:
     """Tokens of a text that a vocabulary lacks: `tokens` of `total`, the distinct
@@ -311,15 +345,23 @@ def encode_words(tokens: Sequence[str], vocab: Sequence[str], what: str
     return _map_ids(ids, words, vocab, what)
 
 
-def encode_text_file(path: str | os.PathLike, vocab: Sequence[str]
+def encode_text_file(path: str | os.PathLike, vocab: Sequence[str], subwords=None
                      ) -> tuple[np.ndarray, Unknown | None]:
     """The words of a plain text file (lines split on whitespace, `<eos>` after each,
     as a corpus's splits are read) as ids into `vocab`, by string; unknown words as in
-    `map_to_vocab`."""
+    `map_to_vocab`. With `subwords` (a subword run's tokenizer) the lines are encoded
+    with it (characters it lacks become `<unk>`; no Unknown is returned)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--text {path}: no such file; give a UTF-8 text file to score")
+    if subwords is not None:
+        return subwords.encode(read_lines(path), vocab, str(path)), None
     return encode_words(tokenize_lines(read_lines(path)), vocab, str(path))
+
+
+def text_words(path: str | os.PathLike) -> int:
+    """Words of a text file as the word tokenizer counts them (tokens + `<eos>`)."""
+    return len(tokenize_lines(read_lines(Path(path))))
 
 
 def default_cache_dir() -> Path:
@@ -368,27 +410,95 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def _save_cache(path: Path, corpus: Corpus) -> None:
     import io
     buf = io.BytesIO()
+    extra = {} if corpus.words is None else {"words": np.asarray(corpus.words, np.int64)}
     np.savez(buf, vocab=np.asarray(corpus.vocab, dtype=str), train=corpus.train,
-             valid=corpus.valid, test=corpus.test)
+             valid=corpus.valid, test=corpus.test, **extra)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_cache(path: Path, name: str) -> Corpus | None:
+def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
     try:
         with np.load(path, allow_pickle=False) as z:
+            words = tuple(int(w) for w in z["words"]) if "words" in z.files else None
+            if (words is None) != (subwords is None):
+                return None
             return Corpus(name=name, vocab=tuple(z["vocab"].tolist()),
+                          subwords=subwords, words=words,
                           **{s: z[s].astype(np.int32) for s in SPLITS})
     except Exception:  # a damaged cache is rebuilt, never trusted
         return None
 
 
+# --------------------------------------------------------------------------------------
+# The order of the vocabulary (data.vocab_order): `first` keeps the ids a corpus comes
+# with (first occurrence over train, valid, test for words; the tokenizer's ids for
+# subwords), `frequency` numbers them by training-split count.
+
+ORDERS = ("first", "frequency")
+
+
+def frequency_permutation(streams: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """The ids `0..size-1` in frequency order: by count in `streams[0]` (the training
+    split), descending; ties by first occurrence over the streams in turn (so ids met
+    only in later streams follow every training id), then by id (ids never met)."""
+    counts = np.bincount(np.asarray(streams[0], np.int64), minlength=size)
+    every = np.concatenate([np.asarray(x, np.int64) for x in streams])
+    first = np.full(size, every.size, dtype=np.int64)
+    met, at = np.unique(every, return_index=True)
+    first[met] = at
+    return np.lexsort((np.arange(size), first, -counts))
+
+
+def order_vocab(corpus: Corpus, order: str) -> Corpus:
+    """`corpus` with its ids renumbered in `order` (one of ORDERS)."""
+    if order not in ORDERS:
+        raise DataError(f"unknown vocabulary order {order!r}: choose one of "
+                        f"{', '.join(ORDERS)}")
+    if order == "first":
+        return corpus
+    perm = frequency_permutation([corpus.train, corpus.valid, corpus.test],
+                                 corpus.vocab_size)
+    new_id = np.empty(len(perm), np.int32)
+    new_id[perm] = np.arange(len(perm), dtype=np.int32)
+    return dataclasses.replace(corpus, vocab=tuple(corpus.vocab[int(i)] for i in perm),
+                               **{s: new_id[corpus.split(s)] for s in SPLITS})
+
+
+def _subword_corpus(lines: Mapping[str, list[str]], name: str, subwords) -> Corpus:
+    """The corpus of `lines` in the tokenizer's pieces and ids (order `first`)."""
+    from mos_jax import subword
+    return Corpus(name=name, vocab=subwords.pieces,
+                  subwords=subwords, words=tuple(subword.count_words(lines[s])
+                                                 for s in SPLITS),
+                  **{s: subwords.encode_lines(lines[s]) for s in SPLITS})
+
+
+def _cached_subwords(path: Path):
+    """The tokenizer cached at `path`, or None (absent, damaged or of another version:
+    trained again)."""
+    from mos_jax import subword
+    if not path.is_file():
+        return None
+    try:
+        return subword.Subwords.from_json(path.read_text(encoding="utf-8"), str(path))
+    except (DataError, OSError, UnicodeDecodeError):
+        return None
+
+
 def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = None,
-                cache: bool = True, cache_dir: str | os.PathLike | None = None) -> Corpus:
+                cache: bool = True, cache_dir: str | os.PathLike | None = None,
+                tokenizer: str = "word", vocab_size: int = 0, order: str = "first",
+                subwords=None) -> Corpus:
     """Read `train.txt`, `valid.txt`, `test.txt` from `directory` (docs/reference.md section 1).
 
-    The encoded ids are cached as `.npz` under `cache_dir` (default
-    `default_cache_dir()`), keyed by a SHA-256 of the three files, so a second load
-    skips tokenisation. A fixed `vocab` bypasses the cache.
+    `tokenizer` `word` (whitespace words and `<eos>`) or a subword kind of
+    `mos_jax.subword` (`bpe`, `unigram`: `vocab_size` pieces, trained on the training
+    split); `order` one of ORDERS. The encoded ids are cached as `.npz` under
+    `cache_dir` (default `default_cache_dir()`), keyed by a SHA-256 of the three files
+    (and, for other tokenizers or orders, by them), a subword tokenizer beside them as
+    JSON, so a second load neither tokenises nor trains. A fixed `vocab` bypasses the
+    cache; with `subwords` (a run's tokenizer) the text is encoded with it into `vocab`
+    (the run's pieces in its order).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -399,14 +509,53 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
         if not p.is_file():
             read_lines(p)  # raises the missing-file error
     name = str(directory)
-    cache_path = None
+    if subwords is not None:
+        from mos_jax import subword
+        if vocab is None:
+            raise ValueError("a run's tokenizer needs the run's vocabulary")
+        lines = {s: read_lines(p) for s, p in zip(SPLITS, paths)}
+        return Corpus(name=name, vocab=tuple(vocab), subwords=subwords,
+                      words=tuple(subword.count_words(lines[s]) for s in SPLITS),
+                      **{s: subwords.encode(lines[s], vocab, name) for s in SPLITS})
+    if order not in ORDERS:
+        raise DataError(f"unknown vocabulary order {order!r}: choose one of "
+                        f"{', '.join(ORDERS)}")
+    cache_path = tokenizer_path = None
     if cache and vocab is None:
-        cache_path = Path(cache_dir or default_cache_dir()) / f"{files_digest(paths)}.npz"
+        folder = Path(cache_dir or default_cache_dir())
+        digest = files_digest(paths)
+        if tokenizer == "word":  # the first-occurrence key is the one of earlier versions
+            stem = digest if order == "first" else f"{digest}-word-{order}"
+        else:
+            stem = f"{digest}-{tokenizer}{vocab_size}-{_SUBWORD_CACHE}"
+            tokenizer_path = folder / f"{stem}.tokenizer.json"
+            stem += f"-{order}"
+        cache_path = folder / f"{stem}.npz"
         if cache_path.is_file():
-            cached = _load_cache(cache_path, name)
-            if cached is not None:
-                return cached
-    corpus = build_corpus({s: read_lines(p) for s, p in zip(SPLITS, paths)}, name, vocab)
+            subwords = None if tokenizer_path is None else _cached_subwords(tokenizer_path)
+            if tokenizer_path is None or subwords is not None:
+                cached = _load_cache(cache_path, name, subwords)
+                if cached is not None:
+                    return cached
+    lines = {s: read_lines(p) for s, p in zip(SPLITS, paths)}
+    if tokenizer == "word":
+        corpus = build_corpus(lines, name, vocab)
+    else:
+        from mos_jax import subword
+        if vocab is not None:
+            raise ValueError("a subword corpus takes a run's tokenizer (subwords=), "
+                             "not a fixed vocabulary")
+        subwords = None if tokenizer_path is None else _cached_subwords(tokenizer_path)
+        if subwords is None or (subwords.kind, subwords.size) != (tokenizer, vocab_size):
+            subwords = subword.train(tokenizer, vocab_size, lines["train"], name)
+            if tokenizer_path is not None:
+                try:
+                    atomic_write_bytes(tokenizer_path, subwords.to_json().encode())
+                except OSError as e:
+                    warnings.warn(f"could not write the tokenizer cache "
+                                  f"{tokenizer_path}: {e}")
+        corpus = _subword_corpus(lines, name, subwords)
+    corpus = order_vocab(corpus, order)
     if cache_path is not None:
         try:
             _save_cache(cache_path, corpus)

@@ -33,6 +33,7 @@ import optax
 from mos_jax import config as config_lib
 from mos_jax import data as data_lib
 from mos_jax import evaluate
+from mos_jax import heads
 from mos_jax import model as model_lib
 from mos_jax import optim
 from mos_jax import parallel
@@ -75,18 +76,41 @@ def model_config_from(config, vocab_size: int) -> model_lib.ModelConfig:
                                             "vocab_size": vocab_size})
 
 
+def vocab_order(config) -> str:
+    """`data.vocab_order` resolved: `auto` is `frequency` when the head class declares
+    `wants_frequency_order`, else `first` (the ids of every earlier version)."""
+    order = config.data.get("vocab_order", "first")
+    if order != "auto":
+        return order
+    head = heads.get_head(config.model.head)
+    return "frequency" if getattr(head, "wants_frequency_order", False) else "first"
+
+
+def tokenizer_of(config) -> tuple[str, int]:
+    """`(data.tokenizer, data.vocab_size)` (`("word", 0)` for configs written before
+    them)."""
+    return config.data.get("tokenizer", "word"), int(config.data.get("vocab_size", 0))
+
+
 def load_corpus_from(config) -> data_lib.Corpus:
-    source = config.data.dir
+    problems = config_lib._data_problems(config)  # before anything loads
+    if problems:
+        raise ConfigError(problems[0])
+    source, order = config.data.dir, vocab_order(config)
     if source == "synthetic":
-        return data_lib.load_corpus(source, **config.data.synthetic.to_dict())
+        return data_lib.order_vocab(
+            data_lib.load_corpus(source, **config.data.synthetic.to_dict()), order)
     if source.startswith("tfds:"):
         kwargs = {}
         if config.data.tfds_data_dir:
             kwargs["data_dir"] = config.data.tfds_data_dir
         if config.data.tfds_manual_dir:
             kwargs["manual_dir"] = config.data.tfds_manual_dir
-        return data_lib.load_corpus(source, **kwargs)
-    return data_lib.load_corpus(source)
+        return data_lib.order_vocab(data_lib.load_corpus(source, **kwargs), order)
+    kind, size = tokenizer_of(config)
+    if kind == "word" and order == "first":
+        return data_lib.load_corpus(source)  # as every earlier version read it
+    return data_lib.load_corpus(source, tokenizer=kind, vocab_size=size, order=order)
 
 
 def column_groups(batch_size: int, small_batch_size: int, n_devices: int = 1) -> int:
@@ -534,7 +558,8 @@ def _check_vocabulary(config, workdir: Path, mode: str, corpus: data_lib.Corpus)
         raise DataError(
             f"{corpus.name} does not give the word ids {directory} ({who}) was trained "
             f"with: its vocabulary ({corpus.vocab_size:,} words) "
-            + ("holds the same words in another order (the training text changed)"
+            + ("holds the same words in another order (the training text or "
+               "data.vocab_order changed)"
                if same_words else f"differs from the recorded {len(recorded):,} words")
             + f" ({directory / data_lib.VOCAB_FILE}). Train on the corpus the run used "
             "(--config.data.dir), or use a new --workdir")
@@ -574,6 +599,7 @@ def _started(run: _Run, step: int) -> None:
         recorded = None
     if recorded is None or recorded != run.corpus.vocab:  # (a differing one: no work)
         data_lib.save_vocab(run.workdir, run.corpus.vocab)
+    data_lib.save_subwords(run.workdir, run.corpus.subwords)
     data_lib.atomic_write_bytes(run.workdir / "config.json", json.dumps(
         _saved_config(run.config), indent=2, sort_keys=True).encode())
     if run.changes:
@@ -1012,6 +1038,16 @@ def _config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
         return {}
     old = json.loads(path.read_text())
     new = config.to_dict()
+    old_data = old.get("data", {})
+    was = (old_data.get("tokenizer", "word"), old_data.get("vocab_size", 0))
+    if was != tokenizer_of(config):
+        def name(kind, size):
+            return f"{kind} {size}" if kind != "word" else "word"
+        raise ConfigError(
+            f"this run was trained with tokenizer {name(*was)}; "
+            f"--config.data.tokenizer={config.data.tokenizer} "
+            f"--config.data.vocab_size={config.data.vocab_size} gives other ids: resume "
+            f"it with its own config (omit --config), or use a new --workdir ({workdir})")
     # The optimiser's state is in the checkpoints (runs from before optim.name: sgd).
     old_name = old.get("optim", {}).get("name", "sgd")
     if old_name != new.get("optim", {}).get("name", "sgd"):
@@ -1160,6 +1196,7 @@ class BestWeights:
     recorded: bool
     corpus: data_lib.Corpus | None = None
     unknown: list = dataclasses.field(default_factory=list)
+    subwords: Any = None  # a subword run's tokenizer (mos_jax.subword.Subwords)
 
 
 def load_run(workdir: str | Path, corpus: bool = True,
@@ -1169,11 +1206,15 @@ def load_run(workdir: str | Path, corpus: bool = True,
     read, as `data.map_to_vocab` takes them)."""
     config = load_run_config(workdir)
     vocab = data_lib.load_vocab(workdir)
+    subwords = data_lib.load_subwords(workdir)
     recorded, run_corpus, unknown = vocab is not None, None, []
     if corpus or vocab is None:
         run_corpus = load_corpus_from(config)
         if vocab is None:
             vocab = run_corpus.vocab
+        elif subwords is not None and run_corpus.vocab != vocab:  # the run's tokenizer
+            run_corpus = data_lib.read_corpus(config.data.dir, vocab=vocab,
+                                              subwords=subwords)
         else:
             run_corpus, unknown = data_lib.map_to_vocab(run_corpus, vocab, splits)
     model_config = model_config_from(config, len(vocab))
@@ -1184,7 +1225,7 @@ def load_run(workdir: str | Path, corpus: bool = True,
                                   "epoch first")
         params, _ = store.restore_best(parallel.local_plan(1, "none").abstract(abstract))
     return BestWeights(config, model_config, params, tuple(vocab), recorded,
-                       run_corpus if corpus else None, unknown)
+                       run_corpus if corpus else None, unknown, subwords)
 
 
 def load_best(workdir: str | Path):

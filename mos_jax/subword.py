@@ -1,0 +1,223 @@
+"""Subword vocabularies: BPE and Unigram tokenizers trained on a corpus's training split.
+
+`data.tokenizer = bpe | unigram` with `data.vocab_size = N` replaces the whitespace words
+of a corpus directory by N subword pieces. The tokenizers are Hugging Face `tokenizers`
+models: one library trains both kinds from an in-memory iterator, writes the whole
+tokenizer (pre-tokenizer, model, decoder, special tokens) as one reviewable JSON text
+that is cached beside the ids and recorded in a run's work directory, and encodes fast.
+It is imported only when a subword tokenizer is used: a word-level corpus needs nothing
+beyond NumPy.
+
+Conventions (docs/training.md, "Subword vocabularies"):
+
+- trained on the words of the training split only (`<unk>` and `<eos>` removed from
+  the text it learns from), deterministically: the same text, kind and N give the same
+  JSON byte for byte (the Unigram trainer's scores, which vary in their last bits from
+  one training to the next, are rounded and its pieces sorted by them);
+- `<eos>` and `<unk>` are atomic special tokens, ids 0 and 1 of the tokenizer;
+- each line is split on whitespace (as the word tokenizer reads it), each word encoded
+  with a leading `▁` (the Metaspace convention), and `<eos>` appended, so the pieces of
+  a line decode back to its words (`decode_words`);
+- a character the training split lacks becomes `<unk>`.
+
+The corpus's vocabulary is the pieces; their order (first: the tokenizer's own ids, or
+frequency) is the corpus's business (`mos_jax.data`), and text is mapped into a run's
+vocabulary by piece string (`Subwords.encode`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mos_jax.errors import ConfigError, DataError
+
+KINDS = ("bpe", "unigram")
+EOS, UNK = "<eos>", "<unk>"
+SPECIALS = (EOS, UNK)
+MARK = "\u2581"  # the word-start mark of Metaspace pre-tokenisation
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT = "mos-jax-tokenizer-v1"
+# The Unigram trainer may end a little short of N (its last pruning); within this
+# fraction the result is taken, beyond it N is refused as more than the corpus allows.
+_UNIGRAM_SHORTFALL = 0.02
+
+
+def _library():
+    try:
+        import tokenizers
+    except ImportError:
+        raise ConfigError(
+            "data.tokenizer bpe and unigram need the Hugging Face `tokenizers` package: "
+            "pip install tokenizers (or use --config.data.tokenizer=word)") from None
+    return tokenizers
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Subwords:
+    """A trained subword tokenizer: its kind, the N it was trained for and its JSON."""
+
+    kind: str
+    size: int
+    spec: str  # the Hugging Face tokenizer's JSON text
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.size}"
+
+    def to_json(self) -> str:
+        """The file written beside the ids and in a run's work directory."""
+        return json.dumps({"format": FORMAT, "kind": self.kind, "vocab_size": self.size,
+                           "tokenizer": json.loads(self.spec)}, ensure_ascii=False,
+                          indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Subwords":
+        try:
+            record = json.loads(text)
+            if record["format"] != FORMAT or record["kind"] not in KINDS:
+                raise ValueError(f"format {record['format']!r}, kind {record['kind']!r}")
+            return cls(record["kind"], int(record["vocab_size"]),
+                       json.dumps(record["tokenizer"], ensure_ascii=False))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{where} is damaged or of another version ({e}): the "
+                            "tokenizer cannot be read; delete it to train it again") from None
+
+    @functools.cached_property
+    def tokenizer(self):
+        return _library().Tokenizer.from_str(self.spec)
+
+    @functools.cached_property
+    def pieces(self) -> tuple[str, ...]:
+        """The pieces by tokenizer id."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        pieces = [""] * len(vocab)
+        for piece, i in vocab.items():
+            pieces[i] = piece
+        return tuple(pieces)
+
+    def encode_lines(self, lines: Iterable[str]) -> np.ndarray:
+        """int32 tokenizer ids of `lines`: each line's whitespace words, then `<eos>`."""
+        tok = self.tokenizer
+        words = [line.split() for line in lines]
+        eos = tok.token_to_id(EOS)
+        encoded = tok.encode_batch([w for w in words if w], is_pretokenized=True,
+                                   add_special_tokens=False)
+        out, k = [], 0
+        for w in words:
+            if w:
+                out.extend(encoded[k].ids)
+                k += 1
+            out.append(eos)
+        return np.asarray(out, dtype=np.int32)
+
+    def encode(self, lines: Iterable[str], vocab: Sequence[str], what: str) -> np.ndarray:
+        """`lines` as ids into `vocab` (a run's pieces, in its order), by piece string."""
+        index = {p: i for i, p in enumerate(vocab)}
+        missing = [p for p in self.pieces if p not in index]
+        if missing:
+            raise DataError(
+                f"the tokenizer does not match the vocabulary {what} is read with: "
+                f"{len(missing)} of its pieces are not in it (e.g. {missing[:3]}). Use "
+                "the tokenizer.json recorded beside that vocabulary")
+        table = np.asarray([index[p] for p in self.pieces], dtype=np.int32)
+        return table[self.encode_lines(lines)]
+
+
+def decode_words(pieces: Iterable[str]) -> list[str]:
+    """The words of a sequence of pieces: a piece that starts with `▁` starts a word,
+    other pieces continue the last one, `<eos>` and `<unk>` are words of their own."""
+    words: list[str] = []
+    open_word = False
+    for p in pieces:
+        if p in SPECIALS:
+            words.append(p)
+            open_word = False
+        elif p.startswith(MARK) or not open_word:
+            text = p[len(MARK):] if p.startswith(MARK) else p
+            words.append(text)
+            open_word = True
+        else:
+            words[-1] += p
+    return [w for w in words if w]
+
+
+def count_words(lines: Iterable[str]) -> int:
+    """Words of `lines` as the word tokenizer counts them: whitespace tokens + `<eos>`."""
+    return sum(len(line.split()) + 1 for line in lines)
+
+
+def _training_text(lines: Sequence[str]) -> list[str]:
+    return [" ".join(w for w in line.split() if w not in SPECIALS) for line in lines]
+
+
+def smallest_size(lines: Sequence[str]) -> int:
+    """The smallest N a tokenizer of `lines` can have: the two special tokens, `▁` and
+    every distinct character of the words."""
+    chars = set()
+    for line in _training_text(lines):
+        chars.update(line)
+    chars.discard(" ")
+    chars.add(MARK)
+    return len(SPECIALS) + len(chars)
+
+
+def train(kind: str, size: int, train_lines: Sequence[str], name: str) -> Subwords:
+    """Train a `kind` tokenizer of `size` pieces on `train_lines` (the training split).
+
+    Raises a ConfigError when `size` is below `smallest_size` or above what the text
+    allows (the trainer's result, named in the message)."""
+    if kind not in KINDS:
+        raise ConfigError(f"data.tokenizer={kind!r} is not a subword tokenizer: choose "
+                          f"one of {', '.join(KINDS)}")
+    least = smallest_size(train_lines)
+    if size < least:
+        raise ConfigError(
+            f"--config.data.vocab_size={size} is too small for the training split of "
+            f"{name}: a {kind} vocabulary needs at least {least} pieces (2 special "
+            f"tokens, {MARK} and {least - 3} distinct characters); use at least {least}")
+    lib = _library()
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    if kind == "bpe":
+        tok = lib.Tokenizer(models.BPE(unk_token=UNK))
+        trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=list(SPECIALS),
+                                      show_progress=False)
+    else:
+        tok = lib.Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=size, special_tokens=list(SPECIALS),
+                                          unk_token=UNK, show_progress=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(_training_text(train_lines), trainer)
+    spec = json.loads(tok.to_str())
+    if kind == "unigram":
+        spec = _canonical_unigram(spec)
+    got = len(spec["model"]["vocab"])
+    short = size - got
+    if short > 0 and (kind == "bpe" or short > _UNIGRAM_SHORTFALL * size):
+        raise ConfigError(
+            f"--config.data.vocab_size={size} is more than the training split of {name} "
+            f"allows: its {kind} vocabulary stops at {got} pieces; use at most {got}")
+    for i, special in enumerate(SPECIALS):  # what the tokenizer's order relies on
+        if spec["added_tokens"][i]["content"] != special or spec["added_tokens"][i]["id"] != i:
+            raise DataError(f"the {kind} trainer numbered the special tokens "
+                            f"{spec['added_tokens']}, not {SPECIALS}")
+    text = lib.Tokenizer.from_str(json.dumps(spec, ensure_ascii=False)).to_str()
+    return Subwords(kind, size, json.dumps(json.loads(text), ensure_ascii=False))
+
+
+def _canonical_unigram(spec: dict) -> dict:
+    """The Unigram model with its scores rounded (to 9 decimals) and its pieces after
+    the special tokens sorted by score (descending), then by piece: the trainer's
+    scores differ in their last bits from one training to the next."""
+    model = spec["model"]
+    vocab = [(p, round(float(s), 9)) for p, s in model["vocab"]]
+    head = [v for v in vocab if v[0] in SPECIALS]
+    head.sort(key=lambda v: SPECIALS.index(v[0]))
+    rest = sorted((v for v in vocab if v[0] not in SPECIALS), key=lambda v: (-v[1], v[0]))
+    model["vocab"] = [list(v) for v in head + rest]
+    model["unk_id"] = SPECIALS.index(UNK)
+    return spec
