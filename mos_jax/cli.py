@@ -187,6 +187,19 @@ def _cmd_train(args) -> None:
         print(json.dumps(train.train_and_evaluate(config, workdir)))
 
 
+def _subwords(args):
+    """The subword tokenizer the weights were trained with (their tokenizer.json), or
+    None: a word-level run, whose text is read word by word."""
+    from mos_jax import data
+    return data.load_subwords(args.workdir or args.weights)
+
+
+def _word_perplexity(nll: float, tokens: int, words: int) -> dict:
+    """Perplexity per word of the word-level text (`<eos>` counted as a word): the mean
+    token NLL times the text's tokens per word, so vocabularies compare."""
+    return {"words": words, "word_perplexity": math.exp(nll * tokens / words)}
+
+
 def _load_model(args, splits=()):
     """`(model_config, params, corpus, vocab, unknown)` from --workdir or --weights
     (+ --data).
@@ -218,7 +231,10 @@ def _load_model(args, splits=()):
         vocab = data.load_vocab(args.weights)
         if args.data is None and (vocab is None or splits):
             raise MosJaxError("--weights needs --data: the corpus to evaluate on")
-    if args.data is not None and (splits or vocab is None):
+    subwords = _subwords(args)
+    if args.data is not None and (splits or vocab is None) and subwords is not None:
+        corpus = data.read_corpus(args.data, vocab=vocab, subwords=subwords)
+    elif args.data is not None and (splits or vocab is None):
         corpus = data.load_corpus(args.data)
         if vocab is None:  # ids as the corpus gives them (no recorded vocabulary)
             vocab = corpus.vocab
@@ -258,9 +274,10 @@ def _cmd_evaluate(args) -> None:
     needed = ([] if args.text is not None else [args.split]) + (
         ["train"] if args.by_frequency else [])
     config, params, corpus, vocab, unknown = _load_model(args, needed)
+    subwords = _subwords(args)
     if args.text is not None:
         from mos_jax import data
-        ids, u = data.encode_text_file(args.text, vocab)
+        ids, u = data.encode_text_file(args.text, vocab, subwords)
         if u is not None:
             _note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
             unknown.append(u)
@@ -281,6 +298,12 @@ def _cmd_evaluate(args) -> None:
               "unknown_tokens": sum(u.tokens for u in unknown if u.split == (
                   None if args.text is not None else args.split)),
               "batch_size": args.batch_size, "bptt": args.bptt}
+    if subwords is not None:  # per word of the text, beside per piece
+        from mos_jax import data
+        words = (data.text_words(args.text) if args.text is not None
+                 else corpus.words_in(args.split))
+        result.update(tokenizer=subwords.describe(),
+                      **_word_perplexity(nll, len(ids), words))
     deliveries = outputs.Deliveries()
     if args.dump:
         result["dump"] = outputs.where(deliveries.array("--dump", args.dump, logp))
@@ -437,9 +460,13 @@ def _cmd_generate(args) -> None:
     # without a prompt, a vocabulary without <eos> starts from the train split's first
     # word: the corpus is read with the weights, once
     config, params, corpus, vocab, _ = _load_model(args, () if prompted else ("train",))
+    subwords = _subwords(args)
     decode = lambda ids: [vocab[int(i)] for i in ids]  # noqa: E731
     shown = []  # the prompt words printed before the sample
-    if prompted:
+    if prompted and subwords is not None:  # the prompt's pieces (a line without <eos>)
+        prompt = subwords.encode([args.prompt], vocab, "the prompt")[:-1]
+        shown = decode(prompt)
+    elif prompted:
         prompt, unknown = data.encode_words(args.prompt.split(), vocab, "the prompt")
         if unknown is not None:
             _note(f"note: {unknown.describe(vocab, 'are read as <unk>')}")
@@ -453,7 +480,11 @@ def _cmd_generate(args) -> None:
     ids, logp = generate.sample(config, params, prompt, args.words,
                                 temperature=args.temperature, seed=args.seed,
                                 return_logprobs=True, timings=timings)
-    text = generate.render(shown + decode(ids))
+    pieces = shown + decode(ids)
+    if subwords is not None:  # pieces back to words
+        from mos_jax import subword
+        pieces = subword.decode_words(pieces)
+    text = generate.render(pieces)
     seconds = timings["sample_seconds"]
     stats = {"words": int(ids.size), "prompt_words": int(prompt.size),
              "temperature": args.temperature, "seed": args.seed,

@@ -42,9 +42,6 @@ SPECIALS = (EOS, UNK)
 MARK = "\u2581"  # the word-start mark of Metaspace pre-tokenisation
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "mos-jax-tokenizer-v1"
-# The Unigram trainer may end a little short of N (its last pruning); within this
-# fraction the result is taken, beyond it N is refused as more than the corpus allows.
-_UNIGRAM_SHORTFALL = 0.02
 
 
 def _library():
@@ -100,19 +97,26 @@ class Subwords:
         return tuple(pieces)
 
     def encode_lines(self, lines: Iterable[str]) -> np.ndarray:
-        """int32 tokenizer ids of `lines`: each line's whitespace words, then `<eos>`."""
-        tok = self.tokenizer
-        words = [line.split() for line in lines]
-        eos = tok.token_to_id(EOS)
-        encoded = tok.encode_batch([w for w in words if w], is_pretokenized=True,
-                                   add_special_tokens=False)
-        out, k = [], 0
-        for w in words:
-            if w:
-                out.extend(encoded[k].ids)
-                k += 1
-            out.append(eos)
-        return np.asarray(out, dtype=np.int32)
+        """int32 tokenizer ids of `lines`: each line's whitespace words, then `<eos>`.
+
+        Every word is encoded on its own (pre-tokenised input: the tokenizer never
+        looks across words), so each distinct word is encoded once and the stream is
+        gathered from those pieces."""
+        index: dict[str, int] = {EOS: 0}
+        stream: list[int] = []
+        for line in lines:
+            stream.extend(index.setdefault(w, len(index)) for w in line.split())
+            stream.append(0)
+        encoded = self.tokenizer.encode_batch([[w] for w in index], is_pretokenized=True,
+                                              add_special_tokens=False)
+        lengths = np.asarray([len(e.ids) for e in encoded], dtype=np.int64)
+        flat = np.asarray([i for e in encoded for i in e.ids], dtype=np.int32)
+        starts = np.cumsum(lengths) - lengths
+        words = np.asarray(stream, dtype=np.int64)
+        n = lengths[words]
+        first = np.repeat(starts[words], n)
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        return flat[first + within]
 
     def encode(self, lines: Iterable[str], vocab: Sequence[str], what: str) -> np.ndarray:
         """`lines` as ids into `vocab` (a run's pieces, in its order), by piece string."""
@@ -189,18 +193,23 @@ def train(kind: str, size: int, train_lines: Sequence[str], name: str) -> Subwor
         tok = lib.Tokenizer(models.Unigram())
         trainer = trainers.UnigramTrainer(vocab_size=size, special_tokens=list(SPECIALS),
                                           unk_token=UNK, show_progress=False)
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(prepend_scheme="always")
     tok.train_from_iterator(_training_text(train_lines), trainer)
     spec = json.loads(tok.to_str())
     if kind == "unigram":
         spec = _canonical_unigram(spec)
     got = len(spec["model"]["vocab"])
-    short = size - got
-    if short > 0 and (kind == "bpe" or short > _UNIGRAM_SHORTFALL * size):
+    if got < size and kind == "bpe":
         raise ConfigError(
             f"--config.data.vocab_size={size} is more than the training split of {name} "
-            f"allows: its {kind} vocabulary stops at {got} pieces; use at most {got}")
+            f"allows: its bpe vocabulary stops at {got} pieces; use at most {got}")
+    if got < size:  # Unigram's pruning can stop short of N (not monotonically in N)
+        raise ConfigError(
+            f"--config.data.vocab_size={size} is more than the unigram trainer reaches on "
+            f"the training split of {name}: it stops at {got} pieces; use "
+            f"--config.data.vocab_size={got} (or bpe, which gives exactly N up to its "
+            "limit)")
     for i, special in enumerate(SPECIALS):  # what the tokenizer's order relies on
         if spec["added_tokens"][i]["content"] != special or spec["added_tokens"][i]["id"] != i:
             raise DataError(f"the {kind} trainer numbered the special tokens "

@@ -1,0 +1,302 @@
+"""Subword vocabularies (data.tokenizer bpe / unigram) and the vocabulary order
+(data.vocab_order): training, determinism, the cache, decoding, word counts, the
+orders checked against counts made here, the one-line refusals, and the commands that
+read text through a run's tokenizer."""
+
+import collections
+import json
+import random
+
+import numpy as np
+import pytest
+
+import numpy_reference as ref
+from conftest import shared_corpus
+from mos_jax import cli, config as config_lib, convert, data, heads, subword, train
+from mos_jax.errors import ConfigError, DataError
+
+pytest.importorskip("tokenizers")
+
+
+def _write_corpus(directory, seed=0):
+    """A small corpus of made-up words (syllables), PTB-like: a leading and trailing
+    space on each line, some `<unk>`s, and words of valid/test never seen in train."""
+    rng = random.Random(seed)
+    syllables = ["ka", "to", "ri", "me", "su", "la", "no", "pe", "di", "bo"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+             for _ in range(150)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 600), ("valid", 60), ("test", 60)):
+        lines = [" " + " ".join(rng.choice(words) if rng.random() > 0.05 else "<unk>"
+                                for _ in range(rng.randint(3, 12))) + " "
+                 for _ in range(n)]
+        if split != "train":
+            lines.append(" zuzu kazu ")  # a word (and a character) train lacks
+        (directory / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def _lines(directory, split):
+    return (directory / f"{split}.txt").read_text().split("\n")[:-1]
+
+
+def _words(lines):  # the word tokenizer's tokens, written out here
+    out = []
+    for line in lines:
+        out.extend(line.split())
+        out.append("<eos>")
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return _write_corpus(tmp_path_factory.mktemp("subword") / "corpus")
+
+
+@pytest.mark.parametrize("kind,n", [("bpe", 120), ("unigram", 80)])
+def test_training_is_deterministic_and_decodes_to_the_words(corpus_dir, kind, n):
+    train_lines = _lines(corpus_dir, "train")
+    a = subword.train(kind, n, train_lines, "c")
+    b = subword.train(kind, n, train_lines, "c")
+    assert a.to_json() == b.to_json()  # byte for byte
+    assert len(a.pieces) == n and a.pieces[:2] == ("<eos>", "<unk>")
+    for split in ("train", "valid"):
+        lines = _lines(corpus_dir, split)
+        ids = a.encode_lines(lines)
+        np.testing.assert_array_equal(ids, b.encode_lines(lines))
+        whole = []  # the library on whole lines (encode_lines encodes distinct words)
+        for line in lines:
+            whole += a.tokenizer.encode(line.split(), is_pretokenized=True).ids + [0]
+        np.testing.assert_array_equal(ids, whole)
+        words = subword.decode_words(a.pieces[i] for i in ids)
+        if split == "train":
+            assert words == _words(lines)
+        else:  # the last line's 'z' is not in the training text: <unk> in its place
+            want = _words(lines[:-1])
+            assert words[:len(want)] == want
+            assert "<unk>" in words[len(want):] and words[-1] == "<eos>"
+    assert subword.count_words(_lines(corpus_dir, "valid")) == len(
+        _words(_lines(corpus_dir, "valid")))
+
+
+def test_the_cache_keeps_tokenizer_and_ids(corpus_dir, tmp_path, monkeypatch):
+    calls = []
+    real = subword.train
+    monkeypatch.setattr(subword, "train", lambda *a: calls.append(a) or real(*a))
+    first = data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=120,
+                             cache_dir=tmp_path)
+    assert len(calls) == 1 and calls[0][:2] == ("bpe", 120)
+    cached = sorted(p.name for p in tmp_path.iterdir())
+    assert len(cached) == 2 and cached[1].endswith(".tokenizer.json")
+    again = data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=120,
+                             cache_dir=tmp_path)
+    assert len(calls) == 1  # neither trained nor tokenised again
+    assert again.vocab == first.vocab and again.subwords.spec == first.subwords.spec
+    for s in data.SPLITS:
+        np.testing.assert_array_equal(again.split(s), first.split(s))
+        assert again.words_in(s) == len(_words(_lines(corpus_dir, s)))
+    # another order: new ids, the same tokenizer (not trained again)
+    freq = data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=120,
+                            order="frequency", cache_dir=tmp_path)
+    assert len(calls) == 1 and len(list(tmp_path.iterdir())) == 3
+    assert freq.vocab != first.vocab
+    assert freq.decode(freq.valid) == first.decode(first.valid)
+    # another N: trained again
+    data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=100, cache_dir=tmp_path)
+    assert len(calls) == 2
+
+
+def _check_frequency_order(vocab, base_tokens):
+    """`vocab` must list the tokens by training count (descending), ties by first
+    occurrence over train, valid, test; `base_tokens` the tokens of each split."""
+    counts = collections.Counter(base_tokens["train"])
+    first = {}
+    for s in data.SPLITS:
+        for t in base_tokens[s]:
+            first.setdefault(t, len(first))
+    met = sorted(first, key=lambda t: (-counts[t], first[t]))
+    assert list(vocab[:len(met)]) == met
+    return met
+
+
+def test_frequency_order_of_words(corpus_dir, tmp_path):
+    tokens = {s: _words(_lines(corpus_dir, s)) for s in data.SPLITS}
+    corpus = data.read_corpus(corpus_dir, order="frequency", cache_dir=tmp_path)
+    met = _check_frequency_order(corpus.vocab, tokens)
+    assert len(met) == corpus.vocab_size
+    assert corpus.vocab[-2:] == ("zuzu", "kazu")  # only in valid/test: last
+    for s in data.SPLITS:
+        assert corpus.decode(corpus.split(s)) == tokens[s]
+    # the default order is first occurrence, as before (ids by a dict built here)
+    default = data.read_corpus(corpus_dir, cache_dir=tmp_path)
+    want = list(dict.fromkeys(tokens["train"] + tokens["valid"] + tokens["test"]))
+    assert list(default.vocab) == want
+    np.testing.assert_array_equal(default.train, [want.index(t) for t in tokens["train"]])
+    # the first-occurrence cache keeps the key of earlier versions
+    names = {p.name for p in tmp_path.iterdir()}
+    digest = data.files_digest([corpus_dir / f"{s}.txt" for s in data.SPLITS])
+    assert names == {f"{digest}.npz", f"{digest}-word-frequency.npz"}
+
+
+def test_frequency_order_of_subwords(corpus_dir, tmp_path):
+    base = data.read_corpus(corpus_dir, tokenizer="unigram", vocab_size=80,
+                            cache_dir=tmp_path)
+    assert base.vocab == base.subwords.pieces  # first: the tokenizer's own ids
+    freq = data.read_corpus(corpus_dir, tokenizer="unigram", vocab_size=80,
+                            order="frequency", cache_dir=tmp_path)
+    pieces = {s: base.decode(base.split(s)) for s in data.SPLITS}
+    met = _check_frequency_order(freq.vocab, pieces)
+    unmet = [p for p in base.vocab if p not in met]  # never met: tokenizer order
+    assert list(freq.vocab[len(met):]) == unmet
+    for s in data.SPLITS:
+        assert freq.decode(freq.split(s)) == pieces[s]
+    # text read through the run's tokenizer lands on the run's (frequency) ids
+    np.testing.assert_array_equal(
+        freq.subwords.encode(_lines(corpus_dir, "test"), freq.vocab, "t"), freq.test)
+
+
+def test_auto_order_follows_the_head(monkeypatch):
+    c = config_lib.default_config()
+    assert train.vocab_order(c) == "first"  # mos: the ids of every earlier version
+
+    class Wants:
+        wants_frequency_order = True
+    monkeypatch.setitem(heads.HEADS, "wants_frequency", Wants)
+    c.model.head = "wants_frequency"
+    assert train.vocab_order(c) == "frequency"
+    c.data.vocab_order = "first"
+    assert train.vocab_order(c) == "first"
+
+
+def _config(**data_keys):
+    c = config_lib.default_config()
+    for k, v in data_keys.items():
+        c.data[k] = v
+    return c
+
+
+@pytest.mark.parametrize("keys,words", [
+    ({"vocab_size": 500}, ["data.vocab_size=500 is ignored by data.tokenizer=word"]),
+    ({"tokenizer": "bpe"}, ["needs the number of subword pieces",
+                            "--config.data.vocab_size=N"]),
+    ({"tokenizer": "unigram", "vocab_size": 50, "dir": "synthetic"},
+     ["cannot read the synthetic corpus", "tokenizer=word"]),
+    ({"tokenizer": "bpe", "vocab_size": 50, "dir": "tfds:ptb_text_only"},
+     ["cannot read tfds:ptb_text_only"]),
+])
+def test_bad_combinations_are_refused_in_one_line(keys, words):
+    with pytest.raises(ConfigError) as e:
+        config_lib.validate(_config(**keys))
+    assert "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+    with pytest.raises(ConfigError):  # and before any corpus loads
+        train.load_corpus_from(_config(**keys))
+
+
+def test_sizes_out_of_range_are_refused(corpus_dir, tmp_path):
+    chars = set("".join(w for w in _words(_lines(corpus_dir, "train"))
+                        if w not in ("<unk>", "<eos>")))
+    least = 2 + 1 + len(chars)  # specials, the word mark, the characters
+    with pytest.raises(ConfigError, match=f"too small.*use at least {least}$"):
+        data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=least - 1,
+                         cache_dir=tmp_path)
+    assert len(data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=least,
+                                cache_dir=tmp_path).vocab) == least
+    with pytest.raises(ConfigError, match=r"more than the training split .* allows: its "
+                       r"bpe vocabulary stops at (\d+) pieces; use at most \1$") as e:
+        data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=5000, cache_dir=tmp_path)
+    most = int(str(e.value).rsplit(" ", 1)[1])
+    assert least < most < 5000
+    assert data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=most,
+                            cache_dir=tmp_path).vocab_size == most
+
+
+def _fake_run(workdir, **data_keys):
+    (workdir / "checkpoints" / "1").mkdir(parents=True)
+    saved = json.loads(config_lib.to_json(_config(**data_keys)))
+    (workdir / "config.json").write_text(json.dumps(saved))
+
+
+def test_a_resume_with_another_tokenizer_or_order_is_refused(corpus_dir, tmp_path):
+    _fake_run(tmp_path / "bpe", tokenizer="bpe", vocab_size=120)
+    with pytest.raises(ConfigError, match="this run was trained with tokenizer bpe 120; "
+                       "--config.data.tokenizer=unigram --config.data.vocab_size=120"):
+        train._config_changes(_config(tokenizer="unigram", vocab_size=120),
+                              tmp_path / "bpe", print)
+    with pytest.raises(ConfigError, match="trained with tokenizer bpe 120; "
+                       "--config.data.tokenizer=word"):
+        train._config_changes(_config(), tmp_path / "bpe", print)
+    assert train._config_changes(_config(tokenizer="bpe", vocab_size=120),
+                                 tmp_path / "bpe", print) == {}
+    # another order: the same words, other ids; the vocabulary check says so
+    work = tmp_path / "order"
+    _fake_run(work, dir=str(corpus_dir))
+    data.save_vocab(work, data.read_corpus(corpus_dir, cache_dir=tmp_path).vocab)
+    freq = data.read_corpus(corpus_dir, order="frequency", cache_dir=tmp_path)
+    with pytest.raises(DataError, match="same words in another order .*data.vocab_order"):
+        train._check_vocabulary(_config(vocab_order="frequency"), work, "train", freq)
+
+
+def test_ptb_bpe_round_trip():
+    ptb = shared_corpus("ptb")  # (read_corpus's whole path is tested on a small corpus)
+    bpe = subword.train("bpe", 500, _lines(ptb, "train"), "ptb")
+    assert len(bpe.pieces) == 500 and bpe.pieces[:2] == ("<eos>", "<unk>")
+    lines = _lines(ptb, "valid")
+    ids = bpe.encode_lines(lines)
+    valid = _words(lines)
+    assert subword.count_words(lines) == len(valid)  # 73,760 words with <eos>
+    assert subword.decode_words(bpe.pieces[i] for i in ids) == valid
+    assert len(ids) > 1.5 * len(valid)  # pieces, not words
+
+
+@pytest.fixture(scope="module")
+def subword_weights(corpus_dir, tmp_path_factory):
+    """Random reference-layout weights over the corpus's bpe 120 pieces, recorded with
+    the tokenizer and vocabulary as a run records them."""
+    corpus = data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=120,
+                              order="frequency",
+                              cache_dir=tmp_path_factory.mktemp("cache"))
+    state = ref.random_state(np.random.default_rng(0), vocab=corpus.vocab_size, emsize=4,
+                             nhid=6, nhidlast=5, nlayers=2, n_experts=2, head="mos",
+                             scale=0.3)
+    out = tmp_path_factory.mktemp("weights")
+    np.savez(out / "w.npz", **state)
+    convert.save_weights(out, *convert.load_reference_npz(out / "w.npz"))
+    data.save_vocab(out, corpus.vocab)
+    data.save_subwords(out, corpus.subwords)
+    return corpus, state, out
+
+
+def test_evaluate_text_reads_it_through_the_tokenizer(subword_weights, corpus_dir,
+                                                      tmp_path, capsys):
+    corpus, state, weights = subword_weights
+    text = tmp_path / "t.txt"
+    lines = _lines(corpus_dir, "test")[:8]
+    text.write_text("\n".join(lines) + "\n")
+    assert cli.main(["evaluate", "--weights", str(weights), "--text", str(text),
+                     "--batch-size", "1", "--bptt", "20"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ids = corpus.subwords.encode(lines, corpus.vocab, "t")
+    assert subword.decode_words(corpus.decode(ids)) == _words(lines)
+    want = ref.token_logprobs(state, ids, 1, 20, "mos")
+    n_words = len(_words(lines))
+    assert result["tokens"] == want.size == len(ids) - 1
+    assert result["ppl"] == pytest.approx(float(np.exp(-want.mean())), rel=1e-5)
+    assert result["words"] == n_words and result["tokenizer"] == "bpe 120"
+    assert result["word_perplexity"] == pytest.approx(
+        float(np.exp(-want.mean() * len(ids) / n_words)), rel=1e-5)
+
+
+def test_generate_encodes_the_prompt_and_prints_words(subword_weights, capsys):
+    corpus, _, weights = subword_weights
+    prompt = "sukame ka <unk> topeme"
+    assert cli.main(["generate", "--weights", str(weights), "--prompt", prompt,
+                     "--words", "25", "--seed", "1"]) == 0
+    out = capsys.readouterr()
+    stats = json.loads(out.err.strip().splitlines()[-1])
+    prompt_ids = corpus.subwords.encode([prompt], corpus.vocab, "p")[:-1]
+    assert stats["prompt_words"] == len(prompt_ids) > 4  # pieces, not words
+    text = out.out.rstrip("\n")
+    assert text.startswith(prompt)  # words, spaces restored: no pieces, no marks
+    assert subword.MARK not in text
