@@ -4,8 +4,10 @@ orders checked against counts made here, the one-line refusals, and the commands
 read text through a run's tokenizer."""
 
 import collections
+import importlib.util
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,10 @@ from conftest import shared_corpus
 from mos_jax import cli, config as config_lib, convert, data, heads, subword, train
 from mos_jax.errors import ConfigError, DataError
 
-pytest.importorskip("tokenizers")
+needs_tokenizers = pytest.mark.skipif(
+    importlib.util.find_spec("tokenizers") is None,
+    reason="the Hugging Face tokenizers package is not installed")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _write_corpus(directory, seed=0):
@@ -53,6 +58,7 @@ def corpus_dir(tmp_path_factory):
     return _write_corpus(tmp_path_factory.mktemp("subword") / "corpus")
 
 
+@needs_tokenizers
 @pytest.mark.parametrize("kind,n", [("bpe", 120), ("unigram", 80)])
 def test_training_is_deterministic_and_decodes_to_the_words(corpus_dir, kind, n):
     train_lines = _lines(corpus_dir, "train")
@@ -79,6 +85,7 @@ def test_training_is_deterministic_and_decodes_to_the_words(corpus_dir, kind, n)
         _words(_lines(corpus_dir, "valid")))
 
 
+@needs_tokenizers
 def test_the_cache_keeps_tokenizer_and_ids(corpus_dir, tmp_path, monkeypatch):
     calls = []
     real = subword.train
@@ -138,6 +145,7 @@ def test_frequency_order_of_words(corpus_dir, tmp_path):
     assert names == {f"{digest}.npz", f"{digest}-word-frequency.npz"}
 
 
+@needs_tokenizers
 def test_frequency_order_of_subwords(corpus_dir, tmp_path):
     base = data.read_corpus(corpus_dir, tokenizer="unigram", vocab_size=80,
                             cache_dir=tmp_path)
@@ -158,6 +166,8 @@ def test_frequency_order_of_subwords(corpus_dir, tmp_path):
 def test_auto_order_follows_the_head(monkeypatch):
     c = config_lib.default_config()
     assert train.vocab_order(c) == "first"  # mos: the ids of every earlier version
+    tiny = config_lib.load_config(str(CONFIGS / "tiny.py"))
+    assert train.load_corpus_from(tiny).vocab == tuple(f"w{i}" for i in range(50))
 
     class Wants:
         wants_frequency_order = True
@@ -194,6 +204,7 @@ def test_bad_combinations_are_refused_in_one_line(keys, words):
         train.load_corpus_from(_config(**keys))
 
 
+@needs_tokenizers
 def test_sizes_out_of_range_are_refused(corpus_dir, tmp_path):
     chars = set("".join(w for w in _words(_lines(corpus_dir, "train"))
                         if w not in ("<unk>", "<eos>")))
@@ -238,6 +249,7 @@ def test_a_resume_with_another_tokenizer_or_order_is_refused(corpus_dir, tmp_pat
         train._check_vocabulary(_config(vocab_order="frequency"), work, "train", freq)
 
 
+@needs_tokenizers
 def test_ptb_bpe_round_trip():
     ptb = shared_corpus("ptb")  # (read_corpus's whole path is tested on a small corpus)
     bpe = subword.train("bpe", 500, _lines(ptb, "train"), "ptb")
@@ -268,6 +280,7 @@ def subword_weights(corpus_dir, tmp_path_factory):
     return corpus, state, out
 
 
+@needs_tokenizers
 def test_evaluate_text_reads_it_through_the_tokenizer(subword_weights, corpus_dir,
                                                       tmp_path, capsys):
     corpus, state, weights = subword_weights
@@ -288,6 +301,7 @@ def test_evaluate_text_reads_it_through_the_tokenizer(subword_weights, corpus_di
         float(np.exp(-want.mean() * len(ids) / n_words)), rel=1e-5)
 
 
+@needs_tokenizers
 def test_generate_encodes_the_prompt_and_prints_words(subword_weights, capsys):
     corpus, _, weights = subword_weights
     prompt = "sukame ka <unk> topeme"
