@@ -4,6 +4,7 @@
     mos-jax study [--config FILE] [--transformer-config FILE] [--heads softmax,mos]
                   [--widths 8,16,32,64] [--encoders lstm,transformer] [--steps N]
                   [--evals E] [--workdir runs/study] [--config.KEY=VALUE ...]
+    mos-jax study --config FILE --vocab-sizes 2000,8000 [--widths D] [--heads ...]
     mos-jax compare-heads --config FILE --heads softmax,mos,... [--workdir DIR]
                           [--steps N | --time-budget S] [--config.KEY=VALUE ...]
     mos-jax train --config configs/ptb.py [--workdir DIR] [--config.KEY=VALUE ...]
@@ -590,6 +591,9 @@ def _cmd_study(args) -> None:
     from mos_jax import config as config_lib
     from mos_jax import study
     overrides = config_lib.parse_overrides(args.overrides)
+    if args.vocab_sizes is not None:
+        return _vocab_study(args, overrides)
+    args.widths = args.widths or ",".join(map(str, study.DEFAULT_WIDTHS))
     encoders = study.parse_encoders(args.encoders)
     if args.config is None and args.transformer_config is None:
         defaults = study.synthetic_configs()
@@ -613,6 +617,34 @@ def _cmd_study(args) -> None:
                               steps=args.steps, evals=args.evals,
                               rank_contexts=args.rank_contexts, log=print)
     print(f"wrote {summary['markdown']}, {summary['json']} and {summary['plot']}")
+
+
+def _vocab_study(args, overrides) -> None:
+    """study --vocab-sizes: heads x bpe vocabulary sizes at one width (the config's, or
+    one --widths), on --config's corpus directory."""
+    from mos_jax import config as config_lib
+    from mos_jax import study
+    if args.config is None:
+        raise MosJaxError("--vocab-sizes trains bpe vocabularies on a corpus directory: "
+                          "give its config with --config FILE (e.g. configs/ptb.py)")
+    width = None
+    if args.widths is not None:
+        widths = study.parse_widths(args.widths)
+        if len(widths) > 1:
+            raise MosJaxError(f"--vocab-sizes runs at one width, got --widths "
+                              f"{args.widths}: give one width (or none: the config's)")
+        width = widths[0]
+    for flag, value in (("--steps", args.steps), ("--evals", args.evals)):
+        if value is not None and value < 1:
+            raise MosJaxError(f"{flag} must be at least 1, got {value}")
+    config = config_lib.load_config(args.config, overrides)
+    workdir = args.workdir if args.workdir != Path("runs/study") else Path(
+        "runs/vocab-study")
+    summary = study.run_vocab_study(config, args.heads, args.vocab_sizes, workdir,
+                                    width=width, steps=args.steps, evals=args.evals,
+                                    rank_contexts=args.rank_contexts, log=print)
+    print(f"wrote {workdir / 'vocab_study.md'}, {workdir / 'vocab_study.json'} and "
+          f"{summary['plot']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -830,8 +862,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "transformer encoder (default: --config)")
     p.add_argument("--heads", default="softmax,mos", help="comma-separated head names "
                    "(default softmax,mos)")
-    p.add_argument("--widths", default="8,16,32,64", help="comma-separated widths d: "
-                   "emsize and the encoder's output width (default 8,16,32,64)")
+    p.add_argument("--widths", default=None, help="comma-separated widths d: "
+                   "emsize and the encoder's output width (default 8,16,32,64; with "
+                   "--vocab-sizes one width, default the config's)")
+    p.add_argument("--vocab-sizes", default=None, metavar="N,N,...",
+                   help="the vocabulary study instead: one run per head and bpe "
+                   "vocabulary size (data.tokenizer=bpe, data.vocab_size=N, trained on "
+                   "--config's corpus directory) at one width; validation perplexity "
+                   "per word and rank (default workdir runs/vocab-study)")
     p.add_argument("--encoders", default="lstm,transformer",
                    help="comma-separated encoders (default lstm,transformer)")
     p.add_argument("--steps", type=int, default=3000, help="train steps per run "

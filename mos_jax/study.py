@@ -21,6 +21,10 @@ like the demo's and a 1-block Transformer trained with AdamW; 3,000 steps per ru
 (6 validated epochs of 500). Pass
 configs of your own for a real corpus (see the README's Findings for PTB).
 
+`run_vocab_study` (`mos-jax study --vocab-sizes`) is the same measurement across BPE
+vocabulary sizes of a corpus directory at one width, reported per word
+(`vocab_study.json`, `.md`, `.png`).
+
 Written into `workdir`: `study.json` (every measurement), `study.md` (the table) and
 `study.png` (validation perplexity and rank against width, one line per head and
 encoder). Run (encoder, width) trains in `workdir/ENCODER-wWIDTH/HEAD`; `study.json`
@@ -413,6 +417,202 @@ def plot_study(summary: dict, out_png: str | Path, dpi: int = 100) -> Path:
         ax_r.set_ylabel("empirical rank of the log-probability matrix")
         data = ", ".join(sorted(set(summary["data"].values())))
         fig.suptitle(f"width study on {data}, V={summary['vocab_size']}")
+        fig.tight_layout()
+        out = Path(out_png)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi)
+        return out
+    finally:
+        plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# The vocabulary study: heads x BPE vocabulary sizes at one width, per word.
+
+def parse_vocab_sizes(text: str | Sequence[int]) -> list[int]:
+    """Vocabulary sizes from "2000,8000" (or a list): distinct, at least 4, in order."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    sizes = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        try:
+            n = int(item)
+        except ValueError:
+            raise ConfigError(f"vocabulary size {item!r} is not a whole number: give "
+                              "sizes like --vocab-sizes 2000,8000") from None
+        if n < 4:
+            raise ConfigError(f"vocabulary size {n} is too small: a bpe vocabulary "
+                              "holds at least its 2 special tokens, ▁ and the characters")
+        if n in sizes:
+            raise ConfigError(f"vocabulary size {n} given twice: list each size once")
+        sizes.append(n)
+    if not sizes:
+        raise ConfigError("give at least one vocabulary size, e.g. --vocab-sizes 2000,8000")
+    return sizes
+
+
+def vocab_config(config: config_lib.ConfigDict, size: int, width: int | None
+                 ) -> config_lib.ConfigDict:
+    """A copy of `config` on a bpe vocabulary of `size` pieces (at `width`, if given)."""
+    c = config.copy_and_resolve_references() if width is None else width_config(config,
+                                                                                 width)
+    c.data.tokenizer = "bpe"
+    c.data.vocab_size = int(size)
+    return c
+
+
+def word_perplexity(token_ppl: float, tokens: int, words: int) -> float:
+    """Perplexity per word of a text of `words` words (`<eos>` counted) that a subword
+    model scores as `tokens` pieces at `token_ppl` per piece: exp(log(ppl) * tokens /
+    words)."""
+    return math.exp(math.log(token_ppl) * tokens / words)
+
+
+def run_vocab_study(config: config_lib.ConfigDict,
+                    heads: str | Sequence[str] = DEFAULT_HEADS,
+                    vocab_sizes: str | Sequence[int] = (2000, 8000),
+                    workdir: str | Path = "runs/vocab-study", *, width: int | None = None,
+                    steps: int | None = DEFAULT_STEPS, evals: int | None = DEFAULT_EVALS,
+                    rank_contexts: int = 2000, log: Callable[[str], None] = print,
+                    isolate: bool = True, plot: bool = True) -> dict:
+    """Train every head on BPE vocabularies of each size of `vocab_sizes` (trained on
+    `config`'s corpus directory), at one width, with one budget; per-word validation
+    perplexity and rank, as a table, JSON and a plot.
+
+    `width`: the softmax-bounding width (`width_config`); None keeps the config's.
+    Every tokenizer is trained (or read from the cache) and every size checked before
+    anything trains: a size the corpus cannot reach is refused in one line. Runs train
+    in `workdir/bpeN/HEAD` (`compare.compare_heads`: finished runs are reused,
+    interrupted ones resumed). Written into `workdir`: `vocab_study.json`,
+    `vocab_study.md`, `vocab_study.png`. Rows: `vocab_size`, `head`, `params`,
+    `valid_ppl` (per piece), `valid_word_ppl` (per word of the word-level text,
+    `<eos>` counted), `pieces_per_word`, `rank`, `rank_contexts`, `steps`, `epochs`,
+    `train_wall_s`.
+    """
+    from mos_jax import compare
+    from mos_jax import train
+    start = time.perf_counter()
+    head_names = compare.parse_heads(heads)
+    sizes = parse_vocab_sizes(vocab_sizes)
+    if width is not None:
+        parse_widths([width])
+    if steps is not None and steps < 1:
+        raise ConfigError(f"the step budget must be at least 1, got {steps}")
+    cells = []
+    for size in sizes:  # every error (config, corpus, size) before any training
+        c = vocab_config(config, size, width)
+        config_lib.validate(c, unknown_ok=True)
+        corpus = train.load_corpus_from(c)
+        budget = compare.budget_config(c, steps=steps, evals=evals)
+        for head in head_names:
+            compare.head_config(budget, head)
+        cells.append((size, c, len(corpus.valid), corpus.words_in("valid")))
+    workdir = Path(workdir)
+    outputs.make_folder("--workdir", workdir)
+    summary = {"heads": head_names, "vocab_sizes": sizes, "width": width,
+               "encoder": str(config.model.get("encoder", "lstm")),
+               "budget": {"steps": steps, "evals": evals}, "seed": int(config.train.seed),
+               "data": str(config.data.dir), "rows": []}
+    for i, (size, c, tokens, words) in enumerate(cells, 1):
+        log(f"vocab study: [{i}/{len(cells)}] bpe {size}: {', '.join(head_names)}")
+        result = compare.compare_heads(
+            c, head_names, workdir / f"bpe{size}", steps=steps, evals=evals,
+            rank_contexts=rank_contexts, isolate=isolate, plot=False,
+            log=lambda line: None)
+        for head in head_names:
+            h = result["heads"][head]
+            row = {"vocab_size": size, "head": head, "params": h["params"],
+                   "valid_ppl": h["valid_ppl"],
+                   "valid_word_ppl": word_perplexity(h["valid_ppl"], tokens, words),
+                   "pieces_per_word": tokens / words, "rank": h["rank"],
+                   "rank_contexts": h["rank_contexts"], "steps": h["steps"],
+                   "epochs": h["epochs"], "train_wall_s": h.get("train_wall_s")}
+            summary["rows"].append(row)
+            log(f"vocab study:   {head:>10}: valid ppl {row['valid_ppl']:.2f} per piece, "
+                f"{row['valid_word_ppl']:.2f} per word, rank {row['rank']} "
+                f"(N={row['rank_contexts']})")
+        _write_vocab(summary, workdir, start, log)
+    deliveries = outputs.Deliveries()
+    if plot:
+        summary["plot"] = outputs.where(deliveries.write(
+            "", workdir / "vocab_study.png", lambda path: plot_vocab_study(summary, path)))
+    _write_vocab(summary, workdir, start, log, deliveries)
+    for line in summary["table"]:
+        log(line)
+    deliveries.check()
+    return summary
+
+
+def _write_vocab(summary: dict, workdir: Path, start: float, log: Callable[[str], None],
+                 deliveries: outputs.Deliveries | None = None) -> None:
+    summary["wall_time_s"] = time.perf_counter() - start
+    summary["table"] = format_vocab_table(summary)
+    texts = (("vocab_study.md", "\n".join(summary["table"]) + "\n"),
+             ("vocab_study.json", json.dumps(summary, indent=2) + "\n"))
+    if deliveries is None:
+        try:
+            for name, text in texts:
+                outputs.write_bytes(workdir / name, text.encode())
+        except OSError as e:
+            log(f"vocab study: could not write {workdir / name} ({e.strerror or e}); "
+                "trying again after the next run")
+        return
+    for name, text in texts:
+        deliveries.text("", workdir / name, text)
+
+
+def format_vocab_table(summary: dict) -> list[str]:
+    """The vocabulary study as markdown lines, one row per head and size."""
+    b = summary["budget"]
+    budget = (f"{b['steps']:,} steps in {b['evals'] or 'the default'} epochs per run"
+              if b["steps"] is not None else "the config's own epochs")
+    width = summary["width"] if summary["width"] is not None else "the config's"
+    lines = [f"Vocabulary study on {summary['data']} (bpe), {summary['encoder']} encoder, "
+             f"width {width}, seed {summary['seed']}, budget: {budget}.", "",
+             "| head | vocab | pieces/word | params | valid ppl (piece) | "
+             "valid ppl (word) | rank |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = sorted(summary["rows"], key=lambda r: (summary["heads"].index(r["head"]),
+                                                  r["vocab_size"]))
+    for r in rows:
+        lines.append(f"| {r['head']} | {r['vocab_size']:,} | {r['pieces_per_word']:.3f} | "
+                     f"{r['params']:,} | {r['valid_ppl']:.2f} | {r['valid_word_ppl']:.2f} "
+                     f"| {r['rank']} |")
+    lines += ["", "Valid ppl (word): per word of the word-level validation text, <eos> "
+              "counted as a word, exp(piece NLL x pieces / words), so the sizes compare. "
+              "Rank: numerical rank of the [N, V] log-probability matrix over the first "
+              "N = min(V, cap) validation contexts."]
+    return lines
+
+
+def plot_vocab_study(summary: dict, out_png: str | Path, dpi: int = 100) -> Path:
+    """Per-word validation perplexity (left) and rank (right) against vocabulary
+    size, one line per head."""
+    from mos_jax.plot import pyplot
+    plt = pyplot()
+    fig, (ax_p, ax_r) = plt.subplots(1, 2, figsize=(11.0, 4.5), dpi=dpi)
+    try:
+        for head in summary["heads"]:
+            rows = sorted((r for r in summary["rows"] if r["head"] == head),
+                          key=lambda r: r["vocab_size"])
+            v = [r["vocab_size"] for r in rows]
+            ax_p.plot(v, [r["valid_word_ppl"] for r in rows], marker="o", label=head)
+            ax_r.plot(v, [r["rank"] for r in rows], marker="o", label=head)
+        from matplotlib import ticker
+        sizes = sorted(summary["vocab_sizes"])
+        for ax in (ax_p, ax_r):
+            ax.set_xscale("log")
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([f"{v:,}" for v in sizes])
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+            ax.set_xlabel("bpe vocabulary size")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize="small")
+        ax_p.set_ylabel("validation perplexity per word")
+        ax_r.set_ylabel("empirical rank of the log-probability matrix")
+        fig.suptitle(f"vocabulary study on {summary['data']}")
         fig.tight_layout()
         out = Path(out_png)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -314,3 +314,50 @@ def test_generate_encodes_the_prompt_and_prints_words(subword_weights, capsys):
     text = out.out.rstrip("\n")
     assert text.startswith(prompt)  # words, spaces restored: no pieces, no marks
     assert subword.MARK not in text
+
+
+@needs_tokenizers
+def test_vocab_study_reports_per_word_and_checks_sizes_first(corpus_dir, tmp_path,
+                                                             monkeypatch):
+    from mos_jax import compare, study
+    base = config_lib.load_config(str(CONFIGS / "tiny.py"))
+    base.data.dir = str(corpus_dir)
+    trained = []
+
+    def fake_compare(config, heads, workdir, **kw):  # what compare_heads measures
+        trained.append((config.data.tokenizer, config.data.vocab_size,
+                        config.model.emsize))
+        return {"heads": {h: {"params": 1, "valid_ppl": 50.0 + i, "rank": 7,
+                              "rank_contexts": 60, "steps": 4, "epochs": 2}
+                          for i, h in enumerate(heads)}}
+    monkeypatch.setattr(compare, "compare_heads", fake_compare)
+    with pytest.raises(ConfigError, match="bpe vocabulary stops at"):
+        study.run_vocab_study(base, "softmax", "60,5000", tmp_path / "no", steps=4,
+                              evals=2, log=lambda line: None)
+    assert trained == []  # refused before anything trained
+    out = study.run_vocab_study(base, "softmax,mos", "60,100", tmp_path / "vs", width=8,
+                                steps=4, evals=2, log=lambda line: None, plot=False)
+    assert trained == [("bpe", 60, 8), ("bpe", 100, 8)]
+    words = len(_words(_lines(corpus_dir, "valid")))
+    for row in out["rows"]:
+        pieces = data.read_corpus(corpus_dir, tokenizer="bpe",
+                                  vocab_size=row["vocab_size"]).valid.size
+        ppl = 50.0 + ("softmax", "mos").index(row["head"])
+        assert row["valid_word_ppl"] == pytest.approx(ppl ** (pieces / words))
+    assert (tmp_path / "vs" / "vocab_study.md").read_text().count("| mos |") == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vocab-sizes", "60"], "give its config with --config FILE"),
+    (["--config", "configs/tiny.py", "--vocab-sizes", "60", "--widths", "8,16"],
+     "one width"),
+    (["--config", "configs/tiny.py", "--vocab-sizes", "60,60"], "given twice"),
+    (["--config", "configs/tiny.py", "--vocab-sizes", "60"],
+     "cannot read the synthetic corpus"),
+])
+def test_vocab_study_arguments_fail_before_any_training(argv, message, tmp_path, capsys):
+    workdir = tmp_path / "study"
+    assert cli.main(["study", "--workdir", str(workdir), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not workdir.exists()
