@@ -538,11 +538,11 @@ def problems(config, unknown_ok: bool = False) -> list[str]:
                 found.append(f"--config.{name}={value!r} is out of range: {name} must "
                              f"be {key.check} ({key.doc})")
     if not found:
-        found.extend(_data_problems(config))
+        found.extend(data_problems(config))
     return found
 
 
-def _data_problems(config) -> list[str]:
+def data_problems(config) -> list[str]:
     """The data keys that only make sense together (tokenizer, vocab_size, source)."""
     data = config.get("data") if hasattr(config, "get") else None
     if data is None or "tokenizer" not in data:

@@ -93,7 +93,7 @@ def tokenizer_of(config) -> tuple[str, int]:
 
 
 def load_corpus_from(config) -> data_lib.Corpus:
-    problems = config_lib._data_problems(config)  # before anything loads
+    problems = config_lib.data_problems(config)  # before anything loads
     if problems:
         raise ConfigError(problems[0])
     source, order = config.data.dir, vocab_order(config)
