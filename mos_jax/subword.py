@@ -81,7 +81,8 @@ class Subwords:
                        json.dumps(record["tokenizer"], ensure_ascii=False))
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{where} is damaged or of another version ({e}): the "
-                            "tokenizer cannot be read; delete it to train it again") from None
+                            "tokenizer cannot be read; delete it to train it "
+                            "again") from None
 
     @functools.cached_property
     def tokenizer(self):
@@ -210,8 +211,14 @@ def train(kind: str, size: int, train_lines: Sequence[str], name: str) -> Subwor
             f"the training split of {name}: it stops at {got} pieces; use "
             f"--config.data.vocab_size={got} (or bpe, which gives exactly N up to its "
             "limit)")
+    if got > size:  # Unigram, at N close to the alphabet: it keeps more than N
+        raise ConfigError(
+            f"--config.data.vocab_size={size} is too small for the unigram trainer on the "
+            f"training split of {name}: it keeps {got} pieces (the special tokens, {MARK}, "
+            f"the characters and more); use a larger N")
     for i, special in enumerate(SPECIALS):  # what the tokenizer's order relies on
-        if spec["added_tokens"][i]["content"] != special or spec["added_tokens"][i]["id"] != i:
+        added = spec["added_tokens"][i]
+        if added["content"] != special or added["id"] != i:
             raise DataError(f"the {kind} trainer numbered the special tokens "
                             f"{spec['added_tokens']}, not {SPECIALS}")
     text = lib.Tokenizer.from_str(json.dumps(spec, ensure_ascii=False)).to_str()

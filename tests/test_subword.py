@@ -214,6 +214,10 @@ def test_sizes_out_of_range_are_refused(corpus_dir, tmp_path):
                          cache_dir=tmp_path)
     assert len(data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=least,
                                 cache_dir=tmp_path).vocab) == least
+    with pytest.raises(ConfigError, match=r"too small for the unigram trainer.* it keeps "
+                       r"\d+ pieces .*use a larger N$"):  # it overshoots at the least N
+        data.read_corpus(corpus_dir, tokenizer="unigram", vocab_size=least,
+                         cache_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"more than the training split .* allows: its "
                        r"bpe vocabulary stops at (\d+) pieces; use at most \1$") as e:
         data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=5000, cache_dir=tmp_path)
