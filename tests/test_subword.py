@@ -86,6 +86,25 @@ def test_training_is_deterministic_and_decodes_to_the_words(corpus_dir, kind, n)
 
 
 @needs_tokenizers
+def test_unigram_is_deterministic_with_characters_it_adds_at_the_end():
+    """The Unigram trainer adds the characters its model lacks at the bottom, with
+    scores stepped by 1e-4 in the order of a hash set (another on each training): the
+    tokenizer's JSON and ids must not depend on that order."""
+    rng = random.Random(0)
+    syllables = ["ka", "to", "ri", "me", "su", "la", "no", "pe", "di", "bo"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+             for _ in range(150)]
+    lines = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)]
+    lines += [f"ka{chr(0x3b1 + i)}to" for i in range(20)]  # 20 rare characters
+    texts = {subword.train("unigram", 80, lines, "c").to_json() for _ in range(4)}
+    assert len(texts) == 1
+    vocab = json.loads(texts.pop())["tokenizer"]["model"]["vocab"]
+    tail = [p for p, s in vocab if s < vocab[-1][1] + 0.01]  # the added ones
+    assert all(len(p) == 1 for p in tail) and tail == sorted(tail)
+    assert [chr(0x3b1 + i) for i in range(20)] == [p for p in tail if p >= "\u03b1"]
+
+
+@needs_tokenizers
 def test_the_cache_keeps_tokenizer_and_ids(corpus_dir, tmp_path, monkeypatch):
     calls = []
     real = subword.train
