@@ -926,6 +926,16 @@ def _finish(config, record, store, model_config, corpus, metrics, abstract, log)
     return result
 
 
+def _saved_data(data: dict) -> dict:
+    """The data section of a `config.json` with the synthetic-corpus keys added later
+    (data.synthetic.structure, ...) at their defaults: a run started before them used
+    what those defaults describe."""
+    if not isinstance(data.get("synthetic"), dict):
+        return data
+    declared = config_lib.default_config().data.synthetic.to_dict()
+    return {**data, "synthetic": {**declared, **data["synthetic"]}}
+
+
 def _finetune_data(config, workdir: Path, data_given: Sequence[str],
                    log: Callable[[str], None]):
     """`config` with the data section of the run this finetune continues.
@@ -951,6 +961,7 @@ def _finetune_data(config, workdir: Path, data_given: Sequence[str],
         return config
     if not isinstance(theirs, dict):
         return config
+    theirs = _saved_data(theirs)
     ours = config.data.to_dict()
     given = {key.split(".")[0] for key in data_given}
     taken = {key: value for key, value in theirs.items()
@@ -1056,11 +1067,8 @@ def _config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
             f"{new['optim']['name']!r}, and its checkpoints hold that optimiser's "
             "state: resume it with its own config (omit --config), or use a new "
             "--workdir")
-    # Synthetic-corpus keys added later (data.synthetic.structure, ...) read as their
-    # defaults in a run started before them, which used what those defaults describe.
-    if isinstance(old.get("data", {}).get("synthetic"), dict):
-        declared = config_lib.default_config().data.synthetic.to_dict()
-        old["data"]["synthetic"] = {**declared, **old["data"]["synthetic"]}
+    if isinstance(old.get("data"), dict):
+        old["data"] = _saved_data(old["data"])
     for section in ("model", "data"):
         for key, value in new.get(section, {}).items():
             if section == "data" and key not in _LAYOUT_DATA:

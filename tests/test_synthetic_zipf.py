@@ -149,6 +149,37 @@ def test_a_run_from_before_the_zipf_keys_resumes(tmp_path):
         train._config_changes(cfg, tmp_path, print)
 
 
+def test_a_finetune_of_a_run_from_before_the_zipf_keys_resumes(tmp_path):
+    """A finetune takes its data section from its run's config.json: one written
+    before the zipf keys reads them as their defaults, so the finetune's own
+    config.json has them and its resume compares equal."""
+    import json
+    cfg = config_lib.default_config()
+    cfg.data.dir = "synthetic"
+    saved = json.loads(config_lib.to_json(cfg))
+    for key in ("structure", "zipf_exponent", "successors", "smoothing",
+                "successor_peakedness"):
+        del saved["data"]["synthetic"][key]
+    source, work = tmp_path / "source", tmp_path / "finetune"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(saved))
+    cfg.finetune.init_from = str(source)
+    notes = []
+    started = train._finetune_data(cfg, work, (), notes.append)
+    assert notes == []  # nothing of the run's data differs from this config's
+    assert started.data.synthetic.to_dict() == cfg.data.synthetic.to_dict()
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps(train._saved_config(started)))
+    (work / "checkpoints" / "1").mkdir(parents=True)
+    resumed = train._finetune_data(cfg, work, (), notes.append)
+    assert train._config_changes(resumed, work, notes.append) == {}
+    # a finetune started before the zipf keys, resumed now
+    saved["finetune"]["init_from"] = str(source)
+    (work / "config.json").write_text(json.dumps(saved))
+    resumed = train._finetune_data(cfg, work, (), notes.append)
+    assert train._config_changes(resumed, work, notes.append) == {}
+
+
 def test_true_rank_of_a_zipf_chain_uses_its_rows():
     from mos_jax import rank as rank_lib
     from mos_jax import study
