@@ -156,14 +156,17 @@ def run_demo(workdir: str | Path, config: config_lib.ConfigDict | None = None,
 
     s = config.data.synthetic
     chain = data_lib.synthetic_chain(**s.to_dict())
+    # The run's ids (in its data.vocab_order) as the chain's states: word w<i> is state i.
+    state = np.asarray([int(w[1:]) for w in corpus.vocab])
     true_ppl = math.exp(corpus.entropy_rate)
     true = {"ppl": true_ppl}
     for name in ("valid", "test"):  # the true model's perplexity on the finite samples
-        ids = corpus.split(name)
+        ids = state[corpus.split(name)]
         true[f"{name}_ppl"] = math.exp(-float(np.mean(chain.log_prob(ids[:-1],
                                                                      ids[1:]))))
-    # The true log-probabilities at the same contexts are exact in float64.
-    true_entry = _rank_entry(chain.log_rows(corpus.split(split)[:n]),
+    # The true log-probabilities at the same contexts are exact in float64 (the rank
+    # does not depend on the order of the columns).
+    true_entry = _rank_entry(chain.log_rows(state[corpus.split(split)[:n]]),
                              eps=float(np.finfo(np.float64).eps))
     true.update(rank=true_entry["rank"], rank_threshold=true_entry["threshold"])
 

@@ -110,3 +110,32 @@ def test_demo_rejects_configs_it_cannot_compare(tmp_path):
     c.data.dir = "data/ptb"
     with pytest.raises(ConfigError, match="synthetic"):
         run_demo(tmp_path, c)
+
+
+def test_the_true_chain_is_scored_in_the_runs_vocabulary_order(tmp_path, monkeypatch):
+    """With data.vocab_order=frequency the run's ids are not the chain's states: the
+    true perplexities are the chain's on the corpus's own words (training stubbed)."""
+    import numpy as np
+
+    from mos_jax import data, demo, rank as rank_lib
+    c = short_config()
+    c.data.vocab_order = "frequency"
+    s = c.data.synthetic
+    s.train_tokens, s.valid_tokens, s.test_tokens = 2_000, 600, 600
+
+    def trained(config, workdir, log):
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        return {"valid_ppl": 50.0, "test_ppl": 50.0}
+    monkeypatch.setattr(train, "train_and_evaluate", trained)
+    monkeypatch.setattr(train, "load_best", lambda workdir: (
+        c, train.load_corpus_from(c), None, None))
+    monkeypatch.setattr(rank_lib, "logprob_matrix",
+                        lambda mc, params, ids, n, batch_size: np.zeros((n, V)))
+    summary = demo.run_demo(tmp_path, c, log=lambda line: None, plot=False)
+    raw = data.synthetic_corpus(**s.to_dict())  # first order: ids = the chain's states
+    assert train.load_corpus_from(c).vocab != raw.vocab
+    p = np.exp(data.make_markov_chain(V, 2.0, 0).log_transition)
+    for split in ("valid", "test"):
+        ids = raw.split(split)
+        want = np.exp(-np.log(p[ids[:-1], ids[1:]]).mean())
+        assert summary["true"][f"{split}_ppl"] == pytest.approx(want, rel=1e-9)
