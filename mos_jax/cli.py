@@ -594,7 +594,8 @@ def _cmd_study(args) -> None:
     if args.vocab_sizes is not None:
         return _vocab_study(args, overrides)
     args.widths = args.widths or ",".join(map(str, study.DEFAULT_WIDTHS))
-    encoders = study.parse_encoders(args.encoders)
+    args.workdir = args.workdir or Path("runs/study")
+    encoders = study.parse_encoders(args.encoders or "lstm,transformer")
     if args.config is None and args.transformer_config is None:
         defaults = study.synthetic_configs()
         configs = {e: config_lib.apply_overrides(defaults[e], overrides)
@@ -627,6 +628,12 @@ def _vocab_study(args, overrides) -> None:
     if args.config is None:
         raise MosJaxError("--vocab-sizes trains bpe vocabularies on a corpus directory: "
                           "give its config with --config FILE (e.g. configs/ptb.py)")
+    for flag, value in (("--encoders", args.encoders),
+                        ("--transformer-config", args.transformer_config)):
+        if value is not None:
+            raise MosJaxError(f"{flag} belongs to the width study: --vocab-sizes runs "
+                              "the encoder of --config (set --config.model.encoder to "
+                              "choose it)")
     width = None
     if args.widths is not None:
         widths = study.parse_widths(args.widths)
@@ -638,8 +645,7 @@ def _vocab_study(args, overrides) -> None:
         if value is not None and value < 1:
             raise MosJaxError(f"{flag} must be at least 1, got {value}")
     config = config_lib.load_config(args.config, overrides)
-    workdir = args.workdir if args.workdir != Path("runs/study") else Path(
-        "runs/vocab-study")
+    workdir = args.workdir or Path("runs/vocab-study")
     summary = study.run_vocab_study(config, args.heads, args.vocab_sizes, workdir,
                                     width=width, steps=args.steps, evals=args.evals,
                                     rank_contexts=args.rank_contexts, log=print)
@@ -870,15 +876,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "vocabulary size (data.tokenizer=bpe, data.vocab_size=N, trained on "
                    "--config's corpus directory) at one width; validation perplexity "
                    "per word and rank (default workdir runs/vocab-study)")
-    p.add_argument("--encoders", default="lstm,transformer",
-                   help="comma-separated encoders (default lstm,transformer)")
+    p.add_argument("--encoders", default=None,
+                   help="comma-separated encoders (default lstm,transformer; the "
+                   "vocabulary study: the config's)")
     p.add_argument("--steps", type=int, default=3000, help="train steps per run "
                    "(default 3000)")
     p.add_argument("--evals", type=int, default=6, help="validated epochs the steps are "
                    "split into (default 6)")
     p.add_argument("--rank-contexts", type=int, default=2000,
                    help="cap on the validation contexts N of the rank (N = min(V, cap))")
-    p.add_argument("--workdir", type=Path, default=Path("runs/study"))
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="default runs/study (with --vocab-sizes runs/vocab-study)")
     p.set_defaults(func=_cmd_study)
     return parser
 

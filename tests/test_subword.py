@@ -377,6 +377,10 @@ def test_vocab_study_reports_per_word_and_checks_sizes_first(corpus_dir, tmp_pat
     (["--config", "configs/tiny.py", "--vocab-sizes", "60,60"], "given twice"),
     (["--config", "configs/tiny.py", "--vocab-sizes", "60"],
      "cannot read the synthetic corpus"),
+    (["--config", "configs/tiny.py", "--vocab-sizes", "60", "--encoders", "transformer"],
+     "--encoders belongs to the width study"),
+    (["--config", "configs/tiny.py", "--vocab-sizes", "60", "--transformer-config",
+      "configs/tiny.py"], "--transformer-config belongs to the width study"),
 ])
 def test_vocab_study_arguments_fail_before_any_training(argv, message, tmp_path, capsys):
     workdir = tmp_path / "study"
@@ -384,3 +388,15 @@ def test_vocab_study_arguments_fail_before_any_training(argv, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not workdir.exists()
+
+
+def test_vocab_study_writes_where_workdir_says(tmp_path, monkeypatch):
+    from mos_jax import study
+    seen = []
+    monkeypatch.setattr(study, "run_vocab_study", lambda config, heads, sizes, workdir,
+                        **kw: seen.append(workdir) or {"plot": "p.png"})
+    monkeypatch.chdir(tmp_path)
+    tiny = str(CONFIGS / "tiny.py")
+    for given in (["--workdir", "runs/study"], []):  # the width study's default name too
+        assert cli.main(["study", "--config", tiny, "--vocab-sizes", "60", *given]) == 0
+    assert seen == [Path("runs/study"), Path("runs/vocab-study")]
