@@ -55,6 +55,20 @@ class HeadOutput(NamedTuple):
     nll: jax.Array | None = None
 
 
+class HeadOption(NamedTuple):
+    """One option of a head, declared in `Head.options` and set as the config key
+    `model.heads.<head name>.<name>` (config.declarations() reads these).
+
+    `default` (also the module attribute's default), `allowed` (a phrase for messages
+    and docs/config.md: "a number > 0"), `ok(value) -> bool` (the check run with every
+    other config check, before any work) and `doc` (what it means)."""
+
+    default: Any
+    allowed: str
+    ok: Callable[[Any], bool]
+    doc: str
+
+
 class Head(nn.Module):
     """Base class of every head: its build attributes and the facts it declares.
 
@@ -76,6 +90,14 @@ class Head(nn.Module):
       rank_bound(mc) = None: an upper bound on the rank of the head's [N, V]
         log-probability matrix when the head has one (a softmax over a D-vector:
         D + 2), else None.
+      options = {}: the head's own hyperparameters, name -> `HeadOption`; each is a
+        module attribute of the same name (declared on the class with that default)
+        and the config key `model.heads.<head name>.<name>`. The model passes the
+        selected head's section (`ModelConfig.head_options`) as attributes.
+        `check_options(mc)` raises a one-line ConfigError for what needs the
+        vocabulary (called when the ModelConfig is built, before any compile).
+      wants_frequency_order = False: True when the head works best with word ids in
+        order of training frequency (the adaptive heads' shortlist and clusters).
     """
 
     n_experts: int = 1
@@ -85,10 +107,34 @@ class Head(nn.Module):
 
     tied = False
     fuses_loss = False
+    options = {}  # name -> HeadOption (a class attribute, not a module field)
+    wants_frequency_order = False
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
         return 2 * mc.emsize * mc.vocab_size
+
+    @classmethod
+    def option_values(cls, mc) -> dict[str, Any]:
+        """The head's options for model config `mc`: its declared defaults, updated
+        with `mc.head_options`."""
+        values = {name: opt.default for name, opt in cls.options.items()}
+        values.update(dict(getattr(mc, "head_options", ()) or ()))
+        return values
+
+    @classmethod
+    def check_options(cls, name: str, mc) -> None:
+        """ConfigError (one line) for an option this head does not declare or whose
+        value its check refuses; heads add the checks that need the vocabulary size."""
+        for key, value in dict(mc.head_options).items():
+            if key not in cls.options:
+                known = ", ".join(sorted(cls.options)) or "none"
+                raise ConfigError(f"the {name} head has no option {key!r} (its options: "
+                                  f"{known}): remove model.heads.{name}.{key}")
+            if not cls.options[key].ok(value):
+                raise ConfigError(f"model.heads.{name}.{key}={value!r} is out of range: "
+                                  f"it must be {cls.options[key].allowed} "
+                                  f"({cls.options[key].doc})")
 
     @classmethod
     def rank_bound(cls, mc) -> int | None:
@@ -649,3 +695,7 @@ class Mixtape(Head):
         if return_logprobs:
             logprobs = (logits - lse[:, None]).reshape(*lead, v)
         return HeadOutput(target_lp, logprobs)
+
+
+# The adaptive heads live in their own module; importing it registers them.
+from mos_jax import adaptive as _adaptive  # noqa: E402,F401
