@@ -184,15 +184,23 @@ def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
 
 
 PLUGINS_ENV = "MOS_JAX_HEADS"
+# Built-in heads in modules of their own (below this one in the layers, so imported
+# when the registry is asked, as plugins are): importing one registers its heads.
+BUILTIN_HEAD_MODULES = ("mos_jax.adaptive",)
 _loaded_plugins: set[str] = set()
 
 
 def load_plugins(spec: str | None = None) -> None:
-    """Import the head modules named in `spec` (default: $MOS_JAX_HEADS).
+    """Import the built-in head modules (`BUILTIN_HEAD_MODULES`), then the head modules
+    named in `spec` (default: $MOS_JAX_HEADS).
 
     A comma-separated list of Python files (`my_heads.py`) or importable modules
     (`mypkg.heads`); importing one runs its `@register_head` decorators. Each loads once.
     """
+    for module in BUILTIN_HEAD_MODULES:
+        if module not in _loaded_plugins:
+            importlib.import_module(module)
+            _loaded_plugins.add(module)
     spec = os.environ.get(PLUGINS_ENV, "") if spec is None else spec
     for item in filter(None, (part.strip() for part in spec.split(","))):
         if item in _loaded_plugins:
@@ -696,6 +704,3 @@ class Mixtape(Head):
             logprobs = (logits - lse[:, None]).reshape(*lead, v)
         return HeadOutput(target_lp, logprobs)
 
-
-# The adaptive heads live in their own module; importing it registers them.
-from mos_jax import adaptive as _adaptive  # noqa: E402,F401
