@@ -359,6 +359,13 @@ class AdaptiveMixture(AdaptiveSoftmax):
     token: prior 2 H K, latents 2 H K D, the head 2 K D (S + n), and per cluster K
     tails 2 K hsz (D + osz) times its Zipf fraction of tokens (`zipf_fractions`). No
     rank bound is declared.
+
+    Why shared tails by default: at equal quality and speed it has fewer parameters
+    ((K - 1) sum_i hsz_i D fewer). Measured on PTB (configs/ptb_small.py: emsize 64,
+    K = 4; Adam lr 0.003, 300 steps; CPU): validation perplexity shared 646.7 and 654.1
+    (seeds 28, 1) vs per component 652.4 and 650.8, within seed noise; a train step
+    (3-layer LSTM, batch 12 x 35, V = 10,000) 51.9 vs 50.9 ms median; head parameters
+    106,304 vs 110,144.
     """
 
     n_experts: int = 15

@@ -323,7 +323,9 @@ def _section_doc(name: str) -> str:
         return ("each head's own options, `model.heads.HEAD.KEY` (declared by the head "
                 "class, `Head.options`); only the selected head's section is read")
     if name.startswith("model.heads."):
-        return f"options of the `{name.split('.')[-1]}` head (mos_jax.heads)"
+        from mos_jax import heads
+        head = name.split(".")[-1]
+        return f"options of the `{head}` head ({heads.HEADS[head].__module__})"
     return _SECTION_DOCS[name]
 
 

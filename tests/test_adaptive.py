@@ -129,7 +129,8 @@ def test_matches_torch_adaptive_log_softmax():
         convert.from_torch_adaptive(state, cutoffs=[5, 18])
 
 
-@pytest.mark.parametrize("name,options", [  # the path both heads share (adaptive_output)
+@pytest.mark.parametrize("name,options", [
+    ("adaptive", dict(cutoffs="4,12", div_value=1.5, head_bias=True)),
     ("adaptive_mos", dict(cutoffs="4,12", div_value=1.5, share_tails=False,
                           head_bias=True))])
 def test_target_path_gradient_equals_the_full_distribution_gradient(name, options,
@@ -156,7 +157,7 @@ def test_target_path_gradient_equals_the_full_distribution_gradient(name, option
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale + 1e-7
 
 
-@pytest.mark.parametrize("name", ["adaptive_mos"])  # all K components in one chunk
+@pytest.mark.parametrize("name", ["adaptive", "adaptive_mos"])  # K components: 1 chunk
 def test_tail_chunks_run_only_for_rows_with_a_tail_target(name, monkeypatch):
     chunk = 4
     monkeypatch.setattr(adaptive, "TAIL_CHUNK_ROWS", chunk)
