@@ -16,7 +16,10 @@ the facts the rest of the code asks of it, instead of knowing heads by name: `ti
 `flops_per_token(model_config)`, `rank_bound(model_config)` and `fuses_loss` (its
 `__call__` takes `target_weights`). `Head.output_with_nll` is how the model calls a
 head: the weighted NLL fused by the head where it declares so, else computed from the
-target log-probabilities.
+target log-probabilities. A head's own hyperparameters are declared in `Head.options`
+(`HeadOption`s: config keys `model.heads.<name>.<key>`, module attributes). The
+adaptive softmax heads (`adaptive`, `adaptive_mos`) are in `mos_jax.adaptive`, loaded
+by the registry (`BUILTIN_HEAD_MODULES`).
 
 All log-space arithmetic is float32; `dtype` only sets the operand type of matmuls.
 `vocab_chunk` (0, a chunk size, or "auto"; `mos_jax.streaming.resolve_chunk`) selects
