@@ -214,9 +214,12 @@ def test_bad_options_give_one_line_before_any_work(tmp_path):
 
 
 def test_facts_and_flops_by_hand():
+    c = config_lib.load_config_file(CONFIGS / "tiny.py")
     for name in ("adaptive", "adaptive_mos"):
         cls = heads.get_head(name)
         assert (cls.tied, cls.wants_frequency_order) == (False, True)
+        c.model.head = name
+        assert train.vocab_order(c) == "frequency"  # data.vocab_order auto
     mc = model.ModelConfig(vocab_size=100, emsize=8, nhidlast=16, nhid=16, nlayers=1,
                            head="adaptive", n_experts=2,
                            head_options={"cutoffs": "10,40"})
