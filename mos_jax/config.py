@@ -299,6 +299,36 @@ def _heads() -> list[str]:
     return list(heads.HEADS)
 
 
+class _HeadOptionCheck(Check):
+    """The check a head declares for one of its options (`mos_jax.heads.HeadOption`)."""
+
+    def __init__(self, option):
+        self.option, self.text = option, option.allowed
+
+    def ok(self, value) -> bool:
+        return bool(self.option.ok(value))
+
+
+def _head_option_keys() -> dict:
+    """`model.heads`: one section per head that declares options (`Head.options`)."""
+    from mos_jax import heads
+    heads.load_plugins()
+    return {name: {key: Key(opt.default, _HeadOptionCheck(opt), opt.doc)
+                   for key, opt in cls.options.items()}
+            for name, cls in heads.HEADS.items() if cls.options}
+
+
+def _section_doc(name: str) -> str:
+    if name == "model.heads":
+        return ("each head's own options, `model.heads.HEAD.KEY` (declared by the head "
+                "class, `Head.options`); only the selected head's section is read")
+    if name.startswith("model.heads."):
+        from mos_jax import heads
+        head = name.split(".")[-1]
+        return f"options of the `{head}` head ({heads.HEADS[head].__module__})"
+    return _SECTION_DOCS[name]
+
+
 def _encoders() -> list[str]:
     from mos_jax import model
     return list(model.ENCODERS)
@@ -415,6 +445,7 @@ def declarations() -> dict:
             "resid_dropout": Key(0.1, _RATE, "Transformer residual dropout"),
             "eval_stride": Key(0, Int(0), "Transformer evaluation: sliding-window "
                                "stride; 0: bptt // 2"),
+            "heads": _head_option_keys(),
         },
         "optim": {
             "lr": Key(20.0, Real(0.0), "learning rate (scaled by seq_len / bptt)"),
@@ -585,8 +616,10 @@ def reference_markdown() -> str:
 
     def table(tree: dict, prefix: str) -> None:
         rows = [(n, k) for n, k in tree.items() if not isinstance(k, dict)]
-        lines.extend([f"## `{prefix.rstrip('.')}`: {_SECTION_DOCS[prefix.rstrip('.')]}",
-                      "", "| key | default | allowed | meaning |", "|---|---|---|---|"])
+        lines.extend([f"## `{prefix.rstrip('.')}`: {_section_doc(prefix.rstrip('.'))}",
+                      ""])
+        if rows:
+            lines.extend(["| key | default | allowed | meaning |", "|---|---|---|---|"])
         for name, key in rows:
             allowed = str(key.check)
             if isinstance(key.check, OneOf) and key.check.names is not None:
@@ -594,7 +627,8 @@ def reference_markdown() -> str:
             default = json.dumps(key.default)
             lines.append(f"| `{prefix}{name}` | `{default}` | {allowed} | "
                          f"{key.doc.replace('|', '/')} |")
-        lines.append("")
+        if rows:
+            lines.append("")
         for name, node in tree.items():
             if isinstance(node, dict):
                 table(node, f"{prefix}{name}.")

@@ -336,3 +336,84 @@ def load_weights(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
         raise CheckpointError(f"{directory}/weights.npz holds a {loaded} model, but "
                               f"model.json describes {config}")
     return config, params
+
+
+def _adaptive_parts(state: Mapping[str, Any], prefix: str):
+    state = {k[len(prefix):]: np.asarray(v, np.float32) for k, v in state.items()
+             if k.startswith(prefix)}
+    if "head.weight" not in state:
+        raise CheckpointError(f"no {prefix}head.weight: is this the state dict of a "
+                              "torch.nn.AdaptiveLogSoftmaxWithLoss (pass prefix= for one "
+                              "inside a larger module)?")
+    n = 0
+    while f"tail.{n}.0.weight" in state:
+        n += 1
+    tails = []
+    for i in range(n):
+        proj, out = state[f"tail.{i}.0.weight"], state.get(f"tail.{i}.1.weight")
+        if out is None or proj.ndim != 2 or out.ndim != 2 or out.shape[1] != proj.shape[0]:
+            raise CheckpointError(f"{prefix}tail.{i}: expected 0.weight [hsz, in] and "
+                                  "1.weight [osz, hsz]")
+        tails.append((proj, out))
+    return state, tails
+
+
+def torch_adaptive_options(state: Mapping[str, Any], cutoffs=None,
+                           div_value: float | None = None, prefix: str = "") -> dict:
+    """The `adaptive` head's options (`model.heads.adaptive`) that reproduce a torch
+    `AdaptiveLogSoftmaxWithLoss` state dict: `cutoffs`, `div_value`, `head_bias`.
+
+    Inferred from the shapes: the number of clusters n (the `tail.{i}` entries), the
+    shortlist S = rows of `head.weight` - n, each cluster's size (rows of
+    `tail.{i}.1.weight`), hence the cutoffs and V = S + sum of the cluster sizes, and
+    `head_bias` (whether `head.bias` is present). Not inferable: `div_value` itself,
+    only the projection widths int(in // div ** (i + 1)) it produced; the one given,
+    else 4.0 (torch's default) or in / hsz_0, whichever reproduces every width, else a
+    CheckpointError asking for it. `cutoffs`, when given, must agree with the shapes.
+    """
+    state, tails = _adaptive_parts(state, prefix)
+    head = state["head.weight"]
+    width, s = head.shape[1], head.shape[0] - len(tails)
+    inferred = [s]
+    for _, out in tails[:-1]:
+        inferred.append(inferred[-1] + out.shape[0])
+    if cutoffs is not None and [int(c) for c in cutoffs] != inferred:
+        raise CheckpointError(f"cutoffs {list(cutoffs)} disagree with the weights' shapes, "
+                              f"which give {inferred}")
+    widths = [proj.shape[0] for proj, _ in tails]
+
+    def fits(div: float) -> bool:
+        return div > 0 and all(int(width // div ** (i + 1)) == w
+                               for i, w in enumerate(widths))
+
+    candidates = ([div_value] if div_value is not None
+                  else [4.0] + ([width / widths[0]] if widths and widths[0] else []))
+    found = next((float(d) for d in candidates if fits(d)), None)
+    if found is None:
+        raise CheckpointError(f"no div_value in {candidates} gives the tail widths "
+                              f"{widths} from in_features={width}: pass div_value=")
+    return {"cutoffs": ",".join(str(c) for c in inferred), "div_value": found,
+            "head_bias": "head.bias" in state}
+
+
+def from_torch_adaptive(state: Mapping[str, Any], cutoffs=None,
+                        div_value: float | None = None, prefix: str = "") -> dict:
+    """The `adaptive` head's parameters (what goes under `params["head"]`) from the state
+    dict of a `torch.nn.AdaptiveLogSoftmaxWithLoss` (NumPy arrays or tensors, under its
+    own names, after `prefix`).
+
+    `head.weight` [S + n, in] -> `head_weight`, `head.bias` -> `head_bias`,
+    `tail.{i}.0.weight` [hsz_i, in] -> `tail_{i}_proj`, `tail.{i}.1.weight`
+    [osz_i, hsz_i] -> `tail_{i}_out`: the same layouts (torch's [out, in]), float32.
+    Build the model with `torch_adaptive_options(state)` as `head_options` (what can
+    and cannot be inferred from the shapes is said there; `cutoffs` and `div_value`
+    given here are checked against them).
+    """
+    torch_adaptive_options(state, cutoffs, div_value, prefix)  # checks the shapes
+    state, tails = _adaptive_parts(state, prefix)
+    params = {"head_weight": state["head.weight"]}
+    if "head.bias" in state:
+        params["head_bias"] = state["head.bias"]
+    for i, (proj, out) in enumerate(tails):
+        params[f"tail_{i}_proj"], params[f"tail_{i}_out"] = proj, out
+    return params

@@ -16,7 +16,10 @@ the facts the rest of the code asks of it, instead of knowing heads by name: `ti
 `flops_per_token(model_config)`, `rank_bound(model_config)` and `fuses_loss` (its
 `__call__` takes `target_weights`). `Head.output_with_nll` is how the model calls a
 head: the weighted NLL fused by the head where it declares so, else computed from the
-target log-probabilities.
+target log-probabilities. A head's own hyperparameters are declared in `Head.options`
+(`HeadOption`s: config keys `model.heads.<name>.<key>`, module attributes). The
+adaptive softmax heads (`adaptive`, `adaptive_mos`) are in `mos_jax.adaptive`, loaded
+by the registry (`BUILTIN_HEAD_MODULES`).
 
 All log-space arithmetic is float32; `dtype` only sets the operand type of matmuls.
 `vocab_chunk` (0, a chunk size, or "auto"; `mos_jax.streaming.resolve_chunk`) selects
@@ -55,6 +58,20 @@ class HeadOutput(NamedTuple):
     nll: jax.Array | None = None
 
 
+class HeadOption(NamedTuple):
+    """One option of a head, declared in `Head.options` and set as the config key
+    `model.heads.<head name>.<name>` (config.declarations() reads these).
+
+    `default` (also the module attribute's default), `allowed` (a phrase for messages
+    and docs/config.md: "a number > 0"), `ok(value) -> bool` (the check run with every
+    other config check, before any work) and `doc` (what it means)."""
+
+    default: Any
+    allowed: str
+    ok: Callable[[Any], bool]
+    doc: str
+
+
 class Head(nn.Module):
     """Base class of every head: its build attributes and the facts it declares.
 
@@ -76,6 +93,14 @@ class Head(nn.Module):
       rank_bound(mc) = None: an upper bound on the rank of the head's [N, V]
         log-probability matrix when the head has one (a softmax over a D-vector:
         D + 2), else None.
+      options = {}: the head's own hyperparameters, name -> `HeadOption`; each is a
+        module attribute of the same name (declared on the class with that default)
+        and the config key `model.heads.<head name>.<name>`. The model passes the
+        selected head's section (`ModelConfig.head_options`) as attributes.
+        `check_options(mc)` raises a one-line ConfigError for what needs the
+        vocabulary (called when the ModelConfig is built, before any compile).
+      wants_frequency_order = False: True when the head works best with word ids in
+        order of training frequency (the adaptive heads' shortlist and clusters).
     """
 
     n_experts: int = 1
@@ -85,10 +110,34 @@ class Head(nn.Module):
 
     tied = False
     fuses_loss = False
+    options = {}  # name -> HeadOption (a class attribute, not a module field)
+    wants_frequency_order = False
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
         return 2 * mc.emsize * mc.vocab_size
+
+    @classmethod
+    def option_values(cls, mc) -> dict[str, Any]:
+        """The head's options for model config `mc`: its declared defaults, updated
+        with `mc.head_options`."""
+        values = {name: opt.default for name, opt in cls.options.items()}
+        values.update(dict(getattr(mc, "head_options", ()) or ()))
+        return values
+
+    @classmethod
+    def check_options(cls, name: str, mc) -> None:
+        """ConfigError (one line) for an option this head does not declare or whose
+        value its check refuses; heads add the checks that need the vocabulary size."""
+        for key, value in dict(mc.head_options).items():
+            if key not in cls.options:
+                known = ", ".join(sorted(cls.options)) or "none"
+                raise ConfigError(f"the {name} head has no option {key!r} (its options: "
+                                  f"{known}): remove model.heads.{name}.{key}")
+            if not cls.options[key].ok(value):
+                raise ConfigError(f"model.heads.{name}.{key}={value!r} is out of range: "
+                                  f"it must be {cls.options[key].allowed} "
+                                  f"({cls.options[key].doc})")
 
     @classmethod
     def rank_bound(cls, mc) -> int | None:
@@ -138,15 +187,23 @@ def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
 
 
 PLUGINS_ENV = "MOS_JAX_HEADS"
+# Built-in heads in modules of their own (below this one in the layers, so imported
+# when the registry is asked, as plugins are): importing one registers its heads.
+BUILTIN_HEAD_MODULES = ("mos_jax.adaptive",)
 _loaded_plugins: set[str] = set()
 
 
 def load_plugins(spec: str | None = None) -> None:
-    """Import the head modules named in `spec` (default: $MOS_JAX_HEADS).
+    """Import the built-in head modules (`BUILTIN_HEAD_MODULES`), then the head modules
+    named in `spec` (default: $MOS_JAX_HEADS).
 
     A comma-separated list of Python files (`my_heads.py`) or importable modules
     (`mypkg.heads`); importing one runs its `@register_head` decorators. Each loads once.
     """
+    for module in BUILTIN_HEAD_MODULES:
+        if module not in _loaded_plugins:
+            importlib.import_module(module)
+            _loaded_plugins.add(module)
     spec = os.environ.get(PLUGINS_ENV, "") if spec is None else spec
     for item in filter(None, (part.strip() for part in spec.split(","))):
         if item in _loaded_plugins:
@@ -649,3 +706,4 @@ class Mixtape(Head):
         if return_logprobs:
             logprobs = (logits - lse[:, None]).reshape(*lead, v)
         return HeadOutput(target_lp, logprobs)
+

@@ -68,9 +68,13 @@ class ModelConfig:
     attn_dropout: float = 0.1
     resid_dropout: float = 0.1
     eval_stride: int = 0  # sliding-window evaluation stride; 0: half the window (bptt)
+    # The selected head's options (config `model.heads.<head>`, `Head.options`) as
+    # sorted (name, value) pairs, passed to the head module as attributes.
+    head_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         head_cls = heads_lib.get_head(self.head)  # raises on an unknown name
+        object.__setattr__(self, "head_options", _hashable_options(self.head_options))
         if self.encoder not in ENCODERS:
             raise ConfigError(f"unknown encoder model.encoder={self.encoder!r}: use one "
                               f"of {', '.join(sorted(ENCODERS))}")
@@ -88,6 +92,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{f} is a dropout rate in [0, 1), got "
                                   f"{getattr(self, f)}")
         head_cls.check_sizes(self.head, self.output_size, self.emsize)  # a tied head
+        head_cls.check_options(self.head, self)  # its options, with the vocabulary
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"model.compute_dtype {self.compute_dtype!r}: use float32, "
                               "bfloat16, or auto (float32 on CPU, bfloat16 on GPU/TPU)")
@@ -135,7 +140,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a mapping (e.g. a ConfigDict); unknown keys are errors."""
+        """Build from a mapping (e.g. a ConfigDict); unknown keys are errors.
+
+        A `heads` entry (the config's `model.heads` section: head name -> options)
+        gives `head_options` the selected head's section."""
+        d = dict(d)
+        sections = d.pop("heads", None)
+        if sections is not None and "head_options" not in d:
+            head = d.get("head", cls.head)
+            d["head_options"] = dict(sections).get(head, {})
         names = [f.name for f in dataclasses.fields(cls)]
         for key in d:
             if key not in names:
@@ -146,6 +159,14 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _hashable_options(options) -> tuple[tuple[str, Any], ...]:
+    """Sorted (name, value) pairs from a mapping or pairs; lists become tuples."""
+    if hasattr(options, "items"):
+        options = options.items()
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
+                        for k, v in options))
 
 
 class ModelOutput(NamedTuple):
@@ -258,7 +279,7 @@ class LanguageModel(nn.Module):
             valid=valid)
         head = heads_lib.get_head(cfg.head)(
             n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype,
-            vocab_chunk=cfg.vocab_chunk, name="head")
+            vocab_chunk=cfg.vocab_chunk, name="head", **dict(cfg.head_options))
         out = head.output_with_nll(output, embedding, targets, deterministic=deterministic,
                                    return_logprobs=return_logprobs,
                                    target_weights=target_weights)

@@ -1073,6 +1073,17 @@ def _config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
         for key, value in new.get(section, {}).items():
             if section == "data" and key not in _LAYOUT_DATA:
                 continue
+            if section == "model" and key == "heads":
+                # only the selected head's options; a run from before model.heads
+                # could not select a head that has any
+                head = new["model"].get("head")
+                theirs = old["model"].get("heads", {}).get(head, value.get(head))
+                if theirs != value.get(head):
+                    raise ConfigError(
+                        f"{workdir} was started with model.heads.{head}={theirs!r}, not "
+                        f"{value.get(head)!r}: resume it with its own config (omit "
+                        "--config), or use a new --workdir")
+                continue
             if old.get(section, {}).get(key) != value:
                 raise ConfigError(
                     f"{workdir} was started with {section}.{key}="
