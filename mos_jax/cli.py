@@ -195,12 +195,6 @@ def _subwords(args):
     return data.load_subwords(args.workdir or args.weights)
 
 
-def _word_perplexity(nll: float, tokens: int, words: int) -> dict:
-    """Perplexity per word of the word-level text (`<eos>` counted as a word): the mean
-    token NLL times the text's tokens per word, so vocabularies compare."""
-    return {"words": words, "word_perplexity": math.exp(nll * tokens / words)}
-
-
 def _load_model(args, splits=()):
     """`(model_config, params, corpus, vocab, unknown)` from --workdir or --weights
     (+ --data).
@@ -303,8 +297,8 @@ def _cmd_evaluate(args) -> None:
         from mos_jax import data
         words = (data.text_words(args.text) if args.text is not None
                  else corpus.words_in(args.split))
-        result.update(tokenizer=subwords.describe(),
-                      **_word_perplexity(nll, len(ids), words))
+        result.update(tokenizer=subwords.describe(), words=words,  # so sizes compare
+                      word_perplexity=evaluate.word_perplexity(nll, len(ids), words))
     deliveries = outputs.Deliveries()
     if args.dump:
         result["dump"] = outputs.where(deliveries.array("--dump", args.dump, logp))

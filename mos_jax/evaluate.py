@@ -184,6 +184,13 @@ def sliding_token_logprobs(model_config: ModelConfig, params: Params, ids: np.nd
     return out
 
 
+def word_perplexity(nll: float, tokens: int, words: int) -> float:
+    """Perplexity per word of a text of `words` words (as the word tokenizer counts
+    them, `<eos>` included) that a subword model scores at a mean NLL of `nll` per
+    piece, the text being `tokens` pieces: exp(nll * tokens / words)."""
+    return math.exp(nll * tokens / words)
+
+
 def perplexity(model_config: ModelConfig, params: Params, ids: np.ndarray,
                batch_size: int = 10, bptt: int = 70, *,
                plan: parallel.Plan | None = None) -> float:

@@ -463,13 +463,6 @@ def vocab_config(config: config_lib.ConfigDict, size: int, width: int | None
     return c
 
 
-def word_perplexity(token_ppl: float, tokens: int, words: int) -> float:
-    """Perplexity per word of a text of `words` words (`<eos>` counted) that a subword
-    model scores as `tokens` pieces at `token_ppl` per piece: exp(log(ppl) * tokens /
-    words)."""
-    return math.exp(math.log(token_ppl) * tokens / words)
-
-
 def run_vocab_study(config: config_lib.ConfigDict,
                     heads: str | Sequence[str] = DEFAULT_HEADS,
                     vocab_sizes: str | Sequence[int] = (2000, 8000),
@@ -491,7 +484,7 @@ def run_vocab_study(config: config_lib.ConfigDict,
     `<eos>` counted), `pieces_per_word`, `rank`, `rank_contexts`, `steps`, `epochs`,
     `train_wall_s`.
     """
-    from mos_jax import compare
+    from mos_jax import compare, evaluate
     from mos_jax import train
     start = time.perf_counter()
     head_names = compare.parse_heads(heads)
@@ -525,7 +518,8 @@ def run_vocab_study(config: config_lib.ConfigDict,
             h = result["heads"][head]
             row = {"vocab_size": size, "head": head, "params": h["params"],
                    "valid_ppl": h["valid_ppl"],
-                   "valid_word_ppl": word_perplexity(h["valid_ppl"], tokens, words),
+                   "valid_word_ppl": evaluate.word_perplexity(
+                       math.log(h["valid_ppl"]), tokens, words),
                    "pieces_per_word": tokens / words, "rank": h["rank"],
                    "rank_contexts": h["rank_contexts"], "steps": h["steps"],
                    "epochs": h["epochs"], "train_wall_s": h.get("train_wall_s")}
