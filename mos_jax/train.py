@@ -519,7 +519,7 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None],
     changes = _config_changes(config, workdir, log)
     if mode == "finetune" and not _has_work(workdir, ("checkpoints",)):
         _check_finetune_source(config)  # a resume needs no source: it restores its own
-    corpus = load_corpus_from(config)
+    corpus = _run_corpus(config, workdir, mode)
     _check_vocabulary(config, workdir, mode, corpus)
     _check_split_sizes(config, corpus)
     model_config = model_config_from(config, corpus.vocab_size)
@@ -539,6 +539,29 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None],
     return _Run(config, mode, workdir, log, plan, primary, corpus, model_config,
                 train_rows, buckets, optimizer, step_fn, CheckpointStore(workdir), metrics,
                 abstract, changes)
+
+
+def _run_corpus(config, workdir: Path, mode: str) -> data_lib.Corpus:
+    """The corpus of `config`; for a subword run that continues weights (a resume, or
+    a finetune from its run), tokenised with the tokenizer those weights were trained
+    with (its `tokenizer.json`) when the one trained now differs (another version of
+    the `tokenizers` library, say), in `config`'s order: `_check_vocabulary` then
+    compares the ids, as for every run."""
+    corpus = load_corpus_from(config)
+    if corpus.subwords is None:
+        return corpus
+    if _has_work(workdir):
+        directory = workdir
+    elif mode == "finetune" and config.finetune.init_from:
+        directory = Path(config.finetune.init_from)
+    else:
+        return corpus
+    subwords = data_lib.load_subwords(directory)
+    if subwords is None or subwords.spec == corpus.subwords.spec or (
+            subwords.kind, subwords.size) != (corpus.subwords.kind, corpus.subwords.size):
+        return corpus
+    first = data_lib.read_corpus(config.data.dir, vocab=subwords.pieces, subwords=subwords)
+    return data_lib.order_vocab(first, vocab_order(config))
 
 
 def _check_vocabulary(config, workdir: Path, mode: str, corpus: data_lib.Corpus) -> None:

@@ -400,3 +400,47 @@ def test_vocab_study_writes_where_workdir_says(tmp_path, monkeypatch):
     for given in (["--workdir", "runs/study"], []):  # the width study's default name too
         assert cli.main(["study", "--config", tiny, "--vocab-sizes", "60", *given]) == 0
     assert seen == [Path("runs/study"), Path("runs/vocab-study")]
+
+
+@needs_tokenizers
+def test_a_resume_reads_its_corpus_with_the_runs_tokenizer(corpus_dir, tmp_path,
+                                                          monkeypatch):
+    """When the tokenizer trained now differs from the one a run recorded (another
+    version of the library, say), a resume or a finetune reads the corpus with the
+    run's tokenizer.json, so the ids are the ones its weights were trained on; a change
+    of order is still refused."""
+    monkeypatch.setenv("MOS_JAX_CACHE", str(tmp_path / "cache"))
+    config = _config(dir=str(corpus_dir), tokenizer="bpe", vocab_size=120,
+                     vocab_order="frequency")
+    theirs = subword.train("bpe", 120, _lines(corpus_dir, "train")[:250], "other")
+    assert theirs.spec != train.load_corpus_from(config).subwords.spec
+    lines = {s: _lines(corpus_dir, s) for s in data.SPLITS}
+    first = [theirs.pieces[i] for i in theirs.encode_lines(lines["train"])]
+    counts = collections.Counter(first)  # frequency order, computed here
+    order = {p: k for k, p in enumerate(dict.fromkeys(
+        first + [theirs.pieces[i] for s in ("valid", "test")
+                 for i in theirs.encode_lines(lines[s])]))}
+    recorded = tuple(sorted(theirs.pieces, key=lambda p: (
+        -counts[p], order.get(p, len(order)), theirs.pieces.index(p))))
+    work = tmp_path / "run"
+    _fake_run(work, dir=str(corpus_dir), tokenizer="bpe", vocab_size=120,
+              vocab_order="frequency")
+    data.save_vocab(work, recorded)
+    data.save_subwords(work, theirs)
+    with pytest.raises(DataError):  # the corpus as the tokenizer trained now gives it
+        train._check_vocabulary(config, work, "train", train.load_corpus_from(config))
+    corpus = train._run_corpus(config, work, "train")
+    train._check_vocabulary(config, work, "train", corpus)
+    assert corpus.vocab == recorded and corpus.subwords.spec == theirs.spec
+    for s in data.SPLITS:
+        want = [recorded.index(theirs.pieces[i]) for i in theirs.encode_lines(lines[s])]
+        np.testing.assert_array_equal(corpus.split(s), want)
+        assert corpus.words_in(s) == len(_words(lines[s]))
+    finetune = _config(dir=str(corpus_dir), tokenizer="bpe", vocab_size=120,
+                       vocab_order="frequency")
+    finetune.finetune.init_from = str(work)
+    assert train._run_corpus(finetune, tmp_path / "ft", "finetune").vocab == recorded
+    config.data.vocab_order = "first"  # another order: refused, as before
+    with pytest.raises(DataError, match="same words in another order"):
+        train._check_vocabulary(config, work, "train",
+                                train._run_corpus(config, work, "train"))
