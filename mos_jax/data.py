@@ -407,20 +407,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _tokenizer_digest(subwords) -> str:
+    """SHA-256 of a subword tokenizer's JSON: the one its cached ids were encoded with."""
+    return hashlib.sha256(subwords.spec.encode()).hexdigest()
+
+
 def _save_cache(path: Path, corpus: Corpus) -> None:
     import io
     buf = io.BytesIO()
-    extra = {} if corpus.words is None else {"words": np.asarray(corpus.words, np.int64)}
+    extra = {} if corpus.words is None else {
+        "words": np.asarray(corpus.words, np.int64),
+        "tokenizer": np.asarray(_tokenizer_digest(corpus.subwords))}
     np.savez(buf, vocab=np.asarray(corpus.vocab, dtype=str), train=corpus.train,
              valid=corpus.valid, test=corpus.test, **extra)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
+    """The corpus cached at `path`, or None: damaged, or (a subword corpus) encoded with
+    another tokenizer than `subwords`, the one cached beside it now."""
     try:
         with np.load(path, allow_pickle=False) as z:
             words = tuple(int(w) for w in z["words"]) if "words" in z.files else None
             if (words is None) != (subwords is None):
+                return None
+            if subwords is not None and str(z["tokenizer"]) != _tokenizer_digest(subwords):
                 return None
             return Corpus(name=name, vocab=tuple(z["vocab"].tolist()),
                           subwords=subwords, words=words,

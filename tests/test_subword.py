@@ -444,3 +444,21 @@ def test_a_resume_reads_its_corpus_with_the_runs_tokenizer(corpus_dir, tmp_path,
     with pytest.raises(DataError, match="same words in another order"):
         train._check_vocabulary(config, work, "train",
                                 train._run_corpus(config, work, "train"))
+
+
+@needs_tokenizers
+def test_cached_ids_are_those_of_the_cached_tokenizer(corpus_dir, tmp_path):
+    """The ids cached for one order stay bound to the tokenizer they were encoded
+    with: when the tokenizer cached beside them is another (written by another
+    process or version), they are encoded again with it, never mixed."""
+    data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=120, order="frequency",
+                     cache_dir=tmp_path)
+    other = subword.train("bpe", 120, _lines(corpus_dir, "train")[:250], "other")
+    (path,) = tmp_path.glob("*.tokenizer.json")
+    path.write_text(other.to_json())
+    again = data.read_corpus(corpus_dir, tokenizer="bpe", vocab_size=120,
+                             order="frequency", cache_dir=tmp_path)
+    assert again.subwords.spec == other.spec
+    lines = _lines(corpus_dir, "valid")
+    want = [again.vocab.index(other.pieces[i]) for i in other.encode_lines(lines)]
+    np.testing.assert_array_equal(again.valid, want)
