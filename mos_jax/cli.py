@@ -227,6 +227,11 @@ def _load_model(args, splits=()):
         if args.data is None and (vocab is None or splits):
             raise MosJaxError("--weights needs --data: the corpus to evaluate on")
     subwords = _subwords(args)
+    if subwords is not None and vocab is None:
+        where = args.workdir or args.weights
+        raise MosJaxError(f"{where} records a subword tokenizer ({subwords.describe()}) "
+                          f"but no vocabulary ({data.VOCAB_FILE}), which gives its "
+                          "pieces their ids: copy the run's vocab.json beside it")
     if args.data is not None and (splits or vocab is None) and subwords is not None:
         corpus = data.read_corpus(args.data, vocab=vocab, subwords=subwords)
     elif args.data is not None and (splits or vocab is None):

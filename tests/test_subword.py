@@ -462,3 +462,17 @@ def test_cached_ids_are_those_of_the_cached_tokenizer(corpus_dir, tmp_path):
     lines = _lines(corpus_dir, "valid")
     want = [again.vocab.index(other.pieces[i]) for i in other.encode_lines(lines)]
     np.testing.assert_array_equal(again.valid, want)
+
+
+@needs_tokenizers
+def test_a_tokenizer_without_its_vocabulary_is_one_line(subword_weights, corpus_dir,
+                                                        tmp_path, capsys):
+    import shutil
+    weights = tmp_path / "w"
+    shutil.copytree(subword_weights[2], weights)
+    (weights / data.VOCAB_FILE).unlink()
+    assert cli.main(["evaluate", "--weights", str(weights), "--data", str(corpus_dir),
+                     "--split", "valid"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no vocabulary (vocab.json)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
