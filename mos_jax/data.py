@@ -350,12 +350,16 @@ def encode_text_file(path: str | os.PathLike, vocab: Sequence[str], subwords=Non
     """The words of a plain text file (lines split on whitespace, `<eos>` after each,
     as a corpus's splits are read) as ids into `vocab`, by string; unknown words as in
     `map_to_vocab`. With `subwords` (a subword run's tokenizer) the lines are encoded
-    with it (characters it lacks become `<unk>`; no Unknown is returned)."""
+    with it: characters it lacks become `<unk>` pieces, counted in the Unknown (of
+    pieces, naming the words that hold them)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--text {path}: no such file; give a UTF-8 text file to score")
     if subwords is not None:
-        return subwords.encode(read_lines(path), vocab, str(path)), None
+        lines = read_lines(path)
+        tokens, total, words = subwords.unknown(lines)
+        return (subwords.encode(lines, vocab, str(path)),
+                Unknown(str(path), tokens, total, words) if tokens else None)
     return encode_words(tokenize_lines(read_lines(path)), vocab, str(path))
 
 

@@ -97,12 +97,12 @@ class Subwords:
             pieces[i] = piece
         return tuple(pieces)
 
-    def encode_lines(self, lines: Iterable[str]) -> np.ndarray:
-        """int32 tokenizer ids of `lines`: each line's whitespace words, then `<eos>`.
+    def _distinct(self, lines: Iterable[str]):
+        """The distinct words of `lines` (`<eos>` first), each one's tokenizer ids, and
+        the stream as indices into them (each line's whitespace words, then `<eos>`).
 
         Every word is encoded on its own (pre-tokenised input: the tokenizer never
-        looks across words), so each distinct word is encoded once and the stream is
-        gathered from those pieces."""
+        looks across words), so each distinct word is encoded once."""
         index: dict[str, int] = {EOS: 0}
         stream: list[int] = []
         for line in lines:
@@ -110,14 +110,32 @@ class Subwords:
             stream.append(0)
         encoded = self.tokenizer.encode_batch([[w] for w in index], is_pretokenized=True,
                                               add_special_tokens=False)
-        lengths = np.asarray([len(e.ids) for e in encoded], dtype=np.int64)
-        flat = np.asarray([i for e in encoded for i in e.ids], dtype=np.int32)
+        return list(index), [e.ids for e in encoded], np.asarray(stream, dtype=np.int64)
+
+    def encode_lines(self, lines: Iterable[str]) -> np.ndarray:
+        """int32 tokenizer ids of `lines`: each line's whitespace words, then `<eos>`
+        (each distinct word encoded once, the stream gathered from those pieces)."""
+        _, ids, words = self._distinct(lines)
+        lengths = np.asarray([len(i) for i in ids], dtype=np.int64)
+        flat = np.asarray([i for word in ids for i in word], dtype=np.int32)
         starts = np.cumsum(lengths) - lengths
-        words = np.asarray(stream, dtype=np.int64)
         n = lengths[words]
         first = np.repeat(starts[words], n)
         within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
         return flat[first + within]
+
+    def unknown(self, lines: Iterable[str]) -> tuple[int, int, tuple[str, ...]]:
+        """`(tokens, total, words)`: the `<unk>` pieces of `lines` that stand for
+        characters the tokenizer lacks (a `<unk>` word of the text aside), of `total`
+        pieces, and the distinct words that hold them, in order of first appearance."""
+        words, ids, stream = self._distinct(lines)
+        unk = SPECIALS.index(UNK)
+        per_word = np.asarray([0 if w in SPECIALS else i.count(unk)
+                               for w, i in zip(words, ids)], dtype=np.int64)
+        counts = np.bincount(stream, minlength=len(words))
+        total = int((np.asarray([len(i) for i in ids]) * counts).sum())
+        return (int((per_word * counts).sum()), total,
+                tuple(w for w, n in zip(words, per_word) if n))
 
     def encode(self, lines: Iterable[str], vocab: Sequence[str], what: str) -> np.ndarray:
         """`lines` as ids into `vocab` (a run's pieces, in its order), by piece string."""

@@ -476,3 +476,17 @@ def test_a_tokenizer_without_its_vocabulary_is_one_line(subword_weights, corpus_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no vocabulary (vocab.json)" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@needs_tokenizers
+def test_evaluate_text_counts_the_characters_the_tokenizer_lacks(subword_weights, tmp_path,
+                                                                 capsys):
+    corpus, _, weights = subword_weights
+    text = tmp_path / "t.txt"
+    text.write_text(" sukame zuzu ka <unk> \n kazu <unk> topeme \n")
+    assert cli.main(["evaluate", "--weights", str(weights), "--text", str(text),
+                     "--batch-size", "1", "--bptt", "20"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["unknown_tokens"] == 3  # the z's (bpe: one <unk> per character)
+    assert "'zuzu', 'kazu'" in out.err  # named in the note (the <unk> words are words)
