@@ -556,7 +556,10 @@ def _run_corpus(config, workdir: Path, mode: str) -> data_lib.Corpus:
         directory = Path(config.finetune.init_from)
     else:
         return corpus
-    subwords = data_lib.load_subwords(directory)
+    try:
+        subwords = data_lib.load_subwords(directory)
+    except DataError:  # damaged: the vocabulary check decides, as without one
+        return corpus
     if subwords is None or subwords.spec == corpus.subwords.spec or (
             subwords.kind, subwords.size) != (corpus.subwords.kind, corpus.subwords.size):
         return corpus
