@@ -465,6 +465,10 @@ def _cmd_generate(args) -> None:
     shown = []  # the prompt words printed before the sample
     if prompted and subwords is not None:  # the prompt's pieces (a line without <eos>)
         prompt = subwords.encode([args.prompt], vocab, "the prompt")[:-1]
+        tokens, total, words = subwords.unknown([args.prompt])
+        if tokens:
+            _note("note: " + data.Unknown("the prompt", tokens, total - 1, words)
+                  .describe(vocab, "are read as <unk>"))
         shown = decode(prompt)
     elif prompted:
         prompt, unknown = data.encode_words(args.prompt.split(), vocab, "the prompt")

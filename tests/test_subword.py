@@ -490,3 +490,13 @@ def test_evaluate_text_counts_the_characters_the_tokenizer_lacks(subword_weights
     result = json.loads(out.out.strip().splitlines()[-1])
     assert result["unknown_tokens"] == 3  # the z's (bpe: one <unk> per character)
     assert "'zuzu', 'kazu'" in out.err  # named in the note (the <unk> words are words)
+
+
+@needs_tokenizers
+def test_generate_notes_the_characters_of_the_prompt_the_tokenizer_lacks(
+        subword_weights, capsys):
+    _, _, weights = subword_weights
+    assert cli.main(["generate", "--weights", str(weights), "--prompt", "sukame zuzu",
+                     "--words", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 of " in err and "the prompt" in err and "'zuzu'" in err
