@@ -299,18 +299,13 @@ def parse_vocab_sizes(text: str) -> tuple[int, ...]:
 
 
 def parse_heads(text: str | None) -> tuple[str, ...]:
-    """Head names of `--heads` (None: every registered head); unknown names: one error."""
+    """Head names of `--heads` (None: every registered head), checked as
+    `compare-heads` checks them: unknown or repeated names are one error."""
+    from mos_jax import compare
     heads.load_plugins()
     if text is None:
         return tuple(heads.HEADS)
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not names or len(set(names)) != len(names):
-        raise ConfigError(f"--heads {text!r}: give distinct head names, comma-separated, "
-                          f"e.g. --heads softmax,mos (registered: "
-                          f"{', '.join(sorted(heads.HEADS))})")
-    for name in names:
-        heads.get_head(name)  # one ConfigError naming the registered heads
-    return names
+    return tuple(compare.parse_heads(text))
 
 
 def _head_model_config(c, head: str, vocab: int) -> model_lib.ModelConfig:
