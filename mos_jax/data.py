@@ -479,13 +479,17 @@ def order_vocab(corpus: Corpus, order: str) -> Corpus:
                                **{s: new_id[corpus.split(s)] for s in SPLITS})
 
 
-def _subword_corpus(lines: Mapping[str, list[str]], name: str, subwords) -> Corpus:
-    """The corpus of `lines` in the tokenizer's pieces and ids (order `first`)."""
+def _subword_corpus(lines: Mapping[str, list[str]], name: str, subwords,
+                    vocab: Sequence[str] | None = None) -> Corpus:
+    """The corpus of `lines` in the tokenizer's pieces: with the tokenizer's ids (order
+    `first`), or with `vocab`'s (a run's pieces in its order, by piece string)."""
     from mos_jax import subword
-    return Corpus(name=name, vocab=subwords.pieces,
+    encode = (subwords.encode_lines if vocab is None
+              else lambda text: subwords.encode(text, vocab, name))
+    return Corpus(name=name, vocab=subwords.pieces if vocab is None else tuple(vocab),
                   subwords=subwords, words=tuple(subword.count_words(lines[s])
                                                  for s in SPLITS),
-                  **{s: subwords.encode_lines(lines[s]) for s in SPLITS})
+                  **{s: encode(lines[s]) for s in SPLITS})
 
 
 def _cached_subwords(path: Path):
@@ -525,13 +529,10 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
             read_lines(p)  # raises the missing-file error
     name = str(directory)
     if subwords is not None:
-        from mos_jax import subword
         if vocab is None:
             raise ValueError("a run's tokenizer needs the run's vocabulary")
-        lines = {s: read_lines(p) for s, p in zip(SPLITS, paths)}
-        return Corpus(name=name, vocab=tuple(vocab), subwords=subwords,
-                      words=tuple(subword.count_words(lines[s]) for s in SPLITS),
-                      **{s: subwords.encode(lines[s], vocab, name) for s in SPLITS})
+        return _subword_corpus({s: read_lines(p) for s, p in zip(SPLITS, paths)}, name,
+                               subwords, vocab)
     if order not in ORDERS:
         raise DataError(f"unknown vocabulary order {order!r}: choose one of "
                         f"{', '.join(ORDERS)}")
