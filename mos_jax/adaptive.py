@@ -28,12 +28,15 @@ Initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every matrix, zeros for t
                                                                  latent_bias [K*D])
     log p(w)  = logsumexp_k(log pi_k + log p_k(w | h_k))
 
-with D = model.emsize and each p_k the adaptive softmax above applied to h_k (locked
-dropout on the latents, as MoS). The head matrix `head_weight` [S + n, D] (and
-`head_bias`) and the tail outputs `tail_{i}_out` [osz_i, hsz_i] are shared by the
-components, so each component has its own cluster logits through its own h_k; the tail
-projections are shared (`share_tails` true: `tail_{i}_proj` [hsz_i, D]) or one per
-component (false: [K, hsz_i, D]); hsz_i = int(D // div_value ** (i + 1)).
+with D = model.emsize and each p_k an adaptive softmax whose head (the matrix
+`head_weight` [S + n, D], and `head_bias`, shared by the components) reads h_k, so
+every component has its own cluster logits (locked dropout on the latents, as MoS).
+Its tails (option `tails`): `one` (default) one tail per cluster reading `hidden`, the
+same for every component, so `log p(w) = log sum_k pi_k p_k(c(w)) + log p(w | c(w))`
+with `tail_{i}_proj` [hsz_i, H]; `shared`: the tails read h_k through one projection
+per cluster (`tail_{i}_proj` [hsz_i, D]); `separate`: one projection per component
+([K, hsz_i, D]). The tail outputs `tail_{i}_out` [osz_i, hsz_i] are shared throughout.
+hsz_i = int(Din // div_value ** (i + 1)), Din the width the tails read.
 
 Paths. Full log-probabilities (`return_logprobs`) compute every tail for every row:
 [T, B, V] exactly. Target log-probabilities otherwise (training and scoring) compute a
@@ -60,7 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mos_jax.errors import ConfigError
-from mos_jax.heads import Head, HeadOption, HeadOutput, logsumexp, register_head
+from mos_jax.heads import (Head, HeadOption, HeadOutput, fused_output, logsumexp,
+                           register_head)
 from mos_jax.layers import dot, locked_dropout, uniform_init
 
 # Rows per tail chunk on the target path: a chunk with no row whose target is in the
@@ -232,6 +236,30 @@ def tail_target_logprobs(x: jax.Array, local: jax.Array, member: jax.Array,
     return jnp.zeros((n, *x.shape[1:-1]), jnp.float32).at[order].add(values)
 
 
+def clusters_of(targets: jax.Array, cutoffs: Sequence[int]) -> jax.Array:
+    """0 for a shortlist target, i + 1 for a target in cluster i."""
+    return sum((targets >= c).astype(jnp.int32) for c in cutoffs)
+
+
+def head_targets(targets: jax.Array, cutoffs: Sequence[int]) -> jax.Array:
+    """The head's class of each target: the word below S, else S + its cluster."""
+    cluster = clusters_of(targets, cutoffs)
+    return jnp.where(cluster == 0, targets, cutoffs[0] + cluster - 1)
+
+
+def tail_terms(x: jax.Array, targets: jax.Array, tails, cutoffs: Sequence[int],
+               dtype) -> jax.Array:
+    """log_softmax(O_i P_i x)[target - c_i] for the rows whose target is in a tail
+    cluster i, 0 for the shortlist rows: [N] for x [N, Din] (tail-skipping path)."""
+    cluster = clusters_of(targets, cutoffs)
+    total = jnp.zeros(targets.shape, jnp.float32)
+    for i, (proj, out) in enumerate(tails):
+        member = cluster == i + 1
+        total = total + jnp.where(member, tail_target_logprobs(
+            x, targets - cutoffs[i], member, proj, out, i, dtype), 0.0)
+    return total
+
+
 def adaptive_output(x: jax.Array, head_lp: jax.Array, log_prior: jax.Array | None,
                     tails: Sequence[tuple[jax.Array, jax.Array]],
                     cutoffs: Sequence[int], targets: jax.Array | None,
@@ -258,7 +286,7 @@ def adaptive_output(x: jax.Array, head_lp: jax.Array, log_prior: jax.Array | Non
         target_lp = jnp.take_along_axis(full, targets[:, None], axis=-1)[:, 0]
     elif targets is not None:
         extra = (1,) * (head_lp.ndim - 2)  # the K axis of a mixture
-        cluster = sum((targets >= c).astype(jnp.int32) for c in cutoffs)  # 0: shortlist
+        cluster = clusters_of(targets, cutoffs)  # 0: shortlist
         in_short = jnp.minimum(targets, s - 1).reshape(-1, *extra, 1)
         in_short = jnp.broadcast_to(in_short, (*head_lp.shape[:-1], 1))
         lp = jnp.take_along_axis(head_lp, in_short, axis=-1)[..., 0]  # [N, (K,)]
@@ -325,13 +353,20 @@ class AdaptiveSoftmax(Head):
             tails.append((proj, out))
         return tails
 
-    def head_logprobs(self, x: jax.Array, cut, width: int) -> jax.Array:
-        """log_softmax of the shortlist + cluster logits of x [..., width]."""
+    def head_params(self, cut, width: int) -> tuple[jax.Array, jax.Array | None]:
+        """`head_weight` [S + n, width] and `head_bias` [S + n] (None without it)."""
         n_head = cut[0] + len(cut)
         weight = self.param("head_weight", uniform_init(width ** -0.5), (n_head, width))
+        bias = (self.param("head_bias", nn.initializers.zeros, (n_head,))
+                if self.head_bias else None)
+        return weight, bias
+
+    def head_logprobs(self, x: jax.Array, cut, width: int) -> jax.Array:
+        """log_softmax of the shortlist + cluster logits of x [..., width]."""
+        weight, bias = self.head_params(cut, width)
         logits = dot(x, weight.T, self.dtype)
-        if self.head_bias:
-            logits = logits + self.param("head_bias", nn.initializers.zeros, (n_head,))
+        if bias is not None:
+            logits = logits + bias
         return logits - logsumexp(logits)[..., None]
 
     @nn.compact
@@ -349,56 +384,94 @@ class AdaptiveSoftmax(Head):
                           None if full is None else full.reshape(*lead, v))
 
 
+TAIL_MODES = ("one", "shared", "separate")
+
+
 @register_head("adaptive_mos")
 class AdaptiveMixture(AdaptiveSoftmax):
     """A mixture of K = n_experts adaptive softmaxes (untied), in log space.
 
     Equations and parameter shapes: the `mos_jax.adaptive` module docstring. Options
-    (`model.heads.adaptive_mos.KEY`): cutoffs, div_value, head_bias, share_tails
-    (default true: one tail projection per cluster for all components). FLOPs per
-    token: prior 2 H K, latents 2 H K D, the head 2 K D (S + n), and per cluster K
-    tails 2 K hsz (D + osz) times its Zipf fraction of tokens (`zipf_fractions`). No
-    rank bound is declared.
+    (`model.heads.adaptive_mos.KEY`): cutoffs, div_value, head_bias and `tails`, how
+    the components share their tail clusters:
 
-    Why shared tails by default: at equal quality and speed it has fewer parameters
-    ((K - 1) sum_i hsz_i D fewer). Measured on PTB (configs/ptb_small.py: emsize 64,
-    K = 4; Adam lr 0.003, 300 steps; CPU): validation perplexity shared 646.7 and 654.1
-    (seeds 28, 1) vs per component 652.4 and 650.8, within seed noise; a train step
-    (3-layer LSTM, batch 12 x 35, V = 10,000) 51.9 vs 50.9 ms median; head parameters
-    106,304 vs 110,144.
+      one (default): one tail per cluster, reading the encoder's output (as the
+        `adaptive` head's tails), the same for every component. Each component k is
+        the adaptive softmax whose head reads its own latent h_k and whose tails read
+        the hidden state, so `log p(w) = log sum_k pi_k p_k(c(w)) + log p(w | c(w))`:
+        the mixture is over the head (the shortlist and the cluster logits), and a
+        tail is computed once per row whose target is in it, not K times.
+      shared: each component's tails read its own latent h_k through one projection
+        per cluster shared by the components (`tail_{i}_proj` [hsz_i, D]).
+      separate: as shared, with one projection per component ([K, hsz_i, D]).
+
+    Why `one` by default: a tail over osz_i words costs K times as much per row when
+    it reads K latents, and the large clusters make that the whole cost. Measured
+    (`mos-jax bench --vocab-sizes`, BENCHMARKS.md "Cost against vocabulary size"): at
+    V = 100,000, K = 15, D = 256 the head with per-component tails trained at 0.21x
+    the whole softmax's tokens/s; `one` is what brings it near the softmax's cost.
+    `shared` and `separate` gave the same PTB validation perplexity within seed noise
+    (configs/ptb_small.py, emsize 64, K = 4, Adam lr 0.003, 300 steps: 646.7 and 654.1
+    against 652.4 and 650.8 over seeds 28, 1); `one` is compared on quality in the
+    README's vocabulary study.
+
+    With `tails = one` the training loss takes the fused path of the mixture heads
+    (`mos_jax.fused.mixture_nll` over the head's S + n classes, the tail terms added
+    outside the mixture, where they factor out) when `model.vocab_chunk` is auto or
+    fused. FLOPs per token: prior 2 H K, latents 2 H K D, the head 2 K D (S + n), and
+    per cluster its tail(s), 2 hsz (Din + osz) (K times for shared / separate, Din = D;
+    once for one, Din = H) times its Zipf fraction of tokens (`zipf_fractions`). No
+    rank bound is declared.
     """
 
     n_experts: int = 15
-    share_tails: bool = True
+    tails: str = "one"
 
-    options = {**_ADAPTIVE_OPTIONS, "share_tails": HeadOption(
-        True, "true or false", _bool,
-        "adaptive_mos: one tail projection per cluster shared by the components "
-        "(false: one per component)")}
+    fuses_loss = True
+    options = {**_ADAPTIVE_OPTIONS, "tails": HeadOption(
+        "one", "one, shared or separate", lambda value: value in TAIL_MODES,
+        "adaptive_mos: the components' tails: one (one tail per cluster on the encoder's "
+        "output, common to all components), shared (per-component latents through one "
+        "projection per cluster) or separate (one projection per component)")}
 
     @classmethod
     def head_input_width(cls, mc) -> int:
         return mc.emsize
 
     @classmethod
+    def tail_width(cls, mc) -> int:
+        """The width the tails read: the encoder's output (tails = one) or D."""
+        one = cls.option_values(mc)["tails"] == "one"
+        return mc.output_size if one else mc.emsize
+
+    @classmethod
     def structure(cls, mc, name: str = "adaptive_mos"):
-        return super().structure(mc, name)
+        opts = cls.option_values(mc)
+        cut = resolve_cutoffs(opts["cutoffs"], mc.vocab_size, name)
+        return cut, tail_sizes(cls.tail_width(mc), float(opts["div_value"]), cut,
+                               mc.vocab_size, name)
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
         cut, sizes = cls.structure(mc)
         h, d, k = mc.output_size, mc.emsize, mc.n_experts
+        copies = 1 if cls.option_values(mc)["tails"] == "one" else k
+        width = cls.tail_width(mc)
         fractions = zipf_fractions(cut, mc.vocab_size)
-        tails = sum(f * 2 * k * hsz * (d + osz) for f, (hsz, osz) in zip(fractions, sizes))
+        tails = sum(f * 2 * copies * hsz * (width + osz)
+                    for f, (hsz, osz) in zip(fractions, sizes))
         return int(round(2 * h * k + 2 * h * k * d + 2 * k * d * (cut[0] + len(cut))
                          + tails))
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
-                 return_logprobs=False) -> HeadOutput:
+                 return_logprobs=False, target_weights=None) -> HeadOutput:
         lead, n_in = hidden.shape[:-1], hidden.shape[-1]
         v, d = embedding.shape
         k = self.n_experts
+        if self.tails not in TAIL_MODES:
+            raise ConfigError(f"model.heads.adaptive_mos.tails={self.tails!r}: use one "
+                              "of " + ", ".join(TAIL_MODES))
         cut = resolve_cutoffs(self.cutoffs, v, "adaptive_mos")
         init = uniform_init(n_in ** -0.5)
         prior_kernel = self.param("prior_kernel", init, (n_in, k))
@@ -409,10 +482,39 @@ class AdaptiveMixture(AdaptiveSoftmax):
         rng = None if deterministic or self.dropoutl == 0.0 else self.make_rng("dropout")
         latent = locked_dropout(latent, self.dropoutl, rng)
         x = latent.reshape(-1, k, d)  # [N, K, D]
-        head_lp = self.head_logprobs(x, cut, d)  # [N, K, S + n]
-        tails = self.build_tails(d, cut, v, 0 if self.share_tails else k)
+        log_prior = log_prior.reshape(-1, k)
         flat_targets = None if targets is None else targets.reshape(-1)
-        target_lp, full = adaptive_output(x, head_lp, log_prior.reshape(-1, k), tails,
-                                          cut, flat_targets, return_logprobs, self.dtype)
-        return HeadOutput(None if target_lp is None else target_lp.reshape(lead),
-                          None if full is None else full.reshape(*lead, v))
+
+        def shaped(target_lp, full):
+            return HeadOutput(None if target_lp is None else target_lp.reshape(lead),
+                              None if full is None else full.reshape(*lead, v))
+
+        if self.tails != "one":
+            head_lp = self.head_logprobs(x, cut, d)  # [N, K, S + n]
+            tails = self.build_tails(d, cut, v, k if self.tails == "separate" else 0)
+            return shaped(*adaptive_output(x, head_lp, log_prior, tails, cut,
+                                           flat_targets, return_logprobs, self.dtype))
+
+        # tails = one: the mixture is over the head; the tails read the hidden state.
+        g = hidden.reshape(-1, n_in)
+        weight, bias = self.head_params(cut, d)
+        tails = self.build_tails(n_in, cut, v)
+        if target_weights is not None and flat_targets is not None and not return_logprobs:
+            head_bias = jnp.zeros(weight.shape[0], jnp.float32) if bias is None else bias
+            fused = fused_output(x, log_prior, weight, head_bias,
+                                 head_targets(flat_targets, cut),
+                                 target_weights.reshape(-1), self.dtype,
+                                 self.vocab_chunk)
+            if fused is not None:  # the head's loss and gradients in one pass
+                tail_lp = tail_terms(g, flat_targets, tails, cut, self.dtype)
+                w = target_weights.reshape(-1).astype(jnp.float32)
+                target_lp = jax.lax.stop_gradient(fused.target_logprobs + tail_lp)
+                return HeadOutput(target_lp.reshape(lead), None,
+                                  fused.nll - jnp.sum(w * tail_lp))
+        logits = dot(x, weight.T, self.dtype)
+        if bias is not None:
+            logits = logits + bias
+        head_lp = logits - logsumexp(logits)[..., None]  # [N, K, S + n]
+        mixed = jax.nn.logsumexp(log_prior[..., None] + head_lp, axis=1)  # [N, S + n]
+        return shaped(*adaptive_output(g, mixed, None, tails, cut, flat_targets,
+                                       return_logprobs, self.dtype))

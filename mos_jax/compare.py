@@ -117,11 +117,15 @@ def budget_config(config: config_lib.ConfigDict, *, steps: int | None = None,
 
 
 def _probe(model_section: dict) -> None:
-    """Build the model's parameter shapes (no compute); raises what the head raises."""
+    """Build the model's parameter shapes (no compute); raises what the head raises.
+
+    The corpus is not loaded yet, so the vocabulary is a large stand-in (shapes only,
+    nothing is allocated): options bounded by V (an adaptive head's cutoffs) are checked
+    against the real V when the run loads its corpus."""
     import jax
 
     from mos_jax import model as model_lib
-    mc = model_lib.ModelConfig.from_dict({**model_section, "vocab_size": 16})
+    mc = model_lib.ModelConfig.from_dict({**model_section, "vocab_size": 1 << 20})
     jax.eval_shape(model_lib.init_params, mc, jax.random.key(0))
 
 

@@ -104,6 +104,26 @@ def task_step(workdir):
                 "step": int(new.step),
             }
 
+    # The adaptive heads (their tails skip rows by lax.cond inside lax.map): one step
+    # on the mesh plan equals one device. Width 6: div_value 2 gives tail widths 3, 1.
+    for head in ("adaptive", "adaptive_mos"):
+        cfg_h = cfg.replace(head=head, head_options=(("div_value", 2.0),))
+        params_h = host(model.init_params(cfg_h, jax.random.key(1)))
+        ref_step = train.TrainStep(cfg_h, n_groups=1, **kw)
+        state = train.init_state(cfg_h, fresh(params_h), B, ref_step.tx).replace(
+            carry=fresh(carry0))
+        ref_h, ref_hm = host(ref_step(state, inputs, targets, T, T, 1.0))
+        step = train.build_train_step(step_config(B, T, -1), cfg_h,
+                                      parallel.make_plan("mesh", jax.devices()))
+        state = train.init_state(cfg_h, fresh(params_h), B, step.tx).replace(
+            carry=fresh(carry0))
+        new, m = host(step(state, inputs, targets, T, T, 1.0))
+        out[f"head_{head}"] = {
+            "loss": abs(float(m["loss"]) - float(ref_hm["loss"])),
+            "ref_loss": float(ref_hm["loss"]),
+            "params": tree_max_diff(new.params, ref_h.params),
+            "moved": tree_max_diff(ref_h.params, params_h)}
+
     # Dropout on: every device gets the same columns; different masks give different
     # carries, and the same call twice gives the same result.
     cfg_d = cfg.replace(dropout=0.3, dropouti=0.3, dropouth=0.3, wdrop=0.3, dropoutl=0.3)

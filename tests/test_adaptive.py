@@ -23,9 +23,9 @@ def np_log_softmax(z):
     return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
 
 
-def np_adaptive(p, x, cutoffs, v, k=None):
+def np_adaptive(p, x, cutoffs, v, k=None, x_tail=None):
     """log p [N, V] of the adaptive softmax on x [N, Din] (`k`: component k's tail
-    projections when they are per component)."""
+    projections when they are per component; `x_tail`: what the tails read, default x)."""
     f = {name: np.asarray(a, np.float64) for name, a in p.items()}
     logits = x @ f["head_weight"].T + (f["head_bias"] if "head_bias" in f else 0.0)
     head_lp = np_log_softmax(logits)
@@ -34,17 +34,22 @@ def np_adaptive(p, x, cutoffs, v, k=None):
     out[:, :s] = head_lp[:, :s]
     for i in range(len(cutoffs)):
         proj = f[f"tail_{i}_proj"] if k is None else f[f"tail_{i}_proj"][k]
-        tail = np_log_softmax(x @ proj.T @ f[f"tail_{i}_out"].T)
+        xt = x if x_tail is None else x_tail
+        tail = np_log_softmax(xt @ proj.T @ f[f"tail_{i}_out"].T)
         out[:, bounds[i]:bounds[i + 1]] = head_lp[:, s + i, None] + tail
     return out
 
 
-def np_adaptive_mos(p, hidden, cutoffs, v, k, share):
+def np_adaptive_mos(p, hidden, cutoffs, v, k, tails):
+    """Component j: an adaptive softmax whose head reads latent j and whose tails read
+    latent j (tails shared / separate) or the hidden state (tails one)."""
     f = {name: np.asarray(a, np.float64) for name, a in p.items()}
     log_prior = np_log_softmax(hidden @ f["prior_kernel"])  # [N, K]
     latent = np.tanh(hidden @ f["latent_kernel"] + f["latent_bias"]).reshape(
         hidden.shape[0], k, -1)
-    comps = np.stack([np_adaptive(p, latent[:, j], cutoffs, v, None if share else j)
+    comps = np.stack([np_adaptive(p, latent[:, j], cutoffs, v,
+                                  j if tails == "separate" else None,
+                                  hidden if tails == "one" else None)
                       for j in range(k)], 1)  # [N, K, V]
     z = log_prior[..., None] + comps
     m = z.max(1, keepdims=True)
@@ -78,8 +83,10 @@ def random_params(head, hidden, emb, targets, seed):
 
 
 CASES = [("adaptive", dict(cutoffs="4,12,20", div_value=1.5, head_bias=True)),
-         ("adaptive_mos", dict(cutoffs="4,12,20", div_value=1.5, share_tails=True)),
-         ("adaptive_mos", dict(cutoffs="4,12,20", div_value=1.5, share_tails=False,
+         ("adaptive_mos", dict(cutoffs="4,12,20", div_value=1.5, tails="one",
+                               head_bias=True)),
+         ("adaptive_mos", dict(cutoffs="4,12,20", div_value=1.5, tails="shared")),
+         ("adaptive_mos", dict(cutoffs="4,12,20", div_value=1.5, tails="separate",
                                head_bias=True))]
 
 
@@ -95,7 +102,7 @@ def test_log_probabilities_match_numpy_and_are_normalised(name, options):
     if name == "adaptive":
         want = np_adaptive(p, x, CUTS, V)
     else:
-        want = np_adaptive_mos(p, x, CUTS, V, K, options["share_tails"])
+        want = np_adaptive_mos(p, x, CUTS, V, K, options["tails"])
     np.testing.assert_allclose(np.exp(want).sum(-1), 1.0, atol=1e-12)
     got = np.asarray(out.logprobs).reshape(-1, V)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -129,29 +136,39 @@ def test_matches_torch_adaptive_log_softmax():
         convert.from_torch_adaptive(state, cutoffs=[5, 18])
 
 
-@pytest.mark.parametrize("name,options", [
-    ("adaptive", dict(cutoffs="4,12", div_value=1.5, head_bias=True)),
-    ("adaptive_mos", dict(cutoffs="4,12", div_value=1.5, share_tails=False,
-                          head_bias=True))])
-def test_target_path_gradient_equals_the_full_distribution_gradient(name, options,
+@pytest.mark.parametrize("name,options,chunk", [
+    ("adaptive", dict(cutoffs="4,12", div_value=1.5, head_bias=True), 0),
+    ("adaptive_mos", dict(cutoffs="4,12", div_value=1.5, tails="separate",
+                          head_bias=True), 0),
+    ("adaptive_mos", dict(cutoffs="4,12", div_value=1.5, tails="one"), 0),
+    ("adaptive_mos", dict(cutoffs="4,12", div_value=1.5, tails="one",
+                          head_bias=True), "fused")])  # the fused head loss
+def test_target_path_gradient_equals_the_full_distribution_gradient(name, options, chunk,
                                                                     monkeypatch):
     monkeypatch.setattr(adaptive, "TAIL_CHUNK_ROWS", 4)  # several chunks, some skipped
     hidden, emb, targets = inputs(3)
     head = make(name, **options)
+    train_head = heads.get_head(name)(n_experts=K, dtype=jnp.float32, vocab_chunk=chunk,
+                                      **options)
     p = random_params(head, hidden, emb, targets, 4)
     w = jnp.asarray(np.random.default_rng(5).uniform(0.5, 1.5, size=(T, B)), jnp.float32)
 
     def loss(p, hidden, full):
-        out = head.apply({"params": p}, hidden, emb, targets, return_logprobs=full)
         if full:
+            out = head.apply({"params": p}, hidden, emb, targets, return_logprobs=True)
             lp = jnp.take_along_axis(out.logprobs, targets[..., None], -1)[..., 0]
-        else:
-            assert out.logprobs is None
-            lp = out.target_logprobs
-        return -jnp.sum(w * lp)
+            return -jnp.sum(w * lp)
+        # the model's training call: the weighted NLL, fused by the head where it can
+        out = train_head.apply({"params": p}, hidden, emb, targets, target_weights=w,
+                               method="output_with_nll")
+        assert out.logprobs is None
+        return out.nll
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
     g_tail, g_full = grad(p, hidden, False), grad(p, hidden, True)
+    value = jax.jit(loss, static_argnums=2)
+    np.testing.assert_allclose(float(value(p, hidden, False)),
+                               float(value(p, hidden, True)), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(g_tail), jax.tree_util.tree_leaves(g_full)):
         scale = float(jnp.max(jnp.abs(b))) + 1e-12
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * scale + 1e-7
@@ -230,11 +247,19 @@ def test_facts_and_flops_by_hand():
     want = 2 * 16 * 12 + f0 * 2 * 4 * (16 + 30) + f1 * 2 * 1 * (16 + 60)
     assert heads.get_head("adaptive").flops_per_token(mc) == round(want)
     with pytest.raises(ConfigError, match="cluster 1"):  # D = 8: 8 // 4^2 = 0
-        mc.replace(head="adaptive_mos")
-    mos = mc.replace(head="adaptive_mos", head_options=(("cutoffs", "10"),))
-    want = (2 * 16 * 2 + 2 * 16 * 2 * 8 + 2 * 2 * 8 * 11
-            + (harm(100) - harm(10)) / harm(100) * 2 * 2 * 2 * (8 + 90))
+        mc.replace(head="adaptive_mos", head_options=(("cutoffs", "10,40"),
+                                                      ("tails", "shared")))
+    mc.replace(head="adaptive_mos")  # tails one read H = 16: 16 // 4^2 = 1
+    f = (harm(100) - harm(10)) / harm(100)
+    mos = mc.replace(head="adaptive_mos", head_options=(("cutoffs", "10"),
+                                                        ("tails", "shared")))
+    # prior 2 H K, latents 2 H K D, head 2 K D (10 + 1), K tails 8 -> 2 -> 90
+    want = 2 * 16 * 2 + 2 * 16 * 2 * 8 + 2 * 2 * 8 * 11 + f * 2 * 2 * 2 * (8 + 90)
     assert heads.get_head("adaptive_mos").flops_per_token(mos) == round(want)
+    one = mc.replace(head="adaptive_mos", head_options=(("cutoffs", "10"),))
+    # one tail, on H = 16: 16 -> 4 -> 90
+    want = 2 * 16 * 2 + 2 * 16 * 2 * 8 + 2 * 2 * 8 * 11 + f * 2 * 4 * (16 + 90)
+    assert heads.get_head("adaptive_mos").flops_per_token(one) == round(want)
 
 
 @pytest.mark.parametrize("name,encoder", [("adaptive", "lstm"),

@@ -135,6 +135,17 @@ def test_a_tied_head_gets_nhidlast_equal_to_emsize():
     assert mos.model.nhidlast == 24 and mos.model.head == "mos" and not notes
 
 
+def test_fixed_cutoffs_pass_the_head_check_and_meet_the_corpus_later():
+    c = tiny_config().copy_and_resolve_references()  # synthetic, V = 50
+    c.model.heads.adaptive.cutoffs = "20,40"
+    adaptive, notes = compare.head_config(c, "adaptive")  # no corpus yet: shapes only
+    assert adaptive.model.head == "adaptive" and not notes
+    c.model.heads.adaptive.cutoffs = "20,60"
+    checked, _ = compare.head_config(c, "adaptive")
+    with pytest.raises(ConfigError, match=r"\[1, 49\]"):  # the corpus's V = 50
+        train.model_config_from(checked, 50)
+
+
 def test_budgets():
     c = compare.budget_config(tiny_config(), steps=10, evals=3)
     assert (c.train.steps_per_epoch, c.train.max_epochs, c.train.stop_at_step) == (4, 3, 0)

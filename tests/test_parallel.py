@@ -182,6 +182,14 @@ def test_one_step_on_4_devices_equals_one_device(step_report, strategy, small):
     assert r["carry_shape"] == [8, 8] and r["step"] == 1  # the global [B, H] layout
 
 
+@pytest.mark.parametrize("head", ["adaptive", "adaptive_mos"])
+def test_adaptive_heads_step_on_4_devices_equals_one_device(step_report, head):
+    r = step_report[f"head_{head}"]
+    assert np.isfinite(r["ref_loss"]) and r["ref_loss"] > 0
+    assert r["moved"] > 1e-3  # the step changed the weights, so equal updates say something
+    assert r["loss"] < TOL * max(1.0, r["ref_loss"]) and r["params"] < TOL
+
+
 @pytest.mark.parametrize("strategy", ["mesh", "pmap"])
 def test_gradients_are_averaged_not_summed(step_report, strategy):
     # A sum over the 4 devices (grad of replicated parameters under shard_map with

@@ -1,0 +1,54 @@
+"""The vocabulary study on WikiText-2: one small 1-layer AWD-LSTM at one width, BPE
+vocabularies of several sizes, softmax, MoS, adaptive softmax and adaptive MoS
+(`mos-jax study --vocab-sizes`, README "Findings").
+
+The LSTM side of the PTB width study (configs/ptb_study_lstm.py: width 64, MoS with 4
+components, light dropout, AdamW at lr 1e-2 with a cosine decay to a tenth) on
+WikiText-2 cut into BPE pieces (`data.tokenizer = bpe`; the study sets
+`data.vocab_size` to each size). The vocabulary is frequency-ordered for every head
+(`data.vocab_order = frequency`), so every head of a cell sees the same ids. Epochs
+are validated on the first 40,000 pieces of the validation split; the study's final
+perplexity of the best weights is on the whole split, per piece and per word.
+
+    mos-jax study --config configs/wt2_vocab_study.py \
+        --config.data.dir ../shared/data/wikitext-2 --vocab-sizes 2000,8000,32000 \
+        --heads softmax,mos,adaptive,adaptive_mos --steps 600 --evals 3 \
+        --workdir runs/wt2-vocab-study
+"""
+
+from mos_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.data.dir = "data/wikitext-2"
+    c.data.tokenizer = "bpe"
+    c.data.vocab_size = 8000
+    c.data.vocab_order = "frequency"
+    c.data.batch_size = 20
+    c.data.bptt = 35
+    c.data.max_seq_len_delta = 0
+    c.model.nlayers = 1
+    c.model.emsize = c.model.nhid = c.model.nhidlast = 64
+    c.model.n_experts = 4
+    c.model.dropout = 0.1
+    c.model.dropouth = 0.0
+    c.model.dropouti = 0.1
+    c.model.dropoute = 0.0
+    c.model.dropoutl = 0.1
+    c.model.wdrop = 0.0
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-2
+    c.optim.wdecay = 0.0
+    c.optim.clip = 0.25
+    c.optim.asgd = False
+    c.optim.alpha = 0.0
+    c.optim.beta = 0.0
+    c.optim.warmup_steps = 50
+    c.optim.decay_steps = 600
+    c.optim.min_lr_ratio = 0.1
+    c.train.steps_per_epoch = 200
+    c.train.max_epochs = 3
+    c.train.eval_max_tokens = 40000
+    c.train.log_every_steps = 100
+    return c
