@@ -140,7 +140,6 @@ def test_matches_torch_adaptive_log_softmax():
     ("adaptive", dict(cutoffs="4,12", div_value=1.5, head_bias=True), 0),
     ("adaptive_mos", dict(cutoffs="4,12", div_value=1.5, tails="separate",
                           head_bias=True), 0),
-    ("adaptive_mos", dict(cutoffs="4,12", div_value=1.5, tails="one"), 0),
     ("adaptive_mos", dict(cutoffs="4,12", div_value=1.5, tails="one",
                           head_bias=True), "fused")])  # the fused head loss
 def test_target_path_gradient_equals_the_full_distribution_gradient(name, options, chunk,
