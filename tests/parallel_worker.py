@@ -104,9 +104,10 @@ def task_step(workdir):
                 "step": int(new.step),
             }
 
-    # The adaptive heads (their tails skip rows by lax.cond inside lax.map): one step
-    # on the mesh plan equals one device. Width 6: div_value 2 gives tail widths 3, 1.
-    for head in ("adaptive", "adaptive_mos"):
+    # An adaptive head (its tails skip rows by lax.cond inside lax.map; adaptive_mos
+    # has the adaptive head's tails and its own fused mixture loss): one step on the
+    # mesh plan equals one device. Width 6: div_value 2 gives tail widths 3, 1.
+    for head in ("adaptive_mos",):
         cfg_h = cfg.replace(head=head, head_options=(("div_value", 2.0),))
         params_h = host(model.init_params(cfg_h, jax.random.key(1)))
         ref_step = train.TrainStep(cfg_h, n_groups=1, **kw)
