@@ -109,7 +109,9 @@ def task_step(workdir):
     # mesh plan equals one device. Width 6: div_value 2 gives tail widths 3, 1.
     for head in ("adaptive_mos",):
         cfg_h = cfg.replace(head=head, head_options=(("div_value", 2.0),))
-        params_h = host(model.init_params(cfg_h, jax.random.key(1)))
+        shapes = jax.eval_shape(model.init_params, cfg_h, jax.random.key(1))  # no compile
+        params_h = jax.tree_util.tree_map(
+            lambda a: rng.uniform(-0.3, 0.3, size=a.shape).astype(np.float32), shapes)
         ref_step = train.TrainStep(cfg_h, n_groups=1, **kw)
         state = train.init_state(cfg_h, fresh(params_h), B, ref_step.tx).replace(
             carry=fresh(carry0))
