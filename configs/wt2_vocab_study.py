@@ -16,39 +16,20 @@ perplexity of the best weights is on the whole split, per piece and per word.
         --workdir runs/wt2-vocab-study
 """
 
-from mos_jax.config import default_config
+from pathlib import Path
+
+from mos_jax.config import load_config_file
 
 
 def get_config():
-    c = default_config()
+    c = load_config_file(Path(__file__).with_name("ptb_study_lstm.py"))
     c.data.dir = "data/wikitext-2"
     c.data.tokenizer = "bpe"
     c.data.vocab_size = 8000
     c.data.vocab_order = "frequency"
-    c.data.batch_size = 20
-    c.data.bptt = 35
-    c.data.max_seq_len_delta = 0
-    c.model.nlayers = 1
-    c.model.emsize = c.model.nhid = c.model.nhidlast = 64
-    c.model.n_experts = 4
-    c.model.dropout = 0.1
-    c.model.dropouth = 0.0
-    c.model.dropouti = 0.1
-    c.model.dropoute = 0.0
-    c.model.dropoutl = 0.1
-    c.model.wdrop = 0.0
-    c.optim.name = "adamw"
-    c.optim.lr = 1e-2
-    c.optim.wdecay = 0.0
-    c.optim.clip = 0.25
-    c.optim.asgd = False
-    c.optim.alpha = 0.0
-    c.optim.beta = 0.0
     c.optim.warmup_steps = 50
     c.optim.decay_steps = 600
-    c.optim.min_lr_ratio = 0.1
     c.train.steps_per_epoch = 200
     c.train.max_epochs = 3
     c.train.eval_max_tokens = 40000
-    c.train.log_every_steps = 100
     return c

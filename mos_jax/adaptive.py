@@ -361,9 +361,10 @@ class AdaptiveSoftmax(Head):
                 if self.head_bias else None)
         return weight, bias
 
-    def head_logprobs(self, x: jax.Array, cut, width: int) -> jax.Array:
-        """log_softmax of the shortlist + cluster logits of x [..., width]."""
-        weight, bias = self.head_params(cut, width)
+    def head_logprobs(self, x: jax.Array, cut, width: int, params=None) -> jax.Array:
+        """log_softmax of the shortlist + cluster logits of x [..., width] (`params`:
+        `head_params`' result when the caller already has it)."""
+        weight, bias = self.head_params(cut, width) if params is None else params
         logits = dot(x, weight.T, self.dtype)
         if bias is not None:
             logits = logits + bias
@@ -511,10 +512,7 @@ class AdaptiveMixture(AdaptiveSoftmax):
                 target_lp = jax.lax.stop_gradient(fused.target_logprobs + tail_lp)
                 return HeadOutput(target_lp.reshape(lead), None,
                                   fused.nll - jnp.sum(w * tail_lp))
-        logits = dot(x, weight.T, self.dtype)
-        if bias is not None:
-            logits = logits + bias
-        head_lp = logits - logsumexp(logits)[..., None]  # [N, K, S + n]
+        head_lp = self.head_logprobs(x, cut, d, (weight, bias))  # [N, K, S + n]
         mixed = jax.nn.logsumexp(log_prior[..., None] + head_lp, axis=1)  # [N, S + n]
         return shaped(*adaptive_output(g, mixed, None, tails, cut, flat_targets,
                                        return_logprobs, self.dtype))

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mos_jax import config as config_lib
 from mos_jax import dynamic_eval as de
 from mos_jax import evaluate, heads
 from mos_jax import model as model_lib
@@ -287,15 +288,12 @@ def main_print(result: dict, out_path=None) -> None:
 
 def parse_vocab_sizes(text: str) -> tuple[int, ...]:
     """`"10000,33000"` -> (10000, 33000): distinct integers >= 2; else one ConfigError."""
-    parts = [t.strip() for t in str(text).split(",")]
     try:
-        sizes = tuple(int(t.replace("_", "")) for t in parts)
-    except ValueError:
-        sizes = ()
-    if not sizes or any(v < 2 for v in sizes) or len(set(sizes)) != len(sizes):
-        raise ConfigError(f"--vocab-sizes {text!r}: give distinct vocabulary sizes >= 2, "
-                          "comma-separated, e.g. --vocab-sizes 10000,33000,100000")
-    return sizes
+        return tuple(config_lib.parse_int_list(
+            str(text), "vocabulary size", "--vocab-sizes 10000,33000,100000", 2,
+            skip_empty=False))
+    except ConfigError as e:
+        raise ConfigError(f"--vocab-sizes {text!r}: {e}") from None
 
 
 def parse_heads(text: str | None) -> tuple[str, ...]:

@@ -145,6 +145,36 @@ def load_config(path: str | Path, overrides: Sequence[tuple[str, str]] = ()) -> 
     return config
 
 
+def parse_int_list(text: str | Sequence[int], what: str, example: str, minimum: int,
+                   too_small: str = "", skip_empty: bool = True) -> list[int]:
+    """Whole numbers from "8,16" (or a list), distinct and at least `minimum`, in the
+    given order; anything else is one ConfigError naming `what` (e.g. "width") and
+    showing `example` (e.g. "--widths 8,16,32"). `too_small` says why the minimum;
+    empty items ("8,,16") are skipped, or refused without `skip_empty`."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    values = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            if skip_empty:
+                continue
+            raise ConfigError(f"an empty item in {text!r}: give {what}s like {example}")
+        try:
+            n = int(item)
+        except ValueError:
+            raise ConfigError(f"{what} {item!r} is not a whole number: give {what}s like "
+                              f"{example}") from None
+        if n < minimum:
+            raise ConfigError(f"{what} {n} is too small: {too_small or what + 's'} must "
+                              f"be at least {minimum} ({example})")
+        if n in values:
+            raise ConfigError(f"{what} {n} given twice: list each {what} once ({example})")
+        values.append(n)
+    if not values:
+        raise ConfigError(f"give at least one {what}, e.g. {example}")
+    return values
+
+
 def to_json(config: ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
 

@@ -87,26 +87,8 @@ def synthetic_configs() -> dict[str, config_lib.ConfigDict]:
 
 
 def parse_widths(text: str | Sequence[int]) -> list[int]:
-    """Widths from "8,16,32" (or a list): positive, distinct, kept in the given order."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    widths = []
-    for item in items:
-        item = str(item).strip()
-        if not item:
-            continue
-        try:
-            w = int(item)
-        except ValueError:
-            raise ConfigError(f"width {item!r} is not a whole number: give widths like "
-                              "--widths 8,16,32,64") from None
-        if w < 2:
-            raise ConfigError(f"width {w} is too small: widths must be at least 2")
-        if w in widths:
-            raise ConfigError(f"width {w} given twice: list each width once")
-        widths.append(w)
-    if not widths:
-        raise ConfigError("give at least one width, e.g. --widths 8,16,32,64")
-    return widths
+    """Widths from "8,16,32" (or a list): at least 2, distinct, kept in the given order."""
+    return config_lib.parse_int_list(text, "width", "--widths 8,16,32,64", 2)
 
 
 def parse_encoders(text: str | Sequence[str]) -> list[str]:
@@ -431,26 +413,9 @@ def plot_study(summary: dict, out_png: str | Path, dpi: int = 100) -> Path:
 
 def parse_vocab_sizes(text: str | Sequence[int]) -> list[int]:
     """Vocabulary sizes from "2000,8000" (or a list): distinct, at least 4, in order."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    sizes = []
-    for item in items:
-        item = str(item).strip()
-        if not item:
-            continue
-        try:
-            n = int(item)
-        except ValueError:
-            raise ConfigError(f"vocabulary size {item!r} is not a whole number: give "
-                              "sizes like --vocab-sizes 2000,8000") from None
-        if n < 4:
-            raise ConfigError(f"vocabulary size {n} is too small: a bpe vocabulary "
-                              "holds at least its 2 special tokens, ▁ and the characters")
-        if n in sizes:
-            raise ConfigError(f"vocabulary size {n} given twice: list each size once")
-        sizes.append(n)
-    if not sizes:
-        raise ConfigError("give at least one vocabulary size, e.g. --vocab-sizes 2000,8000")
-    return sizes
+    return config_lib.parse_int_list(
+        text, "vocabulary size", "--vocab-sizes 2000,8000", 4,
+        "a bpe vocabulary holds its 2 special tokens, ▁ and the characters: sizes")
 
 
 def vocab_config(config: config_lib.ConfigDict, size: int, width: int | None
