@@ -613,10 +613,13 @@ def _cmd_study(args) -> None:
             path = (args.transformer_config if e == "transformer"
                     and args.transformer_config is not None else args.config)
             configs[e] = config_lib.load_config(path, overrides)
-    if args.steps is not None and args.steps < 1:
-        raise MosJaxError(f"--steps must be at least 1, got {args.steps}")
+    if args.steps is not None and args.steps < 0:
+        raise MosJaxError(f"--steps must be at least 1 (or 0: the config's own epochs), "
+                          f"got {args.steps}")
     if args.evals is not None and args.evals < 1:
         raise MosJaxError(f"--evals must be at least 1, got {args.evals}")
+    if args.steps == 0:  # the configs' own epochs, early stopping and schedule
+        args.steps = args.evals = None
     summary = study.run_study(configs, args.heads, args.widths, args.workdir,
                               steps=args.steps, evals=args.evals,
                               rank_contexts=args.rank_contexts, log=print)
@@ -883,7 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated encoders (default lstm,transformer; the "
                    "vocabulary study: the config's)")
     p.add_argument("--steps", type=int, default=3000, help="train steps per run "
-                   "(default 3000)")
+                   "(default 3000; 0: the config's own epochs and early stopping, "
+                   "train.max_epochs x train.steps_per_epoch)")
     p.add_argument("--evals", type=int, default=6, help="validated epochs the steps are "
                    "split into (default 6)")
     p.add_argument("--rank-contexts", type=int, default=2000,

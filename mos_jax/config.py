@@ -514,6 +514,12 @@ def declarations() -> dict:
             "eval_max_tokens": Key(0, Int(2, also=(0,), meaning="all"),
                                    "validate on only the first N tokens"),
             "test": Key(True, Bool(), "a final test of the best weights"),
+            "min_improvement": Key(0.0, Real(0.0), "early stopping: end training when "
+                                   "the best validation perplexity improved by less "
+                                   "than this fraction (0.01: 1%) per epoch over the "
+                                   "last `patience` epochs; 0: off"),
+            "patience": Key(1, _COUNT, "early stopping: the epochs that "
+                            "`min_improvement` looks back over"),
         },
         "finetune": {
             "init_from": Key("", Text(), "the training work directory whose best weights "

@@ -36,6 +36,7 @@ the non-monotone trigger checked on the host after each epoch's validation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -236,3 +237,17 @@ def should_switch(previous: Sequence[float], current: float, nonmono: int) -> bo
     reference appends `current` to the log after this check.)
     """
     return len(previous) > nonmono and current > min(previous[:-nonmono])
+
+
+def stopped_improving(history: Sequence[float], min_improvement: float,
+                      patience: int = 1) -> bool:
+    """Early stopping on validation: `history` holds the validation losses (mean NLL,
+    nats) of every epoch so far, this one last. True when the best perplexity of the
+    last `patience` epochs is less than `min_improvement` (relative, per epoch) below
+    the best before them: exp(best_before - best_now) < (1 + min_improvement)^patience.
+    Never before `patience + 1` epochs, never when `min_improvement` is 0."""
+    if min_improvement <= 0 or len(history) <= patience:
+        return False
+    before = min(history[:-patience])
+    now = min(before, min(history[-patience:]))
+    return before - now < patience * math.log1p(min_improvement)

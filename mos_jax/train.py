@@ -812,6 +812,15 @@ class _Loop:
                    f"nonmono={run.config.optim.nonmono})")
             run.log(f"finetune: {why}; stopping after epoch {epoch}")
             return why
+        train_config = run.config.train
+        if not run.finetuning and optim.stopped_improving(
+                record.history, float(train_config.min_improvement),
+                int(train_config.patience)):
+            why = (f"validation perplexity improved by less than "
+                   f"{float(train_config.min_improvement):.2%} per epoch over the last "
+                   f"{int(train_config.patience)} epoch(s) (train.min_improvement)")
+            run.log(f"train: {why}; stopping after epoch {epoch}")
+            return why
         if record.epoch > run.max_epochs:
             return f"reached {run.mode}.max_epochs={run.max_epochs}"
         return None
@@ -840,9 +849,13 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None],
 def _run_loop(run: _Run) -> dict:
     config, mode, log, workdir = run.config, run.mode, run.log, run.workdir
     state, record = _restore_or_init(run)
-    if record.done and (run.finetuning or record.epoch > run.max_epochs):
-        log(f"{run.workdir} has finished: {json.dumps(record.result)} (raise "
-            f"--config.{mode}.max_epochs to train on)")
+    stopped_early = not run.finetuning and optim.stopped_improving(
+        record.history, float(config.train.min_improvement), int(config.train.patience))
+    if record.done and (run.finetuning or record.epoch > run.max_epochs or stopped_early):
+        more = ("lower --config.train.min_improvement" if stopped_early
+                else f"raise --config.{mode}.max_epochs")
+        log(f"{run.workdir} has finished: {json.dumps(record.result)} ({more} to "
+            "train on)")
         result = dict(record.result or {})
         result.setdefault("reason", "finished before")
         return {**result, "finished": True, "trained_steps": 0}
@@ -862,7 +875,7 @@ def _run_loop(run: _Run) -> dict:
             if not loop.run_epoch(policy):
                 break  # stopped mid-epoch
             finished_why = loop.end_epoch(policy)
-            if finished_why and run.finetuning:
+            if finished_why:
                 break
     compilations = run.step_fn.traces - traces_before
     log(f"compiled train-step programs: {compilations}")

@@ -135,7 +135,7 @@ def test_width_config_sets_every_width_key():
     (["--widths", "1"], "at least 2"),
     (["--encoders", "gru"], "unknown encoder 'gru'"),
     (["--heads", "softmax,nope"], "nope"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "-1"], "--steps must be at least 1"),
     (["--widths", "8,9"], "width 9 is odd"),
     (["--transformer-config", "configs/ptb_transformer.py"], "--config FILE"),
     (["--config", "no/such/config.py"], "no config file at no/such/config.py"),
@@ -147,3 +147,23 @@ def test_bad_arguments_fail_before_any_training(argv, message, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not workdir.exists()
+
+
+def test_steps_0_leaves_the_configs_own_epochs_and_early_stopping(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_study(configs, heads, widths, workdir, **kwargs):
+        seen.update(kwargs, configs=configs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(study, "run_study", fake_run_study)
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--workdir", str(tmp_path), "--steps", "0",
+                  "--config.train.min_improvement=0.01"])
+    assert seen["steps"] is None and seen["evals"] is None
+    assert all(float(c.train.min_improvement) == 0.01 for c in seen["configs"].values())
+    # and with no step budget, a cell keeps its config's epochs and schedule
+    c = seen["configs"]["lstm"]
+    (_, _, planned), = study.plan_runs({"lstm": c}, ["softmax"], [8], None, None)
+    assert planned.train.max_epochs == c.train.max_epochs
+    assert planned.optim.decay_steps == c.optim.decay_steps

@@ -460,3 +460,42 @@ def test_stop_policy_catches_ctrl_c_and_asks_the_plan_to_agree():
         os.kill(os.getpid(), signal.SIGINT)  # caught while the policy is open
         assert p._interrupt.requested
     assert signal.getsignal(signal.SIGINT) is not p._interrupt._handle
+
+
+def test_early_stopping_rule_by_hand():
+    ln = np.log
+    # perplexities 100 -> 90 (10% better) -> 89.5 (0.56% better)
+    history = [ln(100.0), ln(90.0), ln(89.5)]
+    assert not optim.stopped_improving(history[:2], 0.01)
+    assert optim.stopped_improving(history, 0.01)
+    assert not optim.stopped_improving(history, 0.005)  # 0.56% > 0.5%
+    assert not optim.stopped_improving(history, 0.0)  # off
+    # patience 2: best of the last two (89.5) against the best before them (100):
+    # 11.7% over two epochs, more than 2 x 5%; less than 2 x 6%
+    assert not optim.stopped_improving(history, 0.05, patience=2)
+    assert optim.stopped_improving(history, 0.06, patience=2)
+    # a worse epoch is no improvement at all
+    assert optim.stopped_improving([ln(100.0), ln(101.0)], 0.001)
+    assert not optim.stopped_improving([ln(100.0)], 0.5)  # one epoch: nothing to compare
+
+
+def test_early_stopping_ends_training_and_a_rerun_says_finished(tmp_path):
+    short = dict(SHORT, train__max_epochs=4, train__min_improvement=0.02)
+    logs = []
+    result = train.train_and_evaluate(tiny_config(**short), tmp_path / "run",
+                                      log=logs.append)
+    ppl = [m["valid_ppl"] for m in read_metrics(tmp_path / "run")
+           if m.get("mode") == "train" and not m.get("final")]
+    # the rule, recomputed from the logged perplexities: the first epoch whose best
+    # perplexity is less than 2% below the best before it
+    expected = next((e for e in range(2, 5)
+                     if min(ppl[:e - 1]) / min(ppl[:e]) < 1.02), 4)
+    assert len(ppl) == expected < 4 and result["finished"]
+    assert result["trained_steps"] == 12 * expected
+    assert "improved by less than 2.00%" in result["reason"]
+    again = train.train_and_evaluate(tiny_config(**short), tmp_path / "run",
+                                     log=logs.append)
+    assert again["trained_steps"] == 0 and "min_improvement" in logs[-1]
+    on = train.train_and_evaluate(tiny_config(**dict(short, train__min_improvement=0.0)),
+                                  tmp_path / "run", log=logs.append)
+    assert on["trained_steps"] == 12 * (4 - expected)
