@@ -232,6 +232,7 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
             h = {**h, **_rank(workdir / f"{encoder}-w{width}" / head, rank_contexts,
                               h)}
             summary["rows"].append({
+                "curve": validation_curve(workdir / f"{encoder}-w{width}" / head),
                 "encoder": encoder, "width": width, "head": head,
                 "params": h["params"], "valid_ppl": h["valid_ppl"], "rank": h["rank"],
                 "rank_bound": h.get("rank_bound"), "rank_contexts": h["rank_contexts"],
@@ -249,6 +250,9 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
     if plot:
         summary["plot"] = outputs.where(deliveries.write(
             "", workdir / "study.png", lambda path: plot_study(summary, path)))
+        if any(gap_curves(summary).values()):
+            summary["gap_plot"] = outputs.where(deliveries.write(
+                "", workdir / "study_gap.png", lambda path: plot_gap(summary, path)))
     _write(summary, workdir, start, deliveries=deliveries)
     for line in summary["table"]:
         log(line)
@@ -314,6 +318,76 @@ def _write(summary: dict, workdir: Path, start: float, *,
         "", workdir / "study.json", json.dumps(summary, indent=2) + "\n"))
 
 
+def validation_curve(run_dir: str | Path) -> list[list[float]]:
+    """[step, validation perplexity] after each training epoch of the run in
+    `run_dir` (its metrics.jsonl; the final summary line left out)."""
+    from mos_jax.progress import read_metrics
+    return [[int(m["step"]), float(m["valid_ppl"])] for m in read_metrics(run_dir)
+            if m.get("mode") == "train" and not m.get("final") and "valid_ppl" in m]
+
+
+def _best_so_far(curve: Sequence[Sequence[float]], step: int) -> float | None:
+    seen = [ppl for s, ppl in curve if s <= step]
+    return min(seen) if seen else None
+
+
+def gap_curves(summary: dict, head: str = "mos", base: str = "softmax"
+               ) -> dict[tuple[str, int], list[tuple[int, float]]]:
+    """The gap between two heads against training budget: for each (encoder, width)
+    with both heads, [(step, log(ppl_head / ppl_base))] in nats per token at every
+    step either run validated, each perplexity the best so far at that step (a run
+    that stopped early keeps its best). Negative: `head` is ahead."""
+    out = {}
+    for r in summary["rows"]:
+        if r["head"] != head:
+            continue
+        other = next((b for b in summary["rows"] if b["head"] == base
+                      and (b["encoder"], b["width"]) == (r["encoder"], r["width"])), None)
+        if other is None or not r.get("curve") or not other.get("curve"):
+            continue
+        steps = sorted({s for s, _ in r["curve"]} | {s for s, _ in other["curve"]})
+        points = []
+        for s in steps:
+            a, b = _best_so_far(r["curve"], s), _best_so_far(other["curve"], s)
+            if a is not None and b is not None:
+                points.append((int(s), math.log(a / b)))
+        out[(r["encoder"], r["width"])] = points
+    return out
+
+
+def plot_gap(summary: dict, out_png: str | Path, dpi: int = 100) -> Path:
+    """The MoS-minus-softmax gap (nats per token, best validation perplexities so far)
+    against training steps, one line per encoder (line style) and width (colour)."""
+    from mos_jax.plot import pyplot
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=dpi)
+    try:
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        styles = ["-", "--", "-.", ":"]
+        widths = sorted(summary["widths"])
+        for (encoder, width), points in gap_curves(summary).items():
+            if not points:
+                continue
+            ax.plot([s for s, _ in points], [g for _, g in points], marker=".",
+                    color=colors[widths.index(width) % len(colors)],
+                    ls=styles[summary["encoders"].index(encoder) % len(styles)],
+                    label=f"{encoder}, width {width}")
+        ax.axhline(0.0, color="black", lw=1)
+        ax.set_xlabel("training steps")
+        ax.set_ylabel("log(ppl MoS / ppl softmax), nats per token")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        data = ", ".join(sorted(set(summary["data"].values())))
+        ax.set_title(f"MoS minus softmax against training budget ({data})")
+        fig.tight_layout()
+        out = Path(out_png)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi)
+        return out
+    finally:
+        plt.close(fig)
+
+
 def format_table(summary: dict) -> list[str]:
     """The study as markdown lines: a heading, one row per encoder, head and width."""
     b = summary["budget"]
@@ -323,8 +397,8 @@ def format_table(summary: dict) -> list[str]:
     lines = [f"Width study on {data} (V={summary['vocab_size'] or '?'}), seed "
              f"{summary['seed']}, budget: {budget}.", "",
              "| encoder | head | width | params | valid ppl | rank | rank bound | "
-             "train s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "train s | steps |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     rows = sorted(summary["rows"], key=lambda r: (
         summary["encoders"].index(r["encoder"]), summary["heads"].index(r["head"]),
         r["width"]))
@@ -333,14 +407,15 @@ def format_table(summary: dict) -> list[str]:
         wall = "" if r.get("train_wall_s") is None else f"{r['train_wall_s']:.0f}"
         lines.append(f"| {r['encoder']} | {r['head']} | {r['width']} | "
                      f"{r['params']:,} | {r['valid_ppl']:.2f} | {r['rank']} | {bound} | "
-                     f"{wall} |")
+                     f"{wall} | {r['steps']:,} |")
     n = sorted({r["rank_contexts"] for r in summary["rows"]})
     lines += ["", "Valid ppl: the best weights on the whole validation split. Rank: "
               "numerical rank of the [N, V] log-probability matrix over the first "
               f"N = {', '.join(map(str, n))} validation contexts; rank bound: what the "
               "head declares (a softmax over a d-vector: d + 2; empty: no bound). "
               "Train s: the run's training and validation wall time, as measured by "
-              "the invocation that trained it."]
+              "the invocation that trained it. Steps: the train steps it took (with "
+              "early stopping, as many as its validation kept improving)."]
     if summary.get("true_ppl") is not None:
         lines.append(f"True perplexity of the synthetic chain (exp entropy rate): "
                      f"{summary['true_ppl']:.2f}. Its log-transition matrix has "

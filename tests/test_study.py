@@ -167,3 +167,33 @@ def test_steps_0_leaves_the_configs_own_epochs_and_early_stopping(tmp_path, monk
     (_, _, planned), = study.plan_runs({"lstm": c}, ["softmax"], [8], None, None)
     assert planned.train.max_epochs == c.train.max_epochs
     assert planned.optim.decay_steps == c.optim.decay_steps
+
+
+def test_rows_hold_their_validation_curves_and_the_gap_plot_is_written(studied, tmp_path):
+    workdir, summary, _ = studied
+    for r in summary["rows"]:
+        assert len(r["curve"]) == r["epochs"] and r["curve"][-1][0] == r["steps"]
+        # the best of the curve is the row's (best-weights) validation perplexity
+        assert min(p for _, p in r["curve"]) == pytest.approx(r["valid_ppl"], rel=1e-6)
+    gaps = study.gap_curves(summary)
+    assert set(gaps) == {("lstm", w) for w in WIDTHS}  # the Transformer has no MoS row
+    png = study.plot_gap(summary, tmp_path / "gap.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gap_curves_take_the_best_so_far_of_each_run_by_hand():
+    rows = [
+        {"encoder": "lstm", "width": 8, "head": "softmax",
+         "curve": [[100, 300.0], [200, 250.0], [300, 260.0]]},  # stopped after 300
+        {"encoder": "lstm", "width": 8, "head": "mos",
+         "curve": [[100, 330.0], [200, 260.0], [300, 240.0], [400, 230.0]]},
+        {"encoder": "lstm", "width": 16, "head": "softmax", "curve": [[100, 200.0]]},
+    ]
+    gaps = study.gap_curves({"rows": rows})
+    assert list(gaps) == [("lstm", 8)]  # width 16 has no MoS run
+    expected = [(100, np.log(330 / 300)), (200, np.log(260 / 250)),
+                (300, np.log(240 / 250)),  # softmax's best so far: 250, not 260
+                (400, np.log(230 / 250))]  # after its stop the softmax keeps its best
+    got = gaps[("lstm", 8)]
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    np.testing.assert_allclose([g for _, g in got], [g for _, g in expected], rtol=1e-12)
