@@ -96,9 +96,9 @@ def _output_file(flag: str, path, suffixes=None) -> None:
 
 
 def _cmd_import(args) -> None:
-    from mos_jax import convert, data, model
+    from mos_jax import convert, data, model, sources
     outputs.check_folder("--out", args.out)
-    corpus = data.load_corpus(args.data) if args.data is not None else None
+    corpus = sources.load_corpus(args.data) if args.data is not None else None
     config, params = convert.read_weights(args.file, head=args.head)
     if corpus is not None and corpus.vocab_size != config.vocab_size:
         raise MosJaxError(
@@ -235,7 +235,8 @@ def _load_model(args, splits=()):
     if args.data is not None and (splits or vocab is None) and subwords is not None:
         corpus = data.read_corpus(args.data, vocab=vocab, subwords=subwords)
     elif args.data is not None and (splits or vocab is None):
-        corpus = data.load_corpus(args.data)
+        from mos_jax import sources
+        corpus = sources.load_corpus(args.data)
         if vocab is None:  # ids as the corpus gives them (no recorded vocabulary)
             vocab = corpus.vocab
         else:
