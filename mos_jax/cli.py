@@ -153,6 +153,9 @@ def _run_config(args):
     overrides = config_lib.parse_overrides(args.overrides)
     if args.config is not None:
         config = config_lib.load_config(args.config, overrides)
+        note = config_lib.encoder_switch_note(args.config, config)
+        if note:
+            _note(note)
         workdir = args.workdir or Path("runs") / Path(args.config).stem
         return config, workdir
     if args.workdir is not None and (Path(args.workdir) / "config.json").is_file():
@@ -614,6 +617,9 @@ def _cmd_study(args) -> None:
             path = (args.transformer_config if e == "transformer"
                     and args.transformer_config is not None else args.config)
             configs[e] = config_lib.load_config(path, overrides)
+            note = config_lib.encoder_switch_note(path, configs[e], e)
+            if note:
+                _note(note)
     if args.steps is not None and args.steps < 0:
         raise MosJaxError(f"--steps must be at least 1 (or 0: the config's own epochs), "
                           f"got {args.steps}")
