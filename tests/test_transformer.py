@@ -361,6 +361,25 @@ def test_switching_a_configs_encoder_says_whose_optimiser_it_keeps(capsys):
         assert capsys.readouterr().err == ""
 
 
+def test_a_study_over_both_encoders_of_one_config_notes_the_switch(monkeypatch, capsys):
+    from pathlib import Path
+    from mos_jax import cli, study
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    seen = {}
+
+    def fake_run_study(configs, heads, widths, workdir, **kwargs):
+        seen.update(configs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(study, "run_study", fake_run_study)
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--config", str(configs / "tiny.py"), "--widths", "8,16"])
+    assert sorted(seen) == ["lstm", "transformer"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "with model.encoder=transformer" in lines[0], lines
+    assert f"--config {configs / 'tiny_transformer.py'}" in lines[0]
+
+
 def test_ptb_configs_load_and_the_twins_share_a_parameter_budget():
     from pathlib import Path
     from mos_jax import config as config_lib, optim, train
