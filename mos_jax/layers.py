@@ -175,8 +175,9 @@ class WeightDropLSTM(nn.Module):
 class Encoder:
     """What the model asks of an encoder: every entry of `mos_jax.model.ENCODERS`
     subclasses this and overrides each method (all static: an encoder is a class, its
-    parameters live in the model's scope). Here, so that `mos_jax.model` (which lists
-    the encoders) and the encoder modules below it can both see it.
+    parameters live in the model's scope). It lives here, above both
+    `mos_jax.transformer` and `mos_jax.model` in the layer order of ARCHITECTURE.md,
+    because the model imports the encoders to list them.
 
     stateful: True when a carry passes from one window to the next (the LSTM); False
       when a window is the whole context (the Transformer: evaluation then scores a
