@@ -96,9 +96,9 @@ def _output_file(flag: str, path, suffixes=None) -> None:
 
 
 def _cmd_import(args) -> None:
-    from mos_jax import convert, data, model
+    from mos_jax import convert, data, model, sources
     outputs.check_folder("--out", args.out)
-    corpus = data.load_corpus(args.data) if args.data is not None else None
+    corpus = sources.load_corpus(args.data) if args.data is not None else None
     config, params = convert.read_weights(args.file, head=args.head)
     if corpus is not None and corpus.vocab_size != config.vocab_size:
         raise MosJaxError(
@@ -153,6 +153,9 @@ def _run_config(args):
     overrides = config_lib.parse_overrides(args.overrides)
     if args.config is not None:
         config = config_lib.load_config(args.config, overrides)
+        note = config_lib.encoder_switch_note(args.config, config)
+        if note:
+            _note(note)
         workdir = args.workdir or Path("runs") / Path(args.config).stem
         return config, workdir
     if args.workdir is not None and (Path(args.workdir) / "config.json").is_file():
@@ -235,7 +238,8 @@ def _load_model(args, splits=()):
     if args.data is not None and (splits or vocab is None) and subwords is not None:
         corpus = data.read_corpus(args.data, vocab=vocab, subwords=subwords)
     elif args.data is not None and (splits or vocab is None):
-        corpus = data.load_corpus(args.data)
+        from mos_jax import sources
+        corpus = sources.load_corpus(args.data)
         if vocab is None:  # ids as the corpus gives them (no recorded vocabulary)
             vocab = corpus.vocab
         else:
@@ -613,6 +617,9 @@ def _cmd_study(args) -> None:
             path = (args.transformer_config if e == "transformer"
                     and args.transformer_config is not None else args.config)
             configs[e] = config_lib.load_config(path, overrides)
+            note = config_lib.encoder_switch_note(path, configs[e], e)
+            if note:
+                _note(note)
     if args.steps is not None and args.steps < 0:
         raise MosJaxError(f"--steps must be at least 1 (or 0: the config's own epochs), "
                           f"got {args.steps}")

@@ -145,6 +145,60 @@ def load_config(path: str | Path, overrides: Sequence[tuple[str, str]] = ()) -> 
     return config
 
 
+def encoder_switch_note(path: str | Path, config: ConfigDict,
+                        encoder: str | None = None) -> str | None:
+    """One line for stderr when `encoder` (default: `config.model.encoder`) is not the
+    encoder the config file `path` was written for, else None.
+
+    `config` is the file's config with the command's overrides; its optimiser settings
+    come from the file, tuned (if at all) for the file's own encoder, and an override
+    of `model.encoder` changes nothing else. The note says so and names the config
+    written for `encoder` beside `path` when there is one (`tiny.py` <->
+    `tiny_transformer.py`, `ptb_study_lstm.py` -> `ptb_study_transformer.py`: see
+    `sibling_config`).
+    """
+    path = Path(path)
+    written = str(load_config_file(path).model.encoder)
+    encoder = str(config.model.encoder if encoder is None else encoder)
+    if encoder == written:
+        return None
+    o = config.optim
+    settings = f"optim.name={o.name}, optim.lr={o.lr:g}"
+    if o.warmup_steps or o.decay_steps:
+        settings += f", optim.warmup_steps={o.warmup_steps}, optim.decay_steps={o.decay_steps}"
+    other = sibling_config(path, encoder)
+    advice = (f"use --config {other}, written for the {encoder} encoder" if other else
+              f"no config for the {encoder} encoder sits beside it, so set optim.* for it")
+    return (f"note: {path} is written for the {written} encoder; with "
+            f"model.encoder={encoder} its optimiser settings ({settings}) are kept "
+            f"from the file unchanged: {advice}")
+
+
+def sibling_config(path: str | Path, encoder: str) -> Path | None:
+    """The config file beside `path` written for `encoder`, by name: of `path`'s stem
+    `BASE[_finetune]`, with any encoder's name dropped from the end of BASE,
+    `BASE_{encoder}[_finetune].py` or else `BASE[_finetune].py`, if it exists and
+    sets `model.encoder` to `encoder`."""
+    path = Path(path)
+    stem, suffix = path.stem, ""
+    if stem.endswith("_finetune"):
+        stem, suffix = stem[:-len("_finetune")], "_finetune"
+    for name in _encoders():
+        if stem.endswith(f"_{name}"):
+            stem = stem[:-len(name) - 1]
+            break
+    for candidate in (path.with_name(f"{stem}_{encoder}{suffix}.py"),
+                      path.with_name(f"{stem}{suffix}.py")):
+        if candidate.resolve() == path.resolve() or not candidate.is_file():
+            continue
+        try:
+            if str(load_config_file(candidate).model.encoder) == encoder:
+                return candidate
+        except ConfigError:  # a broken neighbour is not this command's concern
+            continue
+    return None
+
+
 def parse_int_list(text: str | Sequence[int], what: str, example: str, minimum: int,
                    too_small: str = "", skip_empty: bool = True) -> list[int]:
     """Whole numbers from "8,16" (or a list), distinct and at least `minimum`, in the

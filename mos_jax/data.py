@@ -5,8 +5,8 @@ appended (a blank line yields just `<eos>`); one vocabulary for all splits, ids 
 of first occurrence scanning train, then valid, then test.
 
 Other corpus sources live beside this module and return the same `Corpus`:
-`mos_jax.download` (public mirrors) and `mos_jax.tfds_corpus` (TensorFlow Datasets).
-`load_corpus` dispatches on a source string.
+`mos_jax.download` (public mirrors) and `mos_jax.tfds_corpus` (TensorFlow Datasets);
+`mos_jax.sources.load_corpus` dispatches on a source string.
 """
 
 from __future__ import annotations
@@ -895,18 +895,3 @@ def synthetic_chain(vocab_size: int, peakedness: float = 2.0, seed: int = 0,
             f"{vocab_size:,} words (at most {DENSE_MAX_VOCAB:,}): use "
             "--config.data.synthetic.structure=zipf for a large vocabulary")
     return make_markov_chain(vocab_size, peakedness, seed)
-
-
-def load_corpus(source: str, **kwargs) -> Corpus:
-    """A corpus from a source string.
-
-    - `synthetic` (keyword arguments go to `synthetic_corpus`);
-    - `tfds:NAME[:FEATURE]`: a TensorFlow Datasets text dataset (see `mos_jax.tfds_corpus`);
-    - anything else: a directory with train.txt, valid.txt, test.txt.
-    """
-    if source == "synthetic":
-        return synthetic_corpus(**kwargs)
-    if source.startswith("tfds:"):
-        from mos_jax import tfds_corpus  # lazy: imports tensorflow_datasets
-        return tfds_corpus.load_tfds_corpus(source[len("tfds:"):], **kwargs)
-    return read_corpus(source, **kwargs)

@@ -1,4 +1,6 @@
-"""AWD-LSTM building blocks: embedding dropout, locked dropout, the weight-dropped LSTM.
+"""AWD-LSTM building blocks: embedding dropout, locked dropout, the weight-dropped LSTM;
+and `Encoder`, the interface every encoder of the model has (the AWD-LSTM,
+`mos_jax.model.AWDLSTM`, and the Transformer, `mos_jax.transformer.Transformer`).
 
 Arrays are time-major (`[T, B, ...]`). Dropout functions take an explicit PRNG key and
 scale kept values by `1 / (1 - rate)`; a rate of 0 returns the input unchanged.
@@ -168,3 +170,57 @@ class WeightDropLSTM(nn.Module):
         outputs, h, c = lstm_recurrence(x_proj, hh_kernel, carry[0], carry[1], valid,
                                         self.dtype)
         return outputs, (h, c)
+
+
+class Encoder:
+    """What the model asks of an encoder: every entry of `mos_jax.model.ENCODERS`
+    subclasses this and overrides each method (all static: an encoder is a class, its
+    parameters live in the model's scope). It lives here, above both
+    `mos_jax.transformer` and `mos_jax.model` in the layer order of ARCHITECTURE.md,
+    because the model imports the encoders to list them.
+
+    stateful: True when a carry passes from one window to the next (the LSTM); False
+      when a window is the whole context (the Transformer: evaluation then scores a
+      stream in sliding windows, `mos_jax.evaluate.sliding_token_logprobs`).
+    width_key: the model config key that sets `output_size` (a tied head needs it
+      equal to emsize).
+    """
+
+    stateful: bool = True
+    width_key: str = ""
+
+    @staticmethod
+    def check(cfg) -> list[str]:
+        """Problems with the config, each a message naming the key and the fix."""
+        raise NotImplementedError
+
+    @staticmethod
+    def output_size(cfg) -> int:
+        """The width of the output the head reads."""
+        raise NotImplementedError
+
+    @staticmethod
+    def init_carry(cfg, batch_size: int):
+        """The zero carry (any pytree; () for none)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def generation_state(cfg, batch_size: int, max_len: int):
+        """The carry to generate up to `max_len` words with, one at a time (the zero
+        carry; the Transformer's key/value cache)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def flops_per_token(cfg, context: int) -> int:
+        """Forward matmul FLOPs per token for windows of `context` tokens (`mos-jax
+        bench`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def encode(module: nn.Module, cfg, embedding, inputs, carry, *, rng, deterministic,
+               valid):
+        """`(output, raw_output [T, B, output_size], carry)` of token ids `inputs`
+        [T, B]: run inside the model's compact scope (`module`), so the submodules it
+        builds are the model's children; `rng()` draws a dropout key (None when
+        `deterministic`), `valid` [T] marks the real steps (None: all)."""
+        raise NotImplementedError

@@ -1,10 +1,10 @@
 """The language model: an encoder with a pluggable output head, and its training loss.
 
 `LanguageModel` = tied embedding -> encoder -> head. The encoder is an axis of its own
-(`model.encoder`, looked up in `ENCODERS`; see `Encoder`): the AWD-LSTM (`lstm`, the
-default: embedding dropout -> locked dropout -> L weight-dropped LSTM layers, locked
-dropout between them -> locked dropout) or a causal Transformer (`transformer`,
-`mos_jax.transformer`). Parameters (Flax names; docs/reference.md section 2 gives the
+(`model.encoder`, looked up in `ENCODERS`, each a subclass of `Encoder`, defined in
+`mos_jax.layers`): the AWD-LSTM (`lstm`, the default: embedding dropout -> locked
+dropout -> L weight-dropped LSTM layers, locked dropout between them -> locked
+dropout) or a causal Transformer (`transformer`, `mos_jax.transformer`). Parameters (Flax names; docs/reference.md section 2 gives the
 reference's):
 
     embedding            [V, D]    U(-0.1, 0.1), also the decoder weight
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from mos_jax import heads as heads_lib
 from mos_jax import transformer as transformer_lib
 from mos_jax.errors import ConfigError
-from mos_jax.layers import (Carry, WeightDropLSTM, embedding_dropout, locked_dropout,
-                            uniform_init)
+from mos_jax.layers import (Carry, Encoder, WeightDropLSTM, embedding_dropout,
+                            locked_dropout, uniform_init)
 
 Params = Any  # a pytree of arrays
 ModelCarry = tuple[Carry, ...]  # one (h, c) per LSTM layer; () for the Transformer
@@ -181,30 +181,6 @@ class ModelOutput(NamedTuple):
     nll: jax.Array | None = None
 
 
-class Encoder:
-    """What the model asks of an encoder: the interface every entry of `ENCODERS` has.
-
-    stateful: True when a carry passes from one window to the next (the LSTM); False
-      when a window is the whole context (the Transformer: evaluation then scores a
-      stream in sliding windows, `mos_jax.evaluate.sliding_token_logprobs`).
-    check(cfg) -> list of problems with the config (messages naming key and fix).
-    output_size(cfg): the width of the output the head reads; `width_key` the model
-      config key that sets it (a tied head needs it equal to emsize).
-    init_carry(cfg, batch_size): the zero carry (any pytree; () for none).
-    generation_state(cfg, batch_size, max_len): the carry to generate up to `max_len`
-      words with, one at a time (the zero carry; the Transformer's key/value cache).
-    flops_per_token(cfg, context): forward matmul FLOPs per token (`mos-jax bench`),
-      for windows of `context` tokens.
-    encode(module, cfg, embedding, inputs [T, B], carry, *, rng, deterministic,
-      valid) -> (output, raw_output [T, B, output_size], carry): run inside the
-      model's compact scope (`module`), so the submodules it builds are the model's
-      children; `rng()` draws a dropout key (None when `deterministic`), `valid` [T]
-      marks the real steps (None: all).
-    """
-
-    stateful = True
-
-
 class AWDLSTM(Encoder):
     """The AWD-LSTM encoder (docs/reference.md section 2): its parameters sit at the model's top
     level (`lstm_{l}`), as they always have."""
@@ -249,7 +225,8 @@ class AWDLSTM(Encoder):
         return locked_dropout(x, cfg.dropout, rng()), x, tuple(new_carry)
 
 
-ENCODERS: dict[str, type] = {"lstm": AWDLSTM, "transformer": transformer_lib.Transformer}
+ENCODERS: dict[str, type[Encoder]] = {"lstm": AWDLSTM,
+                                      "transformer": transformer_lib.Transformer}
 
 
 class LanguageModel(nn.Module):

@@ -16,8 +16,8 @@ Any other prepared TFDS dataset with a text feature (lm1b, say) can be loaded by
 Splits are read with `builder.as_data_source`, which needs a random-access file format
 (ArrayRecord or Parquet) but not TensorFlow.
 
-`mos_jax.data` imports this module (and so `tensorflow_datasets`) only for a source
-`tfds:NAME[:FEATURE]`.
+`mos_jax.sources.load_corpus` imports this module (and so `tensorflow_datasets`) only
+for a source `tfds:NAME[:FEATURE]`.
 """
 
 from __future__ import annotations

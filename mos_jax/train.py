@@ -37,6 +37,7 @@ from mos_jax import heads
 from mos_jax import model as model_lib
 from mos_jax import optim
 from mos_jax import parallel
+from mos_jax import sources
 from mos_jax import workdir as workdir_lib
 from mos_jax.batching import batchify, default_buckets, padded_window, train_windows
 from mos_jax.checkpoint import CheckpointStore
@@ -99,18 +100,18 @@ def load_corpus_from(config) -> data_lib.Corpus:
     source, order = config.data.dir, vocab_order(config)
     if source == "synthetic":
         return data_lib.order_vocab(
-            data_lib.load_corpus(source, **config.data.synthetic.to_dict()), order)
+            sources.load_corpus(source, **config.data.synthetic.to_dict()), order)
     if source.startswith("tfds:"):
         kwargs = {}
         if config.data.tfds_data_dir:
             kwargs["data_dir"] = config.data.tfds_data_dir
         if config.data.tfds_manual_dir:
             kwargs["manual_dir"] = config.data.tfds_manual_dir
-        return data_lib.order_vocab(data_lib.load_corpus(source, **kwargs), order)
+        return data_lib.order_vocab(sources.load_corpus(source, **kwargs), order)
     kind, size = tokenizer_of(config)
     if kind == "word" and order == "first":
-        return data_lib.load_corpus(source)  # as every earlier version read it
-    return data_lib.load_corpus(source, tokenizer=kind, vocab_size=size, order=order)
+        return sources.load_corpus(source)  # as every earlier version read it
+    return sources.load_corpus(source, tokenizer=kind, vocab_size=size, order=order)
 
 
 def column_groups(batch_size: int, small_batch_size: int, n_devices: int = 1) -> int:

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from mos_jax import heads as heads_lib
-from mos_jax.layers import dot, embedding_dropout
+from mos_jax.layers import Encoder, dot, embedding_dropout
 
 LN_EPS = 1e-5
 ROPE_BASE = 10000.0
@@ -133,8 +133,8 @@ class Block(nn.Module):
         return x + dropout(h, self.resid_dropout, rng()), cache
 
 
-class Transformer:
-    """The Transformer as the model's encoder (see `mos_jax.model.Encoder`).
+class Transformer(Encoder):
+    """The Transformer as the model's encoder (the interface: `mos_jax.layers.Encoder`).
 
     Config keys (`mos_jax.model.ModelConfig`): nlayers (blocks), n_heads, d_model (0:
     emsize), d_ff (0: 4 d_model), attn_dropout, resid_dropout, dropoute (embedding

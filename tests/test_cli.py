@@ -19,7 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.fixture(scope="module")
 def synthetic_model(tmp_path_factory):
     """Random reference-layout weights for the built-in synthetic corpus, imported."""
-    corpus = data.load_corpus("synthetic")
+    corpus = data.synthetic_corpus()
     state = ref.random_state(np.random.default_rng(0), vocab=corpus.vocab_size, emsize=4,
                              nhid=6, nhidlast=5, nlayers=3, n_experts=2, head="mos",
                              scale=0.3)

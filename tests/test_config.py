@@ -133,13 +133,13 @@ def test_hand_written_ranges():
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a corpus is loaded or a train step is built."""
-    from mos_jax import data, train
+    from mos_jax import sources, train
 
     def refuse(*a, **k):
         raise AssertionError("work started before the config was checked")
     monkeypatch.setattr(train, "load_corpus_from", refuse)
     monkeypatch.setattr(train, "build_train_step", refuse)
-    monkeypatch.setattr(data, "load_corpus", refuse)
+    monkeypatch.setattr(sources, "load_corpus", refuse)
 
 
 def _one_error_line(capsys):

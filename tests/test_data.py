@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_corpus
-from mos_jax import data
+from mos_jax import data, sources
 from mos_jax.errors import DataError
 
 
@@ -133,8 +133,8 @@ def test_synthetic_corpus_samples_the_chain():
     assert nll == pytest.approx(c.entropy_rate, rel=0.03)
     freq = np.bincount(c.train, minlength=30) / len(c.train)
     np.testing.assert_allclose(freq, chain.stationary, atol=0.02)
-    again = data.load_corpus("synthetic", vocab_size=30, train_tokens=60_000,
-                             valid_tokens=100, test_tokens=100, peakedness=1.5, seed=7)
+    again = sources.load_corpus("synthetic", vocab_size=30, train_tokens=60_000,
+                                valid_tokens=100, test_tokens=100, peakedness=1.5, seed=7)
     assert np.array_equal(again.train, c.train) and again.vocab[:2] == ("w0", "w1")
     with pytest.raises(DataError, match="at least 2 tokens"):
         data.synthetic_corpus(test_tokens=1)

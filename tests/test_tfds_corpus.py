@@ -14,8 +14,9 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from mos_jax.data import SPLITS, load_corpus, read_corpus  # noqa: E402
+from mos_jax.data import SPLITS, read_corpus  # noqa: E402
 from mos_jax.errors import DataError  # noqa: E402
+from mos_jax.sources import load_corpus  # noqa: E402
 from mos_jax.tfds_corpus import load_tfds_corpus, prepare_builder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,7 +288,7 @@ def test_loading_does_not_import_tensorflow(tmp_path):
     src = _write_corpus(tmp_path / "src")
     out = _run_python(f"""
         import sys
-        from mos_jax.data import load_corpus
+        from mos_jax.sources import load_corpus
         c = load_corpus("tfds:mos_jax_ptb", data_dir={os.fspath(tmp_path / 'tfds')!r},
                         manual_dir={os.fspath(src)!r})
         print(c.vocab_size, "tensorflow_datasets" in sys.modules,

@@ -1,5 +1,6 @@
 """The Transformer encoder against an independent float64 NumPy implementation."""
 
+import json
 import math
 
 import jax
@@ -299,6 +300,84 @@ def test_transformer_trains_and_resumes_bit_identically(tmp_path, capsys):
         model.ModelConfig(vocab_size=50, emsize=16, nlayers=1, n_experts=4, head="mos",
                           encoder="transformer", n_heads=2), jax.random.key(0)))
     assert len(first) == len(jax.tree_util.tree_leaves(want["params"]))
+
+
+def test_the_documented_tiny_transformer_command_trains(tmp_path, capsys):
+    """docs/laboratory.md's tiny Transformer command, run as written (only the work
+    directory added, and no final test): validation perplexity falls from the first
+    epoch to the last and ends below the unigram perplexity of the training text
+    (NumPy), which a model that learned nothing of the context cannot beat."""
+    import shlex
+    from pathlib import Path
+    from mos_jax import cli, config as config_lib, data
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "laboratory.md").read_text()
+    lines = [l for l in page.splitlines()
+             if l.startswith("mos-jax train --config configs/tiny_transformer.py")]
+    assert len(lines) == 1, lines
+    args = shlex.split(lines[0])
+    assert args[:2] == ["mos-jax", "train"]
+    args = [str(root / a) if a.startswith("configs/") else a for a in args[1:]]
+    assert cli.main([*args, "--workdir", str(tmp_path), "--config.train.test=false"]) == 0
+    assert "note:" not in capsys.readouterr().err  # the config's own encoder
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    ppl = [r["valid_ppl"] for r in records if r.get("mode") == "train" and "epoch" in r]
+    c = config_lib.load_config(root / "configs" / "tiny_transformer.py")
+    assert len(ppl) == c.train.max_epochs >= 2
+    train_ids = data.synthetic_corpus(**c.data.synthetic.to_dict()).train
+    p = np.bincount(train_ids) / len(train_ids)
+    p = p[p > 0]
+    unigram = math.exp(-np.sum(p * np.log(p)))
+    assert ppl[-1] < ppl[0], ppl
+    assert ppl[-1] < unigram, (ppl, unigram)
+
+
+def test_switching_a_configs_encoder_says_whose_optimiser_it_keeps(capsys):
+    """An override of model.encoder away from the file's encoder: one line on stderr
+    naming the kept optimiser and the config written for that encoder."""
+    from pathlib import Path
+    from mos_jax import cli
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cases = [("tiny.py", "transformer", "tiny_transformer.py", "optim.name=sgd"),
+             ("tiny_transformer.py", "lstm", "tiny.py", "optim.name=adamw"),
+             ("tiny_finetune.py", "transformer", "tiny_transformer_finetune.py", "sgd"),
+             ("ptb_study_lstm.py", "transformer", "ptb_study_transformer.py", "adamw"),
+             ("ptb_transformer_softmax.py", "lstm", None, "adamw")]
+    for name, encoder, sibling, optimiser in cases:
+        assert cli.main(["config", "--config", str(configs / name),
+                         f"--config.model.encoder={encoder}"]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out)["model"]["encoder"] == encoder  # nothing else changed
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("note: "), err
+        assert "written for the " in lines[0] and optimiser in lines[0], lines[0]
+        if sibling is None:
+            assert "set optim.*" in lines[0] and "--config" not in lines[0]
+        else:
+            assert f"--config {configs / sibling}" in lines[0], lines[0]
+    # the file's own encoder, given or not: no note
+    for extra in ([], ["--config.model.encoder=lstm"]):
+        assert cli.main(["config", "--config", str(configs / "tiny.py"), *extra]) == 0
+        assert capsys.readouterr().err == ""
+
+
+def test_a_study_over_both_encoders_of_one_config_notes_the_switch(monkeypatch, capsys):
+    from pathlib import Path
+    from mos_jax import cli, study
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    seen = {}
+
+    def fake_run_study(configs, heads, widths, workdir, **kwargs):
+        seen.update(configs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(study, "run_study", fake_run_study)
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--config", str(configs / "tiny.py"), "--widths", "8,16"])
+    assert sorted(seen) == ["lstm", "transformer"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "with model.encoder=transformer" in lines[0], lines
+    assert f"--config {configs / 'tiny_transformer.py'}" in lines[0]
 
 
 def test_ptb_configs_load_and_the_twins_share_a_parameter_budget():
