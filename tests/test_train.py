@@ -46,7 +46,7 @@ def batch(seq_len, batch_size, seed=0):
 def test_step_applies_clipped_sgd_with_decay_and_scaled_lr():
     cfg, params = small_model()
     step = train.TrainStep(cfg, alpha=2.0, beta=1.0, bptt=70, n_groups=1, seed=0,
-                           clip=0.05, wdecay=0.1)
+                           optimizer=optim.Optimizer("sgd", clip=0.05, wdecay=0.1))
     inputs, targets = batch(9, 4)
     state = train.init_state(cfg, jax.tree_util.tree_map(jnp.copy, params), 4, step.tx)  # donated
     expected_grads = jax.jit(jax.grad(lambda p: model.regularized_loss(
@@ -71,7 +71,7 @@ def test_gradient_accumulation_equals_the_full_batch():
     results = []
     for groups in (1, 3):
         step = train.TrainStep(cfg, alpha=2.0, beta=1.0, bptt=11, n_groups=groups, seed=0,
-                               clip=100.0, wdecay=0.0)
+                               optimizer=optim.Optimizer("sgd", clip=100.0, wdecay=0.0))
         state = train.init_state(cfg, jax.tree_util.tree_map(jnp.copy, params), 6, step.tx)
         new_state, metrics = step(state, inputs, targets, 11, 11, 1.0)
         results.append((new_state, metrics))
@@ -114,7 +114,7 @@ def final_tree(workdir):
     store = CheckpointStore(workdir, read_only=True)
     c = train.load_run_config(workdir)
     mc = train.model_config_from(c, 50)
-    tx = optim.sgd_transform(c.optim.clip, c.optim.wdecay)
+    tx = optim.from_config(c.optim).transform(averaging=True)
     abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
         mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
     tree, meta = store.restore(abstract)
@@ -315,7 +315,7 @@ def tree_of(workdir, optimizer_name):
     store = CheckpointStore(workdir, read_only=True)
     c = train.load_run_config(workdir)
     mc = train.model_config_from(c, 50)
-    tx = optim.from_config(c.optim).transform()
+    tx = optim.from_config(c.optim).transform(averaging=True)
     assert c.optim.name == optimizer_name
     abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
         mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
@@ -353,7 +353,8 @@ def _write_old_layout(source, dest):
     mc = train.model_config_from(c, 50)
     abstract = jax.eval_shape(lambda: {
         "step": jnp.zeros((), jnp.int32), "params": model.init_params(mc, jax.random.key(0)),
-        "averaging": optim.averaging_init(model.init_params(mc, jax.random.key(0)))._asdict(),
+        "averaging": {"active": jnp.zeros((), bool), "count": jnp.zeros((), jnp.int32),
+                      "average": model.init_params(mc, jax.random.key(0))},
         "carry": model.init_carry(mc, c.data.batch_size)})
     tree, meta = store.restore(abstract)  # an SGD checkpoint holds exactly these
     store.close()
