@@ -396,6 +396,35 @@ def test_a_work_directory_of_the_previous_layout_resumes_or_says_why(tmp_path):
     assert result["valid_loss"] == whole["valid_loss"]
 
 
+def test_a_checkpoint_from_before_the_schedule_count_was_state_resumes(tmp_path):
+    """A run with a schedule checkpointed before the schedule's count was part of the
+    optimiser state (one leaf fewer) restores with the count set to its step; one of
+    the current layout restores as it was saved."""
+    from types import SimpleNamespace
+    o = optim.Optimizer("adamw", clip=0.0, warmup_steps=8)
+    tx = o.transform(averaging=True)
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    state = train.TrainState(jnp.asarray(5, jnp.int32), params, tx.init(params),
+                             ((jnp.zeros((2, 3)), jnp.ones((2, 3))),))
+    tree = jax.tree_util.tree_map(np.asarray, train._state_tree(state))
+    assert len(tree["opt_state"]) == 1 + 2 * 2 + 1  # Adam's count and moments, the lr's count
+    old = dict(tree, opt_state=tree["opt_state"][:-1])  # as written before
+    for name, saved in (("old", old), ("new", dict(tree, opt_state=[
+            *tree["opt_state"][:-1], np.asarray(5, np.int32)]))):
+        with CheckpointStore(tmp_path / name) as store:
+            store.save(5, saved, {"mode": "train"})
+        logs = []
+        run = SimpleNamespace(abstract=jax.eval_shape(lambda: tree), optimizer=o,
+                              store=CheckpointStore(tmp_path / name), log=logs.append)
+        got, meta = train._restore_latest(run)
+        run.store.close()
+        assert meta == {"mode": "train"} and len(logs) == (name == "old")
+        assert_bit_identical(got, dict(tree, opt_state=[*tree["opt_state"][:-1], 5]))
+        restored = train._state_from_tree(got, tx)
+        # the last of 5 updates was in the warm-up, at 5 / 8 of the learning rate
+        assert float(o.learning_rate(restored.opt_state, 2.0)) == pytest.approx(1.25)
+
+
 def test_a_finished_run_is_reported_as_finished_without_training(tmp_path):
     c = tiny_config(**dict(SHORT, train__max_epochs=1))
     first = train.train_and_evaluate(c, tmp_path / "run", log=lambda m: None)
