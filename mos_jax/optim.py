@@ -19,15 +19,16 @@ Optimisers (`optim.name`), each a few lines in `OPTIMIZERS`:
 - `adamw`: Adam on the clipped gradient, then decoupled decay: `u = adam(g) + wdecay * p`.
 
 A schedule (`warmup_steps`, `decay_steps`, `min_lr_ratio`: linear warm-up, then a
-cosine decay) is a multiplier of the learning rate, `Optimizer.lr_multiplier(count)`,
-applied by the last transformation (`scale_by_learning_rate`) at the count of updates
+cosine decay) is a multiplier of the learning rate, `Optimizer.lr_multiplier(count)`
+(an optimiser may be registered with its own: `Optimizer.schedule`), applied by the last transformation (`scale_by_learning_rate`) at the count of updates
 its own state holds (`LearningRateState`); without one (the default) that state is
 empty and the step is exactly as before. `Optimizer.learning_rate(state, lr)` reads
 from a state the learning rate its last update applied (what the progress line shows).
 
 Adding one: write a function `Optimizer -> list of transformations` (what comes between
-clipping and the learning rate), decorate it with `@register("name")`, and add a
-field plus a config line for any new hyperparameter.
+clipping and the learning rate), decorate it with `@register("name")` (with
+`schedule=` for a schedule of its own), and add a field plus a config line for any new
+hyperparameter.
 
 NT-ASGD averaging is a wrapper of the whole transformation, `nt_asgd(tx)`
 (`Optimizer.transform(averaging=True)`, what the train step uses): its state
@@ -96,6 +97,16 @@ class Optimizer:
     def has_schedule(self) -> bool:
         return bool(self.warmup_steps or self.decay_steps)
 
+    @property
+    def schedule(self) -> Callable[[jax.Array], jax.Array] | None:
+        """The multiplier of the learning rate per update (`count -> factor`), or None:
+        the optimiser's own when it was registered with one, else `lr_multiplier`
+        when the schedule keys ask for one."""
+        own = SCHEDULES.get(self.name)
+        if own is not None:
+            return own(self)
+        return self.lr_multiplier if self.has_schedule else None
+
     def lr_multiplier(self, step: jax.Array) -> jax.Array:
         """The schedule's factor at update `step` (0-based, traced): float32.
 
@@ -119,9 +130,8 @@ class Optimizer:
         `averaging`: wrapped in NT-ASGD averaging (`nt_asgd`), as the train step runs
         it."""
         parts = [optax.clip_by_global_norm(self.clip)] if self.clip and self.clip > 0 else []
-        schedule = self.lr_multiplier if self.has_schedule else None
         tx = optax.chain(*parts, *OPTIMIZERS[self.name](self),
-                         scale_by_learning_rate(schedule))
+                         scale_by_learning_rate(self.schedule))
         return nt_asgd(tx) if averaging else tx
 
     def learning_rate(self, state, lr: jax.Array | float) -> jax.Array:
@@ -132,7 +142,7 @@ class Optimizer:
         counter = _find(state, LearningRateState)
         if counter is None:
             return jnp.asarray(lr, jnp.float32)
-        return lr * self.lr_multiplier(counter.count - 1)
+        return lr * self.schedule(counter.count - 1)
 
 
 def from_config(optim_config) -> Optimizer:
@@ -143,12 +153,19 @@ def from_config(optim_config) -> Optimizer:
 
 
 OPTIMIZERS: dict[str, Callable[[Optimizer], Transforms]] = {}
+# The optimisers registered with a schedule of their own: `schedule(optimizer)`.
+SCHEDULES: dict[str, Callable[[Optimizer], Callable[[jax.Array], jax.Array]]] = {}
 
 
-def register(name: str):
-    """Decorator: `fn(optimizer) -> [transformations between clipping and the lr]`."""
+def register(name: str, schedule: Callable | None = None):
+    """Decorator: `fn(optimizer) -> [transformations between clipping and the lr]`.
+    `schedule`: the optimiser's own schedule, `schedule(optimizer) -> (count ->
+    multiplier of the learning rate)`, in place of the schedule keys' warm-up and
+    cosine; the learning-rate transformation counts the updates for it."""
     def add(fn):
         OPTIMIZERS[name] = fn
+        if schedule is not None:
+            SCHEDULES[name] = schedule
         return fn
     return add
 

@@ -198,6 +198,26 @@ def test_an_optimiser_registered_in_one_place_is_usable_by_name():
         del optim.OPTIMIZERS["sign_sgd_test"]
 
 
+def test_an_optimiser_registered_with_its_own_schedule_counts_it_in_its_state():
+    """`register(name, schedule=...)`: the optimiser's own multiplier, here halving
+    every 2 updates, by hand; the schedule keys are not asked."""
+    optim.register("halving_test", schedule=lambda o: lambda count: 0.5 ** (count // 2))(
+        lambda o: [])
+    try:
+        o = optim.Optimizer("halving_test", clip=0.0)
+        assert not o.has_schedule and o.schedule is not None
+        tx, p = o.transform(averaging=True), {"w": jnp.zeros(2)}
+        state = tx.init(p)
+        for s in range(5):
+            updates, state = tx.update({"w": jnp.asarray([1.0, -2.0])}, state, p,
+                                       learning_rate=3.0)
+            want = 3.0 * 0.5 ** (s // 2)
+            np.testing.assert_allclose(updates["w"], [-want, 2 * want], rtol=1e-6)
+            assert float(o.learning_rate(state, 3.0)) == pytest.approx(want)
+    finally:
+        del optim.OPTIMIZERS["halving_test"], optim.SCHEDULES["halving_test"]
+
+
 def test_schedule_warmup_then_cosine_by_hand():
     o = optim.Optimizer("adamw", warmup_steps=4, decay_steps=10, min_lr_ratio=0.1)
     assert o.has_schedule and not optim.Optimizer("adamw").has_schedule
