@@ -20,9 +20,10 @@ Optimisers (`optim.name`), each a few lines in `OPTIMIZERS`:
 
 A schedule (`warmup_steps`, `decay_steps`, `min_lr_ratio`: linear warm-up, then a
 cosine decay) is a multiplier of the learning rate, `Optimizer.lr_multiplier(count)`
-(an optimiser may be registered with its own: `Optimizer.schedule`), applied by the last transformation (`scale_by_learning_rate`) at the count of updates
-its own state holds (`LearningRateState`); without one (the default) that state is
-empty and the step is exactly as before. `Optimizer.learning_rate(state, lr)` reads
+(an optimiser may be registered with its own: `Optimizer.schedule`), applied by the
+last transformation (`scale_by_learning_rate`) at the count of updates its own state
+holds (`LearningRateState`); without one (the default) that state is empty and the
+step is exactly as before. `Optimizer.learning_rate(state, lr)` reads
 from a state the learning rate its last update applied (what the progress line shows).
 
 Adding one: write a function `Optimizer -> list of transformations` (what comes between

@@ -407,7 +407,8 @@ def test_a_checkpoint_from_before_the_schedule_count_was_state_resumes(tmp_path)
     state = train.TrainState(jnp.asarray(5, jnp.int32), params, tx.init(params),
                              ((jnp.zeros((2, 3)), jnp.ones((2, 3))),))
     tree = jax.tree_util.tree_map(np.asarray, train._state_tree(state))
-    assert len(tree["opt_state"]) == 1 + 2 * 2 + 1  # Adam's count and moments, the lr's count
+    # Adam's count and moments, the learning rate's count
+    assert len(tree["opt_state"]) == 1 + 2 * 2 + 1
     old = dict(tree, opt_state=tree["opt_state"][:-1])  # as written before
     for name, saved in (("old", old), ("new", dict(tree, opt_state=[
             *tree["opt_state"][:-1], np.asarray(5, np.int32)]))):
