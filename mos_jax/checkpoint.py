@@ -113,16 +113,9 @@ class CheckpointStore:
         """Raise `ShapeMismatchError` when the arrays stored at `step` have other shapes
         than `abstract`'s, before any array is read (a failed restore leaves Orbax's
         background reads to die noisily). Unreadable metadata: the restore decides."""
-        handler = ocp.StandardCheckpointHandler()
-        try:
-            stored = handler.metadata(Path(manager.directory) / str(step) / "state")
-            stored = getattr(stored, "tree", stored)
-            have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                    jax.tree_util.tree_flatten_with_path(stored)[0]}
-        except Exception:
+        have = CheckpointStore._stored_shapes(manager, step)
+        if have is None:
             return
-        finally:
-            handler.close()
         want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
                 jax.tree_util.tree_flatten_with_path(abstract)[0]}
         differ = [k for k in want if k in have and have[k] != want[k]]
@@ -135,6 +128,28 @@ class CheckpointStore:
                 f"of other sizes than this config describes: {listed}{more}. Use the "
                 "config it was trained with (its work directory's config.json), or a new "
                 "--workdir; the checkpoint is intact, keep it.")
+
+    @staticmethod
+    def _stored_shapes(manager: ocp.CheckpointManager, step: int) -> dict | None:
+        """`{path: shape}` of the arrays stored at `step` (paths as
+        `jax.tree_util.keystr` writes them), from the metadata alone; None when it
+        cannot be read."""
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            stored = handler.metadata(Path(manager.directory) / str(step) / "state")
+            stored = getattr(stored, "tree", stored)
+            return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+                    jax.tree_util.tree_flatten_with_path(stored)[0]}
+        except Exception:
+            return None
+        finally:
+            handler.close()
+
+    def latest_shapes(self) -> dict | None:
+        """`{path: shape}` of the latest training checkpoint's arrays (no array read;
+        None without a checkpoint or readable metadata): what a restore can ask for."""
+        step = self._latest.latest_step()
+        return None if step is None else self._stored_shapes(self._latest, step)
 
     @staticmethod
     def _fallback_advice(manager: ocp.CheckpointManager, step: int) -> str:

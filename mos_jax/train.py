@@ -53,8 +53,7 @@ class TrainingError(MosJaxError):
 class TrainState:
     step: jax.Array  # int32 scalar: optimiser steps taken
     params: Any
-    opt_state: Any
-    averaging: optim.AveragingState
+    opt_state: Any  # the optimiser's, with NT-ASGD averaging (optim.AveragedState)
     carry: model_lib.ModelCarry  # one (h, c) per layer, [B, H_l]
 
 
@@ -146,11 +145,11 @@ class TrainStep:
     batch columns form `n_groups` contiguous groups, each with its own carry and dropout
     masks; their gradients are accumulated, each weighted by its share of the batch
     (1 / n_groups). Then the optimiser's Optax transformation (`optimizer`, an
-    `optim.Optimizer`; by default the paper's SGD with `clip` and `wdecay`: global-norm
-    clipping, weight decay, learning rate) at the learning rate `lr * seq_len / bptt`;
-    the NT-ASGD average takes in the new iterate. `length`, `seq_len` and `lr` are
-    traced, so only a new bucket T compiles a new program; `traces` counts the programs
-    compiled. `state` is donated.
+    `optim.Optimizer`, wrapped in NT-ASGD averaging: `tx`) at the learning rate
+    `lr * seq_len / bptt` (times the schedule, if any, at the count in its state); the
+    average takes in the new iterate. The metrics hold the learning rate applied
+    (`lr`). `length`, `seq_len` and `lr` are traced, so only a new bucket T compiles a
+    new program; `traces` counts the programs compiled. `state` is donated.
 
     With `axis_name`, `per_device_step` is the body of a data-parallel step (mapped
     by a placement plan over that axis; see `mos_jax.parallel` and `build_train_step`):
@@ -159,15 +158,10 @@ class TrainStep:
     """
 
     def __init__(self, model_config: model_lib.ModelConfig, *, alpha: float, beta: float,
-                 bptt: int, n_groups: int, seed: int, clip: float | None = None,
-                 wdecay: float | None = None, optimizer: optim.Optimizer | None = None,
+                 bptt: int, n_groups: int, seed: int, optimizer: optim.Optimizer,
                  axis_name: str | None = None):
-        if optimizer is None:
-            optimizer = optim.Optimizer("sgd", clip=clip or 0.0, wdecay=wdecay or 0.0)
-        elif (clip, wdecay) not in ((None, None), (optimizer.clip, optimizer.wdecay)):
-            raise ValueError(f"clip={clip}, wdecay={wdecay} disagree with {optimizer}")
         self.optimizer = optimizer
-        self.tx = optimizer.transform()
+        self.tx = optimizer.transform(averaging=True)
         self.traces = 0
         self.model_config, self.alpha, self.beta = model_config, alpha, beta
         self.bptt, self.n_groups, self.seed = bptt, n_groups, seed
@@ -238,16 +232,14 @@ class TrainStep:
         if self.axis_name is not None:  # every device holds an equal share of columns
             grads, losses, nlls = jax.lax.pmean((grads, losses, nlls), self.axis_name)
         lr_t = lr * seq_len / self.bptt
-        if self.optimizer.has_schedule:  # warm-up / decay (optim.Optimizer.lr_multiplier)
-            lr_t = lr_t * self.optimizer.lr_multiplier(state.step)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params,
                                             learning_rate=lr_t)
         params = optax.apply_updates(state.params, updates)
-        averaging = optim.averaging_update(state.averaging, params)
         carry = jax.tree_util.tree_map(lambda x: x.reshape(batch, x.shape[-1]), carries)
         metrics = {"loss": losses, "nll": nlls,
-                   "grad_norm": optax.tree.norm(grads)}
-        return TrainState(state.step + 1, params, opt_state, averaging, carry), metrics
+                   "grad_norm": optax.tree.norm(grads),
+                   "lr": self.optimizer.learning_rate(opt_state, lr_t)}
+        return TrainState(state.step + 1, params, opt_state, carry), metrics
 
 
 def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel.Plan,
@@ -277,32 +269,30 @@ def _train_step(plan: parallel.Plan, model_config: model_lib.ModelConfig, **kwar
 def init_state(model_config: model_lib.ModelConfig, params, batch_size: int,
                tx: optax.GradientTransformation, averaging_active: bool = False
                ) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params),
-                      averaging=optim.averaging_init(params, averaging_active),
+    """A new TrainState; `tx` the step's transformation (with averaging: `step.tx`,
+    `Optimizer.transform(averaging=True)`), averaging on from the start when
+    `averaging_active` (a finetune)."""
+    opt_state = tx.init(params)
+    if averaging_active:
+        opt_state = optim.switch_on(opt_state)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       carry=model_lib.init_carry(model_config, batch_size))
 
 
 def _state_tree(state: TrainState) -> dict:
-    """The checkpointed tree of a TrainState. The optimiser state goes in as the list
-    of its leaves (rebuilt by `_state_from_tree` from the transformation's own
-    structure), and only when it has any: plain SGD's is empty, so its checkpoints
-    are laid out as before optimisers had state."""
-    tree = {"step": state.step, "params": state.params,
-            "averaging": state.averaging._asdict(), "carry": state.carry}
-    opt_leaves = jax.tree_util.tree_leaves(state.opt_state)
-    if opt_leaves:
-        tree["opt_state"] = opt_leaves
-    return tree
+    """The checkpointed tree of a TrainState: `step`, `params`, `carry` and the
+    optimiser state as `optim.state_tree` lays it out (`averaging`, and `opt_state`,
+    the list of the optimiser's own leaves, when it has any), rebuilt by
+    `_state_from_tree` from the transformation's own structure."""
+    return {"step": state.step, "params": state.params,
+            **optim.state_tree(state.opt_state), "carry": state.carry}
 
 
 def _state_from_tree(tree: dict, tx) -> TrainState:
     carry = tuple(tuple(layer) for layer in tree["carry"])
-    structure = jax.tree_util.tree_structure(jax.eval_shape(tx.init, tree["params"]))
-    opt_state = jax.tree_util.tree_unflatten(structure, tree.get("opt_state", []))
     return TrainState(step=jnp.asarray(tree["step"]), params=tree["params"],
-                      opt_state=opt_state,
-                      averaging=optim.AveragingState(**tree["averaging"]), carry=carry)
+                      opt_state=optim.state_from_tree(tx, tree["params"], tree),
+                      carry=carry)
 
 
 # -------------------------------------------------------------------------- the loop
@@ -494,12 +484,20 @@ class _Run:
 
     @property
     def lr(self) -> float:
-        return self.config.finetune.lr if self.finetuning else self.config.optim.lr
+        return base_lr(self.config, self.mode)[1]
 
     @property
     def max_epochs(self) -> int:
         return (self.config.finetune.max_epochs if self.finetuning
                 else self.config.train.max_epochs)
+
+
+def base_lr(config, mode: str) -> tuple[str, float]:
+    """The key and value of the base learning rate of a `mode` run: `finetune.lr` for a
+    finetune, else `optim.lr`."""
+    key = "finetune.lr" if mode == "finetune" else "optim.lr"
+    section, name = key.split(".")
+    return key, config[section][name]
 
 
 def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None],
@@ -647,7 +645,7 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
                 f"the checkpoints in {run.workdir} hold the state of optimiser "
                 f"{saved_by!r} (optim.name), not of {name!r}: resume with "
                 f"--config.optim.name={saved_by}, or use a new --workdir")
-        tree, meta = store.restore(run.abstract)
+        tree, meta = _restore_latest(run)
         state = _state_from_tree(tree, tx)
         record = LoopRecord(**meta)
         if record.mode != mode:
@@ -678,6 +676,30 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
     return state, record
 
 
+def _restore_latest(run: _Run) -> tuple[dict, dict]:
+    """The latest checkpoint's tree and record, in the layout of `run.abstract`.
+
+    A checkpoint of a run with a schedule written before the schedule's count was part
+    of the optimiser state (`optim.LearningRateState`, the last of the optimiser's
+    leaves) lacks that leaf: it is restored without it, and the count is the step (the
+    updates taken, which is all the schedule counts)."""
+    abstract = run.abstract
+    wanted = abstract.get("opt_state", [])
+    stored = run.store.latest_shapes()
+    if not (run.optimizer.has_schedule and wanted and stored is not None and sum(
+            path.startswith("['opt_state']") for path in stored) == len(wanted) - 1):
+        return run.store.restore(abstract)
+    older = {key: value for key, value in abstract.items() if key != "opt_state"}
+    if len(wanted) > 1:
+        older["opt_state"] = wanted[:-1]
+    tree, meta = run.store.restore(older)
+    count = jnp.array(tree["step"], jnp.int32, copy=True)  # not the step's own buffer
+    tree["opt_state"] = [*tree.get("opt_state", []), count]
+    run.log("the checkpoint predates the schedule's count in the optimiser state: "
+            f"counting from its step, {int(tree['step'])}")
+    return tree, meta
+
+
 class _Loop:
     """The state of a run between steps: the train state, the loop record, and this
     epoch's step losses not yet summed into the record (device scalars: no host sync
@@ -688,6 +710,7 @@ class _Loop:
         self.host_step = int(state.step)  # state.step, counted on the host
         self.pending: list = []
         self.progress: Progress | None = None
+        self.last_lr = None  # the learning rate of the last step taken
 
     def fold_losses(self) -> None:
         self.record.epoch_loss_sum += sum(float(x) for x in self.pending)
@@ -704,18 +727,19 @@ class _Loop:
                             dataclasses.asdict(self.record))
 
     def check_finite(self, state: TrainState | None = None) -> None:
-        """Raise `TrainingError` unless this epoch's losses so far and every parameter
-        (and averaged parameter) are finite: one reduction on the device."""
+        """Raise `TrainingError` unless this epoch's losses so far, every parameter and
+        the optimiser's state (the averaged parameters among it) are finite: one
+        reduction on the device."""
         state = self.state if state is None else state
         self.fold_losses()
         if not (math.isfinite(self.record.epoch_loss_sum)
-                and bool(_all_finite((state.params, state.averaging.average)))):
+                and bool(_all_finite((state.params, state.opt_state)))):
             self.diverged("the training loss or the parameters became non-finite")
 
     def diverged(self, what: str) -> None:
         """Training diverged: say so, and which checkpoint (all are finite) to resume."""
         run, last = self.run, self.run.store.latest_step()
-        key = "finetune.lr" if run.finetuning else "optim.lr"
+        key = base_lr(run.config, run.mode)[0]
         lower = f"--config.{key}={run.lr / 2:g}"
         if last is None:
             where = (f"no checkpoint was written before (the work directory keeps no "
@@ -748,6 +772,7 @@ class _Loop:
                                                     w.padded)
             self.state, m = run.step_fn(self.state, inputs, targets, length, w.seq_len,
                                         run.lr)
+            self.last_lr = m["lr"]  # what the step applied (a device scalar)
             self.host_step += 1
             self.pending.append(m["loss"])  # no host sync here
             record.batch_in_epoch = k + 1
@@ -777,10 +802,8 @@ class _Loop:
         if not math.isfinite(loss):
             self.diverged(f"the training loss became {loss}")
         self.fold_losses()
-        lr = run.lr * window.seq_len / run.config.data.bptt
-        if run.optimizer.has_schedule:  # the scheduled value of the last step taken
-            lr *= float(run.optimizer.lr_multiplier(self.host_step - 1))
-        progress.update(done, window.length, loss=loss, lr=lr)
+        # the step reports it (optim.Optimizer.learning_rate of its state)
+        progress.update(done, window.length, loss=loss, lr=float(self.last_lr))
 
     def end_epoch(self, policy: StopPolicy) -> str | None:
         """Validate, keep the best weights, apply NT-ASGD's switch, move to the next
@@ -802,7 +825,7 @@ class _Loop:
                 f"step {self.host_step} (the validation is redone on resume); continue "
                 f"with `{_continue_command(run)}`") from None
         if record.switched_at_epoch == epoch:
-            self.state = self.state.replace(averaging=optim.switch_on(self.state.averaging))
+            self.state = self.state.replace(opt_state=optim.switch_on(self.state.opt_state))
         record.epoch += 1
         record.batch_in_epoch = 0
         record.epoch_loss_sum, record.epoch_steps = 0.0, 0
@@ -912,12 +935,13 @@ def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metr
     """
     epoch = record.epoch
     train_s = progress.elapsed  # this epoch's training (since a resume), not validation
-    params = optim.eval_params(state.averaging, state.params)
+    params = optim.eval_params(state.opt_state, state.params)
     val = _validation_loss(model_config, params, corpus.valid, config, watch)
-    averaged = params is state.averaging.average
+    averaged = params is not state.params
+    lr_key, lr = base_lr(config, mode)
     if not math.isfinite(val):  # finite weights, yet: never saved as the best
         raise TrainingError(
-            f"the validation loss of epoch {epoch} is {val}: lower --config.optim.lr; "
+            f"the validation loss of epoch {epoch} is {val}: lower --config.{lr_key}; "
             f"the checkpoints in {store.workdir} were not touched")
     if record.best_val is None or val < record.best_val:
         record.best_val, record.best_epoch = val, epoch
@@ -929,7 +953,6 @@ def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metr
         log(f"epoch {epoch}: switching to averaged SGD (NT-ASGD)")
     record.history.append(val)
     train_loss = record.epoch_loss_sum / max(record.epoch_steps, 1)
-    lr = config.finetune.lr if mode == "finetune" else config.optim.lr
     entry = {"mode": mode, "epoch": epoch, "step": int(state.step),
              "train_loss": train_loss, "valid_loss": val, "valid_ppl": _ppl(val),
              "lr": lr, "averaging": bool(averaged or mode == "finetune"),

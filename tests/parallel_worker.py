@@ -68,7 +68,8 @@ def task_step(workdir):
     carry0 = host(jax.tree_util.tree_map(
         lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
         model.init_carry(cfg, B)))
-    kw = dict(alpha=2.0, beta=1.0, bptt=T, seed=0, clip=1e6, wdecay=0.0)
+    kw = dict(alpha=2.0, beta=1.0, bptt=T, seed=0,
+              optimizer=train.optim.Optimizer("sgd", clip=1e6, wdecay=0.0))
 
     # One device: the plain jitted step. With lr 1, no clipping and no weight decay its
     # update is the gradient (tests/test_train.py checks the step against jax.grad).
@@ -188,7 +189,7 @@ def checksums(workdir, c):
     from mos_jax.checkpoint import CheckpointStore
     plan = parallel.from_config(c)
     mc = train.model_config_from(c, c.data.synthetic.vocab_size)
-    tx = train.optim.sgd_transform(c.optim.clip, c.optim.wdecay)
+    tx = train.optim.from_config(c.optim).transform(averaging=True)
     abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
         mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
     abstract = plan.abstract(abstract)

@@ -19,7 +19,7 @@ def train_curve(dtype, steps=250, lr=10.0):
     rows = batching.batchify(corpus.train, 8)
     mc = train.model_config_from(c, corpus.vocab_size).replace(compute_dtype=dtype)
     step = train.TrainStep(mc, alpha=0.0, beta=0.0, bptt=20, n_groups=1, seed=0,
-                           clip=0.25, wdecay=1.2e-6)
+                           optimizer=train.optim.Optimizer("sgd", clip=0.25, wdecay=1.2e-6))
     state = train.init_state(mc, model.init_params(mc, jax.random.key(0)), 8, step.tx)
     losses = []
     for k in range(steps):

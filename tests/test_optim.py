@@ -15,15 +15,15 @@ from mos_jax.errors import ConfigError
 def test_update_rule_by_hand():
     p = {"w": jnp.asarray([1.0, -2.0]), "b": jnp.asarray([0.5])}
     g = {"w": jnp.asarray([3.0, 0.0]), "b": jnp.asarray([4.0])}  # global norm 5
-    tx = optim.sgd_transform(clip=0.25, weight_decay=0.1)
-    updates, _ = tx.update(g, tx.init(p), p)
-    new = optim.apply_updates(p, updates, lr=2.0)
+    tx = optim.Optimizer("sgd", clip=0.25, wdecay=0.1).transform()
+    updates, _ = tx.update(g, tx.init(p), p, learning_rate=2.0)
+    new = optax.apply_updates(p, updates)
     # p - lr * (g * 0.25 / 5 + 0.1 * p): decay is added after clipping.
     np.testing.assert_allclose(new["w"], [1 - 2 * (0.15 + 0.1), -2 - 2 * (0 - 0.2)], rtol=1e-6)
     np.testing.assert_allclose(new["b"], [0.5 - 2 * (0.2 + 0.05)], rtol=1e-6)
     small = {"w": jnp.asarray([0.1, 0.0]), "b": jnp.asarray([0.0])}  # under the clip
-    updates, _ = tx.update(small, tx.init(p), p)
-    np.testing.assert_allclose(optim.apply_updates(p, updates, 1.0)["w"],
+    updates, _ = tx.update(small, tx.init(p), p, learning_rate=1.0)
+    np.testing.assert_allclose(optax.apply_updates(p, updates)["w"],
                                [1 - 0.1 - 0.1, -2 + 0.2], rtol=1e-6)
 
 
@@ -37,18 +37,39 @@ def test_should_switch_by_hand():
 
 
 def test_averaging_is_the_mean_of_iterates_since_the_switch():
+    """`nt_asgd` around SGD at lr 1 with the gradient `p - target`: each update moves
+    the parameters to `target`, so the iterates are the targets, and the average after
+    the switch is their NumPy mean."""
     iterates = [np.array([1.0, 2.0]), np.array([3.0, -1.0]), np.array([0.0, 5.0]),
                 np.array([2.0, 2.0])]
-    state = optim.averaging_init({"x": jnp.zeros(2)})
-    state = optim.averaging_update(state, {"x": jnp.asarray(iterates[0])})
-    assert int(state.count) == 0  # inactive: nothing averaged
+    tx = optim.nt_asgd(optim.Optimizer("sgd", clip=0.0).transform())
+    p = {"x": jnp.zeros(2)}
+    state = tx.init(p)
+
+    def step(p, state, it):
+        updates, state = tx.update({"x": p["x"] - jnp.asarray(it)}, state, p,
+                                   learning_rate=1.0)
+        return optax.apply_updates(p, updates), state
+
+    p, state = step(p, state, iterates[0])
+    np.testing.assert_array_equal(p["x"], iterates[0])
+    assert int(state.averaging.count) == 0  # inactive: nothing averaged
     assert optim.eval_params(state, {"x": 7}) == {"x": 7}
     state = optim.switch_on(state)
+    assert optim.eval_params(state, {"x": 7}) == {"x": 7}  # on, but nothing averaged yet
     for it in iterates[1:]:
-        state = optim.averaging_update(state, {"x": jnp.asarray(it)})
-    assert int(state.count) == 3
-    np.testing.assert_allclose(state.average["x"], np.mean(iterates[1:], axis=0), rtol=1e-6)
-    assert optim.eval_params(state, {"x": 7}) is state.average
+        p, state = step(p, state, it)
+    assert int(state.averaging.count) == 3
+    np.testing.assert_allclose(state.averaging.average["x"], np.mean(iterates[1:], axis=0),
+                               rtol=1e-6)
+    assert optim.eval_params(state, {"x": 7}) is state.averaging.average
+    # laid out for a checkpoint and back: the same state (SGD's own part is empty)
+    tree = optim.state_tree(state)
+    assert set(tree) == {"averaging"}
+    back = optim.state_from_tree(tx, p, tree)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(state)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(a, b)
 
 
 # ------------------------------------------------ the optimiser transformation (optim.name)
@@ -177,6 +198,26 @@ def test_an_optimiser_registered_in_one_place_is_usable_by_name():
         del optim.OPTIMIZERS["sign_sgd_test"]
 
 
+def test_an_optimiser_registered_with_its_own_schedule_counts_it_in_its_state():
+    """`register(name, schedule=...)`: the optimiser's own multiplier, here halving
+    every 2 updates, by hand; the schedule keys are not asked."""
+    optim.register("halving_test", schedule=lambda o: lambda count: 0.5 ** (count // 2))(
+        lambda o: [])
+    try:
+        o = optim.Optimizer("halving_test", clip=0.0)
+        assert not o.has_schedule and o.schedule is not None
+        tx, p = o.transform(averaging=True), {"w": jnp.zeros(2)}
+        state = tx.init(p)
+        for s in range(5):
+            updates, state = tx.update({"w": jnp.asarray([1.0, -2.0])}, state, p,
+                                       learning_rate=3.0)
+            want = 3.0 * 0.5 ** (s // 2)
+            np.testing.assert_allclose(updates["w"], [-want, 2 * want], rtol=1e-6)
+            assert float(o.learning_rate(state, 3.0)) == pytest.approx(want)
+    finally:
+        del optim.OPTIMIZERS["halving_test"], optim.SCHEDULES["halving_test"]
+
+
 def test_schedule_warmup_then_cosine_by_hand():
     o = optim.Optimizer("adamw", warmup_steps=4, decay_steps=10, min_lr_ratio=0.1)
     assert o.has_schedule and not optim.Optimizer("adamw").has_schedule
@@ -190,6 +231,30 @@ def test_schedule_warmup_then_cosine_by_hand():
         optim.Optimizer("sgd", min_lr_ratio=1.5)
     with pytest.raises(ConfigError, match="warmup_steps"):
         optim.Optimizer("sgd", warmup_steps=-1)
+
+
+def test_the_schedule_counts_in_the_state_and_the_applied_lr_is_read_from_it():
+    """The schedule's count is the optimiser state's (one leaf more than without a
+    schedule); each update's step is `lr * multiplier(count)`, and
+    `Optimizer.learning_rate(state, lr)` gives that value for the last update, by hand:
+    warm-up (s + 1) / 2, then a cosine to 0.2 over 4 updates."""
+    import math
+    o = optim.Optimizer("sgd", clip=0.0, warmup_steps=2, decay_steps=4, min_lr_ratio=0.2)
+    p = {"w": jnp.zeros(3)}
+    assert jax.tree_util.tree_leaves(optim.Optimizer("sgd").transform().init(p)) == []
+    for tx in (o.transform(), o.transform(averaging=True)):
+        state, w = tx.init(p), np.zeros(3)
+        for s in range(8):
+            factor = min(1.0, (s + 1) / 2)
+            factor *= 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(max((s - 2) / 4, 0), 1)))
+            lr = 0.5 + s  # a different lr given to every update
+            updates, state = tx.update({"w": jnp.ones(3)}, state, p, learning_rate=lr)
+            np.testing.assert_allclose(updates["w"], -lr * factor * np.ones(3), rtol=1e-6)
+            assert float(o.learning_rate(state, lr)) == pytest.approx(lr * factor, rel=1e-6)
+        counts = [int(x) for x in jax.tree_util.tree_leaves(state) if x.dtype == jnp.int32]
+        assert 8 in counts
+    assert float(optim.Optimizer("sgd").learning_rate(optim.Optimizer("sgd").transform(
+        averaging=True).init(p), 0.25)) == 0.25
 
 
 def test_train_step_scales_its_lr_by_the_schedule():

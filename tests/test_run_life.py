@@ -44,7 +44,7 @@ def params_of(workdir: Path, which: str = "latest"):
         if which == "best":
             got, meta = store.restore_best(jax.eval_shape(lambda: params))
             return got, meta
-        tx = train.optim.from_config(c.optim).transform()
+        tx = train.optim.from_config(c.optim).transform(averaging=True)
         abstract = jax.eval_shape(lambda: train._state_tree(
             train.init_state(mc, params, c.data.batch_size, tx)))
         tree, meta = store.restore(abstract)

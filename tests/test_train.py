@@ -46,7 +46,7 @@ def batch(seq_len, batch_size, seed=0):
 def test_step_applies_clipped_sgd_with_decay_and_scaled_lr():
     cfg, params = small_model()
     step = train.TrainStep(cfg, alpha=2.0, beta=1.0, bptt=70, n_groups=1, seed=0,
-                           clip=0.05, wdecay=0.1)
+                           optimizer=optim.Optimizer("sgd", clip=0.05, wdecay=0.1))
     inputs, targets = batch(9, 4)
     state = train.init_state(cfg, jax.tree_util.tree_map(jnp.copy, params), 4, step.tx)  # donated
     expected_grads = jax.jit(jax.grad(lambda p: model.regularized_loss(
@@ -71,7 +71,7 @@ def test_gradient_accumulation_equals_the_full_batch():
     results = []
     for groups in (1, 3):
         step = train.TrainStep(cfg, alpha=2.0, beta=1.0, bptt=11, n_groups=groups, seed=0,
-                               clip=100.0, wdecay=0.0)
+                               optimizer=optim.Optimizer("sgd", clip=100.0, wdecay=0.0))
         state = train.init_state(cfg, jax.tree_util.tree_map(jnp.copy, params), 6, step.tx)
         new_state, metrics = step(state, inputs, targets, 11, 11, 1.0)
         results.append((new_state, metrics))
@@ -114,7 +114,7 @@ def final_tree(workdir):
     store = CheckpointStore(workdir, read_only=True)
     c = train.load_run_config(workdir)
     mc = train.model_config_from(c, 50)
-    tx = optim.sgd_transform(c.optim.clip, c.optim.wdecay)
+    tx = optim.from_config(c.optim).transform(averaging=True)
     abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
         mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
     tree, meta = store.restore(abstract)
@@ -315,7 +315,7 @@ def tree_of(workdir, optimizer_name):
     store = CheckpointStore(workdir, read_only=True)
     c = train.load_run_config(workdir)
     mc = train.model_config_from(c, 50)
-    tx = optim.from_config(c.optim).transform()
+    tx = optim.from_config(c.optim).transform(averaging=True)
     assert c.optim.name == optimizer_name
     abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
         mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
@@ -353,7 +353,8 @@ def _write_old_layout(source, dest):
     mc = train.model_config_from(c, 50)
     abstract = jax.eval_shape(lambda: {
         "step": jnp.zeros((), jnp.int32), "params": model.init_params(mc, jax.random.key(0)),
-        "averaging": optim.averaging_init(model.init_params(mc, jax.random.key(0)))._asdict(),
+        "averaging": {"active": jnp.zeros((), bool), "count": jnp.zeros((), jnp.int32),
+                      "average": model.init_params(mc, jax.random.key(0))},
         "carry": model.init_carry(mc, c.data.batch_size)})
     tree, meta = store.restore(abstract)  # an SGD checkpoint holds exactly these
     store.close()
@@ -393,6 +394,36 @@ def test_a_work_directory_of_the_previous_layout_resumes_or_says_why(tmp_path):
     assert result["finished"] and result["trained_steps"] == 24 - 15
     assert_bit_identical(final_tree(tmp_path / "old")[0], final_tree(tmp_path / "whole")[0])
     assert result["valid_loss"] == whole["valid_loss"]
+
+
+def test_a_checkpoint_from_before_the_schedule_count_was_state_resumes(tmp_path):
+    """A run with a schedule checkpointed before the schedule's count was part of the
+    optimiser state (one leaf fewer) restores with the count set to its step; one of
+    the current layout restores as it was saved."""
+    from types import SimpleNamespace
+    o = optim.Optimizer("adamw", clip=0.0, warmup_steps=8)
+    tx = o.transform(averaging=True)
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    state = train.TrainState(jnp.asarray(5, jnp.int32), params, tx.init(params),
+                             ((jnp.zeros((2, 3)), jnp.ones((2, 3))),))
+    tree = jax.tree_util.tree_map(np.asarray, train._state_tree(state))
+    # Adam's count and moments, the learning rate's count
+    assert len(tree["opt_state"]) == 1 + 2 * 2 + 1
+    old = dict(tree, opt_state=tree["opt_state"][:-1])  # as written before
+    for name, saved in (("old", old), ("new", dict(tree, opt_state=[
+            *tree["opt_state"][:-1], np.asarray(5, np.int32)]))):
+        with CheckpointStore(tmp_path / name) as store:
+            store.save(5, saved, {"mode": "train"})
+        logs = []
+        run = SimpleNamespace(abstract=jax.eval_shape(lambda: tree), optimizer=o,
+                              store=CheckpointStore(tmp_path / name), log=logs.append)
+        got, meta = train._restore_latest(run)
+        run.store.close()
+        assert meta == {"mode": "train"} and len(logs) == (name == "old")
+        assert_bit_identical(got, dict(tree, opt_state=[*tree["opt_state"][:-1], 5]))
+        restored = train._state_from_tree(got, tx)
+        # the last of 5 updates was in the warm-up, at 5 / 8 of the learning rate
+        assert float(o.learning_rate(restored.opt_state, 2.0)) == pytest.approx(1.25)
 
 
 def test_a_finished_run_is_reported_as_finished_without_training(tmp_path):

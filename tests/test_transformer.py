@@ -273,7 +273,7 @@ def _final_tree(workdir):
     from mos_jax.checkpoint import CheckpointStore
     c = train.load_run_config(workdir)
     mc = train.model_config_from(c, 50)
-    tx = optim.from_config(c.optim).transform()
+    tx = optim.from_config(c.optim).transform(averaging=True)
     abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
         mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
     store = CheckpointStore(workdir, read_only=True)
