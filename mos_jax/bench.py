@@ -309,11 +309,9 @@ def parse_heads(text: str | None) -> tuple[str, ...]:
 def _head_model_config(c, head: str, vocab: int) -> model_lib.ModelConfig:
     """The config's model with `head` and `vocab` words; a tied head (its decoder is
     the embedding) gets the encoder's output width set to emsize."""
-    m = dict(c.model.to_dict(), head=head, vocab_size=vocab)
-    encoder = model_lib.ENCODERS[m["encoder"]]
-    if heads.get_head(head).tied:
-        m[encoder.width_key] = m["emsize"]
-    return model_lib.ModelConfig.from_dict(m)
+    m = config_lib.ConfigDict(dict(c.model.to_dict(), head=head, vocab_size=vocab))
+    model_lib.set_tied_width(m)
+    return model_lib.ModelConfig.from_dict(m.to_dict())
 
 
 def _xla_mb(compiled) -> float | None:

@@ -139,19 +139,14 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
     config differs, and a note says so. Then the model's parameter shapes are built
     (no compute): a head that cannot be built raises a one-line ConfigError naming it.
     """
-    from mos_jax import heads as heads_lib
     from mos_jax import model as model_lib
     c = config.copy_and_resolve_references()
     c.model.head = head
     c.train.test = bool(test)
-    notes = []
     m = c.model
+    notes = [note for note in [model_lib.set_tied_width(m)] if note]
     encoder = model_lib.ENCODERS.get(m.get("encoder", "lstm"), model_lib.AWDLSTM)
     key = encoder.width_key  # nhidlast (LSTM), d_model (Transformer)
-    if heads_lib.get_head(head).tied and encoder.output_size(m) != m.emsize:
-        notes.append(f"{key} set to emsize = {m.emsize} (config: {m[key]}); "
-                     f"the {head} head needs {key} == emsize")
-        m[key] = m.emsize
     try:
         _probe(m.to_dict())
     except Exception as e:  # a head of one's own may fail in any way: one line

@@ -144,20 +144,27 @@ class Head(nn.Module):
         return None
 
     @classmethod
-    def check_sizes(cls, name: str, nhidlast: int, emsize: int) -> None:
-        """ConfigError unless a tied head gets nhidlast == emsize."""
-        if cls.tied and nhidlast != emsize:
-            raise ConfigError(
-                f"the {name} head ties its decoder to the embedding, so the last "
-                f"layer's size (nhidlast={nhidlast}) must equal emsize ({emsize}): set "
-                "model.nhidlast = model.emsize")
+    def width_problem(cls, name: str, width: int, emsize: int,
+                      key: str = "nhidlast") -> str | None:
+        """The rule of a tied head, written only here: the width of its input (the
+        encoder's output, set by the model key `key`) must equal emsize. A one-line
+        message naming the key and the fix when `width` breaks it, else None
+        (`mos_jax.model.tied_width_problem` asks it of a model config)."""
+        if cls.tied and width != emsize:
+            return (f"the {name} head ties its decoder to the embedding, so the "
+                    f"encoder's output width ({key}={width}) must equal emsize "
+                    f"({emsize}): set model.{key} = model.emsize")
+        return None
 
     def output_with_nll(self, hidden, embedding, targets=None, *, deterministic=True,
                         return_logprobs=False, target_weights=None) -> "HeadOutput":
         """`self(...)`, and with `target_weights` [T, B] `nll` = -sum(target_weights *
         target_logprobs): fused by the head when it declares `fuses_loss` (and took
         that path), else computed here from its target log-probabilities."""
-        self.check_sizes(type(self).__name__, hidden.shape[-1], embedding.shape[-1])
+        problem = self.width_problem(type(self).__name__, hidden.shape[-1],
+                                     embedding.shape[-1])
+        if problem:
+            raise ConfigError(problem)
         extra = {}
         if target_weights is not None and self.fuses_loss:
             extra["target_weights"] = target_weights
