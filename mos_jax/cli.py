@@ -22,7 +22,7 @@
                      [--words 100] [--temperature 1.0] [--seed 0] [--out FILE]
     mos-jax plot --workdir DIR [--workdir DIR ...] [--out curves.png]
     mos-jax download ptb|wikitext-2 --dest DIR
-    mos-jax import FILE.pt|FILE.npz --out DIR [--head mos|moc|softmax] [--data CORPUS]
+    mos-jax import FILE.pt|FILE.npz --out DIR [--head HEAD] [--data CORPUS]
                                                      (alias: import-torch)
     mos-jax bench [--config configs/ptb.py] [--batch 12] [--bptt 70] [--dtype float32]
                   [--vocab-chunk auto] [--num-devices 1] [--only train,eval] [--out F]
@@ -98,6 +98,8 @@ def _output_file(flag: str, path, suffixes=None) -> None:
 def _cmd_import(args) -> None:
     from mos_jax import convert, data, model
     outputs.check_folder("--out", args.out)
+    if args.head is not None:
+        convert.import_layout(args.head)  # a head that cannot hold them: before reading
     corpus = data.load_corpus(args.data) if args.data is not None else None
     config, params = convert.read_weights(args.file, head=args.head)
     if corpus is not None and corpus.vocab_size != config.vocab_size:
@@ -676,8 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, help="a .pt file (state dict or pickled model) or "
                    "an .npz of reference-named arrays")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--head", choices=["mos", "moc", "softmax"], default=None,
-                   help="head to read the weights as (default: from the weights)")
+    p.add_argument("--head", default=None,
+                   help="head to read the weights as, one whose class declares a "
+                   "reference_layout (default: from the weights)")
     p.add_argument("--data", default=None, help="the corpus the weights were trained "
                    "on: its vocabulary (ids in order of first occurrence, as the "
                    "reference numbers them) is recorded in OUT/vocab.json, and every "

@@ -101,6 +101,10 @@ class Head(nn.Module):
         vocabulary (called when the ModelConfig is built, before any compile).
       wants_frequency_order = False: True when the head works best with word ids in
         order of training frequency (the adaptive heads' shortlist and clusters).
+      reference_layout = None: the reference's (PyTorch AWD-LSTM) head weights this
+        head's parameters are, so that `mos-jax import` can read them into it:
+        "softmax" (decoder.bias) or "mixture" (prior, latent and decoder.bias, in
+        `mos_jax.convert`); None: not importable. `importable_heads` lists them.
     """
 
     n_experts: int = 1
@@ -112,6 +116,7 @@ class Head(nn.Module):
     fuses_loss = False
     options = {}  # name -> HeadOption (a class attribute, not a module field)
     wants_frequency_order = False
+    reference_layout = None  # "softmax", "mixture" (a class attribute, not a field)
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
@@ -246,6 +251,15 @@ def get_head(name: str) -> type[Head]:
                           ) from None
 
 
+def importable_heads(layout: str | None = None) -> list[str]:
+    """The heads reference weights can be read into (those declaring a
+    `reference_layout`; only `layout`'s when given), in the order they registered: the
+    first of a layout is what `mos-jax import` reads weights of that layout as."""
+    load_plugins()
+    return [name for name, cls in HEADS.items() if cls.reference_layout is not None
+            and layout in (None, cls.reference_layout)]
+
+
 def logsumexp(x: jax.Array) -> jax.Array:
     """log(sum(exp(x))) over the last axis, shifted by its (constant) maximum.
 
@@ -336,6 +350,7 @@ class Softmax(Head):
 
     tied = True
     fuses_loss = True
+    reference_layout = "softmax"
 
     @classmethod
     def rank_bound(cls, mc) -> int:
@@ -394,6 +409,7 @@ class MixtureOfSoftmaxes(_Mixture):
     """
 
     fuses_loss = True
+    reference_layout = "mixture"
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
@@ -429,6 +445,7 @@ class MixtureOfContexts(_Mixture):
     """
 
     fuses_loss = True
+    reference_layout = "mixture"  # MoS's parameters, mixed before the decoder
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
