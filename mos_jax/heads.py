@@ -636,7 +636,8 @@ class Mixtape(Head):
     (streaming it would need its own chunked custom VJP). Full distributions
     (`return_logprobs`) take the plain path.
 
-    Parameters (d2 = gate_dim, default D; S' = S + 1 if S < V else S):
+    Parameters (d2 = gate_dim, the option `model.heads.mixtape.gate_dim`, default D;
+    S' = S + 1 if S < V else S):
         latent_kernel [H, K*D] (W_k), latent_bias [K*D] (c_k), decoder_bias [V] (b_x),
         and for K > 1: gate_kernel [H, (K-1)*d2] (U_j), gate_context_kernel [H, K-1]
         (u_j), gate_embedding [S', d2] (v), gate_bias [S', K-1] (b_{.,j});
@@ -645,19 +646,25 @@ class Mixtape(Head):
     """
 
     n_experts: int = 4
-    gate_dim: int | None = None  # d2; None: the embedding size D
+    gate_dim: int | None = 0  # d2; 0 (or None): the embedding size D
     gate_shared_from: int | None = None  # S; None: default_gate_shared_from(V)
+
+    options = {"gate_dim": HeadOption(
+        0, "a whole number >= 0",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "the width d2 of the gate vectors; 0: emsize")}
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
-        """As the model builds it (default d2 = D and S): latent 2 H K D; gates 2 H
-        (K-1) D + 2 H (K-1) and 2 (K-1) D per gate row (S, plus the shared one when
-        S < V), for K > 1; the K contexts on the S gated words, 2 K D S; one mixed
-        context on the V - S others, 2 D (V - S)."""
+        """As the model builds it (d2 = gate_dim, default D; the default S): latent
+        2 H K D; gates 2 H (K-1) d2 + 2 H (K-1) and 2 (K-1) d2 per gate row (S, plus
+        the shared one when S < V), for K > 1; the K contexts on the S gated words,
+        2 K D S; one mixed context on the V - S others, 2 D (V - S)."""
         h, d, v, k = mc.output_size, mc.emsize, mc.vocab_size, mc.n_experts
+        d2 = cls.option_values(mc)["gate_dim"] or d
         s = default_gate_shared_from(v)
-        gates = (2 * h * (k - 1) * d + 2 * h * (k - 1)
-                 + 2 * (k - 1) * d * (s + (s < v))) if k > 1 else 0
+        gates = (2 * h * (k - 1) * d2 + 2 * h * (k - 1)
+                 + 2 * (k - 1) * d2 * (s + (s < v))) if k > 1 else 0
         return 2 * h * k * d + gates + 2 * k * d * s + 2 * d * (v - s)
 
     @nn.compact
@@ -670,7 +677,7 @@ class Mixtape(Head):
              else int(self.gate_shared_from))
         if not 1 <= s <= v:
             raise ConfigError(f"mixtape: gate_shared_from={s} must be in [1, V={v}]")
-        d2 = d if self.gate_dim is None else int(self.gate_dim)
+        d2 = int(self.gate_dim or d)
         shared = s < v
         rows = int(np.prod(lead))
         init = uniform_init(n_in ** -0.5)
