@@ -600,7 +600,7 @@ def _cmd_study(args) -> None:
         return _vocab_study(args, overrides)
     args.widths = args.widths or ",".join(map(str, study.DEFAULT_WIDTHS))
     args.workdir = args.workdir or Path("runs/study")
-    encoders = study.parse_encoders(args.encoders or "lstm,transformer")
+    encoders = study.parse_encoders(args.encoders or study.DEFAULT_ENCODERS)
     if args.config is None and args.transformer_config is None:
         defaults = study.synthetic_configs()
         configs = {e: config_lib.apply_overrides(defaults[e], overrides)

@@ -297,15 +297,6 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
             if isinstance(v, torch.Tensor)}
 
 
-def import_torch(path: str | os.PathLike, out_dir: str | os.PathLike,
-                 head: str | None = None) -> tuple[ModelConfig, Params]:
-    """Convert a reference `.pt` file; writes `weights.npz` and `model.json` to out_dir."""
-    state = read_torch_state(path)
-    config, params = from_reference_state(state, head=head)
-    save_weights(out_dir, config, params)
-    return config, params
-
-
 def read_weights(path: str | os.PathLike, head: str | None = None
                  ) -> tuple[ModelConfig, Params]:
     """Reference weights, a `.npz` of reference-named arrays or a PyTorch file (any
@@ -313,15 +304,6 @@ def read_weights(path: str | os.PathLike, head: str | None = None
     if Path(path).suffix.lower() == ".npz":
         return load_reference_npz(path, head=head)
     return from_reference_state(read_torch_state(path), head=head)
-
-
-def import_weights(path: str | os.PathLike, out_dir: str | os.PathLike,
-                   head: str | None = None) -> tuple[ModelConfig, Params]:
-    """Convert reference weights (`read_weights`); writes `weights.npz` and
-    `model.json` to out_dir."""
-    config, params = read_weights(path, head=head)
-    save_weights(out_dir, config, params)
-    return config, params
 
 
 def save_weights(out_dir: str | os.PathLike, config: ModelConfig, params: Params) -> None:
