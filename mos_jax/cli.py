@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from mos_jax import __version__, outputs
-from mos_jax.errors import MosJaxError
+from mos_jax.errors import MosJaxError, note
 
 # The subcommands that take --config.KEY=VALUE overrides.
 OVERRIDE_COMMANDS = ("train", "finetune", "compare-heads", "bench", "study", "config")
@@ -118,35 +118,6 @@ def _cmd_import(args) -> None:
           f"V={config.vocab_size}, emsize={config.emsize}, nhid={config.nhid}, "
           f"nhidlast={config.nhidlast}, experts={config.n_experts}) into "
           f"{args.out}{vocab_note}")
-
-
-class _Progress:
-    """A one-line progress report on stderr: units done, tokens/s.
-
-    `tokens_per_unit` converts the units counted (rows, windows) to tokens.
-    """
-
-    def __init__(self, label: str, tokens_per_unit: int, unit: str = "rows"):
-        self.label, self.per_unit, self.unit = label, tokens_per_unit, unit
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if not self.tty and done != total and now - self.last < 10:
-            return
-        self.last = now
-        rate = done * self.per_unit / max(now - self.start, 1e-9)
-        line = f"{self.label}: {done}/{total} {self.unit}, {rate:,.0f} tokens/s"
-        if self.tty:
-            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _run_config(args):
@@ -220,7 +191,7 @@ def _load_model(args, splits=()):
         config, params, vocab = best.model_config, best.params, best.vocab
         corpus, unknown = best.corpus, list(best.unknown)
         if not best.recorded and args.data is not None:
-            _note(f"note: {args.workdir} records no vocabulary (trained before "
+            note(f"note: {args.workdir} records no vocabulary (trained before "
                   f"vocab.json): {args.data}'s word ids are taken as they are")
             vocab = None
     else:
@@ -248,7 +219,7 @@ def _load_model(args, splits=()):
             f"has {len(vocab):,} words: evaluate on the corpus the model was "
             "trained on")
     for u in unknown:
-        _note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
+        note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
     return config, params, corpus, tuple(vocab), unknown
 
 
@@ -256,6 +227,7 @@ def _cmd_evaluate(args) -> None:
     import numpy as np
 
     from mos_jax import evaluate, parallel
+    from mos_jax.progress import counter
     _at_least("--batch-size", args.batch_size)
     _at_least("--bptt", args.bptt)
     _output_file("--dump", args.dump, suffixes={".npy"})
@@ -281,7 +253,7 @@ def _cmd_evaluate(args) -> None:
         from mos_jax import data
         ids, u = data.encode_text_file(args.text, vocab, subwords)
         if u is not None:
-            _note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
+            note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
             unknown.append(u)
         if corpus is not None:  # --by-frequency: the text in place of the test split
             import dataclasses
@@ -290,10 +262,10 @@ def _cmd_evaluate(args) -> None:
         ids = corpus.split(args.split)
     plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
     logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
-                                   progress=_Progress(
+                                   progress=counter(
                                        "text" if args.text is not None else args.split,
                                        args.batch_size),
-                                   plan=plan, log=_note)
+                                   plan=plan, log=note)
     nll = -float(np.mean(logp, dtype=np.float64))
     where = {"text": str(args.text)} if args.text is not None else {"split": args.split}
     result = {**where, "tokens": int(logp.size), "nll": nll, "ppl": math.exp(nll),
@@ -364,6 +336,7 @@ def _cmd_dynamic_eval(args) -> None:
 
     from mos_jax import dynamic_eval as de
     from mos_jax import parallel
+    from mos_jax.progress import counter
     for flag in ("batch_size", "bptt", "stats_batch_size", "max_batches"):
         _at_least("--" + flag.replace("_", "-"), getattr(args, flag))
     _positive("--lr", args.lr, zero_ok=True)
@@ -387,21 +360,21 @@ def _cmd_dynamic_eval(args) -> None:
             config, params, corpus.train, lamb=settings["lamb"],
             batch_size=args.stats_batch_size, bptt=args.bptt,
             max_batches=args.max_batches, rms=args.rms,
-            progress=_Progress("gradient statistics", args.stats_batch_size * args.bptt,
-                               unit="windows"), plan=plan, log=_note)
+            progress=counter("gradient statistics (windows)",
+                             args.stats_batch_size * args.bptt), plan=plan, log=note)
         try:  # a cache: a folder that takes no file costs the next run, not this one
             de.save_statistics(cache, stats)
         except OSError as e:
-            _note(f"could not cache the gradient statistics in {cache} "
+            note(f"could not cache the gradient statistics in {cache} "
                   f"({e.strerror or e}); they will be computed again next time")
     stats_s = time.perf_counter() - start
     start = time.perf_counter()
     result = de.dynamic_evaluate(
         config, params, stats.ms, stats.decrate, corpus.split(args.split), bptt=args.bptt,
         batch_size=args.batch_size,
-        progress=_Progress(f"dynamic evaluation ({args.split})",
-                           args.batch_size * args.bptt, unit="windows"), plan=plan,
-        log=_note, **settings)
+        progress=counter(f"dynamic evaluation ({args.split}, windows)",
+                         args.batch_size * args.bptt), plan=plan,
+        log=note, **settings)
     out = {"split": args.split, "tokens": int(result.token_logprobs.size),
            "nll": result.nll, "ppl": result.perplexity, **settings, "bptt": args.bptt,
            "batch_size": args.batch_size, "stats_windows": stats.windows,
@@ -429,7 +402,7 @@ def _cmd_rank(args) -> None:
     config, params, corpus, _, _ = _load_model(args, (args.split,))
     result = rank.analyse(config, params, corpus.split(args.split), args.contexts,
                           max_memory_gb=args.max_memory_gb, batch_size=args.batch_size,
-                          bptt=args.bptt, log=_note)
+                          bptt=args.bptt, log=note)
     s = result.pop("singular_values")
     title = (f"{config.head} head, d={config.output_size}: rank {result['rank']:,} of "
              f"{result['contexts']:,} x {result['vocab_size']:,} ({args.split})")
@@ -469,13 +442,13 @@ def _cmd_generate(args) -> None:
         prompt = subwords.encode([args.prompt], vocab, "the prompt")[:-1]
         tokens, total, words = subwords.unknown([args.prompt])
         if tokens:
-            _note("note: " + data.Unknown("the prompt", tokens, total - 1, words)
+            note("note: " + data.Unknown("the prompt", tokens, total - 1, words)
                   .describe(vocab, "are read as <unk>"))
         shown = decode(prompt)
     elif prompted:
         prompt, unknown = data.encode_words(args.prompt.split(), vocab, "the prompt")
         if unknown is not None:
-            _note(f"note: {unknown.describe(vocab, 'are read as <unk>')}")
+            note(f"note: {unknown.describe(vocab, 'are read as <unk>')}")
         shown = decode(prompt)
     elif data.EOS in vocab:  # start a fresh sentence
         prompt = np.asarray([vocab.index(data.EOS)], np.int32)
@@ -554,7 +527,7 @@ def _cmd_bench(args) -> None:
         num_devices=args.num_devices, warmup=args.warmup, repeats=args.repeats,
         dyn_windows=args.dyn_windows, workloads=workloads, matmul_n=args.matmul_n)
     if sweep:
-        result = bench.run_vocab_sweep(config, sizes, head_names, settings, log=_note)
+        result = bench.run_vocab_sweep(config, sizes, head_names, settings, log=note)
         result["config"] = str(args.config)
         deliveries = outputs.Deliveries()
         if args.out:
@@ -566,7 +539,7 @@ def _cmd_bench(args) -> None:
         print(json.dumps(result))
         deliveries.check()
         return
-    result = bench.run_bench(config, settings, log=_note)
+    result = bench.run_bench(config, settings, log=note)
     result["config"] = str(args.config)
     deliveries = outputs.Deliveries()
     if args.out:

@@ -55,7 +55,7 @@ from typing import Callable, Sequence
 
 from mos_jax import config as config_lib
 from mos_jax import outputs
-from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
+from mos_jax.errors import CheckpointError, ConfigError, MosJaxError, note
 
 RESULT_FILE = "compare_head.json"  # per head, in its sub-workdir
 WORKER_SPEC = ".compare_worker_spec.json"
@@ -144,7 +144,8 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
     c.model.head = head
     c.train.test = bool(test)
     m = c.model
-    notes = [note for note in [model_lib.set_tied_width(m)] if note]
+    width_note = model_lib.set_tied_width(m)
+    notes = [width_note] if width_note else []
     encoder = model_lib.ENCODERS.get(m.get("encoder", "lstm"), model_lib.AWDLSTM)
     key = encoder.width_key  # nhidlast (LSTM), d_model (Transformer)
     try:
@@ -350,7 +351,7 @@ def _worker_main(spec_path: str, out_path: str) -> int:
     config.lock()
     try:
         result = run_head(config, spec["workdir"], rank_contexts=spec["rank_contexts"],
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+                          log=note)
     except MosJaxError as e:
         Path(out_path).write_text(json.dumps({"error": str(e)}))
         return 2

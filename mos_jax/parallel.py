@@ -59,7 +59,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 from typing import Any, Callable
 
 import jax
@@ -67,7 +66,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mos_jax import model as model_lib
-from mos_jax.errors import ConfigError
+from mos_jax.errors import ConfigError, note
 from mos_jax.model import ModelConfig
 
 AXIS = "data"  # the one mesh axis; also the collectives' axis name
@@ -334,7 +333,7 @@ class Plan:
         if message in self._notes or not self.is_primary:
             return
         self._notes.add(message)
-        (log or _stderr)(message)
+        (log or note)(message)
 
     @functools.cached_property
     def _notes(self) -> set:
@@ -608,10 +607,6 @@ def make_plan(strategy: str, devices) -> Plan:
         raise ConfigError("parallel.strategy=none runs on one device: give one device, or "
                           "use mesh or pmap")
     return _STRATEGIES[strategy](devices)
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @functools.lru_cache(maxsize=8)
