@@ -81,18 +81,34 @@ def matmul_peak_flops(dtype, n: int | None = None, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def peak_memory() -> dict[str, Any]:
-    """Device peak bytes where reported, else the process's peak RSS."""
-    stats = None
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (getrusage's `ru_maxrss`, which
+    is KiB on Linux and bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_device_bytes() -> int | None:
+    """Peak bytes in use on this process's first local device, where the backend
+    reports it (GPU, TPU; not CPU), else None. A local device: a process can ask only
+    its own devices' statistics (`jax.devices()[0]` is another host's on every process
+    but the first)."""
     try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # some backends do not implement it
-        pass
-    if stats and "peak_bytes_in_use" in stats:
-        return {"peak_memory_mb": round(stats["peak_bytes_in_use"] / 2 ** 20),
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # backends without memory statistics
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats \
+        else None
+
+
+def peak_memory() -> dict[str, Any]:
+    """Device peak bytes where reported, else the process's peak RSS, in MiB."""
+    device = peak_device_bytes()
+    if device is not None:
+        return {"peak_memory_mb": round(device / 2 ** 20),
                 "memory_kind": "device peak_bytes_in_use"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_memory_mb": round(rss / 1024), "memory_kind": "process peak RSS"}
+    return {"peak_memory_mb": round(peak_rss_bytes() / 2 ** 20),
+            "memory_kind": "process peak RSS"}
 
 
 def _summary(seconds: list[float], tokens: int) -> dict[str, float]:

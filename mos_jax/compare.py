@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -185,21 +184,6 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 # ---------------------------------------------------------------------- one head
 
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS
-
-
-def _peak_device_bytes() -> int | None:
-    import jax
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # backends without memory statistics
-        return None
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats \
-        else None
-
-
 def throughput(records: list[dict]) -> dict:
     """Training tokens, seconds and tokens/s of a run, from its per-epoch records.
 
@@ -239,7 +223,7 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     this head's. `peak_rss_bytes` is None when this process trained nothing (the run
     had finished before).
     """
-    from mos_jax import evaluate, frequency
+    from mos_jax import bench, evaluate, frequency
     from mos_jax import heads as heads_lib
     from mos_jax import model as model_lib
     from mos_jax import rank as rank_lib
@@ -252,8 +236,8 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     result = train.train_and_evaluate(config, workdir, log=log)
     trained = result["trained_steps"] > 0
     train_wall = time.perf_counter() - start
-    peak_rss = _peak_rss_bytes() if trained else None
-    peak_device = _peak_device_bytes() if trained else None
+    peak_rss = bench.peak_rss_bytes() if trained else None
+    peak_device = bench.peak_device_bytes() if trained else None
 
     try:
         _, corpus, model_config, params = train.load_best(workdir)
