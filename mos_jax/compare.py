@@ -163,19 +163,10 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
     return c, notes
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _differences(old: dict, new: dict) -> list[str]:
     """`key old != new` for the run-defining sections of two config dicts."""
-    a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
+    a = config_lib.flat_values(json.loads(json.dumps(old)))
+    b = config_lib.flat_values(json.loads(json.dumps(new)))
     keys = sorted(k for k in set(a) | set(b)
                   if k.split(".")[0] in ("model", "data", "optim", "train")
                   and k not in _IGNORED_KEYS)
