@@ -54,7 +54,6 @@ from mos_jax.errors import MosJaxError, note
 
 # The subcommands that take --config.KEY=VALUE overrides.
 OVERRIDE_COMMANDS = ("train", "finetune", "compare-heads", "bench", "study", "config")
-PRESET_NAMES = ("default", "ptb", "wt2")  # mos_jax.dynamic_eval.PRESETS, without JAX
 
 
 def _cmd_download(args) -> None:
@@ -337,6 +336,9 @@ def _cmd_dynamic_eval(args) -> None:
     from mos_jax import dynamic_eval as de
     from mos_jax import parallel
     from mos_jax.progress import counter
+    if args.preset not in de.PRESETS:
+        raise MosJaxError(f"--preset {args.preset}: choose one of "
+                          f"{', '.join(sorted(de.PRESETS))}")
     for flag in ("batch_size", "bptt", "stats_batch_size", "max_batches"):
         _at_least("--" + flag.replace("_", "-"), getattr(args, flag))
     _positive("--lr", args.lr, zero_ok=True)
@@ -700,8 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "run's best weights or of imported weights")
     model_source(p)
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--preset", default="default", choices=sorted(PRESET_NAMES),
-                   help="lr/lamb/epsilon of the paper: ptb (lamb 0.075), wt2 (eps 0.002)")
+    p.add_argument("--preset", default="default",
+                   help="lr/lamb/epsilon of the paper (mos_jax.dynamic_eval.PRESETS): "
+                   "default, ptb (lamb 0.075), wt2 (eps 0.002)")
     p.add_argument("--lr", type=float, help="eta (default 0.002)")
     p.add_argument("--lamb", type=float, help="decay towards the trained weights")
     p.add_argument("--epsilon", type=float)

@@ -216,3 +216,10 @@ def test_statistics_file_names_the_weights_the_training_corpus_and_the_settings(
              cli._statistics_file(tmp_path, params, ids,
                                   argparse.Namespace(**{**vars(args), "max_batches": 3}))}
     assert base not in names and len(names) == 4
+
+
+def test_the_command_takes_the_presets_of_dynamic_eval(tmp_path, capsys):
+    from mos_jax import cli
+    assert set(dynamic_eval.PRESETS) == {"default", "ptb", "wt2"}
+    assert cli.main(["dynamic-eval", "--workdir", str(tmp_path), "--preset", "wt3"]) == 2
+    assert capsys.readouterr().err == "error: --preset wt3: choose one of default, ptb, wt2\n"
