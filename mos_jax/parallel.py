@@ -70,7 +70,6 @@ from mos_jax.errors import ConfigError, note
 from mos_jax.model import ModelConfig
 
 AXIS = "data"  # the one mesh axis; also the collectives' axis name
-STRATEGIES = ("mesh", "pmap", "none")
 # The settings of one launch of a multi-process run (not saved with a run's config).
 CLUSTER_DEFAULTS = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 
@@ -592,29 +591,32 @@ class MappedStep:
         return self._run(state, inputs, targets, length, seq_len, lr)
 
 
-_STRATEGIES = {"none": OneDevice, "mesh": MeshPlan, "pmap": PmapPlan}
+# The placement strategies, `parallel.strategy` -> its Plan (config.py lists these names).
+STRATEGIES: dict[str, type[Plan]] = {"mesh": MeshPlan, "pmap": PmapPlan, "none": OneDevice}
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
+                          f"{strategy!r}")
 
 
 def make_plan(strategy: str, devices) -> Plan:
     """The plan of `strategy` over `devices` (one device: always `OneDevice`)."""
-    if strategy not in _STRATEGIES:
-        raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
-                          f"{strategy!r}")
+    _check_strategy(strategy)
     devices = tuple(devices)
     if len(devices) == 1:
         return OneDevice(devices)
     if strategy == "none":
         raise ConfigError("parallel.strategy=none runs on one device: give one device, or "
                           "use mesh or pmap")
-    return _STRATEGIES[strategy](devices)
+    return STRATEGIES[strategy](devices)
 
 
 @functools.lru_cache(maxsize=8)
 def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
           process_id: int, join: bool = True) -> Plan:
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
-                          f"{strategy!r}")
+    _check_strategy(strategy)
     multi = join and initialize_distributed(address, num_processes, process_id)
     if num_devices < 0:
         raise ConfigError(f"parallel.num_devices must be 0 (all) or positive, got {num_devices}")
