@@ -10,7 +10,7 @@ strategy:
   of device values, and returns the global layout.
 - `axis_name`: the collectives' axis inside `body` (None on one device: no collectives).
 - feeding and fetching: `place` / `place_state` (values into the global layout),
-  `zero_carry`, `local_columns` / `host_slice` (this host's columns of a batch),
+  `place_carry`, `local_columns` / `host_slice` (this host's columns of a batch),
   `fetch` (this process's columns of a result), `gather_columns` (every process's).
 - `map_step(step)`: a train step built with `axis_name=plan.axis_name` (see
   `mos_jax.train.build_train_step`) run over the plan's devices, state in the global layout.
@@ -65,9 +65,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mos_jax import model as model_lib
 from mos_jax.errors import ConfigError, note
-from mos_jax.model import ModelConfig
 
 AXIS = "data"  # the one mesh axis; also the collectives' axis name
 # The settings of one launch of a multi-process run (not saved with a run's config).
@@ -371,9 +369,10 @@ class Plan:
                 x.shape, x.dtype, sharding=self.rows if _is_sharded(path) else self.replicated),
             tree)
 
-    def zero_carry(self, model_config: ModelConfig, batch_size: int):
-        """A zero carry `[B, H]` per layer, split by rows."""
-        return self.place(model_lib.init_carry(model_config, batch_size), self.rows)
+    def place_carry(self, carry):
+        """A carry (the caller's: any pytree of arrays with the batch rows first, such
+        as `model.init_carry`'s `[B, H]` per layer), split by rows."""
+        return self.place(carry, self.rows)
 
     def feed_batch(self, local: np.ndarray, axis: int = 1) -> jax.Array:
         """This process's columns of a batch (split over `axis`) on the devices, in the
@@ -480,8 +479,8 @@ class OneDevice(Plan):
     def feed_batch(self, local: np.ndarray, axis: int = 1) -> jax.Array:
         return jax.device_put(local, self.devices[0])
 
-    def zero_carry(self, model_config: ModelConfig, batch_size: int):
-        return model_lib.init_carry(model_config, batch_size)
+    def place_carry(self, carry):
+        return carry
 
     def map(self, body, in_axes, out_axes, donate_argnums=()):
         return jax.jit(body, donate_argnums=donate_argnums)
