@@ -55,12 +55,6 @@ def padded_window(rows: np.ndarray, i: int, length: int, padded_length: int
     return np.pad(inputs, pad), np.pad(targets, pad), length
 
 
-def eval_windows(n_rows: int, bptt: int) -> Iterator[tuple[int, int]]:
-    """Fixed windows `(start, length)` covering every target of an `n_rows` stream."""
-    for i in range(0, n_rows - 1, bptt):
-        yield i, min(bptt, n_rows - 1 - i)
-
-
 class Windows(NamedTuple):
     """A stream cut into windows: inputs/targets `[n, bptt, B]`, true lengths `[n]`.
 
@@ -109,7 +103,8 @@ def make_windows(ids: np.ndarray, batch_size: int, bptt: int,
     """Batchify `ids` and cut the rows into consecutive windows of `bptt` rows.
 
     Every target is covered once (inputs `rows[:-1]`, targets `rows[1:]`): the same
-    windows as `eval_windows`, as arrays. See `cut_windows`.
+    windows of `bptt` rows as the reference's evaluation loop, as arrays. See
+    `cut_windows`.
     """
     rows = batchify(ids, batch_size)
     return cut_windows(rows[:-1], rows[1:], bptt, max_windows, multiple)

@@ -81,18 +81,34 @@ def matmul_peak_flops(dtype, n: int | None = None, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def peak_memory() -> dict[str, Any]:
-    """Device peak bytes where reported, else the process's peak RSS."""
-    stats = None
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (getrusage's `ru_maxrss`, which
+    is KiB on Linux and bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_device_bytes() -> int | None:
+    """Peak bytes in use on this process's first local device, where the backend
+    reports it (GPU, TPU; not CPU), else None. A local device: a process can ask only
+    its own devices' statistics (`jax.devices()[0]` is another host's on every process
+    but the first)."""
     try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # some backends do not implement it
-        pass
-    if stats and "peak_bytes_in_use" in stats:
-        return {"peak_memory_mb": round(stats["peak_bytes_in_use"] / 2 ** 20),
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # backends without memory statistics
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats \
+        else None
+
+
+def peak_memory() -> dict[str, Any]:
+    """Device peak bytes where reported, else the process's peak RSS, in MiB."""
+    device = peak_device_bytes()
+    if device is not None:
+        return {"peak_memory_mb": round(device / 2 ** 20),
                 "memory_kind": "device peak_bytes_in_use"}
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_memory_mb": round(rss / 1024), "memory_kind": "process peak RSS"}
+    return {"peak_memory_mb": round(peak_rss_bytes() / 2 ** 20),
+            "memory_kind": "process peak RSS"}
 
 
 def _summary(seconds: list[float], tokens: int) -> dict[str, float]:
@@ -309,11 +325,9 @@ def parse_heads(text: str | None) -> tuple[str, ...]:
 def _head_model_config(c, head: str, vocab: int) -> model_lib.ModelConfig:
     """The config's model with `head` and `vocab` words; a tied head (its decoder is
     the embedding) gets the encoder's output width set to emsize."""
-    m = dict(c.model.to_dict(), head=head, vocab_size=vocab)
-    encoder = model_lib.ENCODERS[m["encoder"]]
-    if heads.get_head(head).tied:
-        m[encoder.width_key] = m["emsize"]
-    return model_lib.ModelConfig.from_dict(m)
+    m = config_lib.ConfigDict(dict(c.model.to_dict(), head=head, vocab_size=vocab))
+    model_lib.set_tied_width(m)
+    return model_lib.ModelConfig.from_dict(m.to_dict())
 
 
 def _xla_mb(compiled) -> float | None:

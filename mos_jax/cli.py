@@ -22,7 +22,7 @@
                      [--words 100] [--temperature 1.0] [--seed 0] [--out FILE]
     mos-jax plot --workdir DIR [--workdir DIR ...] [--out curves.png]
     mos-jax download ptb|wikitext-2 --dest DIR
-    mos-jax import FILE.pt|FILE.npz --out DIR [--head mos|moc|softmax] [--data CORPUS]
+    mos-jax import FILE.pt|FILE.npz --out DIR [--head HEAD] [--data CORPUS]
                                                      (alias: import-torch)
     mos-jax bench [--config configs/ptb.py] [--batch 12] [--bptt 70] [--dtype float32]
                   [--vocab-chunk auto] [--num-devices 1] [--only train,eval] [--out F]
@@ -50,11 +50,10 @@ import time
 from pathlib import Path
 
 from mos_jax import __version__, outputs
-from mos_jax.errors import MosJaxError
+from mos_jax.errors import MosJaxError, note
 
 # The subcommands that take --config.KEY=VALUE overrides.
 OVERRIDE_COMMANDS = ("train", "finetune", "compare-heads", "bench", "study", "config")
-PRESET_NAMES = ("default", "ptb", "wt2")  # mos_jax.dynamic_eval.PRESETS, without JAX
 
 
 def _cmd_download(args) -> None:
@@ -98,6 +97,8 @@ def _output_file(flag: str, path, suffixes=None) -> None:
 def _cmd_import(args) -> None:
     from mos_jax import convert, data, model, sources
     outputs.check_folder("--out", args.out)
+    if args.head is not None:
+        convert.import_layout(args.head)  # a head that cannot hold them: before reading
     corpus = sources.load_corpus(args.data) if args.data is not None else None
     config, params = convert.read_weights(args.file, head=args.head)
     if corpus is not None and corpus.vocab_size != config.vocab_size:
@@ -116,35 +117,6 @@ def _cmd_import(args) -> None:
           f"V={config.vocab_size}, emsize={config.emsize}, nhid={config.nhid}, "
           f"nhidlast={config.nhidlast}, experts={config.n_experts}) into "
           f"{args.out}{vocab_note}")
-
-
-class _Progress:
-    """A one-line progress report on stderr: units done, tokens/s.
-
-    `tokens_per_unit` converts the units counted (rows, windows) to tokens.
-    """
-
-    def __init__(self, label: str, tokens_per_unit: int, unit: str = "rows"):
-        self.label, self.per_unit, self.unit = label, tokens_per_unit, unit
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if not self.tty and done != total and now - self.last < 10:
-            return
-        self.last = now
-        rate = done * self.per_unit / max(now - self.start, 1e-9)
-        line = f"{self.label}: {done}/{total} {self.unit}, {rate:,.0f} tokens/s"
-        if self.tty:
-            print("\r" + line, end="\n" if done == total else "", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _run_config(args):
@@ -221,7 +193,7 @@ def _load_model(args, splits=()):
         config, params, vocab = best.model_config, best.params, best.vocab
         corpus, unknown = best.corpus, list(best.unknown)
         if not best.recorded and args.data is not None:
-            _note(f"note: {args.workdir} records no vocabulary (trained before "
+            note(f"note: {args.workdir} records no vocabulary (trained before "
                   f"vocab.json): {args.data}'s word ids are taken as they are")
             vocab = None
     else:
@@ -250,7 +222,7 @@ def _load_model(args, splits=()):
             f"has {len(vocab):,} words: evaluate on the corpus the model was "
             "trained on")
     for u in unknown:
-        _note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
+        note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
     return config, params, corpus, tuple(vocab), unknown
 
 
@@ -258,6 +230,7 @@ def _cmd_evaluate(args) -> None:
     import numpy as np
 
     from mos_jax import evaluate, parallel
+    from mos_jax.progress import counter
     _at_least("--batch-size", args.batch_size)
     _at_least("--bptt", args.bptt)
     _output_file("--dump", args.dump, suffixes={".npy"})
@@ -283,7 +256,7 @@ def _cmd_evaluate(args) -> None:
         from mos_jax import data
         ids, u = data.encode_text_file(args.text, vocab, subwords)
         if u is not None:
-            _note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
+            note(f"note: {u.describe(vocab, 'are scored as <unk>')}")
             unknown.append(u)
         if corpus is not None:  # --by-frequency: the text in place of the test split
             import dataclasses
@@ -292,10 +265,10 @@ def _cmd_evaluate(args) -> None:
         ids = corpus.split(args.split)
     plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
     logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
-                                   progress=_Progress(
+                                   progress=counter(
                                        "text" if args.text is not None else args.split,
                                        args.batch_size),
-                                   plan=plan, log=_note)
+                                   plan=plan, log=note)
     nll = -float(np.mean(logp, dtype=np.float64))
     where = {"text": str(args.text)} if args.text is not None else {"split": args.split}
     result = {**where, "tokens": int(logp.size), "nll": nll, "ppl": math.exp(nll),
@@ -366,6 +339,10 @@ def _cmd_dynamic_eval(args) -> None:
 
     from mos_jax import dynamic_eval as de
     from mos_jax import parallel
+    from mos_jax.progress import counter
+    if args.preset not in de.PRESETS:
+        raise MosJaxError(f"--preset {args.preset}: choose one of "
+                          f"{', '.join(sorted(de.PRESETS))}")
     for flag in ("batch_size", "bptt", "stats_batch_size", "max_batches"):
         _at_least("--" + flag.replace("_", "-"), getattr(args, flag))
     _positive("--lr", args.lr, zero_ok=True)
@@ -389,21 +366,21 @@ def _cmd_dynamic_eval(args) -> None:
             config, params, corpus.train, lamb=settings["lamb"],
             batch_size=args.stats_batch_size, bptt=args.bptt,
             max_batches=args.max_batches, rms=args.rms,
-            progress=_Progress("gradient statistics", args.stats_batch_size * args.bptt,
-                               unit="windows"), plan=plan, log=_note)
+            progress=counter("gradient statistics (windows)",
+                             args.stats_batch_size * args.bptt), plan=plan, log=note)
         try:  # a cache: a folder that takes no file costs the next run, not this one
             de.save_statistics(cache, stats)
         except OSError as e:
-            _note(f"could not cache the gradient statistics in {cache} "
+            note(f"could not cache the gradient statistics in {cache} "
                   f"({e.strerror or e}); they will be computed again next time")
     stats_s = time.perf_counter() - start
     start = time.perf_counter()
     result = de.dynamic_evaluate(
         config, params, stats.ms, stats.decrate, corpus.split(args.split), bptt=args.bptt,
         batch_size=args.batch_size,
-        progress=_Progress(f"dynamic evaluation ({args.split})",
-                           args.batch_size * args.bptt, unit="windows"), plan=plan,
-        log=_note, **settings)
+        progress=counter(f"dynamic evaluation ({args.split}, windows)",
+                         args.batch_size * args.bptt), plan=plan,
+        log=note, **settings)
     out = {"split": args.split, "tokens": int(result.token_logprobs.size),
            "nll": result.nll, "ppl": result.perplexity, **settings, "bptt": args.bptt,
            "batch_size": args.batch_size, "stats_windows": stats.windows,
@@ -431,7 +408,7 @@ def _cmd_rank(args) -> None:
     config, params, corpus, _, _ = _load_model(args, (args.split,))
     result = rank.analyse(config, params, corpus.split(args.split), args.contexts,
                           max_memory_gb=args.max_memory_gb, batch_size=args.batch_size,
-                          bptt=args.bptt, log=_note)
+                          bptt=args.bptt, log=note)
     s = result.pop("singular_values")
     title = (f"{config.head} head, d={config.output_size}: rank {result['rank']:,} of "
              f"{result['contexts']:,} x {result['vocab_size']:,} ({args.split})")
@@ -471,13 +448,13 @@ def _cmd_generate(args) -> None:
         prompt = subwords.encode([args.prompt], vocab, "the prompt")[:-1]
         tokens, total, words = subwords.unknown([args.prompt])
         if tokens:
-            _note("note: " + data.Unknown("the prompt", tokens, total - 1, words)
+            note("note: " + data.Unknown("the prompt", tokens, total - 1, words)
                   .describe(vocab, "are read as <unk>"))
         shown = decode(prompt)
     elif prompted:
         prompt, unknown = data.encode_words(args.prompt.split(), vocab, "the prompt")
         if unknown is not None:
-            _note(f"note: {unknown.describe(vocab, 'are read as <unk>')}")
+            note(f"note: {unknown.describe(vocab, 'are read as <unk>')}")
         shown = decode(prompt)
     elif data.EOS in vocab:  # start a fresh sentence
         prompt = np.asarray([vocab.index(data.EOS)], np.int32)
@@ -556,7 +533,7 @@ def _cmd_bench(args) -> None:
         num_devices=args.num_devices, warmup=args.warmup, repeats=args.repeats,
         dyn_windows=args.dyn_windows, workloads=workloads, matmul_n=args.matmul_n)
     if sweep:
-        result = bench.run_vocab_sweep(config, sizes, head_names, settings, log=_note)
+        result = bench.run_vocab_sweep(config, sizes, head_names, settings, log=note)
         result["config"] = str(args.config)
         deliveries = outputs.Deliveries()
         if args.out:
@@ -568,7 +545,7 @@ def _cmd_bench(args) -> None:
         print(json.dumps(result))
         deliveries.check()
         return
-    result = bench.run_bench(config, settings, log=_note)
+    result = bench.run_bench(config, settings, log=note)
     result["config"] = str(args.config)
     deliveries = outputs.Deliveries()
     if args.out:
@@ -602,7 +579,7 @@ def _cmd_study(args) -> None:
         return _vocab_study(args, overrides)
     args.widths = args.widths or ",".join(map(str, study.DEFAULT_WIDTHS))
     args.workdir = args.workdir or Path("runs/study")
-    encoders = study.parse_encoders(args.encoders or "lstm,transformer")
+    encoders = study.parse_encoders(args.encoders or study.DEFAULT_ENCODERS)
     if args.config is None and args.transformer_config is None:
         defaults = study.synthetic_configs()
         configs = {e: config_lib.apply_overrides(defaults[e], overrides)
@@ -683,8 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, help="a .pt file (state dict or pickled model) or "
                    "an .npz of reference-named arrays")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--head", choices=["mos", "moc", "softmax"], default=None,
-                   help="head to read the weights as (default: from the weights)")
+    p.add_argument("--head", default=None,
+                   help="head to read the weights as, one whose class declares a "
+                   "reference_layout (default: from the weights)")
     p.add_argument("--data", default=None, help="the corpus the weights were trained "
                    "on: its vocabulary (ids in order of first occurrence, as the "
                    "reference numbers them) is recorded in OUT/vocab.json, and every "
@@ -731,8 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "run's best weights or of imported weights")
     model_source(p)
     p.add_argument("--split", default="test", choices=["valid", "test"])
-    p.add_argument("--preset", default="default", choices=sorted(PRESET_NAMES),
-                   help="lr/lamb/epsilon of the paper: ptb (lamb 0.075), wt2 (eps 0.002)")
+    p.add_argument("--preset", default="default",
+                   help="lr/lamb/epsilon of the paper (mos_jax.dynamic_eval.PRESETS): "
+                   "default, ptb (lamb 0.075), wt2 (eps 0.002)")
     p.add_argument("--lr", type=float, help="eta (default 0.002)")
     p.add_argument("--lamb", type=float, help="decay towards the trained weights")
     p.add_argument("--epsilon", type=float)

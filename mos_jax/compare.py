@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ from typing import Callable, Sequence
 
 from mos_jax import config as config_lib
 from mos_jax import outputs
-from mos_jax.errors import CheckpointError, ConfigError, MosJaxError
+from mos_jax.errors import CheckpointError, ConfigError, MosJaxError, note
 
 RESULT_FILE = "compare_head.json"  # per head, in its sub-workdir
 WORKER_SPEC = ".compare_worker_spec.json"
@@ -139,19 +138,15 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
     config differs, and a note says so. Then the model's parameter shapes are built
     (no compute): a head that cannot be built raises a one-line ConfigError naming it.
     """
-    from mos_jax import heads as heads_lib
     from mos_jax import model as model_lib
     c = config.copy_and_resolve_references()
     c.model.head = head
     c.train.test = bool(test)
-    notes = []
     m = c.model
+    width_note = model_lib.set_tied_width(m)
+    notes = [width_note] if width_note else []
     encoder = model_lib.ENCODERS.get(m.get("encoder", "lstm"), model_lib.AWDLSTM)
     key = encoder.width_key  # nhidlast (LSTM), d_model (Transformer)
-    if heads_lib.get_head(head).tied and encoder.output_size(m) != m.emsize:
-        notes.append(f"{key} set to emsize = {m.emsize} (config: {m[key]}); "
-                     f"the {head} head needs {key} == emsize")
-        m[key] = m.emsize
     try:
         _probe(m.to_dict())
     except Exception as e:  # a head of one's own may fail in any way: one line
@@ -168,19 +163,10 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
     return c, notes
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _differences(old: dict, new: dict) -> list[str]:
     """`key old != new` for the run-defining sections of two config dicts."""
-    a, b = _flat(json.loads(json.dumps(old))), _flat(json.loads(json.dumps(new)))
+    a = config_lib.flat_values(json.loads(json.dumps(old)))
+    b = config_lib.flat_values(json.loads(json.dumps(new)))
     keys = sorted(k for k in set(a) | set(b)
                   if k.split(".")[0] in ("model", "data", "optim", "train")
                   and k not in _IGNORED_KEYS)
@@ -188,21 +174,6 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------- one head
-
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS
-
-
-def _peak_device_bytes() -> int | None:
-    import jax
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # backends without memory statistics
-        return None
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats \
-        else None
-
 
 def throughput(records: list[dict]) -> dict:
     """Training tokens, seconds and tokens/s of a run, from its per-epoch records.
@@ -243,7 +214,7 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     this head's. `peak_rss_bytes` is None when this process trained nothing (the run
     had finished before).
     """
-    from mos_jax import evaluate, frequency
+    from mos_jax import bench, evaluate, frequency
     from mos_jax import heads as heads_lib
     from mos_jax import model as model_lib
     from mos_jax import rank as rank_lib
@@ -256,8 +227,8 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     result = train.train_and_evaluate(config, workdir, log=log)
     trained = result["trained_steps"] > 0
     train_wall = time.perf_counter() - start
-    peak_rss = _peak_rss_bytes() if trained else None
-    peak_device = _peak_device_bytes() if trained else None
+    peak_rss = bench.peak_rss_bytes() if trained else None
+    peak_device = bench.peak_device_bytes() if trained else None
 
     try:
         _, corpus, model_config, params = train.load_best(workdir)
@@ -355,7 +326,7 @@ def _worker_main(spec_path: str, out_path: str) -> int:
     config.lock()
     try:
         result = run_head(config, spec["workdir"], rank_contexts=spec["rank_contexts"],
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+                          log=note)
     except MosJaxError as e:
         Path(out_path).write_text(json.dumps({"error": str(e)}))
         return 2

@@ -627,11 +627,13 @@ def default_config() -> ConfigDict:
     return _defaults(declarations())
 
 
-def _flat_values(config, prefix: str = "") -> dict[str, Any]:
+def flat_values(config, prefix: str = "") -> dict[str, Any]:
+    """`{"section.key": value}` of a config (a ConfigDict or a plain nested dict, such
+    as a `config.json`), every nested section flattened into dotted keys."""
     out = {}
     for name, value in config.items():
         if isinstance(value, (ConfigDict, dict)):
-            out.update(_flat_values(value, f"{prefix}{name}."))
+            out.update(flat_values(value, f"{prefix}{name}."))
         else:
             out[prefix + name] = value
     return out
@@ -642,7 +644,7 @@ def problems(config, unknown_ok: bool = False) -> list[str]:
     key no declaration knows, unless `unknown_ok`)."""
     keys = schema()
     found = []
-    for name, value in _flat_values(config).items():
+    for name, value in flat_values(config).items():
         key = keys.get(name)
         if key is None:
             if not unknown_ok:

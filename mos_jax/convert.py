@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mos_jax.errors import CheckpointError
+from mos_jax import heads
+from mos_jax.errors import CheckpointError, ConfigError
 from mos_jax.model import ModelConfig, Params
 
 _ALIASES = [  # (pattern on a reference name, its docs/reference.md name)
@@ -79,8 +80,9 @@ def from_reference_state(state: Mapping[str, Any], head: str | None = None,
                          **config_overrides) -> tuple[ModelConfig, Params]:
     """Infer the architecture from the shapes and return `(ModelConfig, params)`.
 
-    `head` picks between heads with the same weights: `mos` (default when `prior.weight`
-    is present) or `moc`; without `prior.weight` the head is `softmax`. Dropout rates
+    `head` picks between the heads that read these weights' layout
+    (`Head.reference_layout`: "mixture" with `prior.weight`, else "softmax"; the first
+    registered head of the layout by default, `heads.importable_heads`). Dropout rates
     are not stored in weights: they keep `ModelConfig`'s defaults unless overridden.
     """
     state = normalize_state(state)
@@ -96,14 +98,15 @@ def from_reference_state(state: Mapping[str, Any], head: str | None = None,
     sizes = [state[f"rnns.{l}.weight_hh"].shape[1] for l in range(nlayers)]
     nhid, nhidlast = sizes[0] if nlayers > 1 else sizes[-1], sizes[-1]
     has_prior = "prior.weight" in state
+    layout = "mixture" if has_prior else "softmax"
+    readers = heads.importable_heads(layout)
     if head is None:
-        head = "mos" if has_prior else "softmax"
-    if head in ("mos", "moc") and not has_prior:
-        raise CheckpointError(f"head {head!r} needs prior.weight and latent.weight, "
-                              "which these weights lack (a softmax model?)")
-    if head == "softmax" and has_prior:
-        raise CheckpointError("these weights have a mixture head (prior.weight); "
-                              "import them with head='mos' or head='moc'")
+        head = readers[0]
+    if import_layout(head) != layout:
+        what = ("a mixture head (prior.weight)" if has_prior else
+                "a softmax head (no prior.weight and latent.weight)")
+        raise CheckpointError(f"these weights have {what}, which the {head} head cannot "
+                              f"hold: import them with head= one of {', '.join(readers)}")
     n_experts = state["prior.weight"].shape[0] if has_prior else 1
     config = ModelConfig(vocab_size=vocab_size, emsize=emsize, nhid=nhid,
                          nhidlast=nhidlast, nlayers=nlayers, head=head,
@@ -125,6 +128,16 @@ def from_reference_state(state: Mapping[str, Any], head: str | None = None,
         head_params["latent_bias"] = _require(state, "latent.bias", (e * d,))
     params["head"] = head_params
     return config, _to_jax(params)
+
+
+def import_layout(head: str) -> str:
+    """The reference layout head `head` reads (`Head.reference_layout`); a ConfigError
+    naming the heads that can be imported when it declares none (or is unknown)."""
+    layout = heads.get_head(head).reference_layout
+    if layout is None:
+        raise ConfigError(f"the {head} head cannot be read from reference weights: "
+                          f"choose one of {', '.join(heads.importable_heads())}")
+    return layout
 
 
 def _to_jax(tree):
@@ -284,15 +297,6 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
             if isinstance(v, torch.Tensor)}
 
 
-def import_torch(path: str | os.PathLike, out_dir: str | os.PathLike,
-                 head: str | None = None) -> tuple[ModelConfig, Params]:
-    """Convert a reference `.pt` file; writes `weights.npz` and `model.json` to out_dir."""
-    state = read_torch_state(path)
-    config, params = from_reference_state(state, head=head)
-    save_weights(out_dir, config, params)
-    return config, params
-
-
 def read_weights(path: str | os.PathLike, head: str | None = None
                  ) -> tuple[ModelConfig, Params]:
     """Reference weights, a `.npz` of reference-named arrays or a PyTorch file (any
@@ -300,15 +304,6 @@ def read_weights(path: str | os.PathLike, head: str | None = None
     if Path(path).suffix.lower() == ".npz":
         return load_reference_npz(path, head=head)
     return from_reference_state(read_torch_state(path), head=head)
-
-
-def import_weights(path: str | os.PathLike, out_dir: str | os.PathLike,
-                   head: str | None = None) -> tuple[ModelConfig, Params]:
-    """Convert reference weights (`read_weights`); writes `weights.npz` and
-    `model.json` to out_dir."""
-    config, params = read_weights(path, head=head)
-    save_weights(out_dir, config, params)
-    return config, params
 
 
 def save_weights(out_dir: str | os.PathLike, config: ModelConfig, params: Params) -> None:

@@ -26,8 +26,10 @@ from typing import Callable
 
 import numpy as np
 
+from mos_jax import compare
 from mos_jax import config as config_lib
 from mos_jax import data as data_lib
+from mos_jax import model as model_lib
 from mos_jax import outputs
 from mos_jax import rank as rank_lib
 from mos_jax import train
@@ -73,14 +75,6 @@ def demo_config() -> config_lib.ConfigDict:
     return c
 
 
-def head_config(config: config_lib.ConfigDict, head: str) -> config_lib.ConfigDict:
-    """A copy of `config` with `model.head = head` (and the final test on)."""
-    c = config.copy_and_resolve_references()
-    c.model.head = head
-    c.train.test = True
-    return c
-
-
 def _rank_entry(matrix: np.ndarray, **kwargs) -> dict:
     r = rank_lib.empirical_rank(matrix, **kwargs)
     return {"rank": r.rank, "threshold": r.threshold,
@@ -120,10 +114,12 @@ def run_demo(workdir: str | Path, config: config_lib.ConfigDict | None = None,
     start = time.perf_counter()
     workdir = Path(workdir)
     config = demo_config() if config is None else config
-    if config.model.nhidlast != config.model.emsize:
-        raise ConfigError(
-            f"the demo compares heads of one hidden size d: set model.nhidlast "
-            f"({config.model.nhidlast}) = model.emsize ({config.model.emsize})")
+    for head in HEADS:  # one hidden size d for every head, what a tied head needs
+        m = config.model.copy_and_resolve_references()
+        m.head = head
+        problem = model_lib.tied_width_problem(m)
+        if problem:
+            raise ConfigError(f"the demo compares heads of one hidden size d: {problem}")
     if config.data.dir != "synthetic":
         raise ConfigError("the demo needs the synthetic corpus (data.dir = "
                           f"'synthetic'), whose true perplexity is known; got "
@@ -134,8 +130,8 @@ def run_demo(workdir: str | Path, config: config_lib.ConfigDict | None = None,
     for head in HEADS:
         log(f"demo: training the {head} head in {workdir / head}")
         t = time.perf_counter()
-        result = train.train_and_evaluate(head_config(config, head), workdir / head,
-                                          log=log)
+        c, _ = compare.head_config(config, head, test=True)
+        result = train.train_and_evaluate(c, workdir / head, log=log)
         if "stopped" in result:
             raise ConfigError(f"the {head} run stopped early ({result['stopped']}); "
                               "the demo needs finished runs: clear train.stop_at_step "

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import http.client
 import os
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from mos_jax.data import SPLITS, sha256_files
-from mos_jax.errors import DataError, DownloadError
+from mos_jax.errors import DataError, DownloadError, note
 
 __all__ = ["Mirror", "CorpusSpec", "CORPORA", "corpus_spec", "download_corpus",
            "verify_corpus"]
@@ -217,10 +216,6 @@ def _fetch(url: str, target: Path, expected: str, timeout: float) -> int:
     return size
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def download_corpus(name: str | CorpusSpec, dest: str | os.PathLike, *,
                     mirrors: Sequence[Mirror | str] | None = None, timeout: float = 30.0,
                     progress: bool = True) -> Path:
@@ -263,9 +258,9 @@ def download_corpus(name: str | CorpusSpec, dest: str | os.PathLike, *,
         if target.exists():
             if _file_ok(target, expected):
                 if progress:
-                    _say(f"{label}: already present in {dest}, checksum ok")
+                    note(f"{label}: already present in {dest}, checksum ok")
                 continue
-            _say(f"{label}: {target} has the wrong SHA-256; downloading it again")
+            note(f"{label}: {target} has the wrong SHA-256; downloading it again")
 
         failures: list[str] = []
         for mirror in candidates:
@@ -276,7 +271,7 @@ def download_corpus(name: str | CorpusSpec, dest: str | os.PathLike, *,
                 failures.append(f"  {url}: {e}")
                 continue
             if progress:
-                _say(f"{label}: {size:,} bytes from {url}")
+                note(f"{label}: {size:,} bytes from {url}")
             break
         else:
             raise DownloadError(_failure_message(label, target, expected, dest, failures))

@@ -139,7 +139,7 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
         return chunk(params, *state, inputs, targets, lengths), None
 
     (sq_sum, _), _ = scan_windows(
-        fn, (sq_sum, plan.zero_carry(model_config, batch_size)),
+        fn, (sq_sum, plan.place_carry(model_lib.init_carry(model_config, batch_size))),
         w.columns(plan.host_slice(batch_size)), per_call=CHUNK, progress=progress)
     sq_sum = plan.local_copy(sq_sum)
     divisor = float(n_real if rms else 1)
@@ -257,7 +257,8 @@ def dynamic_evaluate(model_config: ModelConfig, params: Params, ms: Params,
         params, carry, logp = chunk(*state, theta0, decay, step, inputs, targets, lengths)
         return (params, carry), logp
 
-    (params, _), logp = scan_windows(fn, (params, plan.zero_carry(model_config, batch_size)),
+    carry = plan.place_carry(model_lib.init_carry(model_config, batch_size))
+    (params, _), logp = scan_windows(fn, (params, carry),
                                      w, per_call=CHUNK, progress=progress)
     nll = -float(np.mean(logp, dtype=np.float64))
     return DynamicEvalResult(logp, nll, math.exp(nll), params)

@@ -146,8 +146,8 @@ def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
 
     rows = None if progress is None else (
         lambda done, n: progress(min(done * bptt, total), total))
-    _, out = scan_windows(fn, plan.zero_carry(model_config, batch_size), w,
-                          fetch=lambda x: plan.fetch(x, 1), progress=rows)
+    carry = plan.place_carry(model_lib.init_carry(model_config, batch_size))
+    _, out = scan_windows(fn, carry, w, fetch=lambda x: plan.fetch(x, 1), progress=rows)
     out = plan.gather_columns(out)
     assert out.shape == (total, batch_size), out.shape
     return out
@@ -172,8 +172,9 @@ def sliding_token_logprobs(model_config: ModelConfig, params: Params, ids: np.nd
     score = window_scorer(plan, model_config)
     total = int(len(ids) // batch_size - 1)
     pieces = []
+    zero = model_lib.init_carry(model_config, batch_size)
     for k, (length, first) in enumerate(zip(w.lengths, w.first)):
-        logp, _ = score(params, plan.zero_carry(model_config, batch_size),
+        logp, _ = score(params, plan.place_carry(zero),
                         w.inputs[k][:, cols], w.targets[k][:, cols], int(length))
         pieces.append((logp, int(first), int(length)))
         if progress is not None:

@@ -101,6 +101,10 @@ class Head(nn.Module):
         vocabulary (called when the ModelConfig is built, before any compile).
       wants_frequency_order = False: True when the head works best with word ids in
         order of training frequency (the adaptive heads' shortlist and clusters).
+      reference_layout = None: the reference's (PyTorch AWD-LSTM) head weights this
+        head's parameters are, so that `mos-jax import` can read them into it:
+        "softmax" (decoder.bias) or "mixture" (prior, latent and decoder.bias, in
+        `mos_jax.convert`); None: not importable. `importable_heads` lists them.
     """
 
     n_experts: int = 1
@@ -112,6 +116,7 @@ class Head(nn.Module):
     fuses_loss = False
     options = {}  # name -> HeadOption (a class attribute, not a module field)
     wants_frequency_order = False
+    reference_layout = None  # "softmax", "mixture" (a class attribute, not a field)
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
@@ -144,20 +149,27 @@ class Head(nn.Module):
         return None
 
     @classmethod
-    def check_sizes(cls, name: str, nhidlast: int, emsize: int) -> None:
-        """ConfigError unless a tied head gets nhidlast == emsize."""
-        if cls.tied and nhidlast != emsize:
-            raise ConfigError(
-                f"the {name} head ties its decoder to the embedding, so the last "
-                f"layer's size (nhidlast={nhidlast}) must equal emsize ({emsize}): set "
-                "model.nhidlast = model.emsize")
+    def width_problem(cls, name: str, width: int, emsize: int,
+                      key: str = "nhidlast") -> str | None:
+        """The rule of a tied head, written only here: the width of its input (the
+        encoder's output, set by the model key `key`) must equal emsize. A one-line
+        message naming the key and the fix when `width` breaks it, else None
+        (`mos_jax.model.tied_width_problem` asks it of a model config)."""
+        if cls.tied and width != emsize:
+            return (f"the {name} head ties its decoder to the embedding, so the "
+                    f"encoder's output width ({key}={width}) must equal emsize "
+                    f"({emsize}): set model.{key} = model.emsize")
+        return None
 
     def output_with_nll(self, hidden, embedding, targets=None, *, deterministic=True,
                         return_logprobs=False, target_weights=None) -> "HeadOutput":
         """`self(...)`, and with `target_weights` [T, B] `nll` = -sum(target_weights *
         target_logprobs): fused by the head when it declares `fuses_loss` (and took
         that path), else computed here from its target log-probabilities."""
-        self.check_sizes(type(self).__name__, hidden.shape[-1], embedding.shape[-1])
+        problem = self.width_problem(type(self).__name__, hidden.shape[-1],
+                                     embedding.shape[-1])
+        if problem:
+            raise ConfigError(problem)
         extra = {}
         if target_weights is not None and self.fuses_loss:
             extra["target_weights"] = target_weights
@@ -237,6 +249,15 @@ def get_head(name: str) -> type[Head]:
                           f"{', '.join(sorted(HEADS))} (a head of your own: register it "
                           f"with @register_head in a file named in ${PLUGINS_ENV})"
                           ) from None
+
+
+def importable_heads(layout: str | None = None) -> list[str]:
+    """The heads reference weights can be read into (those declaring a
+    `reference_layout`; only `layout`'s when given), in the order they registered: the
+    first of a layout is what `mos-jax import` reads weights of that layout as."""
+    load_plugins()
+    return [name for name, cls in HEADS.items() if cls.reference_layout is not None
+            and layout in (None, cls.reference_layout)]
 
 
 def logsumexp(x: jax.Array) -> jax.Array:
@@ -329,6 +350,7 @@ class Softmax(Head):
 
     tied = True
     fuses_loss = True
+    reference_layout = "softmax"
 
     @classmethod
     def rank_bound(cls, mc) -> int:
@@ -387,6 +409,7 @@ class MixtureOfSoftmaxes(_Mixture):
     """
 
     fuses_loss = True
+    reference_layout = "mixture"
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
@@ -422,6 +445,7 @@ class MixtureOfContexts(_Mixture):
     """
 
     fuses_loss = True
+    reference_layout = "mixture"  # MoS's parameters, mixed before the decoder
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
@@ -612,7 +636,8 @@ class Mixtape(Head):
     (streaming it would need its own chunked custom VJP). Full distributions
     (`return_logprobs`) take the plain path.
 
-    Parameters (d2 = gate_dim, default D; S' = S + 1 if S < V else S):
+    Parameters (d2 = gate_dim, the option `model.heads.mixtape.gate_dim`, default D;
+    S' = S + 1 if S < V else S):
         latent_kernel [H, K*D] (W_k), latent_bias [K*D] (c_k), decoder_bias [V] (b_x),
         and for K > 1: gate_kernel [H, (K-1)*d2] (U_j), gate_context_kernel [H, K-1]
         (u_j), gate_embedding [S', d2] (v), gate_bias [S', K-1] (b_{.,j});
@@ -621,19 +646,25 @@ class Mixtape(Head):
     """
 
     n_experts: int = 4
-    gate_dim: int | None = None  # d2; None: the embedding size D
+    gate_dim: int | None = 0  # d2; 0 (or None): the embedding size D
     gate_shared_from: int | None = None  # S; None: default_gate_shared_from(V)
+
+    options = {"gate_dim": HeadOption(
+        0, "a whole number >= 0",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "the width d2 of the gate vectors; 0: emsize")}
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
-        """As the model builds it (default d2 = D and S): latent 2 H K D; gates 2 H
-        (K-1) D + 2 H (K-1) and 2 (K-1) D per gate row (S, plus the shared one when
-        S < V), for K > 1; the K contexts on the S gated words, 2 K D S; one mixed
-        context on the V - S others, 2 D (V - S)."""
+        """As the model builds it (d2 = gate_dim, default D; the default S): latent
+        2 H K D; gates 2 H (K-1) d2 + 2 H (K-1) and 2 (K-1) d2 per gate row (S, plus
+        the shared one when S < V), for K > 1; the K contexts on the S gated words,
+        2 K D S; one mixed context on the V - S others, 2 D (V - S)."""
         h, d, v, k = mc.output_size, mc.emsize, mc.vocab_size, mc.n_experts
+        d2 = cls.option_values(mc)["gate_dim"] or d
         s = default_gate_shared_from(v)
-        gates = (2 * h * (k - 1) * d + 2 * h * (k - 1)
-                 + 2 * (k - 1) * d * (s + (s < v))) if k > 1 else 0
+        gates = (2 * h * (k - 1) * d2 + 2 * h * (k - 1)
+                 + 2 * (k - 1) * d2 * (s + (s < v))) if k > 1 else 0
         return 2 * h * k * d + gates + 2 * k * d * s + 2 * d * (v - s)
 
     @nn.compact
@@ -646,7 +677,7 @@ class Mixtape(Head):
              else int(self.gate_shared_from))
         if not 1 <= s <= v:
             raise ConfigError(f"mixtape: gate_shared_from={s} must be in [1, V={v}]")
-        d2 = d if self.gate_dim is None else int(self.gate_dim)
+        d2 = int(self.gate_dim or d)
         shared = s < v
         rows = int(np.prod(lead))
         init = uniform_init(n_in ** -0.5)

@@ -91,7 +91,9 @@ class ModelConfig:
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"model.{f} is a dropout rate in [0, 1), got "
                                   f"{getattr(self, f)}")
-        head_cls.check_sizes(self.head, self.output_size, self.emsize)  # a tied head
+        problem = tied_width_problem(self)
+        if problem:
+            raise ConfigError(problem)
         head_cls.check_options(self.head, self)  # its options, with the vocabulary
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"model.compute_dtype {self.compute_dtype!r}: use float32, "
@@ -227,6 +229,30 @@ class AWDLSTM(Encoder):
 
 ENCODERS: dict[str, type[Encoder]] = {"lstm": AWDLSTM,
                                       "transformer": transformer_lib.Transformer}
+
+
+def tied_width_problem(m) -> str | None:
+    """What is wrong with model section `m` (a ModelConfig, or a config's `model`
+    ConfigDict) under the rule of a tied head (`Head.width_problem`: the encoder's
+    output width, model key `width_key`, must equal emsize), or None. ModelConfig
+    refuses a config with a problem; compare-heads, bench and the demo ask here too."""
+    encoder = ENCODERS.get(getattr(m, "encoder", "lstm"))
+    if encoder is None:  # an unknown encoder: ModelConfig says so
+        return None
+    return heads_lib.get_head(m.head).width_problem(m.head, encoder.output_size(m),
+                                                    m.emsize, encoder.width_key)
+
+
+def set_tied_width(m) -> str | None:
+    """Make a config's model section `m` (a ConfigDict) obey the tied-width rule: the
+    encoder's width key (nhidlast for the LSTM, d_model for the Transformer) set to
+    emsize where the head needs it. A note saying what changed, or None."""
+    if tied_width_problem(m) is None:
+        return None
+    key = ENCODERS[getattr(m, "encoder", "lstm")].width_key
+    old, m[key] = m[key], m.emsize
+    return f"{key} set to emsize = {m.emsize} (config: {old}); the {m.head} head needs " \
+           f"{key} == emsize"
 
 
 class LanguageModel(nn.Module):

@@ -10,7 +10,7 @@ strategy:
   of device values, and returns the global layout.
 - `axis_name`: the collectives' axis inside `body` (None on one device: no collectives).
 - feeding and fetching: `place` / `place_state` (values into the global layout),
-  `zero_carry`, `local_columns` / `host_slice` (this host's columns of a batch),
+  `place_carry`, `local_columns` / `host_slice` (this host's columns of a batch),
   `fetch` (this process's columns of a result), `gather_columns` (every process's).
 - `map_step(step)`: a train step built with `axis_name=plan.axis_name` (see
   `mos_jax.train.build_train_step`) run over the plan's devices, state in the global layout.
@@ -59,19 +59,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mos_jax import model as model_lib
-from mos_jax.errors import ConfigError
-from mos_jax.model import ModelConfig
+from mos_jax.errors import ConfigError, note
 
 AXIS = "data"  # the one mesh axis; also the collectives' axis name
-STRATEGIES = ("mesh", "pmap", "none")
 # The settings of one launch of a multi-process run (not saved with a run's config).
 CLUSTER_DEFAULTS = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 
@@ -334,7 +330,7 @@ class Plan:
         if message in self._notes or not self.is_primary:
             return
         self._notes.add(message)
-        (log or _stderr)(message)
+        (log or note)(message)
 
     @functools.cached_property
     def _notes(self) -> set:
@@ -373,9 +369,10 @@ class Plan:
                 x.shape, x.dtype, sharding=self.rows if _is_sharded(path) else self.replicated),
             tree)
 
-    def zero_carry(self, model_config: ModelConfig, batch_size: int):
-        """A zero carry `[B, H]` per layer, split by rows."""
-        return self.place(model_lib.init_carry(model_config, batch_size), self.rows)
+    def place_carry(self, carry):
+        """A carry (the caller's: any pytree of arrays with the batch rows first, such
+        as `model.init_carry`'s `[B, H]` per layer), split by rows."""
+        return self.place(carry, self.rows)
 
     def feed_batch(self, local: np.ndarray, axis: int = 1) -> jax.Array:
         """This process's columns of a batch (split over `axis`) on the devices, in the
@@ -482,8 +479,8 @@ class OneDevice(Plan):
     def feed_batch(self, local: np.ndarray, axis: int = 1) -> jax.Array:
         return jax.device_put(local, self.devices[0])
 
-    def zero_carry(self, model_config: ModelConfig, batch_size: int):
-        return model_lib.init_carry(model_config, batch_size)
+    def place_carry(self, carry):
+        return carry
 
     def map(self, body, in_axes, out_axes, donate_argnums=()):
         return jax.jit(body, donate_argnums=donate_argnums)
@@ -593,33 +590,32 @@ class MappedStep:
         return self._run(state, inputs, targets, length, seq_len, lr)
 
 
-_STRATEGIES = {"none": OneDevice, "mesh": MeshPlan, "pmap": PmapPlan}
+# The placement strategies, `parallel.strategy` -> its Plan (config.py lists these names).
+STRATEGIES: dict[str, type[Plan]] = {"mesh": MeshPlan, "pmap": PmapPlan, "none": OneDevice}
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
+                          f"{strategy!r}")
 
 
 def make_plan(strategy: str, devices) -> Plan:
     """The plan of `strategy` over `devices` (one device: always `OneDevice`)."""
-    if strategy not in _STRATEGIES:
-        raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
-                          f"{strategy!r}")
+    _check_strategy(strategy)
     devices = tuple(devices)
     if len(devices) == 1:
         return OneDevice(devices)
     if strategy == "none":
         raise ConfigError("parallel.strategy=none runs on one device: give one device, or "
                           "use mesh or pmap")
-    return _STRATEGIES[strategy](devices)
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    return STRATEGIES[strategy](devices)
 
 
 @functools.lru_cache(maxsize=8)
 def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
           process_id: int, join: bool = True) -> Plan:
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
-                          f"{strategy!r}")
+    _check_strategy(strategy)
     multi = join and initialize_distributed(address, num_processes, process_id)
     if num_devices < 0:
         raise ConfigError(f"parallel.num_devices must be 0 (all) or positive, got {num_devices}")

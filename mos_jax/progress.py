@@ -5,7 +5,7 @@ every `every_s` seconds elsewhere (logs, CI). It shows finished work only: an up
 may carry a `ready` marker (an array of the step's results, computed asynchronously),
 and the line counts that update once the marker is ready. `MetricsWriter` appends one JSON record per
 evaluation to `metrics.jsonl` and mirrors scalars to TensorBoard when `tensorboardX` is
-installed.
+installed. `counter` is the `(done, total)` callback form of a `Progress` line.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 
 class Progress:
@@ -108,6 +109,19 @@ class Progress:
         self._settle(wait=True)
         if self.tty:
             self._emit(final=True)
+
+
+def counter(label: str, tokens_per_unit: int, stream=None) -> Callable[[int, int], None]:
+    """A `(done, total)` callback of cumulative counts of units of `tokens_per_unit`
+    tokens (rows, windows), as evaluation and dynamic evaluation report their work: a
+    `Progress` line, closed when `done == total`."""
+    line = Progress(label, 0, tokens_per_unit, stream=stream)
+
+    def callback(done: int, total: int) -> None:
+        line.count(done, total)
+        if done == total:
+            line.close()
+    return callback
 
 
 class MetricsWriter:

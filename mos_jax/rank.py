@@ -90,8 +90,8 @@ def logprob_matrix(model_config: ModelConfig, params: Params, ids: np.ndarray,
         logp, carry = score(params, carry, inputs, length)
         return carry, logp
 
-    _, out = scan_windows(fn, plan.zero_carry(model_config, batch_size), windows,
-                          fetch=lambda x: plan.fetch(x, 1), sync=True)
+    carry = plan.place_carry(model_lib.init_carry(model_config, batch_size))
+    _, out = scan_windows(fn, carry, windows, fetch=lambda x: plan.fetch(x, 1), sync=True)
     out = plan.gather_columns(out)  # [steps, B, V], row r of column j = position j*steps+r
     out = out.transpose(1, 0, 2).reshape(steps * batch_size, -1)
     return np.ascontiguousarray(out[:n_contexts], dtype=np.float32)

@@ -1069,16 +1069,6 @@ _LAUNCH_KEYS = {"train.stop_at_step": 0,
 _LAYOUT_DATA = ("dir", "batch_size", "bptt", "small_batch_size", "synthetic")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and not (prefix == "data." and key == "synthetic"):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _saved_config(config) -> dict:
     """What `config.json` keeps of `config`: the run's keys, launch keys at defaults."""
     saved = json.loads(config_lib.to_json(config))
@@ -1152,7 +1142,8 @@ def _config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
                     f"{workdir} was started with {section}.{key}="
                     f"{old.get(section, {}).get(key)!r}, not {value!r}: resume it "
                     "with its own config (omit --config), or use a new --workdir")
-    old_flat, new_flat = _flat(old), _flat(_saved_config(config))
+    old_flat = config_lib.flat_values(old)
+    new_flat = config_lib.flat_values(_saved_config(config))
     return {key: (old_flat[key], value) for key, value in new_flat.items()
             if key in old_flat and key not in _LAUNCH_KEYS and old_flat[key] != value}
 

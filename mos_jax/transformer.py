@@ -43,7 +43,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mos_jax import heads as heads_lib
 from mos_jax.layers import Encoder, dot, embedding_dropout
 
 LN_EPS = 1e-5
@@ -162,11 +161,6 @@ class Transformer(Encoder):
     def check(cfg) -> list[str]:
         """Problems with the config, each naming the key and the fix."""
         d, problems = Transformer.d_model(cfg), []
-        if heads_lib.get_head(cfg.head).tied and d != cfg.emsize:
-            problems.append(f"the {cfg.head} head ties its decoder to the embedding, so "
-                            f"the Transformer's width (model.d_model={d}) must equal "
-                            f"model.emsize ({cfg.emsize}): set model.d_model=0 (emsize) "
-                            "or use a head with a latent projection (mos, moc, ...)")
         if cfg.n_heads < 1 or d % cfg.n_heads:
             problems.append(f"model.n_heads={cfg.n_heads} must divide model.d_model={d}")
         elif (d // cfg.n_heads) % 2:

@@ -93,6 +93,12 @@ def head_probs(state, output, head):
     return (prior[..., None] * probs).sum(axis=-2)
 
 
+def eval_windows(n_rows, bptt):
+    """The reference's evaluation windows `(start, length)` of an `n_rows` stream: every
+    target once, in windows of `bptt` rows, the last one shorter."""
+    return [(i, min(bptt, n_rows - 1 - i)) for i in range(0, n_rows - 1, bptt)]
+
+
 def token_logprobs(state, ids, batch_size, bptt, head, epsilon=0.0):
     """log(p + epsilon) of every target in the batchified layout [nrows - 1, B].
 
@@ -102,8 +108,7 @@ def token_logprobs(state, ids, batch_size, bptt, head, epsilon=0.0):
     rows = np.asarray(ids[: n * batch_size]).reshape(batch_size, n).T
     carry = zero_carry(state, batch_size)
     out = []
-    for i in range(0, n - 1, bptt):
-        length = min(bptt, n - 1 - i)
+    for i, length in eval_windows(n, bptt):
         inputs, targets = rows[i:i + length], rows[i + 1:i + 1 + length]
         output, carry = encode(state, inputs, carry)
         p = head_probs(state, output, head)

@@ -99,3 +99,29 @@ def test_bench_takes_the_vocabulary_of_the_configs_corpus(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "no_ptb does not exist" in err
     assert "--config.data.dir DIR" in err and "--vocab N" in err and "bench:" not in err
+
+
+def test_peak_memory_is_the_local_devices_else_the_processes_peak_rss(monkeypatch):
+    status = Path("/proc/self/status")
+    if status.is_file():  # Linux: the kernel's own count of the peak RSS, in kB
+        hwm = next(int(line.split()[1]) for line in status.read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+        assert bench.peak_rss_bytes() == pytest.approx(hwm * 1024, rel=0.05)
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    monkeypatch.setattr(jax, "devices", lambda: [Device({"peak_bytes_in_use": 1})])
+    local = Device({"peak_bytes_in_use": 3 << 20})
+    monkeypatch.setattr(jax, "local_devices", lambda: [local])
+    assert bench.peak_memory() == {"peak_memory_mb": 3,
+                                   "memory_kind": "device peak_bytes_in_use"}
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(None)])  # CPU: no stats
+    assert bench.peak_device_bytes() is None
+    rss_mb = round(bench.peak_rss_bytes() / 2 ** 20)
+    assert bench.peak_memory() == {"peak_memory_mb": rss_mb,
+                                   "memory_kind": "process peak RSS"}

@@ -9,7 +9,7 @@ import pytest
 
 import numpy_reference as ref
 from mos_jax import convert, evaluate
-from mos_jax.errors import CheckpointError
+from mos_jax.errors import CheckpointError, ConfigError
 
 SIZES = dict(vocab=11, emsize=4, nhid=5, nhidlast=3, nlayers=3, n_experts=2)
 
@@ -51,6 +51,31 @@ def test_reference_code_names_are_accepted():
     config2, params2 = convert.from_reference_state(noisy)
     assert config2 == config
     assert_same_state(convert.to_reference_state(config2, params2), state)
+
+
+def test_the_heads_that_can_be_imported_are_the_registrys(tmp_path, monkeypatch,
+                                                          capsys):
+    from mos_jax import cli, heads
+
+    assert heads.importable_heads() == ["softmax", "mos", "moc"]  # registration order
+    state = state_for()
+    with pytest.raises(ConfigError, match="cannot be read .*softmax, mos, moc"):
+        convert.from_reference_state(state, head="mixtape")
+
+    class MosCopy(heads.MixtureOfSoftmaxes):  # a head of one's own with MoS's weights
+        pass
+
+    monkeypatch.setitem(heads.HEADS, "mos_copy", MosCopy)
+    config, params = convert.from_reference_state(state, head="mos_copy")
+    assert config.head == "mos_copy"
+    assert_same_state(convert.to_reference_state(config, params), state)
+    np.savez(tmp_path / "w.npz", **state)
+    for head, rc in (("mos_copy", 0), ("moss", 2)):  # the command asks the registry too
+        assert cli.main(["import", str(tmp_path / "w.npz"), "--out",
+                         str(tmp_path / head), "--head", head]) == rc
+    err = capsys.readouterr().err
+    assert "moss head cannot be read" in err and "mos_copy" in err
+    assert not (tmp_path / "moss").exists()
 
 
 def test_head_is_inferred_and_errors_are_clear(tmp_path):
@@ -176,7 +201,8 @@ def test_import_torch_state_dict_and_pickled_model(tmp_path):
     assert "rnns.0.weight_hh" in expect  # the raw weight, under its docs/reference.md name
     assert "refmodel" not in sys.modules
     for name in ("sd.pt", "model.pt"):
-        config, params = convert.import_torch(tmp_path / name, tmp_path / f"out-{name}")
+        config, params = convert.read_weights(tmp_path / name)  # what `import` does
+        convert.save_weights(tmp_path / f"out-{name}", config, params)
         assert (config.nhid, config.nhidlast, config.n_experts) == (5, 3, 2)
         assert_same_state(convert.to_reference_state(config, params), expect)
         config2, _ = convert.load_weights(tmp_path / f"out-{name}")

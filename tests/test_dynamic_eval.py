@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numpy_reference as ref
 from mos_jax import batching, dynamic_eval, evaluate, model
 
 CONFIG = model.ModelConfig(vocab_size=23, emsize=6, nhid=8, nhidlast=6, nlayers=2,
@@ -36,7 +37,7 @@ def plain_statistics(params, ids, batch_size, bptt, lamb):
     rows = batching.batchify(ids, batch_size)
     carry = model.init_carry(CONFIG, batch_size)
     ms = jax.tree_util.tree_map(np.zeros_like, params)
-    for i, length in batching.eval_windows(len(rows), bptt):
+    for i, length in ref.eval_windows(len(rows), bptt):
         x, y = rows[i:i + length], rows[i + 1:i + 1 + length]
         g, (_, carry) = window_grad(params, carry, x, y)
         ms = jax.tree_util.tree_map(lambda m, gg: m + np.asarray(gg, np.float64) ** 2, ms, g)
@@ -52,7 +53,7 @@ def plain_dynamic_eval(params, ms, decrate, ids, lr, lamb, eps, bptt):
     theta0 = jax.tree_util.tree_map(np.asarray, params)
     theta = theta0
     scores = []
-    for i, length in batching.eval_windows(len(rows), bptt):
+    for i, length in ref.eval_windows(len(rows), bptt):
         x, y = rows[i:i + length], rows[i + 1:i + 1 + length]
         g, (logp, carry) = window_grad(theta, carry, x, y)
         scores.append(np.asarray(logp))
@@ -115,7 +116,7 @@ def test_full_decay_pulls_back_to_theta0_each_update(setup):
                                           lr=0.01, lamb=lamb)
     # The plain loop up to the last window: its weights and carry, then its gradient.
     rows = batching.batchify(eval_ids, 1)
-    windows = list(batching.eval_windows(len(rows), 5))
+    windows = list(ref.eval_windows(len(rows), 5))
     theta, carry = params, model.init_carry(CONFIG, 1)
     for n, (i, length) in enumerate(windows):
         x, y = rows[i:i + length], rows[i + 1:i + 1 + length]
@@ -215,3 +216,10 @@ def test_statistics_file_names_the_weights_the_training_corpus_and_the_settings(
              cli._statistics_file(tmp_path, params, ids,
                                   argparse.Namespace(**{**vars(args), "max_batches": 3}))}
     assert base not in names and len(names) == 4
+
+
+def test_the_command_takes_the_presets_of_dynamic_eval(tmp_path, capsys):
+    from mos_jax import cli
+    assert set(dynamic_eval.PRESETS) == {"default", "ptb", "wt2"}
+    assert cli.main(["dynamic-eval", "--workdir", str(tmp_path), "--preset", "wt3"]) == 2
+    assert capsys.readouterr().err == "error: --preset wt3: choose one of default, ptb, wt2\n"

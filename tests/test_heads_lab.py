@@ -323,6 +323,33 @@ def test_flops_per_token_by_hand():
         5 * 2 * 4 + 5 * 1 * 4 + 5 * 1 + 1 * 4 * 4 + 2 * 4 * 3 + 4 * 7)
 
 
+def test_mixtape_gate_dim_is_a_config_key_that_reaches_the_parameters():
+    from pathlib import Path
+    from mos_jax import config as config_lib, train
+    c = config_lib.load_config_file(Path(__file__).resolve().parents[1] / "configs"
+                                    / "tiny.py")
+    config_lib.set_value(c, "model.head", "mixtape")
+    config_lib.set_value(c, "model.heads.mixtape.gate_dim", "3")
+    config_lib.validate(c)
+    mc = train.model_config_from(c, 40)
+    shapes = jax.eval_shape(model.init_params, mc, jax.random.key(0))["head"]
+    k, h = mc.n_experts, mc.output_size  # S = ceil(40 / 4) = 10 gated rows + 1 shared
+    assert shapes["gate_kernel"].shape == (h, (k - 1) * 3)
+    assert shapes["gate_embedding"].shape == (11, 3)
+    config_lib.set_value(c, "model.heads.mixtape.gate_dim", "0")  # 0: emsize
+    shapes = jax.eval_shape(model.init_params, train.model_config_from(c, 40),
+                            jax.random.key(0))["head"]
+    assert shapes["gate_embedding"].shape == (11, mc.emsize)
+    config_lib.set_value(c, "model.heads.mixtape.gate_dim", "-1")
+    with pytest.raises(ConfigError, match="model.heads.mixtape.gate_dim"):
+        config_lib.validate(c)
+    # FLOPs as test_flops_per_token_by_hand's Mixtape, the gates of width d2 = 3
+    small = model.ModelConfig(vocab_size=10, n_experts=2, nhidlast=5, emsize=4,
+                              head="mixtape", head_options={"gate_dim": 3})
+    assert heads.get_head("mixtape").flops_per_token(small) == 2 * (
+        5 * 2 * 4 + 5 * 1 * 3 + 5 * 1 + 1 * 3 * 4 + 2 * 4 * 3 + 4 * 7)
+
+
 def test_a_head_that_does_not_fuse_gets_the_weighted_nll_computed_once():
     hidden, emb, targets = random_inputs(21)
     hidden = hidden[..., :D] * 2.0

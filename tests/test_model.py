@@ -165,6 +165,12 @@ def test_initialisation_ranges():
 def test_config_errors():
     with pytest.raises(ConfigError, match="nhidlast"):
         model.ModelConfig(vocab_size=10, emsize=4, nhidlast=5, head="softmax")
+    # the same rule for the Transformer, whose width key is d_model
+    with pytest.raises(ConfigError, match=r"d_model=8\) must equal emsize \(4\)"):
+        model.ModelConfig(vocab_size=10, emsize=4, encoder="transformer", n_heads=2,
+                          d_model=8, head="sigsoftmax")
+    model.ModelConfig(vocab_size=10, emsize=4, encoder="transformer", n_heads=2,
+                      d_model=8, head="mos")  # an untied head takes any width
     with pytest.raises(ConfigError, match="unknown head"):
         model.ModelConfig(vocab_size=10, head="nope")
     with pytest.raises(ConfigError, match="dropout"):

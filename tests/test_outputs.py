@@ -57,7 +57,7 @@ COMMANDS = {
                         "compare:compare_heads"),
     "demo --workdir": (["demo", "--workdir", "{path}"], None, "train:train_and_evaluate"),
     "import --out": (["import", "{file}", "--out", "{path}"], None,
-                     "convert:import_weights"),
+                     "convert:read_weights"),
     "download --dest": (["download", "ptb", "--dest", "{path}"], None,
                         "download:download_corpus"),
 }

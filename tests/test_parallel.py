@@ -309,3 +309,16 @@ def test_two_processes_train_checkpoint_restore_like_one(train_report, tmp_path,
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["parallel"]
     assert saved == {"strategy": strategy, "num_devices": 0, "coordinator_address": "",
                      "num_processes": 0, "process_id": -1}  # launch settings not kept
+
+
+def test_placement_knows_no_model_and_places_the_callers_carry():
+    code = ("import json, sys, mos_jax.parallel; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mos_jax.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+    assert json.loads(out) == ["mos_jax.errors", "mos_jax.parallel"]
+    plan = parallel.local_plan()
+    carry = ((np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32)),)
+    placed = plan.place_carry(carry)
+    np.testing.assert_array_equal(np.asarray(placed[0][0]), carry[0][0])
+    assert placed[0][1].shape == (3, 2)

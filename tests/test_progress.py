@@ -89,3 +89,19 @@ def test_count_takes_cumulative_rows():
         p.count(done, 45)
     assert stream.getvalue().splitlines()[-1].startswith("valid: 45/45 |")
     assert p.tokens == 450
+
+
+def test_counter_is_a_progress_line_ended_when_all_is_done():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    callback = progress.counter("valid", 10, stream=stream)
+    for done in (20, 40):
+        callback(done, 45)
+    assert "\n" not in stream.getvalue()  # one line, redrawn
+    callback(45, 45)
+    text = stream.getvalue()
+    assert text.endswith("\n") and text.count("\n") == 1
+    assert text.rsplit("\r", 1)[-1].startswith("valid: 45/45 |")

@@ -191,7 +191,8 @@ def test_dropout_is_on_only_with_a_key_and_carry_is_empty():
 
 
 @pytest.mark.parametrize("kw,fragment", [
-    (dict(head="softmax", d_model=12), r"\(model.d_model=12\) must equal model.emsize"),
+    (dict(head="softmax", d_model=12), r"\(d_model=12\) must equal emsize \(8\): set "
+                                       "model.d_model = model.emsize"),
     (dict(n_heads=3), "n_heads=3 must divide"),
     (dict(n_heads=8), "even head size"),
     (dict(encoder="gru"), "unknown encoder"),
