@@ -41,7 +41,7 @@ from mos_jax import sources
 from mos_jax import workdir as workdir_lib
 from mos_jax.batching import batchify, default_buckets, padded_window, train_windows
 from mos_jax.checkpoint import CheckpointStore
-from mos_jax.errors import CheckpointError, ConfigError, DataError, MosJaxError
+from mos_jax.errors import CheckpointError, ConfigError, DataError, MosJaxError, note
 from mos_jax.progress import MetricsWriter, Progress
 
 
@@ -1210,13 +1210,8 @@ def _check_finetune_source(config) -> None:
         + f"). {hint} (keeping --config.finetune.init_from {source})")
 
 
-def _print(msg: str) -> None:
-    import sys
-    print(msg, file=sys.stderr, flush=True)
-
-
 def train_and_evaluate(config, workdir: str | Path,
-                       log: Callable[[str], None] = _print) -> dict:
+                       log: Callable[[str], None] = note) -> dict:
     """Train from scratch or resume the run in `workdir`.
 
     Returns `finished` (bool), `reason` (why the loop ended), `trained_steps` (this
@@ -1226,7 +1221,7 @@ def train_and_evaluate(config, workdir: str | Path,
     return _run(config, workdir, "train", log)
 
 
-def finetune(config, workdir: str | Path, log: Callable[[str], None] = _print,
+def finetune(config, workdir: str | Path, log: Callable[[str], None] = note,
              data_given: Sequence[str] = ()) -> dict:
     """The finetune stage from `config.finetune.init_from`'s best weights; returns
     what `train_and_evaluate` returns.
