@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import resource
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ from mos_jax import model as model_lib
 from mos_jax import parallel, train
 from mos_jax.batching import make_windows
 from mos_jax.errors import ConfigError
+from mos_jax.progress import peak_device_bytes, peak_memory, peak_rss_bytes  # noqa: F401
 
 WORKLOADS = ("train", "eval", "dynamic_eval")
 
@@ -79,36 +79,6 @@ def matmul_peak_flops(dtype, n: int | None = None, repeats: int = 5) -> float:
         jax.block_until_ready(f(a, a))
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size in bytes (getrusage's `ru_maxrss`, which
-    is KiB on Linux and bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def peak_device_bytes() -> int | None:
-    """Peak bytes in use on this process's first local device, where the backend
-    reports it (GPU, TPU; not CPU), else None. A local device: a process can ask only
-    its own devices' statistics (`jax.devices()[0]` is another host's on every process
-    but the first)."""
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # backends without memory statistics
-        return None
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats \
-        else None
-
-
-def peak_memory() -> dict[str, Any]:
-    """Device peak bytes where reported, else the process's peak RSS, in MiB."""
-    device = peak_device_bytes()
-    if device is not None:
-        return {"peak_memory_mb": round(device / 2 ** 20),
-                "memory_kind": "device peak_bytes_in_use"}
-    return {"peak_memory_mb": round(peak_rss_bytes() / 2 ** 20),
-            "memory_kind": "process peak RSS"}
 
 
 def _summary(seconds: list[float], tokens: int) -> dict[str, float]:
@@ -315,11 +285,10 @@ def parse_vocab_sizes(text: str) -> tuple[int, ...]:
 def parse_heads(text: str | None) -> tuple[str, ...]:
     """Head names of `--heads` (None: every registered head), checked as
     `compare-heads` checks them: unknown or repeated names are one error."""
-    from mos_jax import compare
     heads.load_plugins()
     if text is None:
         return tuple(heads.HEADS)
-    return tuple(compare.parse_heads(text))
+    return tuple(heads.parse_names(text))
 
 
 def _head_model_config(c, head: str, vocab: int) -> model_lib.ModelConfig:

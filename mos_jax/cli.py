@@ -125,9 +125,9 @@ def _run_config(args):
     overrides = config_lib.parse_overrides(args.overrides)
     if args.config is not None:
         config = config_lib.load_config(args.config, overrides)
-        note = config_lib.encoder_switch_note(args.config, config)
-        if note:
-            _note(note)
+        switch = config_lib.encoder_switch_note(args.config, config)
+        if switch:
+            note(switch)
         workdir = args.workdir or Path("runs") / Path(args.config).stem
         return config, workdir
     if args.workdir is not None and (Path(args.workdir) / "config.json").is_file():
@@ -335,8 +335,6 @@ def _statistics_file(home: Path, params, train_ids, args) -> Path:
 
 
 def _cmd_dynamic_eval(args) -> None:
-    import numpy as np
-
     from mos_jax import dynamic_eval as de
     from mos_jax import parallel
     from mos_jax.progress import counter
@@ -594,9 +592,9 @@ def _cmd_study(args) -> None:
             path = (args.transformer_config if e == "transformer"
                     and args.transformer_config is not None else args.config)
             configs[e] = config_lib.load_config(path, overrides)
-            note = config_lib.encoder_switch_note(path, configs[e], e)
-            if note:
-                _note(note)
+            switch = config_lib.encoder_switch_note(path, configs[e], e)
+            if switch:
+                note(switch)
     if args.steps is not None and args.steps < 0:
         raise MosJaxError(f"--steps must be at least 1 (or 0: the config's own epochs), "
                           f"got {args.steps}")

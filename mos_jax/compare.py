@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mos_jax import config as config_lib
+from mos_jax import heads as heads_lib
 from mos_jax import outputs
 from mos_jax.errors import CheckpointError, ConfigError, MosJaxError, note
 
@@ -62,22 +63,6 @@ WORKER_OUT = ".compare_worker_out.json"
 DEFAULT_RANK_CONTEXTS = 2000
 # Keys that change neither what a run computes nor what it measures.
 _IGNORED_KEYS = {"train.checkpoint_every_s", "train.log_every_steps"}
-
-
-def parse_heads(text: str | Sequence[str]) -> list[str]:
-    """Head names from "softmax,mos" (or a list); unknown names raise ConfigError."""
-    from mos_jax import heads as heads_lib
-    names = [h.strip() for h in (text.split(",") if isinstance(text, str) else text)]
-    names = [h for h in names if h]
-    if not names:
-        raise ConfigError("give at least one head, e.g. --heads softmax,mos "
-                          f"(registered: {', '.join(sorted(heads_lib.HEADS))})")
-    for name in names:
-        heads_lib.get_head(name)  # ConfigError listing the registered heads
-    dupes = sorted({h for h in names if names.count(h) > 1})
-    if dupes:
-        raise ConfigError(f"head {', '.join(dupes)} given twice: list each head once")
-    return names
 
 
 def budget_config(config: config_lib.ConfigDict, *, steps: int | None = None,
@@ -214,11 +199,11 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     this head's. `peak_rss_bytes` is None when this process trained nothing (the run
     had finished before).
     """
-    from mos_jax import bench, evaluate, frequency
-    from mos_jax import heads as heads_lib
+    from mos_jax import evaluate, frequency
     from mos_jax import model as model_lib
     from mos_jax import rank as rank_lib
     from mos_jax import train
+    from mos_jax import progress as progress_lib
     from mos_jax.progress import read_metrics
 
     workdir = Path(workdir)
@@ -227,8 +212,8 @@ def run_head(config: config_lib.ConfigDict, workdir: str | Path, *,
     result = train.train_and_evaluate(config, workdir, log=log)
     trained = result["trained_steps"] > 0
     train_wall = time.perf_counter() - start
-    peak_rss = bench.peak_rss_bytes() if trained else None
-    peak_device = bench.peak_device_bytes() if trained else None
+    peak_rss = progress_lib.peak_rss_bytes() if trained else None
+    peak_device = progress_lib.peak_device_bytes() if trained else None
 
     try:
         _, corpus, model_config, params = train.load_best(workdir)
@@ -366,7 +351,7 @@ def compare_heads(config: config_lib.ConfigDict, heads: str | Sequence[str],
     (the markdown lines), and the paths written.
     """
     from mos_jax import train
-    names = parse_heads(heads)
+    names = heads_lib.parse_names(heads)
     if rank_contexts < 1:
         raise ConfigError(f"rank_contexts must be at least 1, got {rank_contexts}")
     workdir = Path(workdir)

@@ -37,7 +37,7 @@ import importlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -738,3 +738,17 @@ class Mixtape(Head):
             logprobs = (logits - lse[:, None]).reshape(*lead, v)
         return HeadOutput(target_lp, logprobs)
 
+
+def parse_names(text: str | Sequence[str]) -> list[str]:
+    """Head names from "softmax,mos" (or a list); unknown names raise ConfigError."""
+    names = [h.strip() for h in (text.split(",") if isinstance(text, str) else text)]
+    names = [h for h in names if h]
+    if not names:
+        raise ConfigError("give at least one head, e.g. --heads softmax,mos "
+                          f"(registered: {', '.join(sorted(HEADS))})")
+    for name in names:
+        get_head(name)  # ConfigError listing the registered heads
+    dupes = sorted({h for h in names if names.count(h) > 1})
+    if dupes:
+        raise ConfigError(f"head {', '.join(dupes)} given twice: list each head once")
+    return names

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import collections
 import json
+import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 class Progress:
@@ -152,3 +153,36 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------- peak memory
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (getrusage's `ru_maxrss`, which
+    is KiB on Linux and bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_device_bytes() -> int | None:
+    """Peak bytes in use on this process's first local device, where the backend
+    reports it (GPU, TPU; not CPU), else None. A local device: a process can ask only
+    its own devices' statistics (`jax.devices()[0]` is another host's on every process
+    but the first)."""
+    import jax
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # backends without memory statistics
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats \
+        else None
+
+
+def peak_memory() -> dict[str, Any]:
+    """Device peak bytes where reported, else the process's peak RSS, in MiB."""
+    device = peak_device_bytes()
+    if device is not None:
+        return {"peak_memory_mb": round(device / 2 ** 20),
+                "memory_kind": "device peak_bytes_in_use"}
+    return {"peak_memory_mb": round(peak_rss_bytes() / 2 ** 20),
+            "memory_kind": "process peak RSS"}

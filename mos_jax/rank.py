@@ -19,7 +19,6 @@ import functools
 import time
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from mos_jax import config as config_lib
+from mos_jax import heads as heads_lib
 from mos_jax import outputs
 from mos_jax.errors import ConfigError
 
@@ -208,7 +209,7 @@ def run_study(configs: Mapping[str, config_lib.ConfigDict] | None = None,
     if not configs:
         raise ConfigError("give at least one encoder config")
     parse_encoders(list(configs))
-    head_names = compare.parse_heads(heads)
+    head_names = heads_lib.parse_names(heads)
     widths = parse_widths(widths)
     if steps is not None and steps < 1:
         raise ConfigError(f"the step budget must be at least 1, got {steps}")
@@ -527,7 +528,7 @@ def run_vocab_study(config: config_lib.ConfigDict,
     from mos_jax import compare, evaluate
     from mos_jax import train
     start = time.perf_counter()
-    head_names = compare.parse_heads(heads)
+    head_names = heads_lib.parse_names(heads)
     sizes = parse_vocab_sizes(vocab_sizes)
     if width is not None:
         parse_widths([width])

@@ -522,7 +522,7 @@ def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None],
     _check_vocabulary(config, workdir, mode, corpus)
     _check_split_sizes(config, corpus)
     model_config = model_config_from(config, corpus.vocab_size)
-    d, o, t = config.data, config.optim, config.train
+    d = config.data
     train_rows = batchify(corpus.train, d.batch_size)
     buckets = default_buckets(d.bptt, d.bptt + d.max_seq_len_delta)
     step_fn = build_train_step(config, model_config, plan)
@@ -604,11 +604,11 @@ def _check_split_sizes(config, corpus: data_lib.Corpus) -> None:
     if t.test:
         checks.append(("data.test_batch_size", d.test_batch_size, "test",
                        len(corpus.test), ""))
-    for key, batch, split, tokens, note in checks:
+    for key, batch, split, tokens, why in checks:
         if tokens // batch < 2:
             raise ConfigError(
                 f"--config.{key}={batch} is too large for the {tokens:,} tokens of the "
-                f"{split} split{note}: each column needs at least 2 tokens; use at most "
+                f"{split} split{why}: each column needs at least 2 tokens; use at most "
                 f"{max(tokens // 2, 1)}")
 
 
@@ -798,7 +798,6 @@ class _Loop:
         return record.batch_in_epoch == len(windows)
 
     def _log_step(self, progress: Progress, done: int, window, loss: float) -> None:
-        run = self.run
         if not math.isfinite(loss):
             self.diverged(f"the training loss became {loss}")
         self.fold_losses()

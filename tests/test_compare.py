@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
-from mos_jax import cli, compare, evaluate, train
+from mos_jax import cli, compare, evaluate, heads, train
 from mos_jax import config as config_lib
 from mos_jax.errors import ConfigError
 
@@ -122,7 +122,7 @@ def test_unknown_head_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: unknown head 'nope'")
     with pytest.raises(ConfigError, match="twice"):
-        compare.parse_heads("mos,mos")
+        heads.parse_names("mos,mos")
 
 
 def test_a_tied_head_gets_nhidlast_equal_to_emsize():

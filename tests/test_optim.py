@@ -243,7 +243,7 @@ def test_the_schedule_counts_in_the_state_and_the_applied_lr_is_read_from_it():
     p = {"w": jnp.zeros(3)}
     assert jax.tree_util.tree_leaves(optim.Optimizer("sgd").transform().init(p)) == []
     for tx in (o.transform(), o.transform(averaging=True)):
-        state, w = tx.init(p), np.zeros(3)
+        state = tx.init(p)
         for s in range(8):
             factor = min(1.0, (s + 1) / 2)
             factor *= 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(max((s - 2) / 4, 0), 1)))

@@ -169,7 +169,6 @@ def test_every_relative_link_leads_to_a_file():
                 continue  # https:, mailto:, an anchor on the same page
             assert not target.startswith("/"), f"{name}: absolute link {target}"
             path = ((ROOT / name).parent / target.split("#")[0]).resolve()
-            rel = path.relative_to(ROOT).as_posix()
             assert path.exists(), f"{name}: no file {target}"
             checked += 1
     assert checked >= 10
