@@ -149,9 +149,11 @@ def head_config(config: config_lib.ConfigDict, head: str, test: bool = False
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    """`key old != new` for the run-defining sections of two config dicts."""
-    a = config_lib.flat_values(json.loads(json.dumps(old)))
-    b = config_lib.flat_values(json.loads(json.dumps(new)))
+    """`key old != new` for the run-defining sections of two config dicts. A key one
+    of them lacks (a run saved before the key existed) counts at its default."""
+    defaults = config_lib.flat_values(config_lib.default_config().to_dict())
+    a = {**defaults, **config_lib.flat_values(json.loads(json.dumps(old)))}
+    b = {**defaults, **config_lib.flat_values(json.loads(json.dumps(new)))}
     keys = sorted(k for k in set(a) | set(b)
                   if k.split(".")[0] in ("model", "data", "optim", "train")
                   and k not in _IGNORED_KEYS)

@@ -175,3 +175,13 @@ def test_the_frequency_table(compared):
         assert f["ppl"] == pytest.approx(summary["heads"][head]["valid_ppl"], rel=1e-5)
         row = next(line for line in table[header:] if line.startswith(f"| {head} |"))
         assert row.startswith(f"| {head} | {f['buckets'][0]['ppl']:.2f} (100%) | - |")
+
+
+def test_a_run_saved_before_a_key_existed_is_the_same_run_at_that_keys_default():
+    new = json.loads(config_lib.to_json(config_lib.default_config()))
+    old = json.loads(json.dumps(new))
+    del old["model"]["heads"]["mixtape"]["gate_dim"]  # saved before the key existed
+    del old["train"]["min_improvement"]
+    assert compare._differences(old, new) == []
+    new["train"]["min_improvement"] = 0.01  # not the default: a different run
+    assert compare._differences(old, new) == ["train.min_improvement 0.0 != 0.01"]
