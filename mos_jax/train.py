@@ -903,7 +903,9 @@ def _run_loop(run: _Run) -> dict:
     compilations = run.step_fn.traces - traces_before
     log(f"compiled train-step programs: {compilations}")
     trained = {"compilations": compilations, "trained_steps": loop.host_step - start_step}
-    if policy.reason is not None:
+    # A stop (step, time budget) reached at the end of an epoch that ended training
+    # (finetune's rule, early stopping, the last epoch) leaves nothing to continue.
+    if policy.reason is not None and finished_why is None:
         loop.save()
         # The saved config.json holds no stop step: this command trains on.
         log(f"stopped: {policy.reason}; continue with `{_continue_command(run)}`")

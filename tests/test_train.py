@@ -530,3 +530,17 @@ def test_early_stopping_ends_training_and_a_rerun_says_finished(tmp_path):
     on = train.train_and_evaluate(tiny_config(**dict(short, train__min_improvement=0.0)),
                                   tmp_path / "run", log=logs.append)
     assert on["trained_steps"] == 12 * (4 - expected)
+
+
+def test_an_early_stop_at_the_stop_step_finishes_the_run(tmp_path):
+    # The early stop is decided at the end of epoch 2, the step train.stop_at_step
+    # also names: the run is finished (not "stopped, continue with"), and a rerun
+    # trains no further epoch.
+    short = dict(SHORT, train__max_epochs=4, train__min_improvement=0.5)
+    result = train.train_and_evaluate(tiny_config(**short, train__stop_at_step=24),
+                                      tmp_path / "run", log=lambda m: None)
+    assert result["finished"] and "min_improvement" in result["reason"]
+    assert result["trained_steps"] == 24
+    again = train.train_and_evaluate(tiny_config(**short), tmp_path / "run",
+                                     log=lambda m: None)
+    assert again["finished"] and again["trained_steps"] == 0
