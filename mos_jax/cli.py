@@ -592,7 +592,9 @@ def _cmd_study(args) -> None:
             path = (args.transformer_config if e == "transformer"
                     and args.transformer_config is not None else args.config)
             configs[e] = config_lib.load_config(path, overrides)
-            switch = config_lib.encoder_switch_note(path, configs[e], e)
+            switch = config_lib.encoder_switch_note(
+                path, configs[e], e,
+                "--transformer-config" if e == "transformer" else "--config")
             if switch:
                 note(switch)
     if args.steps is not None and args.steps < 0:
