@@ -592,7 +592,9 @@ def _cmd_study(args) -> None:
             path = (args.transformer_config if e == "transformer"
                     and args.transformer_config is not None else args.config)
             configs[e] = config_lib.load_config(path, overrides)
-            switch = config_lib.encoder_switch_note(path, configs[e], e)
+            switch = config_lib.encoder_switch_note(
+                path, configs[e], e,
+                "--transformer-config" if e == "transformer" else "--config")
             if switch:
                 note(switch)
     if args.steps is not None and args.steps < 0:
@@ -605,7 +607,10 @@ def _cmd_study(args) -> None:
     summary = study.run_study(configs, args.heads, args.widths, args.workdir,
                               steps=args.steps, evals=args.evals,
                               rank_contexts=args.rank_contexts, log=print)
-    print(f"wrote {summary['markdown']}, {summary['json']} and {summary['plot']}")
+    files = [summary["markdown"], summary["json"], summary["plot"]]
+    if summary.get("gap_plot"):
+        files.append(summary["gap_plot"])
+    print(f"wrote {', '.join(map(str, files[:-1]))} and {files[-1]}")
 
 
 def _vocab_study(args, overrides) -> None:

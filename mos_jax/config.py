@@ -146,7 +146,7 @@ def load_config(path: str | Path, overrides: Sequence[tuple[str, str]] = ()) -> 
 
 
 def encoder_switch_note(path: str | Path, config: ConfigDict,
-                        encoder: str | None = None) -> str | None:
+                        encoder: str | None = None, flag: str = "--config") -> str | None:
     """One line for stderr when `encoder` (default: `config.model.encoder`) is not the
     encoder the config file `path` was written for, else None.
 
@@ -155,7 +155,8 @@ def encoder_switch_note(path: str | Path, config: ConfigDict,
     of `model.encoder` changes nothing else. The note says so and names the config
     written for `encoder` beside `path` when there is one (`tiny.py` <->
     `tiny_transformer.py`, `ptb_study_lstm.py` -> `ptb_study_transformer.py`: see
-    `sibling_config`).
+    `sibling_config`), as the command's option `flag` that gives `encoder` its config
+    (`mos-jax study`: `--transformer-config` for the Transformer).
     """
     path = Path(path)
     written = str(load_config_file(path).model.encoder)
@@ -167,7 +168,7 @@ def encoder_switch_note(path: str | Path, config: ConfigDict,
     if o.warmup_steps or o.decay_steps:
         settings += f", optim.warmup_steps={o.warmup_steps}, optim.decay_steps={o.decay_steps}"
     other = sibling_config(path, encoder)
-    advice = (f"use --config {other}, written for the {encoder} encoder" if other else
+    advice = (f"use {flag} {other}, written for the {encoder} encoder" if other else
               f"no config for the {encoder} encoder sits beside it, so set optim.* for it")
     return (f"note: {path} is written for the {written} encoder; with "
             f"model.encoder={encoder} its optimiser settings ({settings}) are kept "

@@ -681,13 +681,26 @@ def _restore_latest(run: _Run) -> tuple[dict, dict]:
 
     A checkpoint of a run with a schedule written before the schedule's count was part
     of the optimiser state (`optim.LearningRateState`, the last of the optimiser's
-    leaves) lacks that leaf: it is restored without it, and the count is the step (the
-    updates taken, which is all the schedule counts)."""
+    leaves), or of a run started without a schedule, lacks that leaf: it is restored
+    without it, and the count is the step (the updates taken, which is all the schedule
+    counts). One of a run with a schedule resumed without one has that leaf more: it is
+    restored and dropped."""
     abstract = run.abstract
     wanted = abstract.get("opt_state", [])
     stored = run.store.latest_shapes()
-    if not (run.optimizer.has_schedule and wanted and stored is not None and sum(
-            path.startswith("['opt_state']") for path in stored) == len(wanted) - 1):
+    scheduled = run.optimizer.schedule is not None
+    held = None if stored is None else sum(
+        path.startswith("['opt_state']") for path in stored)
+    if not scheduled and held == len(wanted) + 1:
+        # A schedule taken off on resume (its keys may change): its count, the last
+        # leaf, is restored and dropped.
+        count = jax.ShapeDtypeStruct((), jnp.int32, sharding=abstract["step"].sharding)
+        tree, meta = run.store.restore({**abstract, "opt_state": [*wanted, count]})
+        tree["opt_state"] = tree["opt_state"][:-1]
+        if not tree["opt_state"]:
+            del tree["opt_state"]
+        return tree, meta
+    if not (scheduled and wanted and held == len(wanted) - 1):
         return run.store.restore(abstract)
     older = {key: value for key, value in abstract.items() if key != "opt_state"}
     if len(wanted) > 1:
@@ -695,8 +708,9 @@ def _restore_latest(run: _Run) -> tuple[dict, dict]:
     tree, meta = run.store.restore(older)
     count = jnp.array(tree["step"], jnp.int32, copy=True)  # not the step's own buffer
     tree["opt_state"] = [*tree.get("opt_state", []), count]
-    run.log("the checkpoint predates the schedule's count in the optimiser state: "
-            f"counting from its step, {int(tree['step'])}")
+    run.log("the checkpoint holds no schedule count (written before the optimiser "
+            "state kept it, or without a schedule): the schedule counts from its step, "
+            f"{int(tree['step'])}")
     return tree, meta
 
 
@@ -903,7 +917,9 @@ def _run_loop(run: _Run) -> dict:
     compilations = run.step_fn.traces - traces_before
     log(f"compiled train-step programs: {compilations}")
     trained = {"compilations": compilations, "trained_steps": loop.host_step - start_step}
-    if policy.reason is not None:
+    # A stop (step, time budget) reached at the end of an epoch that ended training
+    # (finetune's rule, early stopping, the last epoch) leaves nothing to continue.
+    if policy.reason is not None and finished_why is None:
         loop.save()
         # The saved config.json holds no stop step: this command trains on.
         log(f"stopped: {policy.reason}; continue with `{_continue_command(run)}`")

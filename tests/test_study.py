@@ -197,3 +197,19 @@ def test_gap_curves_take_the_best_so_far_of_each_run_by_hand():
     got = gaps[("lstm", 8)]
     assert [s for s, _ in got] == [s for s, _ in expected]
     np.testing.assert_allclose([g for _, g in got], [g for _, g in expected], rtol=1e-12)
+
+
+def test_the_command_names_every_file_it_wrote_the_gap_plot_too(tmp_path, monkeypatch,
+                                                                capsys):
+    written = {"markdown": "S/study.md", "json": "S/study.json", "plot": "S/study.png"}
+
+    def fake_run_study(configs, heads, widths, workdir, **kwargs):
+        return written
+    monkeypatch.setattr(study, "run_study", fake_run_study)
+    assert cli.main(["study", "--workdir", str(tmp_path), "--encoders", "lstm"]) == 0
+    assert capsys.readouterr().out.strip() == \
+        "wrote S/study.md, S/study.json and S/study.png"
+    written["gap_plot"] = "S/study_gap.png"
+    assert cli.main(["study", "--workdir", str(tmp_path), "--encoders", "lstm"]) == 0
+    assert capsys.readouterr().out.strip() == \
+        "wrote S/study.md, S/study.json, S/study.png and S/study_gap.png"

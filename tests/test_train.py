@@ -426,6 +426,34 @@ def test_a_checkpoint_from_before_the_schedule_count_was_state_resumes(tmp_path)
         assert float(o.learning_rate(restored.opt_state, 2.0)) == pytest.approx(1.25)
 
 
+def test_a_schedule_taken_off_on_resume_drops_its_count(tmp_path):
+    """A resume may change the schedule keys (any optim key but the name): a run
+    checkpointed with a schedule (its count the optimiser state's last leaf) resumes
+    without one, the count dropped; SGD's state is then empty again."""
+    from types import SimpleNamespace
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    for name in ("sgd", "adam"):
+        scheduled = optim.Optimizer(name, clip=0.0, warmup_steps=8).transform(averaging=True)
+        tree = jax.tree_util.tree_map(np.asarray, train._state_tree(train.TrainState(
+            jnp.asarray(5, jnp.int32), params, scheduled.init(params), ())))
+        with CheckpointStore(tmp_path / name) as store:
+            store.save(5, tree, {"mode": "train"})
+        o = optim.Optimizer(name, clip=0.0)  # no schedule now
+        want = train._state_tree(train.TrainState(jnp.asarray(5, jnp.int32), params,
+                                                  o.transform(averaging=True).init(params),
+                                                  ()))
+        assert len(tree["opt_state"]) == len(want.get("opt_state", [])) + 1
+        run = SimpleNamespace(abstract=jax.eval_shape(lambda: want), optimizer=o,
+                              store=CheckpointStore(tmp_path / name), log=lambda m: None)
+        got, _ = train._restore_latest(run)
+        run.store.close()
+        assert_bit_identical(got, dict(tree, opt_state=tree["opt_state"][:-1])
+                             if name == "adam" else
+                             {k: v for k, v in tree.items() if k != "opt_state"})
+        restored = train._state_from_tree(got, o.transform(averaging=True))
+        assert float(o.learning_rate(restored.opt_state, 2.0)) == 2.0
+
+
 def test_a_finished_run_is_reported_as_finished_without_training(tmp_path):
     c = tiny_config(**dict(SHORT, train__max_epochs=1))
     first = train.train_and_evaluate(c, tmp_path / "run", log=lambda m: None)
@@ -530,3 +558,17 @@ def test_early_stopping_ends_training_and_a_rerun_says_finished(tmp_path):
     on = train.train_and_evaluate(tiny_config(**dict(short, train__min_improvement=0.0)),
                                   tmp_path / "run", log=logs.append)
     assert on["trained_steps"] == 12 * (4 - expected)
+
+
+def test_an_early_stop_at_the_stop_step_finishes_the_run(tmp_path):
+    # The early stop is decided at the end of epoch 2, the step train.stop_at_step
+    # also names: the run is finished (not "stopped, continue with"), and a rerun
+    # trains no further epoch.
+    short = dict(SHORT, train__max_epochs=4, train__min_improvement=0.5)
+    result = train.train_and_evaluate(tiny_config(**short, train__stop_at_step=24),
+                                      tmp_path / "run", log=lambda m: None)
+    assert result["finished"] and "min_improvement" in result["reason"]
+    assert result["trained_steps"] == 24
+    again = train.train_and_evaluate(tiny_config(**short), tmp_path / "run",
+                                     log=lambda m: None)
+    assert again["finished"] and again["trained_steps"] == 0

@@ -378,7 +378,8 @@ def test_a_study_over_both_encoders_of_one_config_notes_the_switch(monkeypatch, 
     assert sorted(seen) == ["lstm", "transformer"]
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "with model.encoder=transformer" in lines[0], lines
-    assert f"--config {configs / 'tiny_transformer.py'}" in lines[0]
+    # the study's option for the Transformer's config (--config is every encoder's)
+    assert f"--transformer-config {configs / 'tiny_transformer.py'}" in lines[0]
 
 
 def test_ptb_configs_load_and_the_twins_share_a_parameter_budget():
