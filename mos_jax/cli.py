@@ -875,7 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated encoders (default lstm,transformer; the "
                    "vocabulary study: the config's)")
     p.add_argument("--steps", type=int, default=3000, help="train steps per run "
-                   "(default 3000; 0: the config's own epochs and early stopping, "
+                   "(default 3000; width study only, 0: the config's own epochs and early stopping, "
                    "train.max_epochs x train.steps_per_epoch)")
     p.add_argument("--evals", type=int, default=6, help="validated epochs the steps are "
                    "split into (default 6)")
