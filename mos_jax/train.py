@@ -829,7 +829,8 @@ class _Loop:
         try:
             stop = _end_of_epoch(run.config, run.mode, record, self.state, run.store,
                                  run.model_config, run.corpus, run.metrics, self.progress,
-                                 run.log, watch)
+                                 run.log, watch, last_lr=None if self.last_lr is None
+                                 else float(self.last_lr))
         except _ValidationInterrupted:  # the epoch's training is saved, its end redone
             self.save()
             run.store.close()
@@ -941,7 +942,7 @@ def _continue_command(run: _Run, *extra: str) -> str:
 
 
 def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metrics,
-                  progress, log, watch=None) -> bool:
+                  progress, log, watch=None, last_lr: float | None = None) -> bool:
     """Validate, log, keep the best weights, apply the NT-ASGD rule.
 
     Returns True when finetuning should stop (the same non-monotone rule). `watch`:
@@ -970,7 +971,7 @@ def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metr
     train_loss = record.epoch_loss_sum / max(record.epoch_steps, 1)
     entry = {"mode": mode, "epoch": epoch, "step": int(state.step),
              "train_loss": train_loss, "valid_loss": val, "valid_ppl": _ppl(val),
-             "lr": lr, "averaging": bool(averaged or mode == "finetune"),
+             "lr": lr, "last_lr": last_lr, "averaging": bool(averaged or mode == "finetune"),
              "tokens_per_s": progress.tokens_per_s, "wall_time": progress.elapsed,
              "train_tokens": progress.tokens, "train_s": train_s}
     metrics.write(entry)

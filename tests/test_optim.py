@@ -313,3 +313,7 @@ def test_the_progress_line_shows_the_scheduled_lr(tmp_path, monkeypatch):
         done = min(max((s - 4) / 10, 0.0), 1.0)
         factor *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
         assert lr == pytest.approx(0.01 * seq_len / 8 * factor, rel=1e-5), s
+    from mos_jax.progress import read_metrics
+    epoch, = [m for m in read_metrics(tmp_path / "run") if m.get("epoch") == 1]
+    assert epoch["lr"] == 0.01  # the base rate
+    assert epoch["last_lr"] == pytest.approx(seen[-1][2], rel=1e-6)  # step 15's, applied
