@@ -359,7 +359,7 @@ def gap_curves(summary: dict, head: str = "mos", base: str = "softmax"
 def plot_gap(summary: dict, out_png: str | Path, dpi: int = 100) -> Path:
     """The MoS-minus-softmax gap (nats per token, best validation perplexities so far)
     against training steps, one line per encoder (line style) and width (colour)."""
-    from mos_jax.plot import pyplot
+    from mos_jax.plot import finish, pyplot
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=dpi)
     try:
@@ -376,15 +376,10 @@ def plot_gap(summary: dict, out_png: str | Path, dpi: int = 100) -> Path:
         ax.axhline(0.0, color="black", lw=1)
         ax.set_xlabel("training steps")
         ax.set_ylabel("log(ppl MoS / ppl softmax), nats per token")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
         data = ", ".join(sorted(set(summary["data"].values())))
         ax.set_title(f"MoS minus softmax against training budget ({data})")
         fig.tight_layout()
-        out = Path(out_png)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=dpi)
-        return out
+        return finish(fig, ax, out_png, None, dpi)
     finally:
         plt.close(fig)
 

@@ -491,6 +491,13 @@ class _Run:
         return (self.config.finetune.max_epochs if self.finetuning
                 else self.config.train.max_epochs)
 
+    def stopped_early(self, history: Sequence[float]) -> bool:
+        """Training's early-stopping rule (`train.min_improvement`, `train.patience`)
+        on the validation losses so far; never for a finetune (its own rule)."""
+        t = self.config.train
+        return not self.finetuning and optim.stopped_improving(
+            history, float(t.min_improvement), int(t.patience))
+
 
 def base_lr(config, mode: str) -> tuple[str, float]:
     """The key and value of the base learning rate of a `mode` run: `finetune.lr` for a
@@ -850,13 +857,11 @@ class _Loop:
                    f"nonmono={run.config.optim.nonmono})")
             run.log(f"finetune: {why}; stopping after epoch {epoch}")
             return why
-        train_config = run.config.train
-        if not run.finetuning and optim.stopped_improving(
-                record.history, float(train_config.min_improvement),
-                int(train_config.patience)):
+        if run.stopped_early(record.history):
+            t = run.config.train
             why = (f"validation perplexity improved by less than "
-                   f"{float(train_config.min_improvement):.2%} per epoch over the last "
-                   f"{int(train_config.patience)} epoch(s) (train.min_improvement)")
+                   f"{float(t.min_improvement):.2%} per epoch over the last "
+                   f"{int(t.patience)} epoch(s) (train.min_improvement)")
             run.log(f"train: {why}; stopping after epoch {epoch}")
             return why
         if record.epoch > run.max_epochs:
@@ -887,8 +892,7 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None],
 def _run_loop(run: _Run) -> dict:
     config, mode, log, workdir = run.config, run.mode, run.log, run.workdir
     state, record = _restore_or_init(run)
-    stopped_early = not run.finetuning and optim.stopped_improving(
-        record.history, float(config.train.min_improvement), int(config.train.patience))
+    stopped_early = run.stopped_early(record.history)
     if record.done and (run.finetuning or record.epoch > run.max_epochs or stopped_early):
         more = ("lower --config.train.min_improvement" if stopped_early
                 else f"raise --config.{mode}.max_epochs")
