@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mos_jax import collectives
 from mos_jax.errors import ConfigError
 from mos_jax.layers import dot, locked_dropout, uniform_init
 from mos_jax.fused import mixture_nll
@@ -101,6 +102,11 @@ class Head(nn.Module):
         vocabulary (called when the ModelConfig is built, before any compile).
       wants_frequency_order = False: True when the head works best with word ids in
         order of training frequency (the adaptive heads' shortlist and clusters).
+      shards_vocab = False: True when the head computes on a vocabulary split by rows
+        over a mesh axis (`mos_jax.collectives`: each device holds `[V / M, D]` of
+        the embedding and its block of every vocabulary-sized parameter, combining
+        log-normalisers and target logits with collectives). A head that does not
+        runs only where `parallel.mesh.model` is 1 (refused in one line otherwise).
       reference_layout = None: the reference's (PyTorch AWD-LSTM) head weights this
         head's parameters are, so that `mos-jax import` can read them into it:
         "softmax" (decoder.bias) or "mixture" (prior, latent and decoder.bias, in
@@ -117,6 +123,7 @@ class Head(nn.Module):
     options = {}  # name -> HeadOption (a class attribute, not a module field)
     wants_frequency_order = False
     reference_layout = None  # "softmax", "mixture" (a class attribute, not a field)
+    shards_vocab = False
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
@@ -170,6 +177,8 @@ class Head(nn.Module):
                                      embedding.shape[-1])
         if problem:
             raise ConfigError(problem)
+        if collectives.vocab_axis() and not self.shards_vocab:
+            raise ConfigError(sharding_refusal(type(self).__name__))
         extra = {}
         if target_weights is not None and self.fuses_loss:
             extra["target_weights"] = target_weights
@@ -182,6 +191,16 @@ class Head(nn.Module):
 
 
 HEADS: dict[str, type[Head]] = {}
+# The vocabulary-sized parameter every built-in head has (its rows split with the
+# embedding's when the vocabulary is split over devices).
+collectives.declare_param_axes("decoder_bias", ("vocab",))
+
+
+def sharding_refusal(name: str) -> str:
+    """The one-line refusal of a head that cannot split the vocabulary."""
+    able = ", ".join(n for n, c in HEADS.items() if c.shards_vocab)
+    return (f"the {name} head cannot split its vocabulary over devices: use "
+            f"--config.parallel.mesh.model=1, or one of the heads that can ({able})")
 
 
 def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
@@ -306,8 +325,8 @@ def fused_output(latent: jax.Array, log_prior: jax.Array | None, embedding: jax.
     pass over row chunks); returns target log-probabilities (gradient stopped) and
     `nll = -sum(target_weights * target_logprobs)`.
     """
-    if targets is None or target_weights is None:
-        return None
+    if targets is None or target_weights is None or collectives.vocab_axis():
+        return None  # a vocabulary split over devices takes the streamed/plain path
     lead, (e, d), v = targets.shape, latent.shape[-2:], embedding.shape[0]
     n = int(np.prod(lead))
     rows = fused_rows(vocab_chunk, n, e, v, d)
@@ -331,14 +350,20 @@ def _softmax_output(context: jax.Array, embedding: jax.Array, bias: jax.Array,
                              target_weights, dtype, vocab_chunk)
         if fused is not None:
             return fused
+    context = collectives.enter(context)  # each vocabulary shard adds its gradient
     lse, logits = log_normalisers(context, embedding, bias, dtype,
                                   0 if return_logprobs else vocab_chunk)
+    lse = collectives.combine_lse(lse)
     target_lp = None
     if targets is not None:
+        index, mask = collectives.local_ids(targets, embedding.shape[0])
         target_logit = jnp.einsum("...d,...d->...", context.astype(jnp.float32),
-                                  jnp.take(embedding, targets, axis=0))
-        target_lp = target_logit + jnp.take(bias, targets) - lse
-    return HeadOutput(target_lp, logits - lse[..., None] if return_logprobs else None)
+                                  jnp.take(embedding, index, axis=0))
+        target_logit = collectives.shard_sum(
+            collectives.masked(target_logit + jnp.take(bias, index), mask))
+        target_lp = target_logit - lse
+    return HeadOutput(target_lp, collectives.gather_vocab(logits - lse[..., None])
+                      if return_logprobs else None)
 
 
 @register_head("softmax")
@@ -350,6 +375,7 @@ class Softmax(Head):
 
     tied = True
     fuses_loss = True
+    shards_vocab = True
     reference_layout = "softmax"
 
     @classmethod
@@ -409,6 +435,7 @@ class MixtureOfSoftmaxes(_Mixture):
     """
 
     fuses_loss = True
+    shards_vocab = True
     reference_layout = "mixture"
 
     @nn.compact
@@ -420,19 +447,23 @@ class MixtureOfSoftmaxes(_Mixture):
                                  target_weights, self.dtype, self.vocab_chunk)
             if fused is not None:
                 return fused
+        latent = collectives.enter(latent)  # each vocabulary shard adds its gradient
         # [T, B, E] normalisers; logits [T, B, E, V] unless streamed
         lse, logits = log_normalisers(latent, embedding, bias, self.dtype,
                                       0 if return_logprobs else self.vocab_chunk)
+        lse = collectives.combine_lse(lse)
         target_lp = None
         if targets is not None:
-            target_emb = jnp.take(embedding, targets, axis=0)  # [T, B, D]
+            index, mask = collectives.local_ids(targets, embedding.shape[0])
+            target_emb = jnp.take(embedding, index, axis=0)  # [T, B, D]
             target_logit = jnp.einsum("tbed,tbd->tbe", latent.astype(jnp.float32),
-                                      target_emb) + jnp.take(bias, targets)[..., None]
+                                      target_emb) + jnp.take(bias, index)[..., None]
+            target_logit = collectives.shard_sum(collectives.masked(target_logit, mask))
             target_lp = jax.nn.logsumexp(log_prior + target_logit - lse, axis=-1)
         logprobs = None
         if return_logprobs:
-            logprobs = jax.nn.logsumexp(
-                (log_prior - lse)[..., None] + logits, axis=-2)
+            logprobs = collectives.gather_vocab(jax.nn.logsumexp(
+                (log_prior - lse)[..., None] + logits, axis=-2))
         return HeadOutput(target_lp, logprobs)
 
 
@@ -445,6 +476,7 @@ class MixtureOfContexts(_Mixture):
     """
 
     fuses_loss = True
+    shards_vocab = True
     reference_layout = "mixture"  # MoS's parameters, mixed before the decoder
 
     @classmethod

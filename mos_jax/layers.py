@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mos_jax import collectives
+
 Carry = tuple[jax.Array, jax.Array]  # (h, c), each [B, H]
 
 
@@ -43,10 +45,11 @@ def embedding_dropout(embedding: jax.Array, ids: jax.Array, rate: float,
     One Bernoulli keep per row, drawn once per call, so every occurrence of a word in
     the batch drops together (docs/reference.md section 2, step 1). Returns `[*ids.shape, D]`.
     """
-    vectors = jnp.take(embedding, ids, axis=0)
+    vectors = collectives.lookup(embedding, ids)  # from the shard holding each row
     if rng is None or rate == 0.0:
         return vectors
-    row_mask = _keep_mask(rng, rate, (embedding.shape[0],))
+    # the whole vocabulary's mask on every shard: the same keep per word as one device
+    row_mask = _keep_mask(rng, rate, (embedding.shape[0] * collectives.shard_count(),))
     return vectors * jnp.take(row_mask, ids, axis=0)[..., None]
 
 

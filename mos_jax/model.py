@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mos_jax import collectives
 from mos_jax import heads as heads_lib
 from mos_jax import transformer as transformer_lib
 from mos_jax.errors import ConfigError
@@ -255,6 +256,9 @@ def set_tied_width(m) -> str | None:
            f"{key} == emsize"
 
 
+collectives.declare_param_axes("embedding", ("vocab", "embed"))
+
+
 class LanguageModel(nn.Module):
     """Encoder (`config.encoder`) + head with tied weights. Time-major inputs [T, B]."""
 
@@ -272,8 +276,9 @@ class LanguageModel(nn.Module):
         def rng():
             return None if deterministic else self.make_rng("dropout")
 
+        # [V, D]; [V / M, D] rows on each of M shards where placement splits the vocabulary
         embedding = self.param("embedding", uniform_init(0.1),
-                               (cfg.vocab_size, cfg.emsize))
+                               (cfg.vocab_size // collectives.shard_count(), cfg.emsize))
         valid = None
         if length is not None:
             valid = jnp.arange(inputs.shape[0]) < length
