@@ -594,6 +594,19 @@ def declarations() -> dict:
                                  "detection"),
             "process_id": Key(-1, Int(-1), "multi-host: -1 from JAX_PROCESS_ID or "
                               "detection"),
+            "mesh": {
+                "data": Key(-1, Int(1, also=(-1,)), "devices along the data axis (batch "
+                            "columns); -1: the devices the model axis leaves"),
+                "model": Key(1, Int(1), "devices along the model axis, splitting the "
+                             "vocabulary (the tied embedding and the head's "
+                             "vocabulary-sized parameters) into blocks of rows"),
+            },
+            "rules": {
+                "batch": Key("data", OneOf("data"), "mesh axis of batch columns"),
+                "vocab": Key("model", OneOf("model", ""), "mesh axis of vocabulary rows "
+                             "(the embedding's, the head's decoder bias); \"\": "
+                             "replicated"),
+            },
         },
     }
 

@@ -86,7 +86,7 @@ def statistics_chunk(plan: parallel.Plan, config: ModelConfig):
     targets, lengths [C]) -> (sq_sum, carry)`, `sq_sum` and the carry donated. On one
     device a `jax.jit` function (`.lower(...)` compiles ahead of time)."""
     return plan.map(functools.partial(stats_scan, config, axis_name=plan.axis_name),
-                    in_axes=(None, None, 0, 2, 2, None), out_axes=(None, 0),
+                    in_axes=(None, None, 0, 2, 2, None), out_axes=(parallel.Like(1), 0),
                     donate_argnums=(1, 2))
 
 
@@ -130,9 +130,9 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
         f"{plan.n_devices} devices: they run on one device"))
     w = make_windows(train_ids, batch_size, bptt, max_batches, multiple=CHUNK)
     n_real = int((w.lengths > 0).sum())
-    params = plan.place(params, plan.replicated)
-    sq_sum = plan.place(jax.tree_util.tree_map(jnp.zeros_like, plan.local_copy(params)),
-                        plan.replicated)
+    params = plan.place_params(params)
+    sq_sum = plan.place_params(jax.tree_util.tree_map(jnp.zeros_like,
+                                                      plan.local_copy(params)))
     chunk = statistics_chunk(plan, model_config)
 
     def fn(state, inputs, targets, lengths):
@@ -247,7 +247,7 @@ def dynamic_evaluate(model_config: ModelConfig, params: Params, ms: Params,
     plan = parallel.resolve(plan)
     plan = plan.one_device(update_pass_note(plan, batch_size), log)
     w = make_windows(ids, batch_size, bptt, multiple=CHUNK)
-    params = plan.place(params, plan.replicated)
+    params = plan.place_params(params)
     decay, step = update_coefficients(ms, decrate, lr, lamb, epsilon)
     theta0 = params
     params = jax.tree_util.tree_map(jnp.copy, params)  # donated below; keep theta0

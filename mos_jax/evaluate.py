@@ -137,7 +137,7 @@ def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
     w = make_windows(ids, batch_size, bptt)
     total = int(w.lengths.sum())
     w = w.columns(plan.host_slice(batch_size))
-    params = plan.place(params, plan.replicated)
+    params = plan.place_params(params)
     score = window_scorer(plan, model_config)
 
     def fn(carry, inputs, targets, length):
@@ -168,7 +168,7 @@ def sliding_token_logprobs(model_config: ModelConfig, params: Params, ids: np.nd
     plan = parallel.resolve(plan).for_batch(batch_size, log)
     w = sliding_windows(ids, batch_size, context, stride)
     cols = plan.host_slice(batch_size)
-    params = plan.place(params, plan.replicated)
+    params = plan.place_params(params)
     score = window_scorer(plan, model_config)
     total = int(len(ids) // batch_size - 1)
     pieces = []

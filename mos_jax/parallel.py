@@ -65,9 +65,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mos_jax import collectives
 from mos_jax.errors import ConfigError, note
 
-AXIS = "data"  # the one mesh axis; also the collectives' axis name
+AXIS = "data"  # the mesh axis of batch columns; the data-parallel collectives' axis name
+MODEL_AXIS = "model"  # the mesh axis that splits the vocabulary (and its parameters)
+MESH_AXES = (AXIS, MODEL_AXIS)
+# Logical axis name -> mesh axis ("" replicated): `parallel.rules`. The defaults split
+# batch columns over `data` and every vocabulary axis over `model`.
+DEFAULT_RULES = (("batch", AXIS), ("vocab", MODEL_AXIS))
 # The settings of one launch of a multi-process run (not saved with a run's config).
 CLUSTER_DEFAULTS = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
 
@@ -174,8 +180,37 @@ def _state_prefix(state, carry_leaf, other_leaf):
     return state.replace(**fields)
 
 
+@dataclasses.dataclass(frozen=True)
+class Like:
+    """An `out_axes` entry: the output is laid out like input argument `index` (a
+    tree of parameters' shape that comes back updated, such as gradient sums)."""
+
+    index: int
+
+
 def _is_axis(x) -> bool:
-    return x is None or isinstance(x, int)
+    return x is None or isinstance(x, (int, P, Like))
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, P)
+
+
+def _divisors(n: int, at_most: int) -> list[int]:
+    return [k for k in range(1, at_most + 1) if n % k == 0]
+
+
+def _whole(x, device):
+    """`x` as one whole array on `device`: a replicated global array's local copy, a
+    split one gathered (from every process where it spans several)."""
+    if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+        return x
+    if x.sharding.is_fully_replicated:
+        return x.addressable_data(0)
+    if x.is_fully_addressable:
+        return jax.device_put(x, jax.sharding.SingleDeviceSharding(device))
+    from jax.experimental import multihost_utils
+    return jax.device_put(multihost_utils.process_allgather(x, tiled=True), device)
 
 
 def _each(axes, tree, fn):
@@ -185,7 +220,9 @@ def _each(axes, tree, fn):
         axes, tree, is_leaf=_is_axis)
 
 
-def _spec(axis: int | None) -> P:
+def _spec(axis: int | P | None) -> P:
+    if isinstance(axis, P):
+        return axis
     return P() if axis is None else P(*([None] * axis), AXIS)
 
 
@@ -226,17 +263,76 @@ class Plan:
     """
 
     devices: tuple
+    model_size: int = 1  # devices along the `model` mesh axis (parallel.mesh.model)
+    rules: tuple = DEFAULT_RULES  # (logical axis, mesh axis or "") pairs
     strategy = ""  # the name in `config.parallel.strategy` (set by each subclass)
     axis_name = AXIS  # the collectives' axis inside mapped bodies
 
     # -- topology
     @functools.cached_property
     def mesh(self) -> Mesh:
-        return Mesh(np.array(self.devices, dtype=object), (AXIS,))
+        """`[data, model]` devices: each run of `model_size` consecutive devices (one
+        process's, see `_plan`) is one group that splits the vocabulary."""
+        grid = np.array(self.devices, dtype=object).reshape(self.n_data, self.model_size)
+        return Mesh(grid, MESH_AXES)
 
     @property
     def n_devices(self) -> int:
         return len(self.devices)
+
+    @property
+    def n_data(self) -> int:
+        """Devices along the data axis: the groups the batch columns split over."""
+        return len(self.devices) // self.model_size
+
+    def mesh_axis(self, logical: str) -> str | None:
+        """The mesh axis the rules map logical axis `logical` to; None when replicated
+        (no rule, "", or a mesh axis of one device)."""
+        axis = dict(self.rules).get(logical) or None
+        if axis is None or self.mesh.shape[axis] == 1:
+            return None
+        return axis
+
+    @property
+    def vocab_axis(self) -> str | None:
+        """The mesh axis splitting the vocabulary inside mapped bodies, or None."""
+        return self.mesh_axis("vocab")
+
+    def check_vocab(self, vocab_size: int, head: str | None = None) -> None:
+        """ConfigError unless a vocabulary of `vocab_size` (and `head`) can be split
+        over this plan's `vocab` axis."""
+        axis = self.vocab_axis
+        if axis is None:
+            return
+        m = self.mesh.shape[axis]
+        if vocab_size % m:
+            raise ConfigError(
+                f"a vocabulary of {vocab_size:,} does not split into {m} equal blocks "
+                f"(parallel.mesh.model={m}): use a model size that divides it "
+                f"({', '.join(str(k) for k in _divisors(vocab_size, self.n_devices))})")
+
+    def spec(self, path, leaf) -> P:
+        """A leaf's PartitionSpec by its logical axes: a `carry` leaf's rows are batch
+        columns; a parameter declared in `collectives.PARAM_AXES` (also the optimiser
+        state mirroring it: the last dict key names it) maps its logical axes with the
+        rules; everything else is replicated."""
+        if _is_sharded(path):
+            return P(self.mesh_axis("batch"))
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        axes = collectives.PARAM_AXES.get(names[-1]) if names else None
+        if axes is None or getattr(leaf, "ndim", None) != len(axes):
+            return P()
+        mesh_axes = tuple(self.mesh_axis(a) for a in axes)
+        return P(*mesh_axes) if any(mesh_axes) else P()
+
+    def specs(self, tree):
+        """`spec` of every leaf of `tree`."""
+        return jax.tree_util.tree_map_with_path(self.spec, tree)
+
+    def layout(self, tree):
+        """The NamedSharding of every leaf of `tree` (`spec`)."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: NamedSharding(self.mesh, self.spec(path, x)), tree)
 
     @functools.cached_property
     def process_index(self) -> int:
@@ -281,20 +377,27 @@ class Plan:
     def describe(self) -> str:
         procs = (f" in {self.process_count} processes ({self.n_local} each)"
                  if self.process_count > 1 else "")
-        return (f"data parallel ({self.strategy}) over {self.n_devices} "
-                f"{self.devices[0].platform} devices{procs}")
+        what = f"data parallel ({self.strategy})"
+        if self.model_size > 1:
+            what = (f"mesh data {self.n_data} x model {self.model_size} (the vocabulary "
+                    f"split over model)")
+        return f"{what} over {self.n_devices} {self.devices[0].platform} devices{procs}"
 
     # -- columns
     def per_device(self, batch_size: int, key: str = "data.batch_size") -> int:
+        """Columns per data-axis group (every device of a `model` group holds the
+        same columns)."""
         local = len(jax.local_devices()) if self.process_count == 1 else None
-        return check_divisible(batch_size, self.n_devices, key, local)
+        if self.model_size > 1:
+            local = None  # fewer devices is not the hint: the data axis is
+        return check_divisible(batch_size, self.n_data, key, local)
 
     def divides(self, batch_size: int) -> bool:
-        return batch_size >= self.n_devices and batch_size % self.n_devices == 0
+        return batch_size >= self.n_data and batch_size % self.n_data == 0
 
     def host_slice(self, batch_size: int) -> slice:
         """The columns this process holds (one contiguous block)."""
-        per_host = self.per_device(batch_size) * self.n_local
+        per_host = self.per_device(batch_size) * (self.n_local // self.model_size)
         start = self.process_index * per_host
         return slice(start, start + per_host)
 
@@ -311,7 +414,7 @@ class Plan:
         where = " (in every process)" if self.process_count > 1 else ""
         return self.one_device(message or (
             f"evaluation with batch size {batch_size} does not split over "
-            f"{self.n_devices} devices: it runs on one device{where}"), log)
+            f"{self.n_data} devices: it runs on one device{where}"), log)
 
     def one_device(self, message: str | None = None,
                    log: Callable[[str], None] | None = None) -> "Plan":
@@ -356,18 +459,22 @@ class Plan:
             shardings, tree)
 
     def place_state(self, state):
-        """A TrainState in the global layout: carry split by rows, the rest replicated."""
-        return self.place(state, _state_prefix(state, self.rows, self.replicated))
+        """A TrainState (or any tree) in the global layout (`layout`): carry split by
+        rows, vocabulary-sized parameters and their optimiser state by the rules, the
+        rest replicated."""
+        return self.place(state, self.layout(state))
+
+    def place_params(self, params):
+        """Parameters (or a tree shaped like them) in the global layout (`layout`)."""
+        return self.place(params, self.layout(params))
 
     def abstract(self, tree):
-        """`ShapeDtypeStruct`s with the global layout's shardings, to restore a
-        checkpoint into (leaves under a `carry` key split by rows, the rest
-        replicated). Orbax then restores checkpoints written under any strategy or
-        device count."""
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: jax.ShapeDtypeStruct(
-                x.shape, x.dtype, sharding=self.rows if _is_sharded(path) else self.replicated),
-            tree)
+        """`ShapeDtypeStruct`s with the global layout's shardings (`layout`), to
+        restore a checkpoint into. Orbax then restores checkpoints written under any
+        strategy, device count or mesh shape."""
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            tree, self.layout(tree))
 
     def place_carry(self, carry):
         """A carry (the caller's: any pytree of arrays with the batch rows first, such
@@ -387,13 +494,10 @@ class Plan:
                                                       tuple(shape))
 
     def local_copy(self, tree):
-        """Replicated global arrays as single-device arrays on this process's first
-        device (for work that runs on one device)."""
-        def one(x):
-            if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-                return x.addressable_data(0)
-            return x
-        return jax.tree_util.tree_map(one, tree)
+        """Global arrays as whole single-device arrays on this process's first device
+        (for work that runs on one device): a replicated one's local copy, a split
+        one gathered."""
+        return jax.tree_util.tree_map(lambda x: _whole(x, self.local_devices[0]), tree)
 
     def fetch(self, x, axis: int = 1) -> np.ndarray:
         """This process's columns (split over `axis`) of a mapped function's result."""
@@ -468,13 +572,14 @@ class OneDevice(Plan):
 
     def _put(self, x, sharding):
         if isinstance(x, jax.Array):
-            if len(x.sharding.device_set) > 1:  # a replicated global array
-                return x.addressable_data(0)
-            return x
+            return _whole(x, self.devices[0])
         return jax.device_put(x, self.devices[0])
 
     def place_state(self, state):
         return state
+
+    def place_params(self, params):
+        return self.place(params, self.replicated)  # whole arrays on the one device
 
     def feed_batch(self, local: np.ndarray, axis: int = 1) -> jax.Array:
         return jax.device_put(local, self.devices[0])
@@ -490,26 +595,64 @@ class OneDevice(Plan):
 
 
 class MeshPlan(Plan):
-    """`jax.jit` of `shard_map` over a one-axis mesh, values as global arrays."""
+    """`jax.jit` of `shard_map` over the `[data, model]` mesh, values as global arrays.
+
+    `map`'s axis entries: `None` places each leaf by `spec` (replicated, or split by
+    the rules where it is a vocabulary-sized parameter), an int `k` splits batch
+    columns on axis `k` over `data`, a PartitionSpec (or a tree of them, `specs`) is
+    used as given. Outputs: `None` is replicated. The body is traced with the
+    vocabulary split over `vocab_axis` (`collectives.splitting_vocab`).
+    """
 
     strategy = "mesh"
 
+    def _in_specs(self, axes, arg):
+        def one(ax, sub):
+            if isinstance(ax, P):
+                return ax
+            if ax is None:
+                return self.specs(sub)
+            return _spec(ax)
+        return jax.tree_util.tree_map(one, axes, arg, is_leaf=_is_axis)
+
+    def _out_spec(self, ax):
+        return ax if isinstance(ax, (P, Like)) else _spec(ax)
+
+    def shard(self, body, in_specs, out_specs):
+        """`shard_map(body)` over this plan's mesh, traced with its vocabulary split."""
+        axis = self.vocab_axis
+
+        def in_context(*args):
+            with collectives.splitting_vocab(axis):
+                return body(*args)
+        return shard_map(in_context, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+
     def map(self, body, in_axes, out_axes, donate_argnums=()):
-        in_specs = jax.tree_util.tree_map(_spec, in_axes, is_leaf=_is_axis)
-        out_specs = jax.tree_util.tree_map(_spec, out_axes, is_leaf=_is_axis)
-        jitted = jax.jit(
-            shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs),
-            donate_argnums=donate_argnums,
-            out_shardings=jax.tree_util.tree_map(self.sharding, out_axes, is_leaf=_is_axis))
+        programs: dict = {}
 
         def feed(x, axis):
-            if axis is None or isinstance(x, jax.Array):
+            if not isinstance(axis, int) or isinstance(x, jax.Array):
                 return x
             return self.global_batch(np.asarray(x), axis)
 
         def run(*args):
-            return jitted(*(_each(ax, a, feed) for ax, a in zip(in_axes, args)))
+            args = tuple(_each(ax, a, feed) for ax, a in zip(in_axes, args))
+            key = jax.tree_util.tree_structure(args)
+            if key not in programs:
+                in_specs = tuple(self._in_specs(ax, a) for ax, a in zip(in_axes, args))
+                out_specs = jax.tree_util.tree_map(
+                    lambda ax: in_specs[ax.index] if isinstance(ax, Like)
+                    else self._out_spec(ax), out_axes, is_leaf=_is_axis)
+                out_shardings = jax.tree_util.tree_map(
+                    lambda sp: NamedSharding(self.mesh, sp), out_specs, is_leaf=_is_spec)
+                programs[key] = jax.jit(self.shard(body, in_specs, out_specs),
+                                        donate_argnums=donate_argnums,
+                                        out_shardings=out_shardings)
+            return programs[key](*args)
         return run
+
+    def map_step(self, step):
+        return MeshStep(self, step)
 
 
 class PmapPlan(Plan):
@@ -530,6 +673,8 @@ class PmapPlan(Plan):
         return jax.jit(f, out_shardings=self.sharding(axis))
 
     def map(self, body, in_axes, out_axes, donate_argnums=()):
+        out_axes = jax.tree_util.tree_map(  # one layout: Like is replicated
+            lambda ax: None if isinstance(ax, Like) else ax, out_axes, is_leaf=_is_axis)
         mapped = jax.pmap(body, axis_name=AXIS, in_axes=in_axes, out_axes=out_axes,
                           devices=self.devices, donate_argnums=donate_argnums)
         n_local = self.n_local
@@ -590,6 +735,32 @@ class MappedStep:
         return self._run(state, inputs, targets, length, seq_len, lr)
 
 
+class MeshStep(MappedStep):
+    """A train step over a mesh: the gradients of each device's columns in a
+    `shard_map` body (averaged over `data`; each `model` shard holding its block of
+    the vocabulary), then the optimiser's update in the same jitted program on the
+    global arrays, where XLA partitions it (so the clipping norm and the optimiser's
+    state see whole, possibly split, parameters)."""
+
+    def __call__(self, state, inputs, targets, length, seq_len, lr):
+        plan, step = self.plan, self.step
+        state = plan.place_state(state)
+        if self._run is None:
+            specs = plan.specs(state)
+            gradients = plan.shard(step.gradients,
+                                   in_specs=(specs, _spec(1), _spec(1), P()),
+                                   out_specs=(specs.params, P(), P(), specs.carry))
+
+            def whole(state, inputs, targets, length, seq_len, lr):
+                grads, loss, nll, carry = gradients(state, inputs, targets, length)
+                return step.update(state, grads, loss, nll, carry, seq_len, lr)
+            self._run = jax.jit(whole, donate_argnums=0,
+                                out_shardings=(plan.layout(state), plan.replicated))
+        if not isinstance(inputs, jax.Array):
+            inputs, targets = plan.global_batch(inputs), plan.global_batch(targets)
+        return self._run(state, inputs, targets, length, seq_len, lr)
+
+
 # The placement strategies, `parallel.strategy` -> its Plan (config.py lists these names).
 STRATEGIES: dict[str, type[Plan]] = {"mesh": MeshPlan, "pmap": PmapPlan, "none": OneDevice}
 
@@ -600,21 +771,62 @@ def _check_strategy(strategy: str) -> None:
                           f"{strategy!r}")
 
 
-def make_plan(strategy: str, devices) -> Plan:
-    """The plan of `strategy` over `devices` (one device: always `OneDevice`)."""
+def mesh_sizes(n_devices: int, data: int = -1, model: int = 1) -> tuple[int, int]:
+    """`(data, model)` devices of a mesh over `n_devices` (`parallel.mesh`; -1: what
+    the other axis leaves); a ConfigError naming the valid sizes otherwise."""
+    if model < 1:
+        raise ConfigError(f"parallel.mesh.model must be at least 1, got {model}")
+    if data == -1:
+        if n_devices % model:
+            raise ConfigError(
+                f"parallel.mesh.model={model} does not divide the {n_devices} devices: "
+                f"use one of {', '.join(map(str, _divisors(n_devices, n_devices)))}")
+        data = n_devices // model
+    if data < 1 or data * model != n_devices:
+        raise ConfigError(
+            f"parallel.mesh data={data} x model={model} is {data * model} devices, but "
+            f"the run has {n_devices}: set --config.parallel.mesh.data=-1 (the devices "
+            f"left) or sizes whose product is {n_devices}")
+    return data, model
+
+
+def _rules(rules) -> tuple:
+    """`parallel.rules` (a mapping or pairs) as checked `(logical, mesh axis)` pairs."""
+    pairs = tuple(sorted(dict(rules).items())) if rules is not None else DEFAULT_RULES
+    for logical, axis in pairs:
+        if axis not in ("", *MESH_AXES):
+            raise ConfigError(f"parallel.rules.{logical}={axis!r}: a rule maps a logical "
+                              f"axis to one of the mesh axes {', '.join(MESH_AXES)} or "
+                              "\"\" (replicated)")
+    mapped = dict(pairs)
+    if mapped.get("batch", AXIS) != AXIS:
+        raise ConfigError("parallel.rules.batch must be \"data\": batch columns are what "
+                          "the data axis splits")
+    return pairs
+
+
+def make_plan(strategy: str, devices, model_size: int = 1, rules=None) -> Plan:
+    """The plan of `strategy` over `devices` (one device: always `OneDevice`), with
+    `model_size` devices along the `model` mesh axis."""
     _check_strategy(strategy)
     devices = tuple(devices)
+    rules = _rules(rules)
+    mesh_sizes(len(devices), -1, model_size)
     if len(devices) == 1:
-        return OneDevice(devices)
+        return OneDevice(devices, 1, rules)
     if strategy == "none":
         raise ConfigError("parallel.strategy=none runs on one device: give one device, or "
                           "use mesh or pmap")
-    return STRATEGIES[strategy](devices)
+    if model_size > 1 and strategy != "mesh":
+        raise ConfigError(f"parallel.strategy={strategy} splits only batch columns: use "
+                          f"the mesh strategy for parallel.mesh.model={model_size}")
+    return STRATEGIES[strategy](devices, model_size, rules)
 
 
 @functools.lru_cache(maxsize=8)
 def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
-          process_id: int, join: bool = True) -> Plan:
+          process_id: int, join: bool = True, mesh: tuple = (-1, 1),
+          rules: tuple | None = None) -> Plan:
     _check_strategy(strategy)
     multi = join and initialize_distributed(address, num_processes, process_id)
     if num_devices < 0:
@@ -626,15 +838,17 @@ def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
             f"asked for {num_devices} devices (parallel.num_devices) but this process has "
             f"{len(local)} {local[0].platform} device{'s' if len(local) > 1 else ''}: use "
             f"at most {len(local)}, or 0 for all")
+    model = mesh[1]
     if strategy == "none":
         if multi and jax.process_count() > 1:
             raise ConfigError("parallel.strategy=none runs on one device, but this is a "
                               f"{jax.process_count()}-process run: use mesh or pmap")
-        return OneDevice((_default_device(),))
+        return OneDevice((_default_device(),), 1, _rules(rules))
     if not multi or jax.process_count() == 1:
+        mesh_sizes(n_local, *mesh)
         if n_local == 1:
-            return OneDevice((_default_device(),))  # the plain jitted code path
-        return make_plan(strategy, local[:n_local])
+            return OneDevice((_default_device(),), 1, _rules(rules))  # the plain path
+        return make_plan(strategy, local[:n_local], model, rules)
     by_process: dict[int, list] = {}
     for d in jax.devices():
         by_process.setdefault(d.process_index, []).append(d)
@@ -642,9 +856,13 @@ def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
     if len(set(counts.values())) > 1 and not num_devices:
         raise ConfigError(f"processes have different device counts {counts}: set "
                           "--config.parallel.num_devices to one that all have")
+    if n_local % model:
+        raise ConfigError(f"parallel.mesh.model={model} must divide the {n_local} devices "
+                          "of each process (a model group lies within one host)")
     devices = tuple(d for p in sorted(by_process)
                     for d in sorted(by_process[p], key=lambda d: d.id)[:n_local])
-    return make_plan(strategy, devices)
+    mesh_sizes(len(devices), *mesh)
+    return make_plan(strategy, devices, model, rules)
 
 
 def from_config(config) -> Plan:
@@ -656,15 +874,22 @@ def from_config(config) -> Plan:
     """
     p = config.get("parallel") if hasattr(config, "get") else None
     get = (lambda k, d: p.get(k, d)) if p is not None else (lambda k, d: d)
+    mesh = get("mesh", None)
+    sizes = (int(mesh.get("data", -1)), int(mesh.get("model", 1))) if mesh else (-1, 1)
+    rules = get("rules", None)
+    rules = tuple(sorted(dict(rules).items())) if rules else None
     return _plan(str(get("strategy", "mesh")), int(get("num_devices", 0)),
                  str(get("coordinator_address", "")), int(get("num_processes", 0)),
-                 int(get("process_id", -1)))
+                 int(get("process_id", -1)), True, sizes, rules)
 
 
-def local_plan(num_devices: int = 0, strategy: str = "mesh") -> Plan:
+def local_plan(num_devices: int = 0, strategy: str = "mesh", model: int = 1,
+               rules=None) -> Plan:
     """A plan over this process's first `num_devices` devices (0: all) alone, for work
-    that one process does by itself (the `evaluate` command)."""
-    return _plan(strategy, num_devices, "", 0, -1, join=False)
+    that one process does by itself (the `evaluate` command), `model` of them along
+    the `model` mesh axis."""
+    rules = tuple(sorted(dict(rules).items())) if rules else None
+    return _plan(strategy, num_devices, "", 0, -1, False, (-1, model), rules)
 
 
 def resolve(plan: Plan | None) -> Plan:

@@ -82,7 +82,7 @@ def logprob_matrix(model_config: ModelConfig, params: Params, ids: np.ndarray,
     stream[:n_contexts] = ids[:n_contexts]  # padding only ever follows real positions
     columns = stream.reshape(batch_size, steps).T  # [steps, B], column j contiguous
     windows = cut_windows(columns, columns, bptt).columns(plan.host_slice(batch_size))
-    params = plan.place(params, plan.replicated)
+    params = plan.place_params(params)
     score = _window_fn(plan, model_config)
 
     def fn(carry, inputs, targets, length):  # the next words are not needed

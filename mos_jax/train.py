@@ -195,6 +195,12 @@ class TrainStep:
                                           length=length)
 
     def _step(self, state: TrainState, inputs, targets, length, seq_len, lr):
+        return self.update(state, *self.gradients(state, inputs, targets, length),
+                           seq_len, lr)
+
+    def gradients(self, state: TrainState, inputs, targets, length):
+        """`(grads, loss, nll, carry)` of one step's columns (averaged over the data
+        axis in a data-parallel body): the part of the step that reads the batch."""
         self.traces += 1  # runs once per compilation
         n_groups = self.n_groups
         steps, batch = inputs.shape
@@ -231,15 +237,32 @@ class TrainStep:
         losses, nlls = jnp.mean(losses), jnp.mean(nlls)
         if self.axis_name is not None:  # every device holds an equal share of columns
             grads, losses, nlls = jax.lax.pmean((grads, losses, nlls), self.axis_name)
+        carry = jax.tree_util.tree_map(lambda x: x.reshape(batch, x.shape[-1]), carries)
+        return grads, losses, nlls, carry
+
+    def update(self, state: TrainState, grads, losses, nlls, carry, seq_len, lr):
+        """The optimiser's update from `gradients`' results: the new state and the
+        metrics. Element-wise but for the clipping norm, so it runs the same on one
+        device, in a data-parallel body, or on parameters split over devices."""
         lr_t = lr * seq_len / self.bptt
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params,
                                             learning_rate=lr_t)
         params = optax.apply_updates(state.params, updates)
-        carry = jax.tree_util.tree_map(lambda x: x.reshape(batch, x.shape[-1]), carries)
         metrics = {"loss": losses, "nll": nlls,
                    "grad_norm": optax.tree.norm(grads),
                    "lr": self.optimizer.learning_rate(opt_state, lr_t)}
         return TrainState(state.step + 1, params, opt_state, carry), metrics
+
+
+def check_placement(plan: parallel.Plan, model_config: model_lib.ModelConfig) -> None:
+    """ConfigError (one line, before any compile) when `plan` splits the vocabulary
+    and the model cannot: a head without `shards_vocab`, or a vocabulary that does not
+    divide into the model axis's blocks."""
+    if plan.vocab_axis is None:
+        return
+    if not heads.get_head(model_config.head).shards_vocab:
+        raise ConfigError(heads.sharding_refusal(model_config.head))
+    plan.check_vocab(model_config.vocab_size)
 
 
 def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel.Plan,
@@ -255,7 +278,8 @@ def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel
     d, o = config.data, config.optim
     batch_size = batch_size or d.batch_size
     plan.per_device(batch_size)
-    n_groups = column_groups(batch_size, d.small_batch_size, plan.n_devices)
+    check_placement(plan, model_config)
+    n_groups = column_groups(batch_size, d.small_batch_size, plan.n_data)
     return _train_step(plan, model_config, alpha=o.alpha, beta=o.beta, bptt=bptt or d.bptt,
                        n_groups=n_groups, seed=config.train.seed if seed is None else seed,
                        optimizer=optim.from_config(o))
