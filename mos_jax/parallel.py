@@ -289,9 +289,14 @@ class Plan:
         """The mesh axis the rules map logical axis `logical` to; None when replicated
         (no rule, "", or a mesh axis of one device)."""
         axis = dict(self.rules).get(logical) or None
-        if axis is None or self.mesh.shape[axis] == 1:
+        if axis is None or self.axis_sizes[axis] == 1:
             return None
         return axis
+
+    @property
+    def axis_sizes(self) -> dict[str, int]:
+        """Devices along each mesh axis."""
+        return {AXIS: self.n_data, MODEL_AXIS: self.model_size}
 
     @property
     def vocab_axis(self) -> str | None:
@@ -304,7 +309,7 @@ class Plan:
         axis = self.vocab_axis
         if axis is None:
             return
-        m = self.mesh.shape[axis]
+        m = self.axis_sizes[axis]
         if vocab_size % m:
             raise ConfigError(
                 f"a vocabulary of {vocab_size:,} does not split into {m} equal blocks "

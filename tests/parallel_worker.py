@@ -289,6 +289,153 @@ def task_plans(workdir):
     return out
 
 
+# ----------------------------------------------------------------------------- vocab
+
+MESHES = ((1, 1), (2, 4), (1, 8), (8, 1))  # (data, model) over 8 devices
+SHARDING_HEADS = ("softmax", "mos", "moc")
+
+
+def rel_diff(a, b) -> float:
+    """The largest per-leaf ||a - b|| / ||b||."""
+    return max(float(np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+                     / max(np.linalg.norm(np.asarray(y, np.float64)), 1e-30))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def mesh_plan(data, model_size):
+    devices = sorted(jax.devices(), key=lambda d: d.id)[:data * model_size]
+    return parallel.make_plan("mesh", devices, model_size)
+
+
+def biggest_shard_rows(tree, vocab):
+    """Over every array of `tree` with a vocabulary-sized axis: the most rows of that
+    axis any one device holds (the whole vocabulary when some device holds all)."""
+    rows = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        if not isinstance(x, jax.Array) or vocab not in x.shape:
+            continue
+        axis = x.shape.index(vocab)
+        rows = max(rows, max(s.data.shape[axis] for s in x.addressable_shards))
+    return rows
+
+
+def task_vocab(workdir):
+    """(8 devices.) Heads on a vocabulary split over the `model` axis against one device: loss,
+    gradients and target log-probabilities (dropout off), a train step, evaluation
+    and gradient statistics, and a checkpoint moved between mesh shapes."""
+    workdir = Path(workdir)
+    V, T, B = 64, 6, 8
+    out = {"devices": jax.device_count()}
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, V, size=(T + 1, B)).astype(np.int32)
+    inputs, targets = seq[:-1], seq[1:]
+    for head in SHARDING_HEADS:
+        cfg = model.ModelConfig(vocab_size=V, emsize=6, nhid=8, nlayers=2, nhidlast=6,
+                                n_experts=3, head=head, **NO_DROPOUT)
+        params = host(model.init_params(cfg, jax.random.key(1)))
+        # the decoder bias at zero would hide a wrong bias gradient: make it non-zero
+        params["head"]["decoder_bias"] = rng.normal(size=V).astype(np.float32)
+
+        def loss_fn(p, x, y, carry):
+            lp = model.apply(cfg, p, x, carry, y).target_logprobs
+            return -jnp.mean(lp), lp
+
+        def body(p, x, y, carry, axis=None):
+            (loss, lp), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, y, carry)
+            if axis is not None:
+                loss, g = jax.lax.pmean((loss, g), axis)
+            return loss, lp, g
+
+        carry = host(model.init_carry(cfg, B))
+        ref = host(jax.jit(body)(fresh(params), inputs, targets, fresh(carry)))
+        rows = {}
+        for data, model_size in MESHES:
+            plan = mesh_plan(data, model_size)
+            fn = plan.map(lambda *a, plan=plan: body(*a, axis=plan.axis_name),
+                          in_axes=(None, 1, 1, 0),
+                          out_axes=(None, 1, parallel.Like(0)))
+            got = fn(plan.place_params(fresh(params)), inputs, targets,
+                     plan.place_carry(fresh(carry)))
+            rows[f"{data}x{model_size}"] = {
+                "loss": abs(float(got[0]) - float(ref[0])) / abs(float(ref[0])),
+                "logprobs": rel_diff(host(got[1]), ref[1]),
+                "grads": rel_diff(host(got[2]), ref[2]),
+                "grad_rows": biggest_shard_rows(got[2], V)}
+        out[head] = rows
+
+    # Train steps (clipping on) on every mesh against one device; the state's
+    # vocabulary-sized arrays split by rows.
+    cfg = model.ModelConfig(vocab_size=V, emsize=6, nhid=8, nlayers=2, nhidlast=6,
+                            n_experts=3, head="mos", **NO_DROPOUT)
+    params = host(model.init_params(cfg, jax.random.key(2)))
+    c = step_config(B, T, -1)
+    c.optim.clip, c.optim.wdecay = 0.05, 1e-4
+
+    def steps(plan):
+        step = train.build_train_step(c, cfg, plan)
+        state = plan.place_state(train.init_state(cfg, fresh(params), B, step.tx))
+        cols = plan.host_slice(B)
+        for _ in range(3):
+            state, m = step(state, inputs[:, cols], targets[:, cols], T, T, 1.0)
+        return state, m
+
+    ref_state, ref_m = steps(parallel.make_plan("none", jax.devices()[:1]))
+    ref_state, ref_m = host(ref_state), host(ref_m)
+    out["train"] = {}
+    for data, model_size in MESHES:
+        state, m = steps(mesh_plan(data, model_size))
+        out["train"][f"{data}x{model_size}"] = {
+            "params": rel_diff(host(state.params), ref_state.params),
+            "opt_state": rel_diff(host(state.opt_state), ref_state.opt_state),
+            "grad_norm": float(m["grad_norm"]) / float(ref_m["grad_norm"]),
+            "state_rows": biggest_shard_rows(state, V)}
+
+    # Evaluation and gradient statistics through the same functions.
+    ids = rng.integers(0, V, size=1201).astype(np.int32)
+    eval_params = fresh(params)
+    ref_lp = evaluate.token_logprobs(cfg, eval_params, ids, B, 7)
+    ref_ms = dynamic_eval.gradient_statistics(cfg, eval_params, ids, batch_size=B, bptt=5,
+                                              max_batches=16).ms
+    plan = mesh_plan(2, 4)
+    lp = evaluate.token_logprobs(cfg, eval_params, ids, B, 7, plan=plan)
+    ms = dynamic_eval.gradient_statistics(cfg, eval_params, ids, batch_size=B, bptt=5,
+                                          max_batches=16, plan=plan).ms
+    out["eval"] = {"logprobs": rel_diff(lp, ref_lp), "stats": rel_diff(host(ms), host(ref_ms))}
+
+    # A run on (2, 4) checkpoints; it restores exactly on (8, 1) and on one device, and
+    # training resumes there.
+    def cfg_for(model_size, strategy="mesh", **kw):
+        t = no_dropout(tiny(parallel__strategy=strategy, model__head="mos", **kw))
+        t.parallel.mesh.model = model_size
+        t.data.synthetic.vocab_size = 96  # blocks of 24 rows on 4 shards; no other
+        return t  # parameter has an axis of 96
+
+    work = workdir / "moved"
+    run(cfg_for(4, train__stop_at_step=8), work)
+    from mos_jax.checkpoint import CheckpointStore
+    restored = {}
+    for name, t in (("2x4", cfg_for(4)), ("8x1", cfg_for(1)), ("one", cfg_for(1, "none"))):
+        plan = parallel.from_config(t)
+        mc = train.model_config_from(t, t.data.synthetic.vocab_size)
+        tx = train.optim.from_config(t.optim).transform(averaging=True)
+        abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
+            mc, model.init_params(mc, jax.random.key(0)), t.data.batch_size, tx)))
+        store = CheckpointStore(work, read_only=True)
+        tree, _ = store.restore(plan.abstract(abstract))
+        store.close()
+        restored[name] = (tree, plan.n_devices, biggest_shard_rows(tree, mc.vocab_size))
+    base = host(restored["2x4"][0])
+    out["restore"] = {name: {"equal": all(np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(host(tree)), jax.tree_util.tree_leaves(base))),
+        "devices": n, "rows": rows} for name, (tree, n, rows) in restored.items()}
+    import shutil
+    shutil.copytree(work, workdir / "moved-one")
+    out["resumed"] = {"8x1": run(cfg_for(1), work)[0],
+                      "one": run(cfg_for(1, "none"), workdir / "moved-one")[0],
+                      "2x4": run(cfg_for(4), workdir / "straight")[0]}
+    return out
+
+
 # ------------------------------------------------------------------------- multihost
 
 def task_multihost(workdir, process_id, port, strategy):
@@ -309,7 +456,7 @@ def task_multihost(workdir, process_id, port, strategy):
 def main():
     task, workdir, *args = sys.argv[1:]
     out = {"step": task_step, "train": task_train, "eval": task_eval, "plans": task_plans,
-           "multihost": task_multihost}[task](workdir, *args)
+           "multihost": task_multihost, "vocab": task_vocab}[task](workdir, *args)
     print(json.dumps(out, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x)),
           flush=True)
 

@@ -52,13 +52,13 @@ def workers(tmp_path_factory):
     """The step, train and eval workers, started together: each is mostly single-threaded
     compilation, so on a 2-core machine they take little longer than the longest."""
     started = {}
-    for task in ("step", "train", "eval"):
+    for task, devices in (("step", 4), ("train", 4), ("eval", 4), ("vocab", 8)):
         workdir = tmp_path_factory.mktemp(task)
         (workdir / "work").mkdir()
         with open(workdir / "out", "w") as out, open(workdir / "err", "w") as err:
             started[task] = (workdir, subprocess.Popen(
                 [sys.executable, str(WORKER), task, str(workdir / "work")],
-                env=worker_env(4), stdout=out, stderr=err, cwd=ROOT))
+                env=worker_env(devices), stdout=out, stderr=err, cwd=ROOT))
     yield started
     for _, proc in started.values():
         if proc.poll() is None:
@@ -308,7 +308,9 @@ def test_two_processes_train_checkpoint_restore_like_one(train_report, tmp_path,
     assert math.isfinite(records[-1]["test_ppl"])
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["parallel"]
     assert saved == {"strategy": strategy, "num_devices": 0, "coordinator_address": "",
-                     "num_processes": 0, "process_id": -1}  # launch settings not kept
+                     "num_processes": 0, "process_id": -1,  # launch settings not kept
+                     "mesh": {"data": -1, "model": 1},
+                     "rules": {"batch": "data", "vocab": "model"}}
 
 
 def test_placement_knows_no_model_and_places_the_callers_carry():
@@ -316,9 +318,90 @@ def test_placement_knows_no_model_and_places_the_callers_carry():
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('mos_jax.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
-    assert json.loads(out) == ["mos_jax.errors", "mos_jax.parallel"]
+    assert json.loads(out) == ["mos_jax.collectives", "mos_jax.errors", "mos_jax.parallel"]
     plan = parallel.local_plan()
     carry = ((np.ones((3, 2), np.float32), np.zeros((3, 2), np.float32)),)
     placed = plan.place_carry(carry)
     np.testing.assert_array_equal(np.asarray(placed[0][0]), carry[0][0])
     assert placed[0][1].shape == (3, 2)
+
+
+# ------------------------------------------------- the vocabulary split over `model`
+
+@pytest.fixture(scope="module")
+def vocab_report(workers):
+    return worker_result(workers, "vocab")
+
+
+MESHES = ("1x1", "2x4", "1x8", "8x1")  # data x model over 8 fake devices
+
+
+@pytest.mark.parametrize("head", ["softmax", "mos", "moc"])
+def test_split_vocabulary_heads_equal_one_device(vocab_report, head):
+    """Loss, gradients (averaged over data) and target log-probabilities on every mesh
+    equal the one-device program (dropout off, a non-zero decoder bias); with model > 1
+    no device holds more than its block of a vocabulary-sized gradient (V = 64)."""
+    for mesh in MESHES:
+        r = vocab_report[head][mesh]
+        assert r["loss"] < TOL and r["logprobs"] < TOL and r["grads"] < TOL, (mesh, r)
+        data, model_size = map(int, mesh.split("x"))
+        assert r["grad_rows"] == 64 // model_size, (mesh, r)
+
+
+def test_split_vocabulary_train_steps_equal_one_device(vocab_report):
+    """Three MoS train steps with clipping active (the norm over split parameters) and
+    weight decay: parameters and metrics as on one device; the state's
+    vocabulary-sized arrays stay split by rows."""
+    for mesh in MESHES:
+        r = vocab_report["train"][mesh]
+        assert r["params"] < TOL and r["opt_state"] < TOL, (mesh, r)
+        assert r["grad_norm"] == pytest.approx(1.0, rel=TOL)
+        assert r["state_rows"] == 64 // int(mesh.split("x")[1]), (mesh, r)
+
+
+def test_split_vocabulary_evaluation_and_statistics(vocab_report):
+    r = vocab_report["eval"]
+    assert r["logprobs"] < TOL and r["stats"] < 1e-4, r
+
+
+def test_checkpoint_moves_between_mesh_shapes(vocab_report):
+    """Written on data 2 x model 4 (vocabulary 96: blocks of 24 rows), restored
+    bit-identically on (2, 4), on (8, 1) and on one device, split only on (2, 4); the
+    run resumed on (8, 1) and on one device ends where the uninterrupted (2, 4) run
+    does."""
+    restore = vocab_report["restore"]
+    assert {k: (v["equal"], v["rows"]) for k, v in restore.items()} == {
+        "2x4": (True, 24), "8x1": (True, 96), "one": (True, 96)}
+    assert restore["one"]["devices"] == 1 and restore["8x1"]["devices"] == 8
+    straight = vocab_report["resumed"]["2x4"]
+    for name in ("8x1", "one"):
+        resumed = vocab_report["resumed"][name]
+        assert resumed["finished"] and resumed["trained_steps"] == 8  # 16 in all
+        assert resumed["valid_ppl"] == pytest.approx(straight["valid_ppl"], rel=TOL)
+        assert resumed["test_ppl"] == pytest.approx(straight["test_ppl"], rel=TOL)
+
+
+def test_a_head_that_cannot_split_says_so_in_one_line():
+    from mos_jax import model, train
+    plan = parallel.Plan.__new__(parallel.MeshPlan)
+    object.__setattr__(plan, "devices", tuple(range(4)))
+    object.__setattr__(plan, "model_size", 2)
+    object.__setattr__(plan, "rules", parallel.DEFAULT_RULES)
+    with pytest.raises(parallel.ConfigError, match=r"the mixtape head cannot split.*"
+                       r"mesh.model=1.*softmax, mos, moc"):
+        train.check_placement(plan, model.ModelConfig(vocab_size=64, head="mixtape"))
+    with pytest.raises(parallel.ConfigError, match=r"vocabulary of 63 does not split "
+                       r"into 2 equal blocks"):
+        train.check_placement(plan, model.ModelConfig(vocab_size=63, head="mos"))
+    train.check_placement(plan, model.ModelConfig(vocab_size=64, head="moc"))  # fine
+
+
+def test_mesh_sizes_and_rules_are_checked():
+    assert parallel.mesh_sizes(8, -1, 4) == (2, 4)
+    assert parallel.mesh_sizes(8, 8, 1) == (8, 1)
+    with pytest.raises(parallel.ConfigError, match="does not divide the 8 devices"):
+        parallel.mesh_sizes(8, -1, 3)
+    with pytest.raises(parallel.ConfigError, match="product is 8"):
+        parallel.mesh_sizes(8, 2, 2)
+    with pytest.raises(parallel.ConfigError, match="splits only batch columns"):
+        parallel.make_plan("pmap", [object()] * 4, 2)
