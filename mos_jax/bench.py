@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -128,11 +129,15 @@ class BenchSettings:
 
 def _train(c, mc, s: BenchSettings, out: dict, rng) -> None:
     batch, bptt = s.batch or c.data.batch_size, s.bptt or c.data.bptt
-    plan = parallel.local_plan(s.num_devices, c.parallel.strategy)
+    plan = parallel.local_plan(s.num_devices, c.parallel.strategy,
+                               int(c.parallel.mesh.model), c.parallel.rules.to_dict())
     step = train.build_train_step(c, mc, plan, batch_size=batch, bptt=bptt, seed=0)
-    params = model_lib.init_params(mc, jax.random.key(0))
-    holder = {"state": train.init_state(mc, params, batch, step.tx)}
-    del params
+    # initialised in the plan's layout: no device ever holds a whole split parameter
+    init = jax.jit(lambda key: train.init_state(
+        mc, model_lib.init_params(mc, key), batch, step.tx),
+        out_shardings=plan.layout(jax.eval_shape(lambda: train.init_state(
+            mc, model_lib.init_params(mc, jax.random.key(0)), batch, step.tx))))
+    holder = {"state": init(jax.random.key(0))}
     x = rng.integers(0, mc.vocab_size, size=(bptt, batch)).astype(np.int32)
     y = rng.integers(0, mc.vocab_size, size=(bptt, batch)).astype(np.int32)
     x, y = plan.feed_batch(x), plan.feed_batch(y)
@@ -149,9 +154,63 @@ def _train(c, mc, s: BenchSettings, out: dict, rng) -> None:
     if not np.isfinite(loss):
         raise FloatingPointError(f"the train step's loss is {loss}")
     out["train"] = {"batch": batch, "bptt": bptt, "devices": plan.n_devices,
+                    "mesh": [plan.n_data, plan.model_size],
+                    **per_device(holder["state"], step, x, y, bptt),
                     "first_step_s": round(first, 2),
                     "compile_s": round(first - statistics.median(times), 2),
                     "tokens_per_s": _summary(times, batch * bptt), **peak_memory()}
+
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+                "all-to-all")
+
+
+def per_device(state, step, x, y, bptt) -> dict:
+    """Per-device figures of a train step: the most bytes of the state (parameters,
+    optimiser state, carry) any one device holds, the compiler's planned step memory
+    per device (XLA's memory analysis of the partitioned program: arguments, outputs
+    and temporaries), and the collectives in the program (count and the bytes of
+    their results per device: each moves about that much)."""
+    held: dict = {}
+    for leaf in jax.tree_util.tree_leaves(state):
+        for shard in getattr(leaf, "addressable_shards", ()):
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    figures = {"state_mb_per_device": round(max(held.values(), default=0) / 2 ** 20, 2)}
+    run = getattr(step, "_run", None) or getattr(step, "_jitted", None)
+    if run is None or not hasattr(run, "lower"):
+        return figures
+    args = (state, x, y, bptt, bptt, 20.0)
+    compiled = run.lower(*args).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        figures["step_plan_mb_per_device"] = round(
+            (mem.argument_size_in_bytes + mem.output_size_in_bytes
+             + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 20, 2)
+    count, moved = 0, 0
+    for line in compiled.as_text().splitlines():
+        op = next((c for c in _COLLECTIVES if f" {c}(" in line or f" {c}-start(" in line),
+                  None)
+        if op is None or "=" not in line:
+            continue
+        count += 1
+        moved += _result_bytes(line.split("=", 1)[1].split(op, 1)[0])
+    figures["collectives"] = count
+    figures["collective_mb_per_step"] = round(moved / 2 ** 20, 3)
+    return figures
+
+
+_DTYPE_BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1,
+                "u8": 1, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _result_bytes(text: str) -> int:
+    """Bytes of the array shapes in an HLO result type such as `(f32[4,8], f32[])`."""
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", text):
+        size = _DTYPE_BYTES.get(dtype)
+        if size:
+            total += size * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return total
 
 
 def _eval(c, mc, s: BenchSettings, out: dict, rng) -> None:
