@@ -441,6 +441,10 @@ _SECTION_DOCS = {
     "train": "the training loop: seed, epochs, stops, checkpoints, logging",
     "finetune": "the finetune stage (`mos-jax finetune`)",
     "parallel": "placement over devices and hosts (mos_jax.parallel)",
+    "parallel.mesh": "the device mesh: its `data` axis splits batch columns, its `model` "
+                     "axis the vocabulary (data x model = the devices)",
+    "parallel.rules": "logical axis -> mesh axis: where each named axis of the "
+                      "parameters and batches is split (\"\": replicated)",
 }
 
 

@@ -532,19 +532,25 @@ class Sigsoftmax(Head):
     """
 
     tied = True
+    shards_vocab = True
 
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False) -> HeadOutput:
         bias = self.param("decoder_bias", nn.initializers.zeros, (embedding.shape[0],))
+        hidden = collectives.enter(hidden)  # each vocabulary shard adds its gradient
         lse, g = sig_log_normalisers(hidden, embedding, bias, self.dtype,
                                      0 if return_logprobs else self.vocab_chunk)
+        lse = collectives.combine_lse(lse)
         target_lp = None
         if targets is not None:
+            index, mask = collectives.local_ids(targets, embedding.shape[0])
             z = jnp.einsum("...d,...d->...", hidden.astype(jnp.float32),
-                           jnp.take(embedding, targets, axis=0)) + jnp.take(bias, targets)
-            target_lp = transform_logits(z, "sigsoftmax") - lse
-        return HeadOutput(target_lp, g - lse[..., None] if return_logprobs else None)
+                           jnp.take(embedding, index, axis=0)) + jnp.take(bias, index)
+            target_lp = collectives.shard_sum(collectives.masked(
+                transform_logits(z, "sigsoftmax"), mask)) - lse
+        return HeadOutput(target_lp, collectives.gather_vocab(g - lse[..., None])
+                          if return_logprobs else None)
 
 
 @register_head("moss")
@@ -559,23 +565,30 @@ class MixtureOfSigsoftmaxes(_Mixture):
     `H*E + E*D*(H + 1) + V`. Target log-probabilities stream over the vocabulary.
     """
 
+    shards_vocab = True
+
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False) -> HeadOutput:
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
+        latent = collectives.enter(latent)  # each vocabulary shard adds its gradient
         # [T, B, E] normalisers; g [T, B, E, V] unless streamed
         lse, g = sig_log_normalisers(latent, embedding, bias, self.dtype,
                                      0 if return_logprobs else self.vocab_chunk)
+        lse = collectives.combine_lse(lse)
         target_lp = None
         if targets is not None:
-            target_emb = jnp.take(embedding, targets, axis=0)  # [T, B, D]
+            index, mask = collectives.local_ids(targets, embedding.shape[0])
+            target_emb = jnp.take(embedding, index, axis=0)  # [T, B, D]
             z = jnp.einsum("tbed,tbd->tbe", latent.astype(jnp.float32),
-                           target_emb) + jnp.take(bias, targets)[..., None]
-            target_lp = jax.nn.logsumexp(
-                log_prior + transform_logits(z, "sigsoftmax") - lse, axis=-1)
+                           target_emb) + jnp.take(bias, index)[..., None]
+            z = collectives.shard_sum(collectives.masked(
+                transform_logits(z, "sigsoftmax"), mask))
+            target_lp = jax.nn.logsumexp(log_prior + z - lse, axis=-1)
         logprobs = None
         if return_logprobs:
-            logprobs = jax.nn.logsumexp((log_prior - lse)[..., None] + g, axis=-2)
+            logprobs = collectives.gather_vocab(
+                jax.nn.logsumexp((log_prior - lse)[..., None] + g, axis=-2))
         return HeadOutput(target_lp, logprobs)
 
 

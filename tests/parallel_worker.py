@@ -292,7 +292,7 @@ def task_plans(workdir):
 # ----------------------------------------------------------------------------- vocab
 
 MESHES = ((1, 1), (2, 4), (1, 8), (8, 1))  # (data, model) over 8 devices
-SHARDING_HEADS = ("softmax", "mos", "moc")
+SHARDING_HEADS = ("softmax", "mos", "moc", "sigsoftmax", "moss")
 
 
 def rel_diff(a, b) -> float:

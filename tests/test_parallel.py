@@ -336,7 +336,7 @@ def vocab_report(workers):
 MESHES = ("1x1", "2x4", "1x8", "8x1")  # data x model over 8 fake devices
 
 
-@pytest.mark.parametrize("head", ["softmax", "mos", "moc"])
+@pytest.mark.parametrize("head", ["softmax", "mos", "moc", "sigsoftmax", "moss"])
 def test_split_vocabulary_heads_equal_one_device(vocab_report, head):
     """Loss, gradients (averaged over data) and target log-probabilities on every mesh
     equal the one-device program (dropout off, a non-zero decoder bias); with model > 1
