@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mos_jax import collectives
 from mos_jax.errors import ConfigError
 from mos_jax.heads import (Head, HeadOption, HeadOutput, fused_output, logsumexp,
                            register_head)
@@ -311,6 +312,11 @@ class AdaptiveSoftmax(Head):
     target path. No rank bound is declared.
     """
 
+    # The input embedding splits over `model` like every head's; this head's own
+    # parameters (shortlist, clusters, tails: none of them [V, ...]) stay whole on each
+    # device, which computes the head in full.
+    shards_vocab = True
+
     cutoffs: Any = "auto"
     div_value: float = 4.0
     head_bias: bool = False
@@ -373,7 +379,9 @@ class AdaptiveSoftmax(Head):
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False) -> HeadOutput:
-        lead, width, v = hidden.shape[:-1], hidden.shape[-1], embedding.shape[0]
+        # the whole vocabulary's size, also where the (unused) embedding is split
+        lead, width = hidden.shape[:-1], hidden.shape[-1]
+        v = embedding.shape[0] * collectives.shard_count()
         cut = resolve_cutoffs(self.cutoffs, v)
         x = hidden.reshape(-1, width)
         head_lp = self.head_logprobs(x, cut, width)
@@ -468,7 +476,7 @@ class AdaptiveMixture(AdaptiveSoftmax):
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False, target_weights=None) -> HeadOutput:
         lead, n_in = hidden.shape[:-1], hidden.shape[-1]
-        v, d = embedding.shape
+        v, d = embedding.shape[0] * collectives.shard_count(), embedding.shape[1]
         k = self.n_experts
         if self.tails not in TAIL_MODES:
             raise ConfigError(f"model.heads.adaptive_mos.tails={self.tails!r}: use one "

@@ -325,8 +325,8 @@ def fused_output(latent: jax.Array, log_prior: jax.Array | None, embedding: jax.
     pass over row chunks); returns target log-probabilities (gradient stopped) and
     `nll = -sum(target_weights * target_logprobs)`.
     """
-    if targets is None or target_weights is None or collectives.vocab_axis():
-        return None  # a vocabulary split over devices takes the streamed/plain path
+    if targets is None or target_weights is None:
+        return None
     lead, (e, d), v = targets.shape, latent.shape[-2:], embedding.shape[0]
     n = int(np.prod(lead))
     rows = fused_rows(vocab_chunk, n, e, v, d)
@@ -344,8 +344,9 @@ def fused_output(latent: jax.Array, log_prior: jax.Array | None, embedding: jax.
 def _softmax_output(context: jax.Array, embedding: jax.Array, bias: jax.Array,
                     targets: jax.Array | None, return_logprobs: bool,
                     dtype, vocab_chunk=0, target_weights=None) -> HeadOutput:
-    """log softmax(context @ embedding^T + bias) for context [..., D]."""
-    if not return_logprobs:
+    """log softmax(context @ embedding^T + bias) for context [..., D]; on a vocabulary
+    split over devices (`collectives`), the embedding's and bias's block of rows."""
+    if not return_logprobs and not collectives.vocab_axis():  # split: streamed/plain
         fused = fused_output(context[..., None, :], None, embedding, bias, targets,
                              target_weights, dtype, vocab_chunk)
         if fused is not None:
@@ -442,7 +443,7 @@ class MixtureOfSoftmaxes(_Mixture):
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False, target_weights=None) -> HeadOutput:
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
-        if not return_logprobs:
+        if not return_logprobs and not collectives.vocab_axis():  # split: streamed/plain
             fused = fused_output(latent, log_prior, embedding, bias, targets,
                                  target_weights, self.dtype, self.vocab_chunk)
             if fused is not None:
