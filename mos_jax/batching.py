@@ -16,7 +16,13 @@ from mos_jax.errors import DataError
 
 
 def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
-    """`[n, B]` int32 with `n = len(ids) // B`; the remainder is dropped."""
+    """`[n, B]` int32 with `n = len(ids) // B`; the remainder is dropped.
+
+    A view of `ids` when they are int32 (a copy otherwise): column j is the contiguous
+    stretch `ids[j*n : (j+1)*n]`, so taking some columns (a host's, `Plan.local_columns`)
+    and then windows of rows reads only those stretches, never the whole stream: with
+    memory-mapped ids (the id cache), only their pages are read.
+    """
     ids = np.asarray(ids)
     if ids.ndim != 1:
         raise DataError(f"batchify expects a 1-D id stream, got shape {ids.shape}")
@@ -28,8 +34,8 @@ def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
             f"a stream of {len(ids):,} tokens is too short for batch size {batch_size}: "
             f"each of the {batch_size} columns needs at least 2 tokens (an input and a "
             f"target). Use a batch size of at most {max(len(ids) // 2, 1)}.")
-    return np.ascontiguousarray(
-        ids[: n * batch_size].reshape(batch_size, n).T.astype(np.int32))
+    rows = ids[: n * batch_size].reshape(batch_size, n).T
+    return rows if rows.dtype == np.int32 else rows.astype(np.int32)
 
 
 def window(rows: np.ndarray, i: int, length: int) -> tuple[np.ndarray, np.ndarray]:
