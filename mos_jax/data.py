@@ -587,16 +587,18 @@ class _FirstSeen(dict):
 _BLOCK_TOKENS = 1 << 20  # tokens encoded (and written) at a time when streaming
 
 
-def _stream_lines(path: Path):
+def iter_lines(path: str | os.PathLike):
     """The lines of a UTF-8 text file, read one at a time and split on b'\\n' only,
-    as `read_lines` reads them (with its errors, found without holding the file)."""
+    as `read_lines` reads them (with its errors, found without holding the file; an
+    empty file simply has no lines)."""
+    path = Path(path)
     if not path.is_file():
         read_lines(path)  # raises the missing-file error
     offset = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                yield raw.decode("utf-8")
+                yield (raw[:-1] if raw.endswith(b"\n") else raw).decode("utf-8")
             except UnicodeDecodeError as e:
                 at = offset + e.start
                 raise DataError(
@@ -634,7 +636,7 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str) -
                         counts = c
                     tokens.clear()
 
-                for line in _stream_lines(p):
+                for line in iter_lines(p):
                     words = line.split()
                     words_seen = words_seen or bool(words)
                     tokens.extend(words)
