@@ -105,14 +105,18 @@ def cut_windows(inputs: np.ndarray, targets: np.ndarray, bptt: int,
 
 
 def make_windows(ids: np.ndarray, batch_size: int, bptt: int,
-                 max_windows: int | None = None, multiple: int = 1) -> Windows:
+                 max_windows: int | None = None, multiple: int = 1,
+                 columns: slice | None = None) -> Windows:
     """Batchify `ids` and cut the rows into consecutive windows of `bptt` rows.
 
     Every target is covered once (inputs `rows[:-1]`, targets `rows[1:]`): the same
     windows of `bptt` rows as the reference's evaluation loop, as arrays. See
-    `cut_windows`.
+    `cut_windows`. `columns` (a host's, `Plan.host_slice`): the windows of those
+    columns only, `make_windows(...).columns(columns)` without reading the others.
     """
     rows = batchify(ids, batch_size)
+    if columns is not None:
+        rows = rows[:, columns]
     return cut_windows(rows[:-1], rows[1:], bptt, max_windows, multiple)
 
 
@@ -131,9 +135,10 @@ class SlidingWindows(NamedTuple):
     first: np.ndarray
 
 
-def sliding_windows(ids: np.ndarray, batch_size: int, context: int, stride: int
-                    ) -> SlidingWindows:
-    """Batchify `ids` and cut windows of `context` rows, one every `stride` rows.
+def sliding_windows(ids: np.ndarray, batch_size: int, context: int, stride: int,
+                    columns: slice | None = None) -> SlidingWindows:
+    """Batchify `ids` and cut windows of `context` rows, one every `stride` rows
+    (of `columns` only, when given: a host's share, the others never read).
 
     Window k starts at row `k * stride`. The first window scores all its targets;
     every later one only its last `stride` (rows `context - stride` on), so each
@@ -146,8 +151,10 @@ def sliding_windows(ids: np.ndarray, batch_size: int, context: int, stride: int
                         f"{stride} and context {context}: lower model.eval_stride (0: "
                         "half the window)")
     rows = batchify(ids, batch_size)
+    if columns is not None:
+        rows = rows[:, columns]
     inputs, targets = rows[:-1], rows[1:]
-    n = len(inputs)
+    n, batch_size = inputs.shape
     starts = [0] + list(range(stride, max(n - context, 0) + stride, stride))
     starts = [s for s in starts if s == 0 or s + context - stride < n]
     k = len(starts)

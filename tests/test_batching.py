@@ -123,7 +123,14 @@ def test_memory_mapped_ids_give_the_same_windows(tmp_path):
         b = batching.make_windows(memory.split(split), 4, bptt)
         for u, v in zip(a, b):
             np.testing.assert_array_equal(u, v)
+        # a host's columns only: the same as cutting all and keeping its columns
+        for u, v in zip(batching.make_windows(mapped.split(split), 4, bptt,
+                                              columns=slice(2, 4)), b.columns(slice(2, 4))):
+            np.testing.assert_array_equal(u, v)
         a = batching.sliding_windows(mapped.split(split), 4, bptt, 7)
         b = batching.sliding_windows(memory.split(split), 4, bptt, 7)
         for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+        a = batching.sliding_windows(mapped.split(split), 4, bptt, 7, slice(0, 2))
+        for u, v in zip(a, (b.inputs[..., :2], b.targets[..., :2], b.lengths, b.first)):
             np.testing.assert_array_equal(u, v)
