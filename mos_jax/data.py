@@ -40,7 +40,8 @@ class Corpus:
     Attributes:
       name: a label for logs (the directory, TFDS name or "synthetic").
       vocab: id -> word, a tuple of length V.
-      train, valid, test: int32 arrays of token ids, `<eos>` included.
+      train, valid, test: int32 arrays of token ids, `<eos>` included (read-only
+        memory-mapped arrays when read from the id cache).
       entropy_rate: for synthetic corpora, the true entropy rate in nats per token (the
         log of the best achievable perplexity); None for natural text.
       subwords: the subword tokenizer (`mos_jax.subword.Subwords`) whose pieces `vocab`
