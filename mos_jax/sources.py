@@ -103,8 +103,9 @@ def find_source(source: str) -> tuple[Source, str]:
         return SOURCES[f"{head}:"], rest
     if (colon and len(head) > 1 and "/" not in head and "\\" not in head
             and not Path(source).exists()):
-        raise DataError(f"unknown corpus source prefix {head + ':'!r} in {source!r}: "
-                        f"the sources are\n{describe_sources()}")
+        raise DataError(f"unknown corpus source prefix {head + ':'!r} in {source!r} "
+                        "(and no such directory): the sources are\n"
+                        f"{describe_sources()}")
     return SOURCES[DIRECTORY], source
 
 
