@@ -509,10 +509,12 @@ def _meta_record(vocab: Sequence[str], sizes: Mapping[str, int], words=None,
 
 
 def _publish(tmp: Path, path: Path) -> None:
-    """Move the finished entry `tmp` to `path` (a damaged entry there is replaced;
-    one that another process has just published is kept)."""
+    """Move the finished entry `tmp` to `path`, replacing the entry there (damaged,
+    or stale: a subword corpus of another tokenizer); when another process publishes
+    one in between, theirs is kept. A process that has the old files mapped keeps
+    reading them (they are unlinked, not overwritten)."""
     import shutil
-    if path.exists() and _read_meta(path) is None:
+    if path.exists():
         shutil.rmtree(path, ignore_errors=True)
     try:
         os.replace(tmp, path)

@@ -177,3 +177,18 @@ def test_streamed_cache_refuses_bad_text_like_reading_in_memory(tmp_path):
     with pytest.raises(DataError, match=r"valid\.txt is empty"):
         data.read_corpus(d, cache_dir=tmp_path / "cache")
     assert not any((tmp_path / "cache").iterdir())  # nothing half-written is kept
+
+
+def test_a_cache_entry_written_again_replaces_the_old_one(tmp_path):
+    """A stale entry (a subword corpus of another tokenizer, say) is replaced, not kept;
+    arrays already mapped from the old files stay readable."""
+    path = tmp_path / "key.ids"
+    old = data.Corpus("c", ("a", "b"), *(np.array([0, 1, 0], np.int32),) * 3)
+    data._save_cache(path, old)
+    mapped = data._load_cache(path, "c")
+    new = data.Corpus("c", ("x", "y", "z"), *(np.array([2, 1, 0, 2], np.int32),) * 3)
+    data._save_cache(path, new)
+    again = data._load_cache(path, "c")
+    assert again.vocab == ("x", "y", "z") and again.train.tolist() == [2, 1, 0, 2]
+    assert mapped.train.tolist() == [0, 1, 0]
+    assert [p.name for p in tmp_path.iterdir()] == ["key.ids"]
