@@ -167,7 +167,8 @@ def build_corpus(splits: Mapping[str, Iterable[str]], name: str,
 # load a model's weights as --data.
 _GIVE_CORPUS = ("pass a directory holding train.txt, valid.txt and test.txt with "
                 "--config.data.dir DIR (evaluate, rank, generate: --data DIR), or fetch "
-                "PTB or WikiText-2 into one with `mos-jax download ptb --dest DIR`")
+                "one with `mos-jax download NAME --dest DIR` (NAME: ptb, wikitext-2, "
+                "wikitext-103, lm1b); `mos-jax sources` lists the other sources")
 
 
 def read_lines(path: Path) -> list[str]:
