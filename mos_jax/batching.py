@@ -16,7 +16,13 @@ from mos_jax.errors import DataError
 
 
 def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
-    """`[n, B]` int32 with `n = len(ids) // B`; the remainder is dropped."""
+    """`[n, B]` int32 with `n = len(ids) // B`; the remainder is dropped.
+
+    A view of `ids` when they are int32 (a copy otherwise): column j is the contiguous
+    stretch `ids[j*n : (j+1)*n]`, so taking some columns (a host's, `Plan.local_columns`)
+    and then windows of rows reads only those stretches, never the whole stream: with
+    memory-mapped ids (the id cache), only their pages are read.
+    """
     ids = np.asarray(ids)
     if ids.ndim != 1:
         raise DataError(f"batchify expects a 1-D id stream, got shape {ids.shape}")
@@ -28,8 +34,8 @@ def batchify(ids: np.ndarray, batch_size: int) -> np.ndarray:
             f"a stream of {len(ids):,} tokens is too short for batch size {batch_size}: "
             f"each of the {batch_size} columns needs at least 2 tokens (an input and a "
             f"target). Use a batch size of at most {max(len(ids) // 2, 1)}.")
-    return np.ascontiguousarray(
-        ids[: n * batch_size].reshape(batch_size, n).T.astype(np.int32))
+    rows = ids[: n * batch_size].reshape(batch_size, n).T
+    return rows if rows.dtype == np.int32 else rows.astype(np.int32)
 
 
 def window(rows: np.ndarray, i: int, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,14 +105,18 @@ def cut_windows(inputs: np.ndarray, targets: np.ndarray, bptt: int,
 
 
 def make_windows(ids: np.ndarray, batch_size: int, bptt: int,
-                 max_windows: int | None = None, multiple: int = 1) -> Windows:
+                 max_windows: int | None = None, multiple: int = 1,
+                 columns: slice | None = None) -> Windows:
     """Batchify `ids` and cut the rows into consecutive windows of `bptt` rows.
 
     Every target is covered once (inputs `rows[:-1]`, targets `rows[1:]`): the same
     windows of `bptt` rows as the reference's evaluation loop, as arrays. See
-    `cut_windows`.
+    `cut_windows`. `columns` (a host's, `Plan.host_slice`): the windows of those
+    columns only, `make_windows(...).columns(columns)` without reading the others.
     """
     rows = batchify(ids, batch_size)
+    if columns is not None:
+        rows = rows[:, columns]
     return cut_windows(rows[:-1], rows[1:], bptt, max_windows, multiple)
 
 
@@ -125,9 +135,10 @@ class SlidingWindows(NamedTuple):
     first: np.ndarray
 
 
-def sliding_windows(ids: np.ndarray, batch_size: int, context: int, stride: int
-                    ) -> SlidingWindows:
-    """Batchify `ids` and cut windows of `context` rows, one every `stride` rows.
+def sliding_windows(ids: np.ndarray, batch_size: int, context: int, stride: int,
+                    columns: slice | None = None) -> SlidingWindows:
+    """Batchify `ids` and cut windows of `context` rows, one every `stride` rows
+    (of `columns` only, when given: a host's share, the others never read).
 
     Window k starts at row `k * stride`. The first window scores all its targets;
     every later one only its last `stride` (rows `context - stride` on), so each
@@ -140,8 +151,10 @@ def sliding_windows(ids: np.ndarray, batch_size: int, context: int, stride: int
                         f"{stride} and context {context}: lower model.eval_stride (0: "
                         "half the window)")
     rows = batchify(ids, batch_size)
+    if columns is not None:
+        rows = rows[:, columns]
     inputs, targets = rows[:-1], rows[1:]
-    n = len(inputs)
+    n, batch_size = inputs.shape
     starts = [0] + list(range(stride, max(n - context, 0) + stride, stride))
     starts = [s for s in starts if s == 0 or s + context - stride < n]
     k = len(starts)

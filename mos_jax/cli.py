@@ -63,6 +63,13 @@ def _cmd_download(args) -> None:
     print(f"{args.corpus} is ready in {dest}")
 
 
+def _cmd_sources(args) -> None:
+    from mos_jax import download, sources
+    print(sources.describe_sources())
+    print("\nmos-jax download NAME --dest DIR fills a directory: "
+          + ", ".join(sorted(download.CORPORA)))
+
+
 def _at_least(flag: str, value, low: int = 1) -> None:
     """Refuse a count below `low` (None: the option was not given)."""
     if value is not None and value < low:
@@ -99,7 +106,7 @@ def _cmd_import(args) -> None:
     outputs.check_folder("--out", args.out)
     if args.head is not None:
         convert.import_layout(args.head)  # a head that cannot hold them: before reading
-    corpus = sources.load_corpus(args.data) if args.data is not None else None
+    corpus = sources.corpus_of(args.data) if args.data is not None else None
     config, params = convert.read_weights(args.file, head=args.head)
     if corpus is not None and corpus.vocab_size != config.vocab_size:
         raise MosJaxError(
@@ -191,6 +198,7 @@ def _load_model(args, splits=()):
         best = train.load_run(args.workdir, corpus=bool(splits) and args.data is None,
                               splits=tuple(splits))
         config, params, vocab = best.model_config, best.params, best.vocab
+        run_config = best.config
         corpus, unknown = best.corpus, list(best.unknown)
         if not best.recorded and args.data is not None:
             note(f"note: {args.workdir} records no vocabulary (trained before "
@@ -198,7 +206,7 @@ def _load_model(args, splits=()):
             vocab = None
     else:
         config, params = convert.load_weights(args.weights)
-        vocab = data.load_vocab(args.weights)
+        vocab, run_config = data.load_vocab(args.weights), None
         if args.data is None and (vocab is None or splits):
             raise MosJaxError("--weights needs --data: the corpus to evaluate on")
     subwords = _subwords(args)
@@ -208,10 +216,15 @@ def _load_model(args, splits=()):
                           f"but no vocabulary ({data.VOCAB_FILE}), which gives its "
                           "pieces their ids: copy the run's vocab.json beside it")
     if args.data is not None and (splits or vocab is None) and subwords is not None:
+        from mos_jax import sources
+        if sources.find_source(args.data)[0].name != sources.DIRECTORY:
+            raise MosJaxError(f"--data {args.data}: a subword run reads text with its "
+                              "tokenizer, from a directory holding train.txt, valid.txt "
+                              "and test.txt; give one")
         corpus = data.read_corpus(args.data, vocab=vocab, subwords=subwords)
     elif args.data is not None and (splits or vocab is None):
-        from mos_jax import sources
-        corpus = sources.load_corpus(args.data)
+        from mos_jax import sources  # the run's source options (synthetic, TFDS dirs)
+        corpus = sources.corpus_of(args.data, run_config)
         if vocab is None:  # ids as the corpus gives them (no recorded vocabulary)
             vocab = corpus.vocab
         else:
@@ -652,11 +665,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mos-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("download", help="fetch PTB or WikiText-2 and verify checksums")
-    p.add_argument("corpus", choices=["ptb", "wikitext-2"])
+    from mos_jax.download import CORPORA
+    p = sub.add_parser("download", help="fetch a corpus (PTB, WikiText-2, WikiText-103, "
+                       "the One Billion Word benchmark) and verify checksums")
+    p.add_argument("corpus", choices=sorted(CORPORA))
     p.add_argument("--dest", required=True, type=Path, help="directory for the files")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("sources", help="list the corpus sources (data.dir, --data) and "
+                       "the corpora `download` fetches")
+    p.set_defaults(func=_cmd_sources)
 
     p = sub.add_parser("import", aliases=["import-torch"],
                        help="convert reference weights (PyTorch .pt or NumPy .npz)")
@@ -675,8 +694,10 @@ def build_parser() -> argparse.ArgumentParser:
     def model_source(p):
         p.add_argument("--workdir", type=Path, help="a training run's work directory")
         p.add_argument("--weights", type=Path, help="a directory written by `mos-jax import`")
-        p.add_argument("--data", default=None, help="corpus directory, 'synthetic', or "
-                       "'tfds:NAME' (default with --workdir: the run's corpus)")
+        p.add_argument("--data", default=None, help="a corpus source: a directory, "
+                       "'synthetic' or 'tfds:NAME' (`mos-jax sources` lists them), read "
+                       "with the run's source options (default with --workdir: the "
+                       "run's corpus)")
 
     p = sub.add_parser("evaluate", help="perplexity of a run's best weights or of "
                        "imported weights on a split")

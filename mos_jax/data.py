@@ -27,7 +27,8 @@ from mos_jax.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
-# Bumped whenever the cached layout or the tokenisation changes.
+# Bumped whenever the ids or the tokenisation change (it keys the cache; the container,
+# `.npz` until the memory-mapped `.ids` directories, is told by the entry's suffix).
 _CACHE_FORMAT = "mos-jax-ids-v1"
 _SUBWORD_CACHE = "s1"  # the layout of subword caches (tokenizer JSON, word counts)
 
@@ -39,7 +40,8 @@ class Corpus:
     Attributes:
       name: a label for logs (the directory, TFDS name or "synthetic").
       vocab: id -> word, a tuple of length V.
-      train, valid, test: int32 arrays of token ids, `<eos>` included.
+      train, valid, test: int32 arrays of token ids, `<eos>` included (read-only
+        memory-mapped arrays when read from the id cache).
       entropy_rate: for synthetic corpora, the true entropy rate in nats per token (the
         log of the best achievable perplexity); None for natural text.
       subwords: the subword tokenizer (`mos_jax.subword.Subwords`) whose pieces `vocab`
@@ -165,7 +167,8 @@ def build_corpus(splits: Mapping[str, Iterable[str]], name: str,
 # load a model's weights as --data.
 _GIVE_CORPUS = ("pass a directory holding train.txt, valid.txt and test.txt with "
                 "--config.data.dir DIR (evaluate, rank, generate: --data DIR), or fetch "
-                "PTB or WikiText-2 into one with `mos-jax download ptb --dest DIR`")
+                "one with `mos-jax download NAME --dest DIR` (NAME: ptb, wikitext-2, "
+                "wikitext-103, lm1b); `mos-jax sources` lists the other sources")
 
 
 def read_lines(path: Path) -> list[str]:
@@ -416,32 +419,262 @@ def _tokenizer_digest(subwords) -> str:
     return hashlib.sha256(subwords.spec.encode()).hexdigest()
 
 
+# --------------------------------------------------------------------------------------
+# The id cache: one entry per corpus (and tokenizer, and order), a directory
+# `<key>.ids/` holding each split's ids as a `.npy` (train.npy, valid.npy, test.npy)
+# and `meta.json` (the vocabulary, the word counts of a subword corpus, the tokenizer's
+# digest). The splits are opened memory-mapped (`np.load(mmap_mode="r")`): the ids
+# are stored once, on disk, and a process reads only the pages it touches (a host's
+# own batch columns: `mos_jax.batching.batchify` returns a view). An `.npz` cannot be
+# mapped (its members are inside a zip).
+
+CACHE_SUFFIX = ".ids"
+_META = "meta.json"
+_NPY_HEADER = 128  # bytes of the .npy header IdWriter reserves (magic included)
+
+
+class IdWriter:
+    """Write an int32 id stream to a `.npy` file in chunks, its length unknown ahead.
+
+    The header is written with room for any length and rewritten on `close`, so the
+    ids go straight to disk, never all in memory. `np.load(path, mmap_mode="r")`
+    reads the file back.
+
+        with IdWriter(path) as w:
+            for chunk in chunks:
+                w.write(chunk)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.count = 0
+        self._file = open(self.path, "wb")
+        self._file.write(self._header(0))
+
+    @staticmethod
+    def _header(n: int) -> bytes:
+        text = "{'descr': '<i4', 'fortran_order': False, 'shape': (%d,), }" % n
+        room = _NPY_HEADER - 10  # magic (6), version (2), header length (2)
+        return (b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little")
+                + (text.ljust(room - 1) + "\n").encode("latin1"))
+
+    def write(self, ids) -> None:
+        chunk = np.ascontiguousarray(ids, dtype="<i4")
+        self._file.write(chunk.tobytes())
+        self.count += int(chunk.size)
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._file.seek(0)
+        self._file.write(self._header(self.count))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def __enter__(self) -> "IdWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            self._file.close()
+        else:
+            self.close()
+
+
+def open_ids(path: str | os.PathLike) -> np.ndarray:
+    """The int32 id stream of a `.npy` file, memory-mapped read-only (`IdWriter`
+    writes them; the id cache holds one per split): nothing is read until used."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no id file {path}: give a .npy of int32 token ids (written by "
+                        "mos_jax.data.IdWriter, or np.save of an int32 array)")
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path} is not a readable .npy file ({e}): write it again") from None
+    if ids.dtype != np.int32 or ids.ndim != 1:
+        raise DataError(f"{path} holds {ids.dtype} ids of shape {ids.shape}; a stream of "
+                        "token ids is 1-D int32: convert it with ids.astype(np.int32)")
+    return ids
+
+
+def _meta_record(vocab: Sequence[str], sizes: Mapping[str, int], words=None,
+                 subwords=None) -> dict:
+    record = {"format": _CACHE_FORMAT, "vocab": list(vocab),
+              "sizes": {s: int(sizes[s]) for s in SPLITS}}
+    if words is not None:
+        record["words"] = [int(w) for w in words]
+        record["tokenizer"] = _tokenizer_digest(subwords)
+    return record
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Move the finished entry `tmp` to `path`, replacing the entry there (damaged,
+    or stale: a subword corpus of another tokenizer); when another process publishes
+    one in between, theirs is kept. A process that has the old files mapped keeps
+    reading them (they are unlinked, not overwritten)."""
+    import shutil
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if _read_meta(path) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process published it first
+
+
+def _entry_dir(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+
+
 def _save_cache(path: Path, corpus: Corpus) -> None:
-    import io
-    buf = io.BytesIO()
-    extra = {} if corpus.words is None else {
-        "words": np.asarray(corpus.words, np.int64),
-        "tokenizer": np.asarray(_tokenizer_digest(corpus.subwords))}
-    np.savez(buf, vocab=np.asarray(corpus.vocab, dtype=str), train=corpus.train,
-             valid=corpus.valid, test=corpus.test, **extra)
-    atomic_write_bytes(path, buf.getvalue())
+    """Write `corpus` (its arrays in memory) as the cache entry `path`."""
+    import shutil
+    tmp = _entry_dir(path)
+    try:
+        for s in SPLITS:
+            with IdWriter(tmp / f"{s}.npy") as w:
+                w.write(corpus.split(s))
+        meta = _meta_record(corpus.vocab, {s: len(corpus.split(s)) for s in SPLITS},
+                            corpus.words, corpus.subwords)
+        atomic_write_bytes(tmp / _META, json.dumps(meta, ensure_ascii=False).encode())
+        _publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads((path / _META).read_text(encoding="utf-8"))
+        return meta if meta.get("format") == _CACHE_FORMAT else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
-    """The corpus cached at `path`, or None: damaged, or (a subword corpus) encoded with
-    another tokenizer than `subwords`, the one cached beside it now."""
+    """The corpus cached at `path`, its splits memory-mapped; or None: damaged, or (a
+    subword corpus) encoded with another tokenizer than `subwords`, the one cached
+    beside it now."""
+    meta = _read_meta(path)
+    if meta is None:
+        return None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            words = tuple(int(w) for w in z["words"]) if "words" in z.files else None
-            if (words is None) != (subwords is None):
+        words = tuple(int(w) for w in meta["words"]) if "words" in meta else None
+        if (words is None) != (subwords is None):
+            return None
+        if subwords is not None and meta["tokenizer"] != _tokenizer_digest(subwords):
+            return None
+        streams = {}
+        for s in SPLITS:
+            ids = open_ids(path / f"{s}.npy")
+            if ids.shape != (meta["sizes"][s],):
                 return None
-            if subwords is not None and str(z["tokenizer"]) != _tokenizer_digest(subwords):
-                return None
-            return Corpus(name=name, vocab=tuple(z["vocab"].tolist()),
-                          subwords=subwords, words=words,
-                          **{s: z[s].astype(np.int32) for s in SPLITS})
+            streams[s] = ids
+        return Corpus(name=name, vocab=tuple(meta["vocab"]), subwords=subwords,
+                      words=words, **streams)
     except Exception:  # a damaged cache is rebuilt, never trusted
         return None
+
+
+class _FirstSeen(dict):
+    """word -> id, a new word getting the next id (first occurrence order)."""
+
+    def __missing__(self, word: str) -> int:
+        self[word] = i = len(self)
+        return i
+
+
+_BLOCK_TOKENS = 1 << 20  # tokens encoded (and written) at a time when streaming
+
+
+def iter_lines(path: str | os.PathLike):
+    """The lines of a UTF-8 text file, read one at a time and split on b'\\n' only,
+    as `read_lines` reads them (with its errors, found without holding the file; an
+    empty file simply has no lines)."""
+    path = Path(path)
+    if not path.is_file():
+        read_lines(path)  # raises the missing-file error
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield (raw[:-1] if raw.endswith(b"\n") else raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                raise DataError(
+                    f"{path} is not UTF-8 text: byte {at} (line {number}) is "
+                    f"{raw[e.start:e.start + 1]!r}. Convert it first, e.g. "
+                    f"`iconv -f latin1 -t utf-8`.") from None
+            offset += len(raw)
+
+
+def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str) -> None:
+    """Tokenise the three files of a word-level corpus a block of lines at a time into
+    the cache entry `path` (the ids of `build_corpus` and `order_vocab`, never all in
+    memory): ids in order of first occurrence over train, valid, test; for `frequency`
+    order, renumbered by training count, ties by first occurrence (which, for these
+    ids, is the id itself), in a second pass over the written files."""
+    import shutil
+    tmp = _entry_dir(path)
+    try:
+        w2i = _FirstSeen()
+        counts = np.zeros(0, np.int64)
+        sizes = {}
+        for s, p in zip(SPLITS, paths):
+            words_seen = False
+            with IdWriter(tmp / f"{s}.first.npy") as out:
+                tokens: list[str] = []
+
+                def flush():
+                    nonlocal counts
+                    ids = np.fromiter(map(w2i.__getitem__, tokens), np.int32,
+                                      count=len(tokens))
+                    out.write(ids)
+                    if s == "train":
+                        c = np.bincount(ids, minlength=len(w2i))
+                        c[:len(counts)] += counts
+                        counts = c
+                    tokens.clear()
+
+                for line in iter_lines(p):
+                    words = line.split()
+                    words_seen = words_seen or bool(words)
+                    tokens.extend(words)
+                    tokens.append(EOS)
+                    if len(tokens) >= _BLOCK_TOKENS:
+                        flush()
+                flush()
+            if not words_seen:
+                raise DataError(f"{p} is empty: it holds no words")
+            sizes[s] = out.count
+        vocab = tuple(w2i)
+        w2i.clear()
+        if order == "frequency":
+            counts = np.concatenate([counts, np.zeros(len(vocab) - len(counts), np.int64)])
+            perm = np.argsort(-counts, kind="stable")
+            new_id = np.empty(len(perm), np.int32)
+            new_id[perm] = np.arange(len(perm), dtype=np.int32)
+            vocab = tuple(vocab[int(i)] for i in perm)
+            for s in SPLITS:
+                first = np.load(tmp / f"{s}.first.npy", mmap_mode="r")
+                with IdWriter(tmp / f"{s}.npy") as out:
+                    for i in range(0, len(first), _BLOCK_TOKENS):
+                        out.write(new_id[first[i:i + _BLOCK_TOKENS]])
+                del first
+                (tmp / f"{s}.first.npy").unlink()
+        else:
+            for s in SPLITS:
+                os.replace(tmp / f"{s}.first.npy", tmp / f"{s}.npy")
+        atomic_write_bytes(tmp / _META, json.dumps(_meta_record(vocab, sizes),
+                                                   ensure_ascii=False).encode())
+        _publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------
@@ -512,10 +745,13 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
 
     `tokenizer` `word` (whitespace words and `<eos>`) or a subword kind of
     `mos_jax.subword` (`bpe`, `unigram`: `vocab_size` pieces, trained on the training
-    split); `order` one of ORDERS. The encoded ids are cached as `.npz` under
-    `cache_dir` (default `default_cache_dir()`), keyed by a SHA-256 of the three files
-    (and, for other tokenizers or orders, by them), a subword tokenizer beside them as
-    JSON, so a second load neither tokenises nor trains. A fixed `vocab` bypasses the
+    split); `order` one of ORDERS. The encoded ids are cached under `cache_dir`
+    (default `default_cache_dir()`), one `.npy` per split in a `<key>.ids` directory,
+    keyed by a SHA-256 of the three files (and, for other tokenizers or orders, by
+    them), a subword tokenizer beside them as JSON, so a second load neither tokenises
+    nor trains. A cached corpus's splits are memory-mapped (read-only arrays, their
+    pages read when touched); a word-level corpus is tokenised into the cache a block
+    of lines at a time, so a corpus larger than memory can be read. A fixed `vocab` bypasses the
     cache; with `subwords` (a run's tokenizer) the text is encoded with it into `vocab`
     (the run's pieces in its order).
     """
@@ -546,11 +782,21 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
             stem = f"{digest}-{tokenizer}{vocab_size}-{_SUBWORD_CACHE}"
             tokenizer_path = folder / f"{stem}.tokenizer.json"
             stem += f"-{order}"
-        cache_path = folder / f"{stem}.npz"
-        if cache_path.is_file():
+        cache_path = folder / f"{stem}{CACHE_SUFFIX}"
+        if cache_path.is_dir():
             subwords = None if tokenizer_path is None else _cached_subwords(tokenizer_path)
             if tokenizer_path is None or subwords is not None:
                 cached = _load_cache(cache_path, name, subwords)
+                if cached is not None:
+                    return cached
+        if tokenizer == "word":  # streamed to the cache, never all in memory
+            try:
+                _stream_word_ids(paths, cache_path, name, order)
+            except OSError as e:
+                warnings.warn(f"could not write the corpus cache {cache_path}: {e}; "
+                              "reading the corpus into memory")
+            else:
+                cached = _load_cache(cache_path, name)
                 if cached is not None:
                     return cached
     lines = {s: read_lines(p) for s, p in zip(SPLITS, paths)}

@@ -128,7 +128,8 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
     plan = plan.for_batch(batch_size, log, (
         f"gradient statistics with batch size {batch_size} do not split over "
         f"{plan.n_devices} devices: they run on one device"))
-    w = make_windows(train_ids, batch_size, bptt, max_batches, multiple=CHUNK)
+    w = make_windows(train_ids, batch_size, bptt, max_batches, multiple=CHUNK,
+                     columns=plan.host_slice(batch_size))
     n_real = int((w.lengths > 0).sum())
     params = plan.place_params(params)
     sq_sum = plan.place_params(jax.tree_util.tree_map(jnp.zeros_like,
@@ -140,7 +141,7 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
 
     (sq_sum, _), _ = scan_windows(
         fn, (sq_sum, plan.place_carry(model_lib.init_carry(model_config, batch_size))),
-        w.columns(plan.host_slice(batch_size)), per_call=CHUNK, progress=progress)
+        w, per_call=CHUNK, progress=progress)
     sq_sum = plan.local_copy(sq_sum)
     divisor = float(n_real if rms else 1)
     ms = jax.tree_util.tree_map(lambda s: jnp.sqrt(s / divisor), sq_sum)

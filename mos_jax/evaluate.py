@@ -134,9 +134,8 @@ def token_logprobs(model_config: ModelConfig, params: Params, ids: np.ndarray,
             model_config, params, ids, batch_size, bptt,
             model_config.eval_stride or max(bptt // 2, 1), progress, plan=plan, log=log)
     plan = parallel.resolve(plan).for_batch(batch_size, log)
-    w = make_windows(ids, batch_size, bptt)
+    w = make_windows(ids, batch_size, bptt, columns=plan.host_slice(batch_size))
     total = int(w.lengths.sum())
-    w = w.columns(plan.host_slice(batch_size))
     params = plan.place_params(params)
     score = window_scorer(plan, model_config)
 
@@ -166,8 +165,7 @@ def sliding_token_logprobs(model_config: ModelConfig, params: Params, ids: np.nd
     zeros in every window. One program serves all windows.
     """
     plan = parallel.resolve(plan).for_batch(batch_size, log)
-    w = sliding_windows(ids, batch_size, context, stride)
-    cols = plan.host_slice(batch_size)
+    w = sliding_windows(ids, batch_size, context, stride, plan.host_slice(batch_size))
     params = plan.place_params(params)
     score = window_scorer(plan, model_config)
     total = int(len(ids) // batch_size - 1)
@@ -175,7 +173,7 @@ def sliding_token_logprobs(model_config: ModelConfig, params: Params, ids: np.nd
     zero = model_lib.init_carry(model_config, batch_size)
     for k, (length, first) in enumerate(zip(w.lengths, w.first)):
         logp, _ = score(params, plan.place_carry(zero),
-                        w.inputs[k][:, cols], w.targets[k][:, cols], int(length))
+                        w.inputs[k], w.targets[k], int(length))
         pieces.append((logp, int(first), int(length)))
         if progress is not None:
             progress(min(k * stride + int(length), total), total)

@@ -4,10 +4,13 @@ Two builders are registered when this module is imported, under names that TFDS'
 catalogue does not use:
 
 - `mos_jax_ptb`: Penn Treebank (Mikolov's preprocessed version);
-- `mos_jax_wikitext2`: WikiText-2.
+- `mos_jax_wikitext2`: WikiText-2;
+- `mos_jax_wikitext103`: WikiText-103;
+- `mos_jax_lm1b`: the One Billion Word benchmark (one sentence per line).
 
-Both take `train.txt`, `valid.txt` and `test.txt` from a `manual_dir` (the files exactly
-as the corpora ship them, e.g. as fetched by `mos-jax download`), store one example per
+Each takes `train.txt`, `valid.txt` and `test.txt` from a `manual_dir` (the files
+exactly as the corpora ship them, or as `mos-jax download` unpacks them from their
+archives; the files are read a line at a time), store one example per
 line with a single `text` feature, and write the splits `train`, `validation` and `test`
 as ArrayRecord files with shuffling disabled, so that reading back yields the lines in
 file order. Blank lines are kept: each still ends in an `<eos>` token.
@@ -30,7 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from mos_jax.data import SPLITS, Corpus, build_corpus, read_lines, sha256_files
+from mos_jax.data import SPLITS, Corpus, build_corpus, iter_lines, sha256_files
 from mos_jax.errors import DataError
 
 FILE_FORMAT = "array_record"
@@ -104,8 +107,8 @@ class _LineCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 for split, fname in _SOURCE_FILES.items()}
 
     def _generate_examples(self, path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-        # The same notion of a line as `mos_jax.data.read_corpus`.
-        for i, line in enumerate(read_lines(path)):
+        # The same notion of a line as `mos_jax.data.read_corpus`, a line at a time.
+        for i, line in enumerate(iter_lines(path)):
             yield i, {"text": line}
 
 
@@ -128,7 +131,30 @@ class MosJaxWikitext2(_LineCorpus):
                 "the-wikitext-long-term-dependency-language-modeling-dataset/")
 
 
-BUILDERS: dict[str, type[_LineCorpus]] = {b.name: b for b in (MosJaxPtb, MosJaxWikitext2)}
+class MosJaxWikitext103(_LineCorpus):
+    """WikiText-103 (tokenised, v1), one line of the files per example."""
+
+    name = "mos_jax_wikitext103"
+    DESCRIPTION = ("The WikiText-103 language-modelling corpus (tokenised version, "
+                   "wiki.*.tokens of wikitext-103-v1.zip), one line of the files per "
+                   "example, in file order; blank lines kept.")
+    HOMEPAGE = MosJaxWikitext2.HOMEPAGE
+
+
+class MosJaxLm1b(_LineCorpus):
+    """The One Billion Word benchmark, one sentence per example, as `mos-jax download
+    lm1b` lays it out (train: the 99 training shards; valid: heldout shard 1; test:
+    heldout shard 0)."""
+
+    name = "mos_jax_lm1b"
+    DESCRIPTION = ("The One Billion Word language-modelling benchmark (r13output), one "
+                   "sentence per example in file order: train the 99 training shards, "
+                   "validation heldout shard 1, test heldout shard 0.")
+    HOMEPAGE = "https://www.statmt.org/lm-benchmark/"
+
+
+BUILDERS: dict[str, type[_LineCorpus]] = {
+    b.name: b for b in (MosJaxPtb, MosJaxWikitext2, MosJaxWikitext103, MosJaxLm1b)}
 
 
 def _parse_spec(spec: str) -> tuple[str, str | None]:
@@ -164,7 +190,8 @@ def prepare_builder(name: str, manual_dir: str | os.PathLike,
     """Prepare one of this module's builders from the files in `manual_dir`.
 
     Args:
-      name: `mos_jax_ptb` or `mos_jax_wikitext2`.
+      name: one of `BUILDERS` (`mos_jax_ptb`, `mos_jax_wikitext2`,
+        `mos_jax_wikitext103`, `mos_jax_lm1b`).
       manual_dir: a directory with `train.txt`, `valid.txt` and `test.txt`.
       data_dir: the TFDS data directory (default: TFDS's, `$TFDS_DATA_DIR` or
         `~/tensorflow_datasets`).
@@ -283,7 +310,7 @@ def load_tfds_corpus(spec: str, *, data_dir: str | os.PathLike | None = None,
       spec: `NAME` or `NAME:FEATURE`, e.g. `mos_jax_ptb`, `lm1b:text`. NAME may carry
         a TFDS config and version (`name/config:1.0.0`).
       data_dir: the TFDS data directory (default: TFDS's).
-      manual_dir: for `mos_jax_ptb` and `mos_jax_wikitext2`, the directory with
+      manual_dir: for the builders of `BUILDERS`, the directory with
         `train.txt`, `valid.txt`, `test.txt`; the dataset is prepared from it unless
         already prepared in `data_dir`. Other datasets must already be prepared (as
         ArrayRecord or Parquet); nothing is downloaded.

@@ -76,41 +76,11 @@ def model_config_from(config, vocab_size: int) -> model_lib.ModelConfig:
                                             "vocab_size": vocab_size})
 
 
-def vocab_order(config) -> str:
-    """`data.vocab_order` resolved: `auto` is `frequency` when the head class declares
-    `wants_frequency_order`, else `first` (the ids of every earlier version)."""
-    order = config.data.get("vocab_order", "first")
-    if order != "auto":
-        return order
-    head = heads.get_head(config.model.head)
-    return "frequency" if getattr(head, "wants_frequency_order", False) else "first"
-
-
-def tokenizer_of(config) -> tuple[str, int]:
-    """`(data.tokenizer, data.vocab_size)` (`("word", 0)` for configs written before
-    them)."""
-    return config.data.get("tokenizer", "word"), int(config.data.get("vocab_size", 0))
-
-
-def load_corpus_from(config) -> data_lib.Corpus:
-    problems = config_lib.data_problems(config)  # before anything loads
-    if problems:
-        raise ConfigError(problems[0])
-    source, order = config.data.dir, vocab_order(config)
-    if source == "synthetic":
-        return data_lib.order_vocab(
-            sources.load_corpus(source, **config.data.synthetic.to_dict()), order)
-    if source.startswith("tfds:"):
-        kwargs = {}
-        if config.data.tfds_data_dir:
-            kwargs["data_dir"] = config.data.tfds_data_dir
-        if config.data.tfds_manual_dir:
-            kwargs["manual_dir"] = config.data.tfds_manual_dir
-        return data_lib.order_vocab(sources.load_corpus(source, **kwargs), order)
-    kind, size = tokenizer_of(config)
-    if kind == "word" and order == "first":
-        return sources.load_corpus(source)  # as every earlier version read it
-    return sources.load_corpus(source, tokenizer=kind, vocab_size=size, order=order)
+# The one config-to-corpus path lives in `mos_jax.sources`; these names stay here for
+# the modules and tests that call them through `train`.
+vocab_order = sources.vocab_order
+tokenizer_of = sources.tokenizer_of
+load_corpus_from = sources.load_corpus_from
 
 
 def column_groups(batch_size: int, small_batch_size: int, n_devices: int = 1) -> int:

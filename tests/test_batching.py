@@ -81,3 +81,56 @@ def test_make_windows_are_the_padded_evaluation_windows(n_ids, batch, bptt, max_
     half = w.columns(slice(0, 1))
     np.testing.assert_array_equal(half.inputs, w.inputs[..., :1])
     np.testing.assert_array_equal(half.lengths, w.lengths)
+
+
+def test_memory_mapped_ids_give_the_same_windows(tmp_path):
+    """A corpus read from the id cache (memory-mapped) against the same corpus read
+    into memory: `batchify` is a view of the mapped file (nothing copied), and the
+    training windows of one host's columns (process 0 of 2), the evaluation windows
+    and the sliding windows are equal, and equal to the stretches of the stream that
+    each column is (column c of `[n, B]` is `ids[c*n : (c+1)*n]`)."""
+    from mos_jax import data
+    rng = np.random.default_rng(1)
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for s, n_lines in zip(data.SPLITS, (400, 60, 60)):
+        (d / f"{s}.txt").write_text("\n".join(
+            " ".join(f"w{i}" for i in rng.integers(0, 300, rng.integers(1, 30)))
+            for _ in range(n_lines)) + "\n")
+    mapped = data.read_corpus(d, cache_dir=tmp_path / "cache")
+    memory = data.read_corpus(d, cache=False)
+    assert isinstance(mapped.train, np.memmap) and not isinstance(memory.train, np.memmap)
+
+    batch, bptt = 8, 20
+    rows = batching.batchify(mapped.train, batch)
+    assert np.shares_memory(rows, mapped.train)  # a view: no copy of the split
+    n = len(mapped.train) // batch
+    host = slice(0, batch // 2)  # the columns of process 0 of 2
+    local, local_mem = rows[:, host], batching.batchify(memory.train, batch)[:, host]
+    ids = np.asarray(memory.train)
+    for w in batching.train_windows(n, np.random.default_rng(0), bptt, bptt + 20):
+        x, y, length = batching.padded_window(local, w.start, w.length, w.padded)
+        xm, ym, _ = batching.padded_window(local_mem, w.start, w.length, w.padded)
+        np.testing.assert_array_equal(x, xm)
+        np.testing.assert_array_equal(y, ym)
+        for j, c in enumerate(range(batch)[host]):
+            start = c * n + w.start
+            np.testing.assert_array_equal(x[:length, j], ids[start:start + length])
+            np.testing.assert_array_equal(y[:length, j], ids[start + 1:start + 1 + length])
+
+    for split in ("valid", "test"):
+        a = batching.make_windows(mapped.split(split), 4, bptt)
+        b = batching.make_windows(memory.split(split), 4, bptt)
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+        # a host's columns only: the same as cutting all and keeping its columns
+        for u, v in zip(batching.make_windows(mapped.split(split), 4, bptt,
+                                              columns=slice(2, 4)), b.columns(slice(2, 4))):
+            np.testing.assert_array_equal(u, v)
+        a = batching.sliding_windows(mapped.split(split), 4, bptt, 7)
+        b = batching.sliding_windows(memory.split(split), 4, bptt, 7)
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+        a = batching.sliding_windows(mapped.split(split), 4, bptt, 7, slice(0, 2))
+        for u, v in zip(a, (b.inputs[..., :2], b.targets[..., :2], b.lengths, b.first)):
+            np.testing.assert_array_equal(u, v)

@@ -100,6 +100,12 @@ def test_train_continue_and_evaluate(tmp_path, capsys):
                      "--bptt", "20"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["ppl"] == pytest.approx(best, rel=1e-9)
+    # --data synthetic is the run's own chain (its data.synthetic keys), as the config
+    # path reads it: the same perplexity.
+    assert cli.main(["evaluate", "--workdir", w, "--data", "synthetic", "--split", "valid",
+                     "--batch-size", "8", "--bptt", "20"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["ppl"] == pytest.approx(best, rel=1e-9)
     assert cli.main(["evaluate", "--workdir", w, "--weights", w]) == 2
     assert "exactly one" in capsys.readouterr().err
 

@@ -60,11 +60,12 @@ def test_cache_is_used_and_keyed_by_content(tmp_path, monkeypatch):
     d = write_corpus(tmp_path / "c", "a b\n", "b\n", "a\n")
     cache = tmp_path / "cache"
     first = data.read_corpus(d, cache_dir=cache)
-    assert len(list(cache.glob("*.npz"))) == 1
+    assert len(list(cache.glob("*.ids"))) == 1
 
     def fail(*a, **k):
         raise AssertionError("tokenised again despite the cache")
     monkeypatch.setattr(data, "build_corpus", fail)
+    monkeypatch.setattr(data, "_stream_word_ids", fail)
     second = data.read_corpus(d, cache_dir=cache)
     assert second.vocab == first.vocab
     assert np.array_equal(second.train, first.train)
@@ -72,16 +73,20 @@ def test_cache_is_used_and_keyed_by_content(tmp_path, monkeypatch):
 
     (d / "test.txt").write_text("a c\n")  # new content -> new key, new vocabulary
     third = data.read_corpus(d, cache_dir=cache)
-    assert "c" in third.vocab and len(list(cache.glob("*.npz"))) == 2
+    assert "c" in third.vocab and len(list(cache.glob("*.ids"))) == 2
 
 
 def test_damaged_cache_is_rebuilt(tmp_path):
     d = write_corpus(tmp_path / "c", "a b\n", "b\n", "a\n")
     cache = tmp_path / "cache"
     data.read_corpus(d, cache_dir=cache)
-    (entry,) = cache.glob("*.npz")
-    entry.write_bytes(b"not a zip file")
+    (entry,) = cache.glob("*.ids")
+    (entry / "meta.json").write_bytes(b"not json")
     assert data.read_corpus(d, cache_dir=cache).train.tolist() == [0, 1, 2]
+    train = entry / "train.npy"  # a short file (an interrupted copy, say)
+    train.write_bytes(train.read_bytes()[:-4])
+    assert data.read_corpus(d, cache_dir=cache).train.tolist() == [0, 1, 2]
+    assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary left
 
 
 def test_errors_name_the_problem(tmp_path):
@@ -138,3 +143,52 @@ def test_synthetic_corpus_samples_the_chain():
     assert np.array_equal(again.train, c.train) and again.vocab[:2] == ("w0", "w1")
     with pytest.raises(DataError, match="at least 2 tokens"):
         data.synthetic_corpus(test_tokens=1)
+
+
+@pytest.mark.parametrize("order", ["first", "frequency"])
+def test_streamed_cache_equals_reading_in_memory(tmp_path, monkeypatch, order):
+    """The cache is written a block of lines at a time (blocks of 7 tokens here): the
+    same vocabulary and ids as tokenising the whole text in memory (`build_corpus`,
+    then `order_vocab`), whitespace of every kind, blank lines and a last line
+    without its newline included; the cached splits are memory-mapped."""
+    monkeypatch.setattr(data, "_BLOCK_TOKENS", 7)
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)] + ["caf\u00e9", "x\ry"]
+    def text(n):
+        lines = [" ".join(rng.choice(words, size=rng.integers(0, 9))) for _ in range(n)]
+        return "\n".join(lines) + "\n \u2028 z\x0bq \n\n" + "tail without newline"
+    d = write_corpus(tmp_path / "c", text(60), text(15), text(15))
+    got = data.read_corpus(d, cache_dir=tmp_path / "cache", order=order)
+    lines = {s: (d / f"{s}.txt").read_bytes().decode("utf-8").split("\n")
+             for s in data.SPLITS}  # no trailing newline: no empty last line
+    want = data.order_vocab(data.build_corpus(lines, str(d)), order)
+    assert got.vocab == want.vocab
+    for s in data.SPLITS:
+        assert isinstance(got.split(s), np.memmap) and got.split(s).dtype == np.int32
+        np.testing.assert_array_equal(got.split(s), want.split(s))
+
+
+def test_streamed_cache_refuses_bad_text_like_reading_in_memory(tmp_path):
+    d = write_corpus(tmp_path / "c", "a\n", "a\n", "a\n")
+    (d / "test.txt").write_bytes(b"ok\nfine\ncaf\xe9\n")
+    with pytest.raises(DataError, match=r"not UTF-8 text: byte 11 \(line 3\)"):
+        data.read_corpus(d, cache_dir=tmp_path / "cache")
+    write_corpus(d, "a\n", " \n\n", "a\n")
+    with pytest.raises(DataError, match=r"valid\.txt is empty"):
+        data.read_corpus(d, cache_dir=tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())  # nothing half-written is kept
+
+
+def test_a_cache_entry_written_again_replaces_the_old_one(tmp_path):
+    """A stale entry (a subword corpus of another tokenizer, say) is replaced, not kept;
+    arrays already mapped from the old files stay readable."""
+    path = tmp_path / "key.ids"
+    old = data.Corpus("c", ("a", "b"), *(np.array([0, 1, 0], np.int32),) * 3)
+    data._save_cache(path, old)
+    mapped = data._load_cache(path, "c")
+    new = data.Corpus("c", ("x", "y", "z"), *(np.array([2, 1, 0, 2], np.int32),) * 3)
+    data._save_cache(path, new)
+    again = data._load_cache(path, "c")
+    assert again.vocab == ("x", "y", "z") and again.train.tolist() == [2, 1, 0, 2]
+    assert mapped.train.tolist() == [0, 1, 0]
+    assert [p.name for p in tmp_path.iterdir()] == ["key.ids"]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import http.server
+import io
 import socket
+import tarfile
 import threading
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -138,6 +142,13 @@ def test_builtin_mirror_urls():
     for spec in CORPORA.values():
         assert spec.files == FILES
         assert all(len(d) == 64 for d in spec.sha256.values())
+        assert spec.archive is None or len(spec.archive.sha256) == 64
+    wt103, lm1b = CORPORA["wikitext-103"], CORPORA["lm1b"]
+    assert wt103.mirrors[0].url(wt103.archive.filename) == (
+        "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip")
+    assert lm1b.mirrors[0].url(lm1b.archive.filename) == (
+        "https://www.statmt.org/lm-benchmark/"
+        "1-billion-word-language-modeling-benchmark-r13output.tar.gz")
 
 
 def test_dead_mirror_then_good(server, dest, capsys):
@@ -264,7 +275,8 @@ def test_verify_corpus(dest):
 
 
 def test_unknown_corpus(dest):
-    with pytest.raises(DataError, match="unknown corpus 'ptb2'.*ptb, wikitext-2"):
+    with pytest.raises(DataError, match="unknown corpus 'ptb2'.*lm1b, ptb, wikitext-103, "
+                                        "wikitext-2"):
         download_corpus("ptb2", dest)
     with pytest.raises(DataError, match="unknown corpus"):
         verify_corpus(dest, "nope")
@@ -281,3 +293,111 @@ def test_plain_string_mirror(server, dest):
     download_corpus(TINY_SPEC, dest, mirrors=[f"{server.url}/plain/"], progress=False)
     assert verify_corpus(dest, TINY_SPEC) == []
 
+
+
+# -------------------------------------------------------------- corpora in an archive
+
+WT103_MEMBERS = {  # WikiText's layout: headings, blank lines, <unk>
+    "wikitext-103/wiki.train.tokens": b" \n = Valkyria = \n \n The game <unk> began . \n",
+    "wikitext-103/wiki.valid.tokens": b" \n = Homarus = \n \n It is a lobster . \n",
+    "wikitext-103/wiki.test.tokens": b" \n = Robert = \n \n He was an actor . \n",
+}
+LM1B_TOP = "1-billion-word-language-modeling-benchmark-r13output"
+LM1B_TRAIN = f"{LM1B_TOP}/training-monolingual.tokenized.shuffled"
+LM1B_HELDOUT = f"{LM1B_TOP}/heldout-monolingual.tokenized.shuffled"
+LM1B_MEMBERS = {  # in the tarball's order: shards out of name order, a stray file
+    f"{LM1B_TRAIN}/news.en-00002-of-00100": b"Second shard , first line .\nIt ends here\n",
+    f"{LM1B_TRAIN}/news.en-00001-of-00100": b"The first shard .\nNo newline at its end",
+    f"{LM1B_HELDOUT}/news.en.heldout-00000-of-00050": b"Test sentence one .\nTwo .\n",
+    f"{LM1B_HELDOUT}/news.en.heldout-00001-of-00050": b"Valid sentence .\n",
+    f"{LM1B_HELDOUT}/news.en.heldout-00002-of-00050": b"Unused heldout shard .\n",
+    f"{LM1B_TOP}/README": b"not a split\n",
+}
+
+
+def _zip(members: dict) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _tar_gz(members: dict) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _small(name: str, archive: bytes):
+    """The built-in spec of `name` with its archive's checksum that of `archive`."""
+    spec = CORPORA[name]
+    return dataclasses.replace(spec, archive=dataclasses.replace(
+        spec.archive, sha256=hashlib.sha256(archive).hexdigest()))
+
+
+def test_wikitext103_zip_is_verified_then_unpacked(server, dest, capsys):
+    archive = _zip(WT103_MEMBERS)
+    spec = _small("wikitext-103", archive)
+    mirror = server.mirror("wikitext", {spec.archive.filename: archive})
+    download_corpus(spec, dest, mirrors=[mirror])
+    assert server.requests == ["/wikitext/wikitext-103-v1.zip"]
+    for split in ("train", "valid", "test"):
+        assert (dest / f"{split}.txt").read_bytes() == \
+            WT103_MEMBERS[f"wikitext-103/wiki.{split}.tokens"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        ".wikitext-103.sha256.json", "test.txt", "train.txt", "valid.txt"]  # zip gone
+    assert verify_corpus(dest, spec) == []
+    corpus = read_corpus(dest, cache=False)
+    assert corpus.decode(corpus.train) == (
+        "<eos> = Valkyria = <eos> <eos> The game <unk> began . <eos>".split())
+    # A second call checks the unpacked files against the record: no request.
+    download_corpus(spec, dest, mirrors=[mirror], progress=False)
+    assert len(server.requests) == 1
+    (dest / "valid.txt").write_bytes(b"changed\n")
+    assert verify_corpus(dest, spec) == ["valid.txt"]
+
+
+def test_lm1b_tarball_is_unpacked_into_the_splits(server, dest):
+    archive = _tar_gz(LM1B_MEMBERS)
+    spec = _small("lm1b", archive)
+    mirror = server.mirror("lm", {spec.archive.filename: archive})
+    download_corpus(spec, dest, mirrors=[mirror], progress=False, keep_archive=True)
+    train = LM1B_MEMBERS[f"{LM1B_TRAIN}/news.en-00001-of-00100"] + b"\n" + \
+        LM1B_MEMBERS[f"{LM1B_TRAIN}/news.en-00002-of-00100"]  # name order, newline added
+    assert (dest / "train.txt").read_bytes() == train
+    assert (dest / "test.txt").read_bytes() == \
+        LM1B_MEMBERS[f"{LM1B_HELDOUT}/news.en.heldout-00000-of-00050"]
+    assert (dest / "valid.txt").read_bytes() == \
+        LM1B_MEMBERS[f"{LM1B_HELDOUT}/news.en.heldout-00001-of-00050"]
+    assert (dest / spec.archive.filename).read_bytes() == archive  # kept when asked
+    assert [p.name for p in dest.iterdir() if ".unpack-" in p.name or ".part" in p.name] \
+        == []
+    corpus = read_corpus(dest, cache=False)  # one sentence a line, <eos> after each
+    assert len(corpus.test) == len("Test sentence one . <eos> Two . <eos>".split())
+    assert corpus.decode(corpus.train[:5]) == ["The", "first", "shard", ".", "<eos>"]
+
+
+def test_archive_with_a_wrong_checksum_is_refused(server, dest):
+    archive = _zip(WT103_MEMBERS)
+    spec = _small("wikitext-103", _zip({"other": b"x"}))
+    mirror = server.mirror("wikitext", {spec.archive.filename: archive})
+    with pytest.raises(DownloadError, match="checksum mismatch"):
+        download_corpus(spec, dest, mirrors=[mirror], progress=False)
+    assert list(dest.iterdir()) == []  # nothing unpacked, no partial file
+
+
+def test_archive_without_a_member_names_it(server, dest):
+    members = dict(WT103_MEMBERS)
+    del members["wikitext-103/wiki.valid.tokens"]
+    archive = _zip(members)
+    spec = _small("wikitext-103", archive)
+    mirror = server.mirror("wikitext", {spec.archive.filename: archive})
+    with pytest.raises(DataError, match=r"no member 'wikitext-103/wiki\.valid\.tokens'"):
+        download_corpus(spec, dest, mirrors=[mirror], progress=False)
+    assert not (dest / "train.txt").exists() and not any(
+        ".unpack-" in p.name for p in dest.iterdir())

@@ -48,7 +48,8 @@ def _assert_same_corpus(got, want) -> None:
 # --------------------------------------------------------------------------------------
 # The project's own builders.
 
-@pytest.mark.parametrize("name", ["mos_jax_ptb", "mos_jax_wikitext2"])
+@pytest.mark.parametrize("name", ["mos_jax_ptb", "mos_jax_wikitext2", "mos_jax_wikitext103",
+                                  "mos_jax_lm1b"])
 def test_line_builder_matches_read_corpus(tmp_path, name):
     src = _write_corpus(tmp_path / "src")
     data_dir = tmp_path / "tfds"
