@@ -292,7 +292,7 @@ def task_plans(workdir):
 # ----------------------------------------------------------------------------- vocab
 
 MESHES = ((1, 1), (2, 4), (1, 8), (8, 1))  # (data, model) over 8 devices
-SHARDING_HEADS = ("softmax", "mos", "moc", "sigsoftmax", "moss")
+SHARDING_HEADS = ("softmax", "mos", "moc", "sigsoftmax", "moss", "adaptive", "adaptive_mos")
 
 
 def rel_diff(a, b) -> float:
@@ -330,11 +330,13 @@ def task_vocab(workdir):
     seq = rng.integers(0, V, size=(T + 1, B)).astype(np.int32)
     inputs, targets = seq[:-1], seq[1:]
     for head in SHARDING_HEADS:
+        options = (("div_value", 2.0),) if head.startswith("adaptive") else ()
         cfg = model.ModelConfig(vocab_size=V, emsize=6, nhid=8, nlayers=2, nhidlast=6,
-                                n_experts=3, head=head, **NO_DROPOUT)
+                                n_experts=3, head=head, head_options=options, **NO_DROPOUT)
         params = host(model.init_params(cfg, jax.random.key(1)))
         # the decoder bias at zero would hide a wrong bias gradient: make it non-zero
-        params["head"]["decoder_bias"] = rng.normal(size=V).astype(np.float32)
+        if "decoder_bias" in params["head"]:
+            params["head"]["decoder_bias"] = rng.normal(size=V).astype(np.float32)
 
         def loss_fn(p, x, y, carry):
             lp = model.apply(cfg, p, x, carry, y).target_logprobs
@@ -430,6 +432,14 @@ def task_vocab(workdir):
         "devices": n, "rows": rows} for name, (tree, n, rows) in restored.items()}
     import shutil
     shutil.copytree(work, workdir / "moved-one")
+    # The reference of the 2-process test with the vocabulary split over 2 devices
+    # (each process one model group): 4 devices, dropout on, stopped and resumed.
+    ref = workdir / "ref-model2"
+    run(two_process_config(tiny(parallel__num_devices=4, train__stop_at_step=6)), ref)
+    t = two_process_config(tiny(parallel__num_devices=4))
+    result, _ = run(t, ref)
+    sums, history = checksums(ref, t)
+    out["ref_model2"] = {"result": result, "sums": sums, "history": history}
     out["resumed"] = {"8x1": run(cfg_for(1), work)[0],
                       "one": run(cfg_for(1, "none"), workdir / "moved-one")[0],
                       "2x4": run(cfg_for(4), workdir / "straight")[0]}
@@ -438,13 +448,25 @@ def task_vocab(workdir):
 
 # ------------------------------------------------------------------------- multihost
 
+def two_process_config(c):
+    """The 2-process test's run with the vocabulary split over `model` = 2 (MoS, a
+    vocabulary of 64)."""
+    c.parallel.strategy = "mesh"
+    c.parallel.mesh.model = 2
+    c.data.synthetic.vocab_size = 64
+    return c
+
+
 def task_multihost(workdir, process_id, port, strategy):
-    c = tiny(parallel__strategy=strategy, parallel__coordinator_address=f"127.0.0.1:{port}",
-             parallel__num_processes=2, parallel__process_id=int(process_id),
-             train__stop_at_step=6)
+    split = strategy == "mesh-model2"
+    strategy = "mesh" if split else strategy
+    launch = dict(parallel__strategy=strategy,
+                  parallel__coordinator_address=f"127.0.0.1:{port}",
+                  parallel__num_processes=2, parallel__process_id=int(process_id))
+    prepare = two_process_config if split else (lambda c: c)
+    c = prepare(tiny(**launch, train__stop_at_step=6))
     first, logs1 = run(c, workdir)  # joins the run, trains 6 steps, checkpoints
-    c = tiny(parallel__strategy=strategy, parallel__coordinator_address=f"127.0.0.1:{port}",
-             parallel__num_processes=2, parallel__process_id=int(process_id))
+    c = prepare(tiny(**launch))
     result, logs2 = run(c, workdir)  # restores, trains to the end
     sums, history = checksums(workdir, c)
     return {"process": jax.process_index(), "processes": jax.process_count(),

@@ -288,12 +288,14 @@ def run_two_processes(workdir: Path, strategy: str, timeout: float = 150) -> lis
     return [last_json((logs / f"p{i}.out").read_text()) for i in range(2)]
 
 
-@pytest.mark.parametrize("strategy", ["mesh", "pmap"])
-def test_two_processes_train_checkpoint_restore_like_one(train_report, tmp_path, strategy):
+@pytest.mark.parametrize("strategy", ["mesh", "pmap", "mesh-model2"])
+def test_two_processes_train_checkpoint_restore_like_one(workers, tmp_path, strategy):
     """2 processes x 2 devices = the single-process run on 4 devices (dropout on: the
-    same masks; mesh and pmap give the same results, see the step test)."""
+    same masks; mesh and pmap give the same results, see the step test); mesh-model2:
+    the vocabulary split over each process's 2 devices (MoS, data 2 x model 2)."""
     reports = run_two_processes(tmp_path / "run", strategy)
-    ref = train_report["ref_mesh"]
+    ref = (worker_result(workers, "vocab")["ref_model2"] if strategy == "mesh-model2"
+           else worker_result(workers, "train")["ref_mesh"])
     for i, r in enumerate(reports):
         assert (r["process"], r["processes"], r["devices"], r["local_devices"]) == (i, 2, 4, 2)
         assert r["first"]["stopped"].startswith("reached") and r["first"]["step"] == 6
@@ -307,9 +309,10 @@ def test_two_processes_train_checkpoint_restore_like_one(train_report, tmp_path,
     assert [r.get("epoch") for r in records] == [1, 2, None]  # written once, by process 0
     assert math.isfinite(records[-1]["test_ppl"])
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["parallel"]
-    assert saved == {"strategy": strategy, "num_devices": 0, "coordinator_address": "",
-                     "num_processes": 0, "process_id": -1,  # launch settings not kept
-                     "mesh": {"data": -1, "model": 1},
+    assert saved == {"strategy": strategy.split("-")[0], "num_devices": 0,
+                     "coordinator_address": "", "num_processes": 0,
+                     "process_id": -1,  # launch settings not kept
+                     "mesh": {"data": -1, "model": 2 if "model2" in strategy else 1},
                      "rules": {"batch": "data", "vocab": "model"}}
 
 
@@ -336,7 +339,8 @@ def vocab_report(workers):
 MESHES = ("1x1", "2x4", "1x8", "8x1")  # data x model over 8 fake devices
 
 
-@pytest.mark.parametrize("head", ["softmax", "mos", "moc", "sigsoftmax", "moss"])
+@pytest.mark.parametrize("head", ["softmax", "mos", "moc", "sigsoftmax", "moss",
+                                  "adaptive", "adaptive_mos"])
 def test_split_vocabulary_heads_equal_one_device(vocab_report, head):
     """Loss, gradients (averaged over data) and target log-probabilities on every mesh
     equal the one-device program (dropout off, a non-zero decoder bias); with model > 1
