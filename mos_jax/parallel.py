@@ -508,8 +508,11 @@ class Plan:
         """This process's columns (split over `axis`) of a mapped function's result."""
         if self.process_count == 1:
             return np.asarray(x)
-        shards = sorted(x.addressable_shards, key=lambda s: s.index[axis].start or 0)
-        return np.concatenate([np.asarray(s.data) for s in shards], axis=axis)
+        blocks = {}  # the devices of a model group hold the same columns: one each
+        for shard in x.addressable_shards:
+            blocks.setdefault(shard.index[axis].start or 0, shard)
+        return np.concatenate([np.asarray(blocks[k].data) for k in sorted(blocks)],
+                              axis=axis)
 
     def gather_columns(self, local: np.ndarray) -> np.ndarray:
         """`[n, B_local, ...]` of every process -> the whole `[n, B, ...]` on every
