@@ -331,13 +331,28 @@ class Plan:
         return P(*mesh_axes) if any(mesh_axes) else P()
 
     def specs(self, tree):
-        """`spec` of every leaf of `tree`."""
-        return jax.tree_util.tree_map_with_path(self.spec, tree)
+        """`spec` of every leaf of `tree`. A leaf in a list, named by no parameter (a
+        checkpoint's flat list of the optimiser's own leaves, each shaped like a
+        parameter), takes the split spec of a named leaf of its shape in `tree`, so
+        that it is written and restored split too."""
+        by_shape = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            spec = self.spec(path, leaf)
+            if spec != P():
+                by_shape.setdefault(tuple(getattr(leaf, "shape", ())), spec)
+
+        def one(path, leaf):
+            spec = self.spec(path, leaf)
+            if (spec == P() and path and isinstance(path[-1], jax.tree_util.SequenceKey)
+                    and not _is_sharded(path)):
+                return by_shape.get(tuple(getattr(leaf, "shape", ())), spec)
+            return spec
+        return jax.tree_util.tree_map_with_path(one, tree)
 
     def layout(self, tree):
-        """The NamedSharding of every leaf of `tree` (`spec`)."""
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: NamedSharding(self.mesh, self.spec(path, x)), tree)
+        """The NamedSharding of every leaf of `tree` (`specs`)."""
+        return jax.tree_util.tree_map(lambda spec: NamedSharding(self.mesh, spec),
+                                      self.specs(tree), is_leaf=_is_spec)
 
     @functools.cached_property
     def process_index(self) -> int:

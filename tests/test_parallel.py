@@ -409,3 +409,28 @@ def test_mesh_sizes_and_rules_are_checked():
         parallel.mesh_sizes(8, 2, 2)
     with pytest.raises(parallel.ConfigError, match="splits only batch columns"):
         parallel.make_plan("pmap", [object()] * 4, 2)
+
+
+def test_leaves_place_by_their_logical_axes():
+    """The rule by name: the embedding and decoder bias (and optimiser state mirroring
+    them) split over model, the carry's rows over data, the rest replicated; a
+    checkpoint's flat list of optimiser leaves splits where its shape is a split
+    parameter's."""
+    from jax.sharding import PartitionSpec as P
+    plan = parallel.Plan.__new__(parallel.MeshPlan)
+    object.__setattr__(plan, "devices", tuple(range(8)))
+    object.__setattr__(plan, "model_size", 4)
+    object.__setattr__(plan, "rules", parallel.DEFAULT_RULES)
+    emb, bias, kernel = np.zeros((16, 3)), np.zeros(16), np.zeros((3, 16))
+    params = {"embedding": emb, "head": {"decoder_bias": bias, "latent_kernel": kernel}}
+    tree = {"params": params, "averaging": {"average": params},
+            "opt_state": [emb, bias, kernel], "carry": ((np.zeros((8, 3)),) * 2,)}
+    specs = plan.specs(tree)
+    split, rows = P("model", None), P("model")
+    for part in (specs["params"], specs["averaging"]["average"]):
+        assert (part["embedding"], part["head"]["decoder_bias"],
+                part["head"]["latent_kernel"]) == (split, rows, P())
+    assert specs["opt_state"] == [split, rows, P()]
+    assert specs["carry"] == ((P("data"), P("data")),)
+    object.__setattr__(plan, "rules", (("batch", "data"), ("vocab", "")))  # turned off
+    assert plan.specs(tree)["params"]["embedding"] == P()
