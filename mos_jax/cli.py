@@ -242,7 +242,7 @@ def _load_model(args, splits=()):
 def _cmd_evaluate(args) -> None:
     import numpy as np
 
-    from mos_jax import evaluate, parallel
+    from mos_jax import evaluate, parallel, train
     from mos_jax.progress import counter
     _at_least("--batch-size", args.batch_size)
     _at_least("--bptt", args.bptt)
@@ -276,7 +276,8 @@ def _cmd_evaluate(args) -> None:
             corpus = dataclasses.replace(corpus, test=ids)
     else:
         ids = corpus.split(args.split)
-    plan = parallel.local_plan(args.num_devices)  # the columns split over the devices
+    plan = parallel.local_plan(args.num_devices, model=args.model_shards)
+    train.check_placement(plan, config)
     logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
                                    progress=counter(
                                        "text" if args.text is not None else args.split,
@@ -349,7 +350,7 @@ def _statistics_file(home: Path, params, train_ids, args) -> Path:
 
 def _cmd_dynamic_eval(args) -> None:
     from mos_jax import dynamic_eval as de
-    from mos_jax import parallel
+    from mos_jax import parallel, train
     from mos_jax.progress import counter
     if args.preset not in de.PRESETS:
         raise MosJaxError(f"--preset {args.preset}: choose one of "
@@ -362,7 +363,8 @@ def _cmd_dynamic_eval(args) -> None:
     _output_file("--dump", args.dump, suffixes={".npy"})
     _output_file("--out", args.out)
     config, params, corpus, _, _ = _load_model(args, ("train", args.split))
-    plan = parallel.local_plan(args.num_devices)
+    plan = parallel.local_plan(args.num_devices, model=args.model_shards)
+    train.check_placement(plan, config)
     settings = dict(de.PRESETS[args.preset])
     for key in ("lr", "lamb", "epsilon"):
         if getattr(args, key) is not None:
@@ -715,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump", type=Path, help="save per-token log-probs [rows, batch] as .npy")
     p.add_argument("--num-devices", type=int, default=0,
                    help="devices to split the columns over (default 0: all local devices)")
+    p.add_argument("--model-shards", type=int, default=1, metavar="M",
+                   help="of those devices, M in each group splitting the vocabulary "
+                   "(the mesh's model axis; default 1: none)")
     p.add_argument("--by-frequency", action="store_true",
                    help="print a table of perplexity by training-set word count (the "
                    "most frequent words, count buckets, <unk>) instead of the JSON line")
@@ -750,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-devices", type=int, default=0,
                    help="devices for the gradient statistics (default 0: all local "
                    "devices); the update pass runs on one")
+    p.add_argument("--model-shards", type=int, default=1, metavar="M",
+                   help="of those devices, M in each group splitting the vocabulary "
+                   "for the statistics (default 1: none)")
     p.set_defaults(func=_cmd_dynamic_eval)
 
     p = sub.add_parser("rank", help="empirical rank of the log-probability matrix "
