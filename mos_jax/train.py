@@ -2,10 +2,12 @@
 
 `train_and_evaluate(config, workdir)` runs the procedure of docs/reference.md section 3 and
 `finetune(config, workdir)` the finetune stage; both share one loop (`_run`), in parts:
-`_setup` (placement, work directory, corpus, step), `_restore_or_init`, `_Loop.run_epoch`,
-`_Loop.end_epoch` (validate, NT-ASGD switch, best weights, save) and `_finish` (test),
-with one `StopPolicy` for Ctrl-C, the time budget, the stop step and the checkpoint
-cadence. Both return a dict saying whether the run `finished` and the `reason`. Every
+`_setup` (the work directory's checks in `mos_jax.runcompat`, corpus, optimiser, step:
+the run object `_Run`, with the config's values as `RunSettings`, built once; nothing
+after it reads the config), `_restore_or_init`, `_Loop.run_epoch`, `_Loop.end_epoch`
+(validate, NT-ASGD switch, best weights, save) and `_finish` (test), with one
+`StopPolicy` for Ctrl-C, the time budget, the stop step and the checkpoint cadence.
+Both return a dict saying whether the run `finished` and the `reason`. Every
 step's randomness derives from the config seed: dropout keys are
 `fold_in(key(seed), step)` (then one `fold_in` per column group), window lengths come
 from `np.random.default_rng([seed, epoch])`. So the checkpoint needs no RNG state, and
@@ -37,6 +39,7 @@ from mos_jax import heads
 from mos_jax import model as model_lib
 from mos_jax import optim
 from mos_jax import parallel
+from mos_jax import runcompat
 from mos_jax import sources
 from mos_jax import workdir as workdir_lib
 from mos_jax.batching import batchify, default_buckets, padded_window, train_windows
@@ -81,6 +84,14 @@ def model_config_from(config, vocab_size: int) -> model_lib.ModelConfig:
 vocab_order = sources.vocab_order
 tokenizer_of = sources.tokenizer_of
 load_corpus_from = sources.load_corpus_from
+
+# Work-directory compatibility lives in mos_jax.runcompat; its names as this module
+# had them.
+matching_configs = runcompat.matching_configs
+_saved_config = runcompat.saved_config
+_config_changes = runcompat.config_changes
+_finetune_data = runcompat.finetune_data
+_check_vocabulary = runcompat.check_vocabulary
 
 
 def column_groups(batch_size: int, small_batch_size: int, n_devices: int = 1) -> int:
@@ -236,14 +247,16 @@ def check_placement(plan: parallel.Plan, model_config: model_lib.ModelConfig) ->
 
 
 def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel.Plan,
-                     *, batch_size: int = 0, bptt: int = 0, seed: int | None = None):
+                     *, batch_size: int = 0, bptt: int = 0, seed: int | None = None,
+                     optimizer: optim.Optimizer | None = None):
     """The train step of `config` over `plan`'s devices: the one way to build it.
 
     `(state, inputs, targets, length, seq_len, lr) -> (state, metrics)`, with `inputs`
     and `targets` this process's columns `[T, B_local]`; `tx` and `traces` as
     `TrainStep`'s. On one device it is the `TrainStep` itself. `batch_size`, `bptt`
-    and `seed` override the config's (0 / None: the config's). Shared by runs with the
-    same arguments (and so compiled once).
+    and `seed` override the config's (0 / None: the config's); `optimizer` is the
+    config's `optim.from_config(config.optim)` (None: built here). Shared by runs with
+    the same arguments (and so compiled once).
     """
     d, o = config.data, config.optim
     batch_size = batch_size or d.batch_size
@@ -252,7 +265,7 @@ def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel
     n_groups = column_groups(batch_size, d.small_batch_size, plan.n_data)
     return _train_step(plan, model_config, alpha=o.alpha, beta=o.beta, bptt=bptt or d.bptt,
                        n_groups=n_groups, seed=config.train.seed if seed is None else seed,
-                       optimizer=optim.from_config(o))
+                       optimizer=optim.from_config(o) if optimizer is None else optimizer)
 
 
 @functools.lru_cache(maxsize=16)
@@ -345,16 +358,17 @@ class StopPolicy:
     per step. In a run of several processes the inputs that differ between them (the
     Ctrl-C flag, the clocks) go through the plan's `agree` on checked steps, so every
     process takes the same decision at the same step. Once a stop is decided, `reason`
-    says why.
+    says why. `settings`: the run's `RunSettings` (or anything with those three keys'
+    names as attributes, a config's `train` section say).
     """
 
     INTERRUPT, STOP, SAVE = "interrupt", "stop", "save"
 
-    def __init__(self, train_config, plan: parallel.Plan | None = None,
+    def __init__(self, settings, plan: parallel.Plan | None = None,
                  clock: Callable[[], float] = time.perf_counter):
-        self.stop_at_step = train_config.stop_at_step
-        self.time_budget_s = train_config.time_budget_s
-        self.checkpoint_every_s = train_config.checkpoint_every_s
+        self.stop_at_step = settings.stop_at_step
+        self.time_budget_s = settings.time_budget_s
+        self.checkpoint_every_s = settings.checkpoint_every_s
         self.plan, self.clock = parallel.resolve(plan), clock
         self.start = self.last_save = clock()
         self.reason: str | None = None
@@ -442,21 +456,95 @@ def _eval_progress(label: str, batch_size: int, primary: bool,
     return callback
 
 
-def _validation_loss(model_config, params, ids, config, progress=None) -> float:
-    if config.train.eval_max_tokens:
-        ids = ids[: config.train.eval_max_tokens]
-    logp = evaluate.token_logprobs(model_config, params, ids, config.data.eval_batch_size,
-                                   config.data.bptt, progress,
-                                   plan=parallel.from_config(config))
+def _validation_loss(run: _Run, params, progress=None) -> float:
+    """The mean NLL of `params` on the validation split (its first
+    `train.eval_max_tokens` tokens, if set), over the run's plan."""
+    s, ids = run.settings, run.corpus.valid
+    if s.eval_max_tokens:
+        ids = ids[: s.eval_max_tokens]
+    logp = evaluate.token_logprobs(run.model_config, params, ids, s.eval_batch_size,
+                                   s.bptt, progress, plan=run.plan)
     return -float(np.mean(logp, dtype=np.float64))
 
 
-@dataclasses.dataclass
-class _Run:
-    """What one invocation of the loop works with, fixed while it runs."""
+def base_lr(config, mode: str) -> tuple[str, float]:
+    """The key and value of the base learning rate of a `mode` run: `finetune.lr` for a
+    finetune, else `optim.lr`."""
+    key = "finetune.lr" if mode == "finetune" else "optim.lr"
+    section, name = key.split(".")
+    return key, config[section][name]
 
-    config: Any
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The config's values that a run reads once it is set up, typed, read from the
+    config once (`from_config`): nothing below `_setup` reads the config itself.
+
+    `lr_key`, `lr`: the base learning rate's key and value for the run's mode
+    (`base_lr`); `max_epochs`: `finetune.max_epochs` for a finetune, else
+    `train.max_epochs`. `stop_at_step`, `time_budget_s` and `checkpoint_every_s` are
+    what a `StopPolicy` reads.
+    """
+
     mode: str  # "train" or "finetune"
+    seed: int  # train.seed
+    batch_size: int  # data.*
+    eval_batch_size: int
+    test_batch_size: int
+    bptt: int
+    max_seq_len_delta: int
+    lr_key: str  # the learning-rate rule's choice
+    lr: float
+    max_epochs: int
+    steps_per_epoch: int  # train.*
+    log_every_steps: int
+    eval_max_tokens: int
+    test: bool
+    min_improvement: float
+    patience: int
+    stop_at_step: int
+    time_budget_s: float
+    checkpoint_every_s: float
+    asgd: bool  # optim.asgd (a training's)
+    nonmono: int  # optim.nonmono
+    init_from: str  # finetune.init_from (a finetune's)
+
+    @classmethod
+    def from_config(cls, config, mode: str) -> RunSettings:
+        """The settings of a `mode` run of `config`. The keys of the other mode (a
+        training's early stopping and NT-ASGD switch, a finetune's source) are not
+        read: a finetune has neither rule, a training no source."""
+        d, t, o = config.data, config.train, config.optim
+        lr_key, lr = base_lr(config, mode)
+        if mode == "finetune":
+            f = config.finetune
+            max_epochs, init_from = f.max_epochs, f.init_from
+            asgd, min_improvement, patience = False, 0.0, 0
+        else:
+            max_epochs, init_from = t.max_epochs, ""
+            asgd, min_improvement, patience = (o.asgd, float(t.min_improvement),
+                                               int(t.patience))
+        return cls(
+            mode=mode, seed=t.seed, batch_size=d.batch_size,
+            eval_batch_size=d.eval_batch_size, test_batch_size=d.test_batch_size,
+            bptt=d.bptt, max_seq_len_delta=d.max_seq_len_delta, lr_key=lr_key, lr=lr,
+            max_epochs=max_epochs, steps_per_epoch=t.steps_per_epoch,
+            log_every_steps=t.log_every_steps, eval_max_tokens=t.eval_max_tokens,
+            test=t.test, min_improvement=min_improvement, patience=patience,
+            stop_at_step=t.stop_at_step, time_budget_s=t.time_budget_s,
+            checkpoint_every_s=t.checkpoint_every_s, asgd=asgd, nonmono=o.nonmono,
+            init_from=init_from)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one invocation of the loop works with, built once from the config by
+    `_setup` and fixed while it runs: the placement plan, the optimiser, the model
+    config, the corpus, the step and the typed `settings`. The loop and everything
+    below it take this, never the config."""
+
+    settings: RunSettings
+    saved_config: dict  # what config.json keeps of the run's config
     workdir: Path
     log: Callable[[str], None]
     plan: parallel.Plan  # the placement plan
@@ -473,84 +561,81 @@ class _Run:
     changes: dict  # config keys changed since the last start: {key: (old, new)}
 
     @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
     def finetuning(self) -> bool:
         return self.mode == "finetune"
 
     @property
     def lr(self) -> float:
-        return base_lr(self.config, self.mode)[1]
+        return self.settings.lr
 
     @property
     def max_epochs(self) -> int:
-        return (self.config.finetune.max_epochs if self.finetuning
-                else self.config.train.max_epochs)
+        return self.settings.max_epochs
 
     def stopped_early(self, history: Sequence[float]) -> bool:
         """Training's early-stopping rule (`train.min_improvement`, `train.patience`)
         on the validation losses so far; never for a finetune (its own rule)."""
-        t = self.config.train
+        s = self.settings
         return not self.finetuning and optim.stopped_improving(
-            history, float(t.min_improvement), int(t.patience))
-
-
-def base_lr(config, mode: str) -> tuple[str, float]:
-    """The key and value of the base learning rate of a `mode` run: `finetune.lr` for a
-    finetune, else `optim.lr`."""
-    key = "finetune.lr" if mode == "finetune" else "optim.lr"
-    section, name = key.split(".")
-    return key, config[section][name]
+            history, s.min_improvement, s.patience)
 
 
 def _setup(config, workdir: str | Path, mode: str, log: Callable[[str], None],
-           data_given: Sequence[str] = ()) -> _Run:
-    """Join the placement, check the config against the work directory (and the
-    finetune source), load the corpus, build the step. Writes nothing but empty
-    directories: `config.json` is written by `_started`, once the run has started.
-    A finetune takes its data section from its run (`_finetune_data`). `_run` has
-    checked every value already."""
-    plan = parallel.from_config(config)  # a multi-host run joins before JAX work
+           data_given: Sequence[str], plan: parallel.Plan) -> _Run:
+    """Check the config against the work directory (and the finetune source), load the
+    corpus, build the optimiser and the step on `plan` (the run's, joined by `_run`),
+    and read the settings: the only part of a run that reads the config. Writes
+    nothing but empty directories: `config.json` is written by `_started`, once the
+    run has started. A finetune takes its data section from its run
+    (`runcompat.finetune_data`). `_run` has checked every value already."""
     primary = plan.is_primary  # only process 0 logs and writes metrics
     optimizer = optim.from_config(config.optim)  # a wrong optim.name fails here
     if not primary:
         log = lambda message: None  # noqa: E731
     workdir = Path(workdir)
     if mode == "finetune":
-        config = _finetune_data(config, workdir, data_given, log)
-    changes = _config_changes(config, workdir, log)
-    if mode == "finetune" and not _has_work(workdir, ("checkpoints",)):
-        _check_finetune_source(config)  # a resume needs no source: it restores its own
+        config = runcompat.finetune_data(config, workdir, data_given, log)
+    changes = runcompat.config_changes(config, workdir, log)
+    if mode == "finetune" and not runcompat.has_work(workdir, ("checkpoints",)):
+        # a resume needs no source: it restores its own
+        runcompat.check_finetune_source(config)
+    settings = RunSettings.from_config(config, mode)
     corpus = _run_corpus(config, workdir, mode)
-    _check_vocabulary(config, workdir, mode, corpus)
-    _check_split_sizes(config, corpus)
+    runcompat.check_vocabulary(config, workdir, mode, corpus)
+    _check_split_sizes(settings, corpus)
     model_config = model_config_from(config, corpus.vocab_size)
-    d = config.data
-    train_rows = batchify(corpus.train, d.batch_size)
-    buckets = default_buckets(d.bptt, d.bptt + d.max_seq_len_delta)
-    step_fn = build_train_step(config, model_config, plan)
+    s = settings
+    train_rows = batchify(corpus.train, s.batch_size)
+    buckets = default_buckets(s.bptt, s.bptt + s.max_seq_len_delta)
+    step_fn = build_train_step(config, model_config, plan, optimizer=optimizer)
     train_rows = plan.local_columns(train_rows)  # this host's columns only
-    log(f"{plan.describe()}, {plan.per_device(d.batch_size)} columns per device")
-    plan.note_evaluation((d.eval_batch_size, d.test_batch_size), log)
+    log(f"{plan.describe()}, {plan.per_device(s.batch_size)} columns per device")
+    plan.note_evaluation((s.eval_batch_size, s.test_batch_size), log)
     abstract = jax.eval_shape(lambda: _state_tree(init_state(
         model_config, model_lib.init_params(model_config, jax.random.key(0)),
-        d.batch_size, step_fn.tx)))
+        s.batch_size, step_fn.tx)))
     abstract = plan.abstract(abstract)  # any layout restores into ours
     workdir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsWriter(workdir) if primary else parallel.NullMetrics()
-    return _Run(config, mode, workdir, log, plan, primary, corpus, model_config,
-                train_rows, buckets, optimizer, step_fn, CheckpointStore(workdir), metrics,
-                abstract, changes)
+    return _Run(settings, runcompat.saved_config(config), workdir, log, plan, primary,
+                corpus, model_config, train_rows, buckets, optimizer, step_fn,
+                CheckpointStore(workdir), metrics, abstract, changes)
 
 
 def _run_corpus(config, workdir: Path, mode: str) -> data_lib.Corpus:
     """The corpus of `config`; for a subword run that continues weights (a resume, or
     a finetune from its run), tokenised with the tokenizer those weights were trained
     with (its `tokenizer.json`) when the one trained now differs (another version of
-    the `tokenizers` library, say), in `config`'s order: `_check_vocabulary` then
-    compares the ids, as for every run."""
+    the `tokenizers` library, say), in `config`'s order: `runcompat.check_vocabulary`
+    then compares the ids, as for every run."""
     corpus = load_corpus_from(config)
     if corpus.subwords is None:
         return corpus
-    if _has_work(workdir):
+    if runcompat.has_work(workdir):
         directory = workdir
     elif mode == "finetune" and config.finetune.init_from:
         directory = Path(config.finetune.init_from)
@@ -567,43 +652,19 @@ def _run_corpus(config, workdir: Path, mode: str) -> data_lib.Corpus:
     return data_lib.order_vocab(first, vocab_order(config))
 
 
-def _check_vocabulary(config, workdir: Path, mode: str, corpus: data_lib.Corpus) -> None:
-    """The corpus must have the vocabulary, in the same order, that the run in `workdir`
-    recorded (a resume) and, for a finetune, that its `init_from` run recorded: the
-    weights were trained on those ids."""
-    sources = [(workdir, "this run")]
-    if mode == "finetune" and config.finetune.init_from:
-        sources.append((Path(config.finetune.init_from), "the run it finetunes"))
-    for directory, who in sources:
-        if directory == workdir and not _has_work(workdir):
-            continue  # a start that saved nothing binds nothing (see _config_changes)
-        recorded = data_lib.load_vocab(directory)
-        if recorded is None or recorded == corpus.vocab:
-            continue
-        same_words = set(recorded) == set(corpus.vocab)
-        raise DataError(
-            f"{corpus.name} does not give the word ids {directory} ({who}) was trained "
-            f"with: its vocabulary ({corpus.vocab_size:,} words) "
-            + ("holds the same words in another order (the training text or "
-               "data.vocab_order changed)"
-               if same_words else f"differs from the recorded {len(recorded):,} words")
-            + f" ({directory / data_lib.VOCAB_FILE}). Train on the corpus the run used "
-            "(--config.data.dir), or use a new --workdir")
-
-
-def _check_split_sizes(config, corpus: data_lib.Corpus) -> None:
+def _check_split_sizes(settings: RunSettings, corpus: data_lib.Corpus) -> None:
     """Before any work: every split the run reads holds at least two tokens per column
     of its batch size (what `batchify` needs), so that no validation or final test
     fails after the training it follows."""
-    d, t = config.data, config.train
-    valid = len(corpus.valid) if not t.eval_max_tokens else min(len(corpus.valid),
-                                                                 t.eval_max_tokens)
-    checks = [("data.batch_size", d.batch_size, "train", len(corpus.train), ""),
-              ("data.eval_batch_size", d.eval_batch_size, "valid", valid,
-               f" (train.eval_max_tokens={t.eval_max_tokens})" if t.eval_max_tokens
+    s = settings
+    valid = len(corpus.valid) if not s.eval_max_tokens else min(len(corpus.valid),
+                                                                 s.eval_max_tokens)
+    checks = [("data.batch_size", s.batch_size, "train", len(corpus.train), ""),
+              ("data.eval_batch_size", s.eval_batch_size, "valid", valid,
+               f" (train.eval_max_tokens={s.eval_max_tokens})" if s.eval_max_tokens
                else "")]
-    if t.test:
-        checks.append(("data.test_batch_size", d.test_batch_size, "test",
+    if s.test:
+        checks.append(("data.test_batch_size", s.test_batch_size, "test",
                        len(corpus.test), ""))
     for key, batch, split, tokens, why in checks:
         if tokens // batch < 2:
@@ -627,7 +688,7 @@ def _started(run: _Run, step: int) -> None:
         data_lib.save_vocab(run.workdir, run.corpus.vocab)
     data_lib.save_subwords(run.workdir, run.corpus.subwords)
     data_lib.atomic_write_bytes(run.workdir / "config.json", json.dumps(
-        _saved_config(run.config), indent=2, sort_keys=True).encode())
+        run.saved_config, indent=2, sort_keys=True).encode())
     if run.changes:
         run.log("config changed since the last start: " + "; ".join(
             f"{key}: {old!r} -> {new!r}" for key, (old, new) in run.changes.items()))
@@ -656,9 +717,9 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
                 f"batch {record.batch_in_epoch}) in {run.workdir}")
         return state, record
     record = LoopRecord(mode=mode, optimizer=name)
-    config, mc, batch_size = run.config, run.model_config, run.config.data.batch_size
+    s, mc, batch_size = run.settings, run.model_config, run.settings.batch_size
     if run.finetuning:
-        params, start_val, init_epoch = _finetune_start(config, mc, run.corpus, run.log)
+        params, start_val, init_epoch = _finetune_start(run)
         record.best_val, record.best_epoch = start_val, 0
         state = init_state(mc, params, batch_size, tx, averaging_active=True)
         store.save_best(0, params, {"val_loss": start_val, "epoch": 0})
@@ -666,11 +727,11 @@ def _restore_or_init(run: _Run) -> tuple[TrainState, LoopRecord]:
         # (mos_jax.plot labels and places the finetune's curve with it).
         # Nested, so that a reader of the epochs' records (valid_loss, ...) skips it.
         run.metrics.write({"mode": mode, "step": 0, "finetune_start": {
-            "init_from": str(Path(config.finetune.init_from).resolve()),
+            "init_from": str(Path(s.init_from).resolve()),
             "init_epoch": init_epoch, "valid_loss": start_val,
             "valid_ppl": _ppl(start_val)}})
     else:
-        params = model_lib.init_params(mc, jax.random.key(config.train.seed))
+        params = model_lib.init_params(mc, jax.random.key(s.seed))
         state = init_state(mc, params, batch_size, tx)
     run.log(f"{mode}: {model_lib.param_count(state.params):,} parameters, "
             f"{run.corpus!r}, workdir {run.workdir}")
@@ -754,7 +815,7 @@ class _Loop:
     def diverged(self, what: str) -> None:
         """Training diverged: say so, and which checkpoint (all are finite) to resume."""
         run, last = self.run, self.run.store.latest_step()
-        key = base_lr(run.config, run.mode)[0]
+        key = run.settings.lr_key
         lower = f"--config.{key}={run.lr / 2:g}"
         if last is None:
             where = (f"no checkpoint was written before (the work directory keeps no "
@@ -769,16 +830,17 @@ class _Loop:
     def run_epoch(self, policy: StopPolicy) -> bool:
         """The current epoch's remaining windows; False if the policy stopped it early."""
         run, record = self.run, self.record
-        d, t, epoch = run.config.data, run.config.train, record.epoch
-        windows = list(train_windows(len(run.train_rows), np.random.default_rng([t.seed, epoch]),
-                                     d.bptt, d.bptt + d.max_seq_len_delta, run.buckets))
-        if t.steps_per_epoch:
-            windows = windows[:t.steps_per_epoch]
+        s = run.settings
+        epoch = record.epoch
+        windows = list(train_windows(len(run.train_rows), np.random.default_rng([s.seed, epoch]),
+                                     s.bptt, s.bptt + s.max_seq_len_delta, run.buckets))
+        if s.steps_per_epoch:
+            windows = windows[:s.steps_per_epoch]
         if record.batch_in_epoch == 0:
             self.state = self.state.replace(
-                carry=model_lib.init_carry(run.model_config, d.batch_size))
+                carry=model_lib.init_carry(run.model_config, s.batch_size))
         progress = self.progress = Progress(
-            f"{run.mode} epoch {epoch}", len(windows), d.batch_size,
+            f"{run.mode} epoch {epoch}", len(windows), s.batch_size,
             start=record.batch_in_epoch,
             **({} if run.primary else {"stream": parallel.NullStream()}))
         for k in range(record.batch_in_epoch, len(windows)):
@@ -792,7 +854,7 @@ class _Loop:
             self.pending.append(m["loss"])  # no host sync here
             record.batch_in_epoch = k + 1
             last = k + 1 == len(windows)
-            checked = (k + 1) % t.log_every_steps == 0 or last
+            checked = (k + 1) % s.log_every_steps == 0 or last
             if checked:
                 self._log_step(progress, k + 1, w, float(m["loss"]))
             else:
@@ -826,11 +888,10 @@ class _Loop:
         epoch = record.epoch
         self.check_finite()  # before the best weights are saved
         watch = _eval_progress(f"{run.mode} epoch {epoch} validation",
-                               run.config.data.eval_batch_size, run.primary, policy)
+                               run.settings.eval_batch_size, run.primary, policy)
         try:
-            stop = _end_of_epoch(run.config, run.mode, record, self.state, run.store,
-                                 run.model_config, run.corpus, run.metrics, self.progress,
-                                 run.log, watch, last_lr=None if self.last_lr is None
+            stop = _end_of_epoch(run, record, self.state, self.progress, watch,
+                                 last_lr=None if self.last_lr is None
                                  else float(self.last_lr))
         except _ValidationInterrupted:  # the epoch's training is saved, its end redone
             self.save()
@@ -848,14 +909,14 @@ class _Loop:
         policy.saved()
         if stop:
             why = (f"validation stopped improving (non-monotone rule, "
-                   f"nonmono={run.config.optim.nonmono})")
+                   f"nonmono={run.settings.nonmono})")
             run.log(f"finetune: {why}; stopping after epoch {epoch}")
             return why
         if run.stopped_early(record.history):
-            t = run.config.train
+            t = run.settings
             why = (f"validation perplexity improved by less than "
-                   f"{float(t.min_improvement):.2%} per epoch over the last "
-                   f"{int(t.patience)} epoch(s) (train.min_improvement)")
+                   f"{t.min_improvement:.2%} per epoch over the last "
+                   f"{t.patience} epoch(s) (train.min_improvement)")
             run.log(f"train: {why}; stopping after epoch {epoch}")
             return why
         if record.epoch > run.max_epochs:
@@ -874,9 +935,9 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None],
     # One run per work directory: the lock is taken (by process 0 of a multi-process
     # run) before anything in it is read or written, and held to the end.
     config_lib.validate(config, unknown_ok=True)  # every value, before any work
-    plan = parallel.from_config(config)  # cached: _setup gets the same
+    plan = parallel.from_config(config)  # a multi-host run joins before JAX work
     with workdir_lib.hold(workdir, mode, plan):
-        run = _setup(config, workdir, mode, log, data_given)
+        run = _setup(config, workdir, mode, log, data_given, plan)
         try:
             return _run_loop(run)
         finally:  # errors included: an open Orbax manager complains at exit
@@ -884,7 +945,7 @@ def _run(config, workdir: str | Path, mode: str, log: Callable[[str], None],
 
 
 def _run_loop(run: _Run) -> dict:
-    config, mode, log, workdir = run.config, run.mode, run.log, run.workdir
+    mode, log, workdir = run.mode, run.log, run.workdir
     state, record = _restore_or_init(run)
     stopped_early = run.stopped_early(record.history)
     if record.done and (run.finetuning or record.epoch > run.max_epochs or stopped_early):
@@ -895,7 +956,7 @@ def _run_loop(run: _Run) -> dict:
         result = dict(record.result or {})
         result.setdefault("reason", "finished before")
         return {**result, "finished": True, "trained_steps": 0}
-    stop_at = config.train.stop_at_step
+    stop_at = run.settings.stop_at_step
     if stop_at and stop_at <= int(state.step):
         raise ConfigError(
             f"train.stop_at_step={stop_at}, but the run in {workdir} is already at step "
@@ -906,7 +967,7 @@ def _run_loop(run: _Run) -> dict:
     loop = _Loop(run, state, record)
     start_step, traces_before = loop.host_step, run.step_fn.traces
     finished_why = None
-    with StopPolicy(config.train, run.plan) as policy:
+    with StopPolicy(run.settings, run.plan) as policy:
         while record.epoch <= run.max_epochs and policy.reason is None:
             if not loop.run_epoch(policy):
                 break  # stopped mid-epoch
@@ -924,8 +985,7 @@ def _run_loop(run: _Run) -> dict:
         log(f"stopped: {policy.reason}; continue with `{_continue_command(run)}`")
         return {"stopped": policy.reason, "step": loop.host_step, "epoch": record.epoch,
                 **trained, "finished": False, "reason": policy.reason}
-    result = _finish(config, record, run.store, run.model_config, run.corpus, run.metrics,
-                     run.abstract, log)
+    result = _finish(run, record)
     result.update(compilations=compilations, finished=True,
                   reason=finished_why or f"reached {mode}.max_epochs={run.max_epochs}")
     record.done, record.result = True, result
@@ -939,289 +999,87 @@ def _continue_command(run: _Run, *extra: str) -> str:
     return " ".join((f"mos-jax {run.mode} --workdir {run.workdir}",) + extra)
 
 
-def _end_of_epoch(config, mode, record, state, store, model_config, corpus, metrics,
-                  progress, log, watch=None, last_lr: float | None = None) -> bool:
+def _end_of_epoch(run: _Run, record: LoopRecord, state: TrainState, progress: Progress,
+                  watch=None, last_lr: float | None = None) -> bool:
     """Validate, log, keep the best weights, apply the NT-ASGD rule.
 
     Returns True when finetuning should stop (the same non-monotone rule). `watch`:
     the validation's progress callback (`_eval_progress`); nothing changes before the
     validation is done, so a validation it interrupts is simply redone.
     """
+    s, mode, store, log = run.settings, run.mode, run.store, run.log
     epoch = record.epoch
     train_s = progress.elapsed  # this epoch's training (since a resume), not validation
     params = optim.eval_params(state.opt_state, state.params)
-    val = _validation_loss(model_config, params, corpus.valid, config, watch)
+    val = _validation_loss(run, params, watch)
     averaged = params is not state.params
-    lr_key, lr = base_lr(config, mode)
     if not math.isfinite(val):  # finite weights, yet: never saved as the best
         raise TrainingError(
-            f"the validation loss of epoch {epoch} is {val}: lower --config.{lr_key}; "
+            f"the validation loss of epoch {epoch} is {val}: lower --config.{s.lr_key}; "
             f"the checkpoints in {store.workdir} were not touched")
     if record.best_val is None or val < record.best_val:
         record.best_val, record.best_epoch = val, epoch
         store.save_best(int(state.step), params, {"val_loss": val, "epoch": epoch})
-    nonmono = config.optim.nonmono
-    trigger = optim.should_switch(record.history, val, nonmono)
-    if mode == "train" and config.optim.asgd and record.switched_at_epoch is None and trigger:
+    trigger = optim.should_switch(record.history, val, s.nonmono)
+    if mode == "train" and s.asgd and record.switched_at_epoch is None and trigger:
         record.switched_at_epoch = epoch
         log(f"epoch {epoch}: switching to averaged SGD (NT-ASGD)")
     record.history.append(val)
     train_loss = record.epoch_loss_sum / max(record.epoch_steps, 1)
     entry = {"mode": mode, "epoch": epoch, "step": int(state.step),
              "train_loss": train_loss, "valid_loss": val, "valid_ppl": _ppl(val),
-             "lr": lr, "last_lr": last_lr, "averaging": bool(averaged or mode == "finetune"),
+             "lr": s.lr, "last_lr": last_lr,
+             "averaging": bool(averaged or mode == "finetune"),
              "tokens_per_s": progress.tokens_per_s, "wall_time": progress.elapsed,
              "train_tokens": progress.tokens, "train_s": train_s}
-    metrics.write(entry)
+    run.metrics.write(entry)
     log(f"{mode} epoch {epoch}: train loss {train_loss:.3f} | valid ppl {_ppl(val):.2f}"
         f"{' (averaged)' if averaged else ''} | best {_ppl(record.best_val):.2f}")
     return mode == "finetune" and trigger
 
 
-def _finish(config, record, store, model_config, corpus, metrics, abstract, log) -> dict:
+def _finish(run: _Run, record: LoopRecord) -> dict:
     """Test the best weights with the test batch size; the run's result."""
-    params, meta = store.restore_best(abstract["params"])
+    s, log = run.settings, run.log
+    params, meta = run.store.restore_best(run.abstract["params"])
     result = {"best_epoch": meta["epoch"], "valid_loss": meta["val_loss"],
               "valid_ppl": _ppl(meta["val_loss"])}
     if record.mode == "finetune" and meta["epoch"] == 0:
         log("finetune: no epoch improved on the starting weights; keeping them")
-    if config.train.test:
-        plan = parallel.from_config(config)
-        watch = _eval_progress(f"{record.mode} test", config.data.test_batch_size,
-                               plan.is_primary)
+    if s.test:
+        watch = _eval_progress(f"{record.mode} test", s.test_batch_size, run.primary)
         with _Interrupt(lambda: log(
                 "Ctrl-C: training is over and saved; the run ends when this test is "
                 "done (Ctrl-C again aborts the test)")):
-            logp = evaluate.token_logprobs(model_config, params, corpus.test,
-                                           config.data.test_batch_size, config.data.bptt,
-                                           watch, plan=plan, log=log)
+            logp = evaluate.token_logprobs(run.model_config, params, run.corpus.test,
+                                           s.test_batch_size, s.bptt, watch,
+                                           plan=run.plan, log=log)
         test = -float(np.mean(logp, dtype=np.float64))
         result.update(test_loss=test, test_ppl=_ppl(test))
-    metrics.write({"mode": record.mode, "final": True, **result})
+    run.metrics.write({"mode": record.mode, "final": True, **result})
     log(f"{record.mode} finished: " + ", ".join(
         f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return result
 
 
-def _saved_data(data: dict) -> dict:
-    """The data section of a `config.json` with the synthetic-corpus keys added later
-    (data.synthetic.structure, ...) at their defaults: a run started before them used
-    what those defaults describe."""
-    if not isinstance(data.get("synthetic"), dict):
-        return data
-    declared = config_lib.default_config().data.synthetic.to_dict()
-    return {**data, "synthetic": {**declared, **data["synthetic"]}}
-
-
-def _finetune_data(config, workdir: Path, data_given: Sequence[str],
-                   log: Callable[[str], None]):
-    """`config` with the data section of the run this finetune continues.
-
-    The corpus and its layout belong to the training run: a finetune takes every data
-    key from the `config.json` of `finetune.init_from` (of its own work directory when
-    resuming its checkpoints), except the keys in `data_given` (`dir`, `bptt`, ...: those
-    the caller set, e.g. the command's --config.data.* overrides). So a finetune config
-    whose `data.dir` is its file's placeholder finetunes on the corpus the run was
-    trained on. Says so in one line when a key changes; without such a file (weights
-    copied without it) the config is kept as given.
-    """
-    own = workdir / "config.json"
-    if own.is_file() and _has_work(workdir, ("checkpoints",)):
-        path = own
-    elif config.finetune.init_from:
-        path = Path(config.finetune.init_from) / "config.json"
-    else:
-        return config  # _check_finetune_source says what is missing
-    try:
-        theirs = json.loads(path.read_text()).get("data")
-    except (OSError, ValueError):
-        return config
-    if not isinstance(theirs, dict):
-        return config
-    theirs = _saved_data(theirs)
-    ours = config.data.to_dict()
-    given = {key.split(".")[0] for key in data_given}
-    taken = {key: value for key, value in theirs.items()
-             if key in ours and key not in given and ours[key] != value}
-    if not taken:
-        return config
-    whole = config.to_dict()
-    whole["data"].update(taken)
-    new = config_lib.ConfigDict(whole)
-    new.lock()
-    log(f"finetune: the data of the run, from {path}: " + "; ".join(
-        f"data.{key} {value!r} (this config: {ours[key]!r})"
-        for key, value in taken.items())
-        + "; give --config.data.dir (Python: data_given=('dir',)) to finetune on "
-        "another corpus")
-    return new
-
-
-def _finetune_start(config, model_config, corpus, log):
-    source = config.finetune.init_from
-    abstract = jax.eval_shape(lambda: model_lib.init_params(model_config, jax.random.key(0)))
-    abstract = parallel.from_config(config).abstract(abstract)
+def _finetune_start(run: _Run):
+    """The best weights of the run a finetune starts from (`finetune.init_from`), in
+    the run's layout, their validation loss and epoch."""
+    source = run.settings.init_from
+    abstract = jax.eval_shape(
+        lambda: model_lib.init_params(run.model_config, jax.random.key(0)))
+    abstract = run.plan.abstract(abstract)
     with CheckpointStore(source, read_only=True) as store:
         if not store.has_best():
             raise CheckpointError(f"{source} has no best weights (best/): is it the work "
                                   "directory of a `mos-jax train` run?")
         params, meta = store.restore_best(abstract)
-    watch = _eval_progress("finetune start validation", config.data.eval_batch_size,
-                           parallel.from_config(config).is_primary)
-    val = _validation_loss(model_config, params, corpus.valid, config, watch)
-    log(f"finetune: starting from {source} (epoch {meta['epoch']}), valid ppl "
-        f"{_ppl(val):.2f}")
+    watch = _eval_progress("finetune start validation", run.settings.eval_batch_size,
+                           run.primary)
+    val = _validation_loss(run, params, watch)
+    run.log(f"finetune: starting from {source} (epoch {meta['epoch']}), valid ppl "
+            f"{_ppl(val):.2f}")
     return params, val, int(meta["epoch"])
-
-
-# Keys that belong to one launch, not to the run: config.json keeps them at their
-# defaults, and a resume neither compares them nor re-applies an earlier launch's value
-# (a stop step kept there would stop every continuation one step later).
-_LAUNCH_KEYS = {"train.stop_at_step": 0,
-                **{f"parallel.{k}": v for k, v in parallel.CLUSTER_DEFAULTS.items()}}
-# The data keys that fix the vocabulary, the batch layout or the carry's shape.
-_LAYOUT_DATA = ("dir", "batch_size", "bptt", "small_batch_size", "synthetic")
-
-
-def _saved_config(config) -> dict:
-    """What `config.json` keeps of `config`: the run's keys, launch keys at defaults."""
-    saved = json.loads(config_lib.to_json(config))
-    for key, default in _LAUNCH_KEYS.items():
-        section, name = key.split(".")
-        if name in saved.get(section, {}):
-            saved[section][name] = default
-    return saved
-
-
-def _has_work(workdir: Path, subdirs: tuple = ("checkpoints", "best")) -> bool:
-    """Whether `workdir` holds a checkpoint (a step directory in one of `subdirs`)."""
-    return any(p.is_dir() and p.name.isdigit()
-               for sub in subdirs if (workdir / sub).is_dir()
-               for p in (workdir / sub).iterdir())
-
-
-def _config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
-    """Check `config` against the `config.json` of a run that has checkpoints.
-
-    A change of the model, of the data layout (`_LAYOUT_DATA`) or of `optim.name` is
-    refused (the checkpoints could not continue); any other change is returned as
-    `{key: (old, new)}` (launch keys aside) for `_started` to report. A `config.json`
-    beside no checkpoint (a start that failed before saving anything) binds nothing.
-    """
-    path = workdir / "config.json"
-    if not path.is_file():
-        return {}
-    if not _has_work(workdir):
-        log(f"{path} is from a start that saved no checkpoint: it will be replaced")
-        return {}
-    old = json.loads(path.read_text())
-    new = config.to_dict()
-    old_data = old.get("data", {})
-    was = (old_data.get("tokenizer", "word"), old_data.get("vocab_size", 0))
-    if was != tokenizer_of(config):
-        def name(kind, size):
-            return f"{kind} {size}" if kind != "word" else "word"
-        raise ConfigError(
-            f"this run was trained with tokenizer {name(*was)}; "
-            f"--config.data.tokenizer={config.data.tokenizer} "
-            f"--config.data.vocab_size={config.data.vocab_size} gives other ids: resume "
-            f"it with its own config (omit --config), or use a new --workdir ({workdir})")
-    # The optimiser's state is in the checkpoints (runs from before optim.name: sgd).
-    old_name = old.get("optim", {}).get("name", "sgd")
-    if old_name != new.get("optim", {}).get("name", "sgd"):
-        raise ConfigError(
-            f"{workdir} was started with optim.name={old_name!r}, not "
-            f"{new['optim']['name']!r}, and its checkpoints hold that optimiser's "
-            "state: resume it with its own config (omit --config), or use a new "
-            "--workdir")
-    if isinstance(old.get("data"), dict):
-        old["data"] = _saved_data(old["data"])
-    for section in ("model", "data"):
-        for key, value in new.get(section, {}).items():
-            if section == "data" and key not in _LAYOUT_DATA:
-                continue
-            if section == "model" and key == "heads":
-                # only the selected head's options; a run from before model.heads
-                # could not select a head that has any
-                head = new["model"].get("head")
-                theirs = old["model"].get("heads", {}).get(head, value.get(head))
-                if theirs != value.get(head):
-                    raise ConfigError(
-                        f"{workdir} was started with model.heads.{head}={theirs!r}, not "
-                        f"{value.get(head)!r}: resume it with its own config (omit "
-                        "--config), or use a new --workdir")
-                continue
-            if old.get(section, {}).get(key) != value:
-                raise ConfigError(
-                    f"{workdir} was started with {section}.{key}="
-                    f"{old.get(section, {}).get(key)!r}, not {value!r}: resume it "
-                    "with its own config (omit --config), or use a new --workdir")
-    old_flat = config_lib.flat_values(old)
-    new_flat = config_lib.flat_values(_saved_config(config))
-    return {key: (old_flat[key], value) for key, value in new_flat.items()
-            if key in old_flat and key not in _LAUNCH_KEYS and old_flat[key] != value}
-
-
-def _describe_model(model: dict) -> str:
-    return ", ".join(f"{k}={model.get(k)}" for k in
-                     ("head", "nlayers", "emsize", "nhid", "nhidlast", "n_experts"))
-
-
-def matching_configs(model: dict, pattern: str = "*_finetune.py") -> list[str]:
-    """The config files of the repository's `configs/` (matching `pattern`) whose
-    model section equals `model` (a config's `model` as a dict)."""
-    directory = Path(__file__).resolve().parents[1] / "configs"
-    names = []
-    for path in sorted(directory.glob(pattern)):
-        try:
-            if config_lib.load_config_file(path).model.to_dict() == model:
-                names.append(f"configs/{path.name}")
-        except MosJaxError:
-            continue
-    return names
-
-
-def _param_shapes(model: dict):
-    """The parameter shapes of a model section (a small vocabulary: only the shapes that
-    do not depend on the corpus decide)."""
-    try:
-        mc = model_lib.ModelConfig.from_dict({**model, "vocab_size": 7})
-    except (MosJaxError, TypeError, ValueError):
-        return None
-    return jax.tree_util.tree_map(lambda x: x.shape, jax.eval_shape(
-        lambda: model_lib.init_params(mc, jax.random.key(0))))
-
-
-def _check_finetune_source(config) -> None:
-    """Before any work: `finetune.init_from` is a training run with best weights, of
-    the model `config` describes (else say which finetune config matches it)."""
-    source = config.finetune.init_from
-    if not source:
-        raise ConfigError("finetuning starts from a training run: set "
-                          "--config.finetune.init_from to its work directory")
-    if not (Path(source) / "best").is_dir():
-        raise CheckpointError(f"{source} has no best weights (best/): is it the work "
-                              "directory of a `mos-jax train` run that finished an epoch?")
-    path = Path(source) / "config.json"
-    if not path.is_file():
-        return  # the checkpoint's shapes are checked when it is restored
-    trained = json.loads(path.read_text()).get("model", {})
-    wanted = config.model.to_dict()
-    theirs, ours = _param_shapes({**wanted, **trained}), _param_shapes(wanted)
-    if theirs is None or ours is None or theirs == ours:
-        return  # the same weights (other rates, perhaps), or for the restore to check
-    differ = [k for k in wanted if k in trained and trained[k] != wanted[k]
-              and "drop" not in k]
-    matches = matching_configs(trained)
-    hint = (f"finetune it with {' or '.join('--config ' + m for m in matches)}"
-            if matches else "no file in configs/ matches: give the run's model keys as "
-            "--config.model.KEY=VALUE")
-    raise ConfigError(
-        f"{source} was trained with another model than this config describes, so the "
-        f"shapes of its weights differ: the run has {_describe_model(trained)}; this "
-        f"config has {_describe_model(wanted)} (differing: "
-        + ", ".join(f"model.{k} {trained[k]!r} vs {wanted[k]!r}" for k in differ)
-        + f"). {hint} (keeping --config.finetune.init_from {source})")
 
 
 def train_and_evaluate(config, workdir: str | Path,

@@ -1,5 +1,6 @@
 """The train step, the epoch loop, NT-ASGD, finetuning and exact resume."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -572,3 +573,70 @@ def test_an_early_stop_at_the_stop_step_finishes_the_run(tmp_path):
     again = train.train_and_evaluate(tiny_config(**short), tmp_path / "run",
                                      log=lambda m: None)
     assert again["finished"] and again["trained_steps"] == 0
+
+
+def test_a_run_builds_its_plan_and_optimiser_once_and_reads_no_config_below_set_up(
+        tmp_path, monkeypatch):
+    """The run object (issue 22): the placement plan and the optimiser are built once
+    per run, in its set-up, and nothing after the set-up reads the config: once
+    `_setup` has returned, the config it was given is emptied, so any later read of a
+    key fails. A run stopped at a step, its resume to the end (validations, NT-ASGD,
+    the test) and a finetune from it each still finish, with the numbers of the same
+    runs untouched (the uninterrupted run's)."""
+    from ml_collections import ConfigDict
+
+    from mos_jax import parallel
+    calls = []
+
+    def count(module, name):
+        real = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls.append(f"{module.__name__}.{name}")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    count(parallel, "from_config")
+    count(optim, "from_config")
+    real_setup, runs = train._setup, []
+
+    def setup(config, *args, **kwargs):
+        run = real_setup(config, *args, **kwargs)
+        runs.append(run)
+        config.unlock()
+        for section in list(config.keys()):
+            del config[section]
+        return run
+    monkeypatch.setattr(train, "_setup", setup)
+
+    def once(what, call):
+        calls.clear()
+        result = call()
+        assert sorted(calls) == ["mos_jax.optim.from_config",
+                                 "mos_jax.parallel.from_config"], what
+        run = runs[-1]
+        held = [getattr(run, f.name) for f in dataclasses.fields(run)]
+        assert not any(isinstance(value, ConfigDict) for value in held), what
+        assert all(isinstance(getattr(run.settings, f.name), (bool, int, float, str))
+                   for f in dataclasses.fields(run.settings)), what
+        return result
+
+    work, ft = tmp_path / "run", tmp_path / "ft"
+    quiet = dict(log=lambda m: None)
+    stopped = once("a stop", lambda: train.train_and_evaluate(
+        tiny_config(train__stop_at_step=5, train__steps_per_epoch=8, optim__nonmono=1),
+        work, **quiet))
+    assert stopped["finished"] is False and stopped["step"] == 5
+    result = once("its resume", lambda: train.train_and_evaluate(
+        tiny_config(train__steps_per_epoch=8, optim__nonmono=1), work, **quiet))
+    assert result["finished"] and result["trained_steps"] == 11 and "test_ppl" in result
+    whole = train.train_and_evaluate(
+        tiny_config(train__steps_per_epoch=8, optim__nonmono=1), tmp_path / "whole",
+        **quiet)
+    assert (result["valid_loss"], result["test_loss"]) == (whole["valid_loss"],
+                                                           whole["test_loss"])
+    assert_bit_identical(final_tree(work)[0], final_tree(tmp_path / "whole")[0])
+    tuned = once("a finetune", lambda: train.finetune(
+        tiny_config(finetune__init_from=str(work), finetune__max_epochs=1,
+                    train__steps_per_epoch=4, train__test=False), ft, **quiet))
+    assert tuned["finished"] and tuned["trained_steps"] == 4
+    assert runs[-1].settings.lr_key == "finetune.lr" and runs[-1].max_epochs == 1
