@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Callable
 
@@ -311,10 +312,15 @@ class Plan:
             return
         m = self.axis_sizes[axis]
         if vocab_size % m:
+            # a model size must divide the vocabulary and the devices of each process
+            # (`mesh_sizes`; a model group lies within one host)
+            hosts = {getattr(d, "process_index", 0) for d in self.devices}
+            per_host = self.n_devices // len(hosts)
+            sizes = _divisors(math.gcd(vocab_size, per_host), per_host)
             raise ConfigError(
                 f"a vocabulary of {vocab_size:,} does not split into {m} equal blocks "
-                f"(parallel.mesh.model={m}): use a model size that divides it "
-                f"({', '.join(str(k) for k in _divisors(vocab_size, self.n_devices))})")
+                f"(parallel.mesh.model={m}): use a model size that divides it and the "
+                f"{per_host} devices ({', '.join(map(str, sizes))})")
 
     def spec(self, path, leaf) -> P:
         """A leaf's PartitionSpec by its logical axes: a `carry` leaf's rows are batch

@@ -434,3 +434,25 @@ def test_leaves_place_by_their_logical_axes():
     assert specs["carry"] == ((P("data"), P("data")),)
     object.__setattr__(plan, "rules", (("batch", "data"), ("vocab", "")))  # turned off
     assert plan.specs(tree)["params"]["embedding"] == P()
+
+
+def _fake_mesh_plan(n_devices, model_size):
+    plan = parallel.Plan.__new__(parallel.MeshPlan)
+    object.__setattr__(plan, "devices", tuple(range(n_devices)))
+    object.__setattr__(plan, "model_size", model_size)
+    object.__setattr__(plan, "rules", parallel.DEFAULT_RULES)
+    return plan
+
+
+@pytest.mark.parametrize("vocab, sizes", [(60, [1, 2, 4]), (63, [1]), (90, [1, 2])])
+def test_an_indivisible_vocabulary_is_told_model_sizes_that_run(vocab, sizes):
+    """The sizes the refusal suggests divide both the vocabulary and the devices
+    (`mesh_sizes` refuses any other): V = 60 on 8 devices is 1, 2 or 4, not 3, 5, 6."""
+    plan = _fake_mesh_plan(8, 8 if vocab == 60 else 4)
+    with pytest.raises(parallel.ConfigError) as e:
+        plan.check_vocab(vocab)
+    suggested = [int(k) for k in re.search(r"\(([\d, ]+)\)$", str(e.value)).group(1)
+                 .split(",")]
+    assert suggested == sizes, str(e.value)
+    for k in suggested:  # each one a mesh that exists and splits the vocabulary
+        assert parallel.mesh_sizes(8, -1, k)[1] == k and vocab % k == 0
