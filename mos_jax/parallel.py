@@ -418,6 +418,13 @@ class Plan:
             local = None  # fewer devices is not the hint: the data axis is
         return check_divisible(batch_size, self.n_data, key, local)
 
+    def columns_over(self) -> str:
+        """What batch columns split over, for messages: "4 devices", or with a model
+        axis "2 groups of 4 devices" (the devices of a group hold the same columns)."""
+        if self.model_size == 1:
+            return f"{self.n_data} devices"
+        return f"{self.n_data} groups of {self.model_size} devices"
+
     def divides(self, batch_size: int) -> bool:
         return batch_size >= self.n_data and batch_size % self.n_data == 0
 
@@ -440,7 +447,7 @@ class Plan:
         where = " (in every process)" if self.process_count > 1 else ""
         return self.one_device(message or (
             f"evaluation with batch size {batch_size} does not split over "
-            f"{self.n_data} devices: it runs on one device{where}"), log)
+            f"{self.columns_over()}: it runs on one device{where}"), log)
 
     def one_device(self, message: str | None = None,
                    log: Callable[[str], None] | None = None) -> "Plan":

@@ -456,3 +456,28 @@ def test_an_indivisible_vocabulary_is_told_model_sizes_that_run(vocab, sizes):
     assert suggested == sizes, str(e.value)
     for k in suggested:  # each one a mesh that exists and splits the vocabulary
         assert parallel.mesh_sizes(8, -1, k)[1] == k and vocab % k == 0
+
+
+class _Noted(Exception):
+    pass
+
+
+def _raise_note(message):
+    raise _Noted(message)
+
+
+def test_one_device_notes_count_the_data_groups_not_the_devices():
+    """On a data 2 x model 4 mesh a batch of 3 does not split over the 2 data groups
+    (a batch of 4 would): the notes say so, not "over 8 devices"."""
+    from mos_jax import dynamic_eval, model
+    plan = _fake_mesh_plan(8, 4)
+    plan.__dict__.update(process_index=0, process_count=1)  # without real devices
+    cfg = model.ModelConfig(vocab_size=8, emsize=4, nhid=4, nlayers=1, nhidlast=4)
+    with pytest.raises(_Noted) as e:
+        dynamic_eval.gradient_statistics(cfg, None, np.arange(40) % 8, batch_size=3,
+                                         plan=plan, log=_raise_note)
+    assert "over 2 groups of 4 devices" in str(e.value), str(e.value)
+    with pytest.raises(_Noted) as e:
+        plan.for_batch(3, _raise_note)
+    assert "over 2 groups of 4 devices" in str(e.value), str(e.value)
+    assert plan.divides(4) and not plan.divides(3)
