@@ -838,6 +838,12 @@ def _rules(rules) -> tuple:
     if mapped.get("batch", AXIS) != AXIS:
         raise ConfigError("parallel.rules.batch must be \"data\": batch columns are what "
                           "the data axis splits")
+    if mapped.get("vocab", MODEL_AXIS) == AXIS:
+        # the heads' collectives over the vocabulary's axis take every shard to hold the
+        # same columns; the data axis gives each its own
+        raise ConfigError(f"parallel.rules.vocab={AXIS!r}: the vocabulary splits over "
+                          f"\"{MODEL_AXIS}\" or is replicated (\"\"), not over the data "
+                          "axis that splits batch columns")
     return pairs
 
 
