@@ -92,8 +92,9 @@ def shard_map(f, *, mesh, in_specs, out_specs):
 # ----------------------------------------------------------------- batch arithmetic
 
 def check_divisible(batch_size: int, n_devices: int, key: str = "data.batch_size",
-                    local_devices: int | None = None) -> int:
-    """Columns per device; a `ConfigError` naming the nearest valid sizes otherwise."""
+                    local_devices: int | None = None, over: str | None = None) -> int:
+    """Columns per device; a `ConfigError` naming the nearest valid sizes otherwise.
+    `over`: what the `n_devices` parts are, for the message (default "N devices")."""
     if batch_size >= n_devices and batch_size % n_devices == 0:
         return batch_size // n_devices
     below = batch_size // n_devices * n_devices
@@ -105,7 +106,7 @@ def check_divisible(batch_size: int, n_devices: int, key: str = "data.batch_size
                   if batch_size % k == 0]
         hint = (f", or use fewer devices: --config.parallel.num_devices one of {counts}")
     raise ConfigError(
-        f"{key}={batch_size} does not split over {n_devices} devices (the columns are "
+        f"{key}={batch_size} does not split over {over or f'{n_devices} devices'} (the columns are "
         f"divided equally): use a multiple of {n_devices}, the nearest being {sizes} "
         f"(--config.{key}=...){hint}")
 
@@ -416,7 +417,7 @@ class Plan:
         local = len(jax.local_devices()) if self.process_count == 1 else None
         if self.model_size > 1:
             local = None  # fewer devices is not the hint: the data axis is
-        return check_divisible(batch_size, self.n_data, key, local)
+        return check_divisible(batch_size, self.n_data, key, local, self.columns_over())
 
     def columns_over(self) -> str:
         """What batch columns split over, for messages: "4 devices", or with a model

@@ -494,3 +494,21 @@ def test_the_vocabulary_cannot_split_over_the_data_axis(rules):
         parallel.make_plan("mesh", [object()] * 4, 1, rules)
     for ok in ({"vocab": "model"}, {"vocab": ""}):
         assert dict(parallel._rules(ok))["vocab"] == ok["vocab"]
+
+
+def test_batch_refusals_on_a_model_axis_count_the_data_groups():
+    """data.batch_size and small_batch_size refusals on data 2 x model 4 (8 devices)
+    say the columns split over 2 groups of 4 devices, not "over 2 devices"."""
+    from mos_jax import train
+    plan = _fake_mesh_plan(8, 4)
+    plan.__dict__.update(process_index=0, process_count=1)
+    with pytest.raises(parallel.ConfigError) as e:
+        plan.per_device(3)
+    assert "does not split over 2 groups of 4 devices" in str(e.value), str(e.value)
+    assert "a multiple of 2" in str(e.value)
+    assert plan.per_device(4) == 2
+    with pytest.raises(parallel.ConfigError) as e:
+        train.column_groups(8, 3, plan.n_data, over=plan.columns_over())
+    assert "(data.batch_size=8 over 2 groups of 4 devices)" in str(e.value), str(e.value)
+    with pytest.raises(parallel.ConfigError, match=r"over 4 devices"):
+        train.column_groups(12, 2, 4)  # plain data parallelism: as before
