@@ -406,8 +406,9 @@ class Plan:
                  if self.process_count > 1 else "")
         what = f"data parallel ({self.strategy})"
         if self.model_size > 1:
-            what = (f"mesh data {self.n_data} x model {self.model_size} (the vocabulary "
-                    f"split over model)")
+            how = ("the vocabulary split over model" if self.vocab_axis else
+                   "the vocabulary replicated: parallel.rules.vocab is \"\"")
+            what = f"mesh data {self.n_data} x model {self.model_size} ({how})"
         return f"{what} over {self.n_devices} {self.devices[0].platform} devices{procs}"
 
     # -- columns

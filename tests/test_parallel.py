@@ -512,3 +512,18 @@ def test_batch_refusals_on_a_model_axis_count_the_data_groups():
     assert "(data.batch_size=8 over 2 groups of 4 devices)" in str(e.value), str(e.value)
     with pytest.raises(parallel.ConfigError, match=r"over 4 devices"):
         train.column_groups(12, 2, 4)  # plain data parallelism: as before
+
+
+def test_describe_says_whether_the_vocabulary_is_split():
+    """The run's placement line on a model axis with `parallel.rules.vocab=""` says
+    the vocabulary is replicated, not that it is split over model."""
+    import types
+    plan = _fake_mesh_plan(8, 4)
+    object.__setattr__(plan, "devices", tuple(types.SimpleNamespace(platform="cpu")
+                                              for _ in range(8)))
+    plan.__dict__.update(process_index=0, process_count=1)
+    assert "(the vocabulary split over model)" in plan.describe()
+    object.__setattr__(plan, "rules", (("batch", "data"), ("vocab", "")))
+    assert plan.vocab_axis is None
+    assert "split over model" not in plan.describe(), plan.describe()
+    assert "replicated" in plan.describe(), plan.describe()
