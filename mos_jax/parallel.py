@@ -342,10 +342,10 @@ class Plan:
         checkpoint's flat list of the optimiser's own leaves, each shaped like a
         parameter), takes the split spec of a named leaf of its shape in `tree`, so
         that it is written and restored split too."""
-        by_shape = {}
+        by_shape = {}  # the split specs of parameters (the carry is none)
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             spec = self.spec(path, leaf)
-            if spec != P():
+            if spec != P() and not _is_sharded(path):
                 by_shape.setdefault(tuple(getattr(leaf, "shape", ())), spec)
 
         def one(path, leaf):

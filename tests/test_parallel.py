@@ -527,3 +527,16 @@ def test_describe_says_whether_the_vocabulary_is_split():
     assert plan.vocab_axis is None
     assert "split over model" not in plan.describe(), plan.describe()
     assert "replicated" in plan.describe(), plan.describe()
+
+
+def test_a_flat_optimiser_leaf_shaped_like_the_carry_stays_replicated():
+    """A checkpoint's flat optimiser leaf takes the split spec of a *parameter* of its
+    shape; a carry of the same shape (rows over data) is no parameter: replicated."""
+    from jax.sharding import PartitionSpec as P
+    plan = _fake_mesh_plan(8, 4)
+    kernel, carry = np.zeros((4, 3)), np.zeros((4, 3))  # [emsize, 4H] like [B, H]
+    tree = {"params": {"embedding": np.zeros((16, 3)), "ih_kernel": kernel},
+            "opt_state": [np.zeros((16, 3)), kernel], "carry": ((carry, carry),)}
+    specs = plan.specs(tree)
+    assert specs["carry"] == ((P("data"), P("data")),)
+    assert specs["opt_state"] == [P("model", None), P()]
