@@ -76,6 +76,26 @@ def _at_least(flag: str, value, low: int = 1) -> None:
         raise MosJaxError(f"{flag} must be at least {low}, got {value}")
 
 
+def _shards_plan(args, model_config):
+    """The plan of --num-devices and --model-shards (evaluate, dynamic-eval), checked
+    against the model; its refusals name those flags (the placement's own messages
+    name the config keys of training, which these commands do not take)."""
+    from mos_jax import parallel, train
+    from mos_jax.errors import ConfigError
+    _at_least("--model-shards", args.model_shards)
+    try:
+        plan = parallel.local_plan(args.num_devices, model=args.model_shards)
+        train.check_placement(plan, model_config)
+    except ConfigError as e:
+        text = str(e)
+        for key, flag in (("--config.parallel.mesh.model=", "--model-shards "),
+                          ("parallel.mesh.model=", "--model-shards "),
+                          ("parallel.num_devices", "--num-devices")):
+            text = text.replace(key, flag)
+        raise ConfigError(text) from None
+    return plan
+
+
 def _positive(flag: str, value, zero_ok: bool = False) -> None:
     """Refuse a non-finite, negative or (unless zero_ok) zero number."""
     if value is None:
@@ -242,7 +262,7 @@ def _load_model(args, splits=()):
 def _cmd_evaluate(args) -> None:
     import numpy as np
 
-    from mos_jax import evaluate, parallel, train
+    from mos_jax import evaluate
     from mos_jax.progress import counter
     _at_least("--batch-size", args.batch_size)
     _at_least("--bptt", args.bptt)
@@ -276,8 +296,7 @@ def _cmd_evaluate(args) -> None:
             corpus = dataclasses.replace(corpus, test=ids)
     else:
         ids = corpus.split(args.split)
-    plan = parallel.local_plan(args.num_devices, model=args.model_shards)
-    train.check_placement(plan, config)
+    plan = _shards_plan(args, config)
     logp = evaluate.token_logprobs(config, params, ids, args.batch_size, args.bptt,
                                    progress=counter(
                                        "text" if args.text is not None else args.split,
@@ -350,7 +369,6 @@ def _statistics_file(home: Path, params, train_ids, args) -> Path:
 
 def _cmd_dynamic_eval(args) -> None:
     from mos_jax import dynamic_eval as de
-    from mos_jax import parallel, train
     from mos_jax.progress import counter
     if args.preset not in de.PRESETS:
         raise MosJaxError(f"--preset {args.preset}: choose one of "
@@ -363,8 +381,7 @@ def _cmd_dynamic_eval(args) -> None:
     _output_file("--dump", args.dump, suffixes={".npy"})
     _output_file("--out", args.out)
     config, params, corpus, _, _ = _load_model(args, ("train", args.split))
-    plan = parallel.local_plan(args.num_devices, model=args.model_shards)
-    train.check_placement(plan, config)
+    plan = _shards_plan(args, config)
     settings = dict(de.PRESETS[args.preset])
     for key in ("lr", "lamb", "epsilon"):
         if getattr(args, key) is not None:

@@ -448,6 +448,7 @@ class IdWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.count = 0
+        self._digest = hashlib.sha256()  # of the ids' bytes (the header excluded)
         self._file = open(self.path, "wb")
         self._file.write(self._header(0))
 
@@ -460,8 +461,15 @@ class IdWriter:
 
     def write(self, ids) -> None:
         chunk = np.ascontiguousarray(ids, dtype="<i4")
-        self._file.write(chunk.tobytes())
+        raw = chunk.tobytes()
+        self._file.write(raw)
+        self._digest.update(raw)
         self.count += int(chunk.size)
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the ids written so far (the bytes after the header)."""
+        return self._digest.hexdigest()
 
     def close(self) -> None:
         if self._file.closed:
@@ -499,10 +507,11 @@ def open_ids(path: str | os.PathLike) -> np.ndarray:
     return ids
 
 
-def _meta_record(vocab: Sequence[str], sizes: Mapping[str, int], words=None,
-                 subwords=None) -> dict:
+def _meta_record(vocab: Sequence[str], sizes: Mapping[str, int],
+                 digests: Mapping[str, str], words=None, subwords=None) -> dict:
     record = {"format": _CACHE_FORMAT, "vocab": list(vocab),
-              "sizes": {s: int(sizes[s]) for s in SPLITS}}
+              "sizes": {s: int(sizes[s]) for s in SPLITS},
+              "sha256": {s: digests[s] for s in SPLITS}}
     if words is not None:
         record["words"] = [int(w) for w in words]
         record["tokenizer"] = _tokenizer_digest(subwords)
@@ -535,11 +544,13 @@ def _save_cache(path: Path, corpus: Corpus) -> None:
     import shutil
     tmp = _entry_dir(path)
     try:
+        digests = {}
         for s in SPLITS:
             with IdWriter(tmp / f"{s}.npy") as w:
                 w.write(corpus.split(s))
+            digests[s] = w.sha256
         meta = _meta_record(corpus.vocab, {s: len(corpus.split(s)) for s in SPLITS},
-                            corpus.words, corpus.subwords)
+                            digests, corpus.words, corpus.subwords)
         atomic_write_bytes(tmp / _META, json.dumps(meta, ensure_ascii=False).encode())
         _publish(tmp, path)
     except BaseException:
@@ -555,9 +566,21 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
+def _ids_digest(path: Path, offset: int) -> str:
+    """SHA-256 of the bytes of `path` from `offset` on (a `.npy`'s ids), read in
+    chunks (not mapped: checking a split does not grow the process's memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
-    """The corpus cached at `path`, its splits memory-mapped; or None: damaged, or (a
-    subword corpus) encoded with another tokenizer than `subwords`, the one cached
+    """The corpus cached at `path`, its splits memory-mapped; or None: damaged (each
+    split's ids are checked against the SHA-256 recorded when they were written), or
+    (a subword corpus) encoded with another tokenizer than `subwords`, the one cached
     beside it now."""
     meta = _read_meta(path)
     if meta is None:
@@ -571,7 +594,8 @@ def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
         streams = {}
         for s in SPLITS:
             ids = open_ids(path / f"{s}.npy")
-            if ids.shape != (meta["sizes"][s],):
+            if (ids.shape != (meta["sizes"][s],)
+                    or _ids_digest(path / f"{s}.npy", ids.offset) != meta["sha256"][s]):
                 return None
             streams[s] = ids
         return Corpus(name=name, vocab=tuple(meta["vocab"]), subwords=subwords,
@@ -623,7 +647,7 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str) -
     try:
         w2i = _FirstSeen()
         counts = np.zeros(0, np.int64)
-        sizes = {}
+        sizes, digests = {}, {}
         for s, p in zip(SPLITS, paths):
             words_seen = False
             with IdWriter(tmp / f"{s}.first.npy") as out:
@@ -650,7 +674,7 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str) -
                 flush()
             if not words_seen:
                 raise DataError(f"{p} is empty: it holds no words")
-            sizes[s] = out.count
+            sizes[s], digests[s] = out.count, out.sha256
         vocab = tuple(w2i)
         w2i.clear()
         if order == "frequency":
@@ -664,12 +688,13 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str) -
                 with IdWriter(tmp / f"{s}.npy") as out:
                     for i in range(0, len(first), _BLOCK_TOKENS):
                         out.write(new_id[first[i:i + _BLOCK_TOKENS]])
+                digests[s] = out.sha256
                 del first
                 (tmp / f"{s}.first.npy").unlink()
         else:
             for s in SPLITS:
                 os.replace(tmp / f"{s}.first.npy", tmp / f"{s}.npy")
-        atomic_write_bytes(tmp / _META, json.dumps(_meta_record(vocab, sizes),
+        atomic_write_bytes(tmp / _META, json.dumps(_meta_record(vocab, sizes, digests),
                                                    ensure_ascii=False).encode())
         _publish(tmp, path)
     except BaseException:

@@ -127,7 +127,7 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
     plan = parallel.resolve(plan)
     plan = plan.for_batch(batch_size, log, (
         f"gradient statistics with batch size {batch_size} do not split over "
-        f"{plan.n_devices} devices: they run on one device"))
+        f"{plan.columns_over()}: they run on one device"))
     w = make_windows(train_ids, batch_size, bptt, max_batches, multiple=CHUNK,
                      columns=plan.host_slice(batch_size))
     n_real = int((w.lengths > 0).sum())

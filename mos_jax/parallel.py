@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Callable
 
@@ -91,8 +92,9 @@ def shard_map(f, *, mesh, in_specs, out_specs):
 # ----------------------------------------------------------------- batch arithmetic
 
 def check_divisible(batch_size: int, n_devices: int, key: str = "data.batch_size",
-                    local_devices: int | None = None) -> int:
-    """Columns per device; a `ConfigError` naming the nearest valid sizes otherwise."""
+                    local_devices: int | None = None, over: str | None = None) -> int:
+    """Columns per device; a `ConfigError` naming the nearest valid sizes otherwise.
+    `over`: what the `n_devices` parts are, for the message (default "N devices")."""
     if batch_size >= n_devices and batch_size % n_devices == 0:
         return batch_size // n_devices
     below = batch_size // n_devices * n_devices
@@ -104,7 +106,7 @@ def check_divisible(batch_size: int, n_devices: int, key: str = "data.batch_size
                   if batch_size % k == 0]
         hint = (f", or use fewer devices: --config.parallel.num_devices one of {counts}")
     raise ConfigError(
-        f"{key}={batch_size} does not split over {n_devices} devices (the columns are "
+        f"{key}={batch_size} does not split over {over or f'{n_devices} devices'} (the columns are "
         f"divided equally): use a multiple of {n_devices}, the nearest being {sizes} "
         f"(--config.{key}=...){hint}")
 
@@ -311,10 +313,15 @@ class Plan:
             return
         m = self.axis_sizes[axis]
         if vocab_size % m:
+            # a model size must divide the vocabulary and the devices of each process
+            # (`mesh_sizes`; a model group lies within one host)
+            hosts = {getattr(d, "process_index", 0) for d in self.devices}
+            per_host = self.n_devices // len(hosts)
+            sizes = _divisors(math.gcd(vocab_size, per_host), per_host)
             raise ConfigError(
                 f"a vocabulary of {vocab_size:,} does not split into {m} equal blocks "
-                f"(parallel.mesh.model={m}): use a model size that divides it "
-                f"({', '.join(str(k) for k in _divisors(vocab_size, self.n_devices))})")
+                f"(parallel.mesh.model={m}): use a model size that divides it and the "
+                f"{per_host} devices ({', '.join(map(str, sizes))})")
 
     def spec(self, path, leaf) -> P:
         """A leaf's PartitionSpec by its logical axes: a `carry` leaf's rows are batch
@@ -335,10 +342,10 @@ class Plan:
         checkpoint's flat list of the optimiser's own leaves, each shaped like a
         parameter), takes the split spec of a named leaf of its shape in `tree`, so
         that it is written and restored split too."""
-        by_shape = {}
+        by_shape = {}  # the split specs of parameters (the carry is none)
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             spec = self.spec(path, leaf)
-            if spec != P():
+            if spec != P() and not _is_sharded(path):
                 by_shape.setdefault(tuple(getattr(leaf, "shape", ())), spec)
 
         def one(path, leaf):
@@ -399,8 +406,9 @@ class Plan:
                  if self.process_count > 1 else "")
         what = f"data parallel ({self.strategy})"
         if self.model_size > 1:
-            what = (f"mesh data {self.n_data} x model {self.model_size} (the vocabulary "
-                    f"split over model)")
+            how = ("the vocabulary split over model" if self.vocab_axis else
+                   "the vocabulary replicated: parallel.rules.vocab is \"\"")
+            what = f"mesh data {self.n_data} x model {self.model_size} ({how})"
         return f"{what} over {self.n_devices} {self.devices[0].platform} devices{procs}"
 
     # -- columns
@@ -410,7 +418,14 @@ class Plan:
         local = len(jax.local_devices()) if self.process_count == 1 else None
         if self.model_size > 1:
             local = None  # fewer devices is not the hint: the data axis is
-        return check_divisible(batch_size, self.n_data, key, local)
+        return check_divisible(batch_size, self.n_data, key, local, self.columns_over())
+
+    def columns_over(self) -> str:
+        """What batch columns split over, for messages: "4 devices", or with a model
+        axis "2 groups of 4 devices" (the devices of a group hold the same columns)."""
+        if self.model_size == 1:
+            return f"{self.n_data} devices"
+        return f"{self.n_data} groups of {self.model_size} devices"
 
     def divides(self, batch_size: int) -> bool:
         return batch_size >= self.n_data and batch_size % self.n_data == 0
@@ -434,7 +449,7 @@ class Plan:
         where = " (in every process)" if self.process_count > 1 else ""
         return self.one_device(message or (
             f"evaluation with batch size {batch_size} does not split over "
-            f"{self.n_data} devices: it runs on one device{where}"), log)
+            f"{self.columns_over()}: it runs on one device{where}"), log)
 
     def one_device(self, message: str | None = None,
                    log: Callable[[str], None] | None = None) -> "Plan":
@@ -825,6 +840,12 @@ def _rules(rules) -> tuple:
     if mapped.get("batch", AXIS) != AXIS:
         raise ConfigError("parallel.rules.batch must be \"data\": batch columns are what "
                           "the data axis splits")
+    if mapped.get("vocab", MODEL_AXIS) == AXIS:
+        # the heads' collectives over the vocabulary's axis take every shard to hold the
+        # same columns; the data axis gives each its own
+        raise ConfigError(f"parallel.rules.vocab={AXIS!r}: the vocabulary splits over "
+                          f"\"{MODEL_AXIS}\" or is replicated (\"\"), not over the data "
+                          "axis that splits batch columns")
     return pairs
 
 

@@ -171,6 +171,9 @@ def _base_name(name: str) -> str:
 
 
 def _make_builder(name: str, data_dir: str | os.PathLike | None, **kwargs):
+    if not name:
+        raise DataError("a TFDS source names its dataset: tfds:NAME[:FEATURE] (e.g. "
+                        f"tfds:{next(iter(BUILDERS))}, tfds:lm1b:text)")
     try:
         return tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir),
                             **kwargs)
@@ -183,6 +186,10 @@ def _make_builder(name: str, data_dir: str | os.PathLike | None, **kwargs):
             f"unknown TFDS dataset {name!r}: it is neither registered nor prepared {where}."
             f"{hint} Use {' or '.join(BUILDERS)} (with manual_dir), the name of a TFDS "
             "dataset, or pass the data_dir where it was prepared.") from None
+    except ValueError as e:  # a name TFDS cannot parse (its message: a page of usage)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"tfds:{name}: TFDS refused it ({first}): use "
+                        "tfds:NAME[:FEATURE], NAME as dataset[/config][:version]") from None
 
 
 def prepare_builder(name: str, manual_dir: str | os.PathLike,

@@ -94,12 +94,14 @@ _finetune_data = runcompat.finetune_data
 _check_vocabulary = runcompat.check_vocabulary
 
 
-def column_groups(batch_size: int, small_batch_size: int, n_devices: int = 1) -> int:
+def column_groups(batch_size: int, small_batch_size: int, n_devices: int = 1,
+                  over: str | None = None) -> int:
     """Gradient-accumulation groups within one device's columns.
 
     `small_batch_size` caps the columns a group holds (-1: no cap). A device with at
     most that many columns (`batch_size / n_devices`) needs no accumulation; otherwise
-    the cap must divide its columns.
+    the cap must divide its columns. `over`: what the columns split over, for the
+    message (default "`n_devices` devices"; `Plan.columns_over`).
     """
     per_device = batch_size // n_devices
     if small_batch_size in (-1, 0) or small_batch_size >= per_device:
@@ -112,8 +114,9 @@ def column_groups(batch_size: int, small_batch_size: int, n_devices: int = 1) ->
                 f"{batch_size}: use one of {divisors} (or -1 for no accumulation)")
         raise ConfigError(
             f"data.small_batch_size={small_batch_size} must divide the {per_device} "
-            f"columns each device holds (data.batch_size={batch_size} over {n_devices} "
-            f"devices): use one of {divisors}, or -1 for no accumulation")
+            f"columns each device holds (data.batch_size={batch_size} over "
+            f"{over or f'{n_devices} devices'}): use one of {divisors}, or -1 for no "
+            "accumulation")
     return per_device // small_batch_size
 
 
@@ -262,7 +265,8 @@ def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel
     batch_size = batch_size or d.batch_size
     plan.per_device(batch_size)
     check_placement(plan, model_config)
-    n_groups = column_groups(batch_size, d.small_batch_size, plan.n_data)
+    n_groups = column_groups(batch_size, d.small_batch_size, plan.n_data,
+                             plan.columns_over())
     return _train_step(plan, model_config, alpha=o.alpha, beta=o.beta, bptt=bptt or d.bptt,
                        n_groups=n_groups, seed=config.train.seed if seed is None else seed,
                        optimizer=optim.from_config(o) if optimizer is None else optimizer)

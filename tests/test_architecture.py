@@ -131,3 +131,18 @@ def test_every_encoder_subclasses_the_interface_and_implements_it(name):
     assert cls.output_size(cfg) == cfg.output_size == 24
     assert cls.stateful == (name == "lstm")
     assert sorted(model.ENCODERS) == ["lstm", "transformer"]
+
+
+def test_the_docs_name_every_head_that_splits_its_vocabulary():
+    """docs/parallel.md and ARCHITECTURE.md list the heads that run with the
+    vocabulary split over `model` (`shards_vocab`): exactly those, adaptive ones too."""
+    from mos_jax import heads
+    heads.load_plugins("")
+    able = {name for name, cls in heads.HEADS.items() if cls.shards_vocab}
+    assert {"softmax", "mos", "adaptive", "adaptive_mos"} <= able
+    text = " ".join((ROOT / "docs" / "parallel.md").read_text().split())
+    listed = text.split("The heads that split their vocabulary are", 1)[1].split("(", 1)[0]
+    assert set(re.findall(r"`(\w+)`", listed)) == able, listed
+    text = " ".join((ROOT / "ARCHITECTURE.md").read_text().split())
+    listed = text.split("declares `shards_vocab = True` (", 1)[1].split(")", 1)[0]
+    assert set(re.findall(r"`(\w+)`", listed)) == able, listed

@@ -224,3 +224,16 @@ def test_import_takes_npz_and_pt_says_no_such_file_first(synthetic_model, tmp_pa
     (tmp_path / "y.pt").write_bytes(b"not read")
     assert cli.main(["import", str(tmp_path / "y.pt"), "--out", str(tmp_path / "c")]) == 2
     assert "needs PyTorch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "dynamic-eval"])
+def test_model_shards_refusals_name_the_flag(tiny_run, capsys, command):
+    """--model-shards that cannot split (3 on this process's devices, 0) is refused
+    in one line that names the flag the user gave, not a config key the command does
+    not take (parallel.mesh.model)."""
+    for shards in ("3", "0"):
+        assert cli.main([command, "--workdir", str(tiny_run), "--split", "valid",
+                         "--model-shards", shards]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "Traceback" not in err, err
+        assert "--model-shards" in err and "parallel.mesh" not in err, err

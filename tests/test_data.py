@@ -89,6 +89,27 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary left
 
 
+def test_a_cache_whose_ids_were_damaged_is_rebuilt(tmp_path):
+    """Ids overwritten in place (the file's length and header intact: a bad sector, a
+    stray write) are caught by the checksum the entry records, and the entry rebuilt:
+    the ids are those of the text, never the damaged ones (an `.npz` cache had its
+    zip CRC for this; a bare `.npy` has nothing of its own)."""
+    d = write_corpus(tmp_path / "c", "a b\n", "b\n", "a\n")
+    cache = tmp_path / "cache"
+    data.read_corpus(d, cache_dir=cache)
+    (entry,) = cache.glob("*.ids")
+    train = entry / "train.npy"
+    raw = bytearray(train.read_bytes())
+    raw[-4:] = np.array([1_000_000], "<i4").tobytes()  # the last id: 2 -> 1,000,000
+    train.write_bytes(bytes(raw))
+    again = data.read_corpus(d, cache_dir=cache)
+    want = data.build_corpus({s: (d / f"{s}.txt").read_text().splitlines()
+                              for s in data.SPLITS}, str(d))
+    assert again.vocab == want.vocab
+    for s in data.SPLITS:
+        assert again.split(s).tolist() == want.split(s).tolist(), s
+
+
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="does not exist") as e:
         data.read_corpus(tmp_path / "nowhere")

@@ -298,3 +298,12 @@ def test_loading_does_not_import_tensorflow(tmp_path):
     # TFDS logs its progress to stdout; the last line is ours.
     assert out.splitlines()[-1].split() == [
         str(read_corpus(src, cache=False).vocab_size), "True", "False"]
+
+
+@pytest.mark.parametrize("source", ["tfds:", "tfds:Bad-Name!", "tfds:a b"])
+def test_a_malformed_tfds_source_is_refused_in_one_line(source, tmp_path):
+    """No dataset name, or one TFDS cannot parse: a one-line DataError (TFDS's own
+    ValueError, a page of usage, reached the command as a traceback)."""
+    with pytest.raises(DataError) as e:
+        load_corpus(source, data_dir=tmp_path)
+    assert "\n" not in str(e.value) and "tfds:NAME" in str(e.value), str(e.value)
