@@ -292,6 +292,7 @@ def task_plans(workdir):
 # ----------------------------------------------------------------------------- vocab
 
 MESHES = ((1, 1), (2, 4), (1, 8), (8, 1))  # (data, model) over 8 devices
+SPLIT_MESHES = ((2, 4), (1, 8))
 SHARDING_HEADS = ("softmax", "mos", "moc", "sigsoftmax", "moss", "adaptive", "adaptive_mos")
 
 
@@ -351,7 +352,9 @@ def task_vocab(workdir):
         carry = host(model.init_carry(cfg, B))
         ref = host(jax.jit(body)(fresh(params), inputs, targets, fresh(carry)))
         rows = {}
-        for data, model_size in MESHES:
+        # every mesh for two heads; the split meshes (model > 1) for the others (8 x 1
+        # splits only columns, and 1 x 1 is the one-device program itself)
+        for data, model_size in (MESHES if head in ("softmax", "mos") else SPLIT_MESHES):
             plan = mesh_plan(data, model_size)
             fn = plan.map(lambda *a, plan=plan: body(*a, axis=plan.axis_name),
                           in_axes=(None, 1, 1, 0),
@@ -434,15 +437,14 @@ def task_vocab(workdir):
     shutil.copytree(work, workdir / "moved-one")
     # The reference of the 2-process test with the vocabulary split over 2 devices
     # (each process one model group): 4 devices, dropout on, stopped and resumed.
+    # (Uninterrupted: resume is exact, which the 2-process run checks by stopping.)
     ref = workdir / "ref-model2"
-    run(two_process_config(tiny(parallel__num_devices=4, train__stop_at_step=6)), ref)
     t = two_process_config(tiny(parallel__num_devices=4))
     result, _ = run(t, ref)
     sums, history = checksums(ref, t)
     out["ref_model2"] = {"result": result, "sums": sums, "history": history}
     out["resumed"] = {"8x1": run(cfg_for(1), work)[0],
-                      "one": run(cfg_for(1, "none"), workdir / "moved-one")[0],
-                      "2x4": run(cfg_for(4), workdir / "straight")[0]}
+                      "one": run(cfg_for(1, "none"), workdir / "moved-one")[0]}
     return out
 
 
