@@ -329,6 +329,13 @@ def task_vocab(workdir):
     workdir = Path(workdir)
     V, T, B = 64, 6, 8
     out = {"devices": jax.device_count()}
+    import time
+    clock = [time.perf_counter()]
+
+    def lap(name):  # seconds per part, in the report (the suite's budget)
+        now = time.perf_counter()
+        out.setdefault("seconds", {})[name] = round(now - clock[0], 1)
+        clock[0] = now
     rng = np.random.default_rng(0)
     seq = rng.integers(0, V, size=(T + 1, B)).astype(np.int32)
     inputs, targets = seq[:-1], seq[1:]
@@ -369,6 +376,7 @@ def task_vocab(workdir):
                 "grads": rel_diff(host(got[2]), ref[2]),
                 "grad_rows": biggest_shard_rows(got[2], V)}
         out[head] = rows
+        lap(head)
 
     # Train steps (clipping on) on every mesh against one device; the state's
     # vocabulary-sized arrays split by rows.
@@ -397,6 +405,7 @@ def task_vocab(workdir):
             "grad_norm": float(m["grad_norm"]) / float(ref_m["grad_norm"]),
             "state_rows": biggest_shard_rows(state, V)}
 
+    lap("train")
     # Evaluation and gradient statistics through the same functions.
     ids = rng.integers(0, V, size=1201).astype(np.int32)
     eval_params = fresh(params)
@@ -408,6 +417,7 @@ def task_vocab(workdir):
     ms = dynamic_eval.gradient_statistics(cfg, eval_params, ids, batch_size=B, bptt=5,
                                           max_batches=16, plan=plan).ms
     out["eval"] = {"logprobs": rel_diff(lp, ref_lp), "stats": rel_diff(host(ms), host(ref_ms))}
+    lap("eval")
 
     # A run on (2, 4) checkpoints; it restores exactly on (8, 1) and on one device, and
     # training resumes there.
@@ -419,6 +429,7 @@ def task_vocab(workdir):
 
     work = workdir / "moved"
     run(cfg_for(4, train__stop_at_step=8), work)
+    lap("checkpointed run")
     from mos_jax.checkpoint import CheckpointStore
     restored = {}
     for name, t in (("2x4", cfg_for(4)), ("8x1", cfg_for(1)), ("one", cfg_for(1, "none"))):
@@ -443,7 +454,9 @@ def task_vocab(workdir):
     result, _ = run(t, ref)
     sums, history = checksums(ref, t)
     out["ref_model2"] = {"result": result, "sums": sums, "history": history}
+    lap("restores and 2-process reference")
     out["resumed"] = {"8x1": run(cfg_for(1), work)[0]}
+    lap("resumed run")
     return out
 
 
