@@ -472,6 +472,9 @@ def declarations() -> dict:
             "vocab_size": Key(0, Int(0), "subword pieces of a bpe or unigram tokenizer; "
                               "0 (and only 0) with the word tokenizer, whose vocabulary "
                               "is the corpus's words"),
+            "min_count": Key(0, Int(0), "word vocabulary of a corpus directory: words "
+                             "seen fewer times in train.txt become <unk> (the One Billion "
+                             "Word benchmark's vocabulary: 3); 0: every word"),
             "vocab_order": Key("auto", OneOf("auto", "first", "frequency"),
                                "ids in order of first occurrence (subwords: the "
                                "tokenizer's), or by training-split frequency; auto: "
@@ -690,6 +693,13 @@ def data_problems(config) -> list[str]:
         return []
     kind, size = data.get("tokenizer"), data.get("vocab_size", 0)
     source = str(data.get("dir", ""))
+    min_count = int(data.get("min_count", 0))
+    if min_count > 1 and (kind != "word" or source == "synthetic"
+                          or source.startswith("tfds:")):
+        what = (f"data.tokenizer={kind}" if kind != "word" else
+                "the synthetic corpus" if source == "synthetic" else source)
+        return [f"--config.data.min_count={min_count} applies to the word vocabulary of a "
+                f"corpus directory, not to {what}: drop it (0)"]
     if kind == "word" and size:
         return [f"--config.data.vocab_size={size} is ignored by data.tokenizer=word (its "
                 "vocabulary is the corpus's words): drop it, or choose a subword "

@@ -636,12 +636,50 @@ def iter_lines(path: str | os.PathLike):
             offset += len(raw)
 
 
-def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str) -> None:
+def min_count_mapping(vocab: Sequence[str], counts: np.ndarray, min_count: int
+                      ) -> tuple[tuple[str, ...], np.ndarray]:
+    """`(new_vocab, mapping)` keeping the words of `vocab` that occur at least
+    `min_count` times in training (`counts`, by id): kept words in their order, every
+    other word (one only in valid or test included) mapped to `<unk>` (`<eos>` is always
+    kept), which keeps its
+    place where it is a kept word of the text and is appended otherwise. `mapping`
+    [len(vocab)] gives each old id its new one."""
+    counts = np.asarray(counts, np.int64)
+    keep = counts >= min_count
+    if EOS in vocab:  # the line end is structure, never a rare word
+        keep[list(vocab).index(EOS)] = True
+    kept = np.flatnonzero(keep)
+    new_vocab = [vocab[int(i)] for i in kept]
+    if UNK in new_vocab:
+        unk = new_vocab.index(UNK)
+    else:
+        unk = len(new_vocab)
+        new_vocab.append(UNK)
+    mapping = np.full(len(vocab), unk, np.int32)
+    mapping[kept] = np.arange(len(kept), dtype=np.int32)
+    return tuple(new_vocab), mapping
+
+
+def apply_min_count(corpus: Corpus, min_count: int) -> Corpus:
+    """`corpus` with the words of fewer than `min_count` training occurrences as
+    `<unk>` (`min_count_mapping`); 0 or 1: unchanged."""
+    if min_count <= 1:
+        return corpus
+    counts = np.bincount(np.asarray(corpus.train, np.int64), minlength=corpus.vocab_size)
+    vocab, mapping = min_count_mapping(corpus.vocab, counts, min_count)
+    return dataclasses.replace(corpus, vocab=vocab,
+                               **{s: mapping[corpus.split(s)] for s in SPLITS})
+
+
+def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str,
+                     min_count: int = 0) -> None:
     """Tokenise the three files of a word-level corpus a block of lines at a time into
-    the cache entry `path` (the ids of `build_corpus` and `order_vocab`, never all in
-    memory): ids in order of first occurrence over train, valid, test; for `frequency`
-    order, renumbered by training count, ties by first occurrence (which, for these
-    ids, is the id itself), in a second pass over the written files."""
+    the cache entry `path` (the ids of `build_corpus`, `apply_min_count` and
+    `order_vocab`, never all in memory): ids in order of first occurrence over train,
+    valid, test; with `min_count`, rare words as `<unk>`; for `frequency` order,
+    renumbered by training count, ties by first occurrence (for first-seen ids, the
+    smallest id of the words a new id gathers), in a second pass over the written
+    files."""
     import shutil
     tmp = _entry_dir(path)
     try:
@@ -677,12 +715,24 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str) -
             sizes[s], digests[s] = out.count, out.sha256
         vocab = tuple(w2i)
         w2i.clear()
+        counts = np.concatenate([counts, np.zeros(len(vocab) - len(counts), np.int64)])
+        remap = None  # first-seen id -> final id, where they differ
+        if min_count > 1:
+            vocab_old = vocab
+            vocab, remap = min_count_mapping(vocab_old, counts, min_count)
+            first_at = np.full(len(vocab), len(vocab_old), np.int64)
+            np.minimum.at(first_at, remap, np.arange(len(vocab_old)))
+            counts = np.bincount(remap, weights=counts, minlength=len(vocab)).astype(np.int64)
+        else:
+            first_at = np.arange(len(vocab))
         if order == "frequency":
-            counts = np.concatenate([counts, np.zeros(len(vocab) - len(counts), np.int64)])
-            perm = np.argsort(-counts, kind="stable")
+            perm = np.lexsort((np.arange(len(vocab)), first_at, -counts))
             new_id = np.empty(len(perm), np.int32)
             new_id[perm] = np.arange(len(perm), dtype=np.int32)
             vocab = tuple(vocab[int(i)] for i in perm)
+            remap = new_id if remap is None else new_id[remap]
+        if remap is not None:
+            new_id = remap
             for s in SPLITS:
                 first = np.load(tmp / f"{s}.first.npy", mmap_mode="r")
                 with IdWriter(tmp / f"{s}.npy") as out:
@@ -765,7 +815,7 @@ def _cached_subwords(path: Path):
 def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = None,
                 cache: bool = True, cache_dir: str | os.PathLike | None = None,
                 tokenizer: str = "word", vocab_size: int = 0, order: str = "first",
-                subwords=None) -> Corpus:
+                subwords=None, min_count: int = 0) -> Corpus:
     """Read `train.txt`, `valid.txt`, `test.txt` from `directory` (docs/reference.md section 1).
 
     `tokenizer` `word` (whitespace words and `<eos>`) or a subword kind of
@@ -778,7 +828,8 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
     pages read when touched); a word-level corpus is tokenised into the cache a block
     of lines at a time, so a corpus larger than memory can be read. A fixed `vocab` bypasses the
     cache; with `subwords` (a run's tokenizer) the text is encoded with it into `vocab`
-    (the run's pieces in its order).
+    (the run's pieces in its order). `min_count` (word tokenizer, no fixed `vocab`):
+    words seen fewer times in training are `<unk>` (`apply_min_count`; 0: every word).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -803,6 +854,8 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
         digest = files_digest(paths)
         if tokenizer == "word":  # the first-occurrence key is the one of earlier versions
             stem = digest if order == "first" else f"{digest}-word-{order}"
+            if min_count > 1:
+                stem += f"-min{min_count}"
         else:
             stem = f"{digest}-{tokenizer}{vocab_size}-{_SUBWORD_CACHE}"
             tokenizer_path = folder / f"{stem}.tokenizer.json"
@@ -816,7 +869,7 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
                     return cached
         if tokenizer == "word":  # streamed to the cache, never all in memory
             try:
-                _stream_word_ids(paths, cache_path, name, order)
+                _stream_word_ids(paths, cache_path, name, order, min_count)
             except OSError as e:
                 warnings.warn(f"could not write the corpus cache {cache_path}: {e}; "
                               "reading the corpus into memory")
@@ -827,6 +880,8 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
     lines = {s: read_lines(p) for s, p in zip(SPLITS, paths)}
     if tokenizer == "word":
         corpus = build_corpus(lines, name, vocab)
+        if vocab is None:
+            corpus = apply_min_count(corpus, min_count)
     else:
         from mos_jax import subword
         if vocab is not None:

@@ -184,9 +184,13 @@ def _load_tfds(spec: str, **kwargs) -> Corpus:
 
 def _directory_options(d: Mapping, order: str) -> dict:
     kind, size = d.get("tokenizer", "word"), int(d.get("vocab_size", 0))
-    if kind == "word" and order == "first":
+    min_count = int(d.get("min_count", 0))
+    if kind == "word" and order == "first" and min_count <= 1:
         return {}  # as every earlier version read it
-    return {"tokenizer": kind, "vocab_size": size, "order": order}
+    options = {"tokenizer": kind, "vocab_size": size, "order": order}
+    if min_count > 1:
+        options["min_count"] = min_count
+    return options
 
 
 register_source(

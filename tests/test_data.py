@@ -213,3 +213,53 @@ def test_a_cache_entry_written_again_replaces_the_old_one(tmp_path):
     assert again.vocab == ("x", "y", "z") and again.train.tolist() == [2, 1, 0, 2]
     assert mapped.train.tolist() == [0, 1, 0]
     assert [p.name for p in tmp_path.iterdir()] == ["key.ids"]
+
+
+@pytest.mark.parametrize("order", ["first", "frequency"])
+def test_min_count_maps_rare_words_to_unk_as_counted_by_hand(tmp_path, order):
+    """`data.min_count`: words seen fewer times in training become `<unk>` (`<eos>`
+    always kept), the same through the streamed cache and the in-memory path, against
+    a count by hand with collections.Counter."""
+    import collections
+    texts = {"train": "a b a c a b d\nb a\n", "valid": "a e b\n", "test": "c a zz\n"}
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, text in texts.items():
+        (folder / f"{split}.txt").write_text(text)
+    tokens = {s: [w for line in t.splitlines() for w in line.split() + ["<eos>"]]
+              for s, t in texts.items()}
+    count = collections.Counter(tokens["train"])  # a 4, b 3, <eos> 2, c 1, d 1
+    seen = list(dict.fromkeys(tokens["train"] + tokens["valid"] + tokens["test"]))
+    kept = [w for w in seen if count[w] >= 2 or w == "<eos>"] + ["<unk>"]
+    mapped = {s: [w if w in kept else "<unk>" for w in ts] for s, ts in tokens.items()}
+    if order == "frequency":  # by training count after mapping, ties by first occurrence
+        after = collections.Counter(mapped["train"])
+        stream = mapped["train"] + mapped["valid"] + mapped["test"]
+        kept.sort(key=lambda w: (-after[w], stream.index(w)))
+    for cache in (True, False):
+        corpus = data.read_corpus(folder, cache=cache, cache_dir=tmp_path / "cache",
+                                  order=order, min_count=2)
+        assert corpus.vocab == tuple(kept)
+        for s in ("train", "valid", "test"):
+            assert [corpus.vocab[i] for i in corpus.split(s)] == mapped[s], (cache, s)
+    plain = data.read_corpus(folder, cache_dir=tmp_path / "cache", order=order)
+    assert "zz" in plain.vocab and "c" in plain.vocab  # 0: every word, as before
+
+
+def test_min_count_reaches_the_corpus_from_the_config_and_is_refused_elsewhere(
+        tmp_path, monkeypatch):
+    from mos_jax import config as config_lib
+    from mos_jax.errors import ConfigError
+    monkeypatch.setenv("MOS_JAX_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, text in {"train": "a b a c\n", "valid": "a c\n", "test": "b\n"}.items():
+        (folder / f"{split}.txt").write_text(text)
+    config = config_lib.default_config()
+    config.data.dir, config.data.min_count = str(folder), 2
+    corpus = sources.load_corpus_from(config)
+    assert set(corpus.vocab) == {"a", "<eos>", "<unk>"}  # b and c once each in train
+    config.data.dir = "synthetic"
+    with pytest.raises(ConfigError, match=r"min_count=2 applies to the word vocabulary "
+                       r"of a corpus directory, not to the synthetic corpus"):
+        sources.load_corpus_from(config)
