@@ -184,10 +184,3 @@ def gather_vocab(x: jax.Array) -> jax.Array:
         return x
     return jax.lax.all_gather(x, axis, axis=x.ndim - 1, tiled=True)
 
-
-def full_rows(x: jax.Array) -> jax.Array:
-    """A `[V / M, ...]` block as the whole `[V, ...]` (identity when not split)."""
-    axis = vocab_axis()
-    if axis is None:
-        return x
-    return jax.lax.all_gather(x, axis, axis=0, tiled=True)

@@ -22,8 +22,11 @@ Three strategies, chosen by `config.parallel.strategy`:
 - `OneDevice` ("none", and any single-device run): `map` is `jax.jit` itself, values
   stay where they are; exactly the plain single-device program.
 - `MeshPlan` ("mesh", the default with several devices): `jax.jit` of `jax.shard_map`
-  over a one-axis `Mesh`; arrays are global `jax.Array`s with `NamedSharding`s
-  (replicated parameters, column-sharded carry and batches).
+  over a `[data, model]` `Mesh` (`parallel.mesh`); arrays are global `jax.Array`s with
+  `NamedSharding`s placed by their logical axes through `parallel.rules` (`Plan.spec`):
+  batch columns and the carry's rows over `data`, vocabulary rows over `model`, the
+  rest replicated. The train step computes gradients in `shard_map` and updates on
+  the global arrays (`MeshStep`).
 - `PmapPlan` ("pmap"): `jax.pmap` over the same devices (split values reshaped to a
   leading device block on their column axis, the rest broadcast).
 
@@ -37,10 +40,11 @@ parameters returns the gradient already *summed* over the axis, and the explicit
 `pmean` would then give `n_devices` times the mean gradient.
 
 Layouts. Whatever the strategy, a training loop holds its `TrainState` in one global
-layout: every leaf a global array over the mesh, replicated except the carry, which is
-`[B, H]` sharded by rows (columns of the batch). That is also the checkpoint layout,
-so a checkpoint restores under either strategy, any device count that divides the
-batch, or one device (`abstract`).
+layout (`layout`): every leaf a global array over the mesh, the carry `[B, H]` split
+by rows (columns of the batch) over `data`, vocabulary-sized parameters and their
+optimiser state by rows over `model`, the rest replicated. That is also the checkpoint
+layout, so a checkpoint restores under any strategy, device count or mesh shape, or on
+one device (`abstract`).
 
 Multi-host. `from_config` joins a multi-process run (`jax.distributed.initialize`) from
 `config.parallel` or the environment. Devices are ordered process by process, so host
@@ -49,7 +53,7 @@ Every process calls the checkpoint functions; only process 0 writes logs and met
 (`is_primary`). Decisions that depend on a clock or a signal are agreed between
 processes (`agree`) at logging steps, so that all take the same branch at the same step.
 
-Global batch sizes must divide by the number of devices (`check_divisible` names the
+Global batch sizes must divide by the data axis's groups (`check_divisible` names the
 nearest valid sizes); evaluation batches that do not (the test batch of 1, say) run
 on one device instead (`for_batch`).
 """
@@ -342,24 +346,32 @@ class Plan:
         checkpoint's flat list of the optimiser's own leaves, each shaped like a
         parameter), takes the split spec of a named leaf of its shape in `tree`, so
         that it is written and restored split too."""
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        named = [self.spec(path, leaf) for path, leaf in leaves]
         by_shape = {}  # the split specs of parameters (the carry is none)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            spec = self.spec(path, leaf)
+        for (path, leaf), spec in zip(leaves, named):
             if spec != P() and not _is_sharded(path):
                 by_shape.setdefault(tuple(getattr(leaf, "shape", ())), spec)
-
-        def one(path, leaf):
-            spec = self.spec(path, leaf)
-            if (spec == P() and path and isinstance(path[-1], jax.tree_util.SequenceKey)
-                    and not _is_sharded(path)):
-                return by_shape.get(tuple(getattr(leaf, "shape", ())), spec)
-            return spec
-        return jax.tree_util.tree_map_with_path(one, tree)
+        out = [by_shape.get(tuple(getattr(leaf, "shape", ())), spec)
+               if (spec == P() and path and isinstance(path[-1], jax.tree_util.SequenceKey)
+                   and not _is_sharded(path)) else spec
+               for (path, leaf), spec in zip(leaves, named)]
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     def layout(self, tree):
-        """The NamedSharding of every leaf of `tree` (`specs`)."""
-        return jax.tree_util.tree_map(lambda spec: NamedSharding(self.mesh, spec),
-                                      self.specs(tree), is_leaf=_is_spec)
+        """The NamedSharding of every leaf of `tree` (`specs`); computed once per tree
+        structure and leaf shapes (a train step places its state every step)."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        key = (treedef, tuple(tuple(getattr(x, "shape", ())) for x in leaves))
+        if key not in self._layouts:
+            self._layouts[key] = jax.tree_util.tree_map(
+                lambda spec: NamedSharding(self.mesh, spec), self.specs(tree),
+                is_leaf=_is_spec)
+        return self._layouts[key]
+
+    @functools.cached_property
+    def _layouts(self) -> dict:
+        return {}
 
     @functools.cached_property
     def process_index(self) -> int:
@@ -391,11 +403,6 @@ class Plan:
     def rows(self):
         """Leading axis split over devices (the carry `[B, H]`)."""
         return NamedSharding(self.mesh, P(AXIS))
-
-    @functools.cached_property
-    def columns(self):
-        """Second axis split over devices (batches `[T, B]`)."""
-        return NamedSharding(self.mesh, P(None, AXIS))
 
     def sharding(self, axis: int | None):
         """Replicated (None), or split over the devices along `axis`."""
@@ -593,10 +600,6 @@ class OneDevice(Plan):
 
     @property
     def rows(self):
-        return self.replicated
-
-    @property
-    def columns(self):
         return self.replicated
 
     def sharding(self, axis: int | None):
