@@ -16,7 +16,7 @@ hang costs one step, not the call:
    against NumPy, the fused and streamed heads against whole logits, dynamic
    evaluation's scan against a step-by-step loop, plus bfloat16 against float32.
 3. `plan_of_one` (fatal): `tests/parallel_worker.py step` on the device's devices: the
-   train step under a placement plan (mesh, pmap, with and without column groups)
+   train step under a placement plan (the mesh, with and without column groups)
    equals the plain jitted step to 1e-5 (loss, gradients, parameters, carry).
 4. `numerics_default_precision` (informative): the model-against-NumPy tests with JAX's
    default matmul precision (TF32 on recent NVIDIA GPUs), to learn whether the
@@ -473,7 +473,7 @@ class Check:
             return self.failed(code, output, "tests/parallel_worker.py step")
         rep = self.last_json(output)
         diffs, bad = {}, []
-        for key in ("mesh_-1", "mesh_1", "pmap_-1"):
+        for key in ("mesh_-1", "mesh_1"):
             r = rep[key]
             d = max(r[k] for k in ("loss", "nll", "grads", "params", "carry"))
             ratio = abs(r["grad_norm_ratio"] - 1.0)
@@ -481,8 +481,7 @@ class Check:
             if not d < PLAN_TOL or not ratio < PLAN_TOL:
                 bad.append(key)
         out = {"devices": rep["devices"], "tolerance": PLAN_TOL, "strategies": diffs,
-               "dropout_repeat_diff": max(rep["dropout"]["mesh_repeat"],
-                                          rep["dropout"]["pmap_repeat"]),
+               "dropout_repeat_diff": rep["dropout"]["mesh_repeat"],
                "summary": f"{rep['devices']} device(s): max difference "
                           f"{max(v['max_abs_diff'] for v in diffs.values()):.2e}"}
         if bad or out["dropout_repeat_diff"] != 0.0:

@@ -1,7 +1,7 @@
 """Data-parallel throughput scaling: one global batch over 1, 2, 4 devices.
 
     python benchmarks/parallel_scaling.py [--config configs/ptb_small.py] [--batch 12]
-        [--bptt 35] [--devices 1 2 4] [--strategies mesh pmap] [--steps 10]
+        [--bptt 35] [--devices 1 2 4] [--strategies mesh] [--steps 10]
         [--fake-cpu | --no-fake-cpu]
 
 Each device count runs in its own process. On a CPU, `--fake-cpu` (the default when
@@ -92,8 +92,7 @@ def main() -> None:
     p.add_argument("--eval-batch", type=int, default=12)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--strategies", nargs="+", default=["mesh", "pmap"],
-                   choices=["mesh", "pmap"])
+    p.add_argument("--strategies", nargs="+", default=["mesh"], choices=["mesh"])
     p.add_argument("--fake-cpu", action=argparse.BooleanOptionalAction, default=None,
                    help="show N host devices to XLA (default: when no GPU/TPU is set)")
     p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)

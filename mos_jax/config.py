@@ -592,7 +592,8 @@ def declarations() -> dict:
         "parallel": {
             "strategy": Key("mesh", OneOf(names=_strategies, what="a strategy "
                                           "(mos_jax.parallel.STRATEGIES)"),
-                            "mesh (jit + shard_map), pmap, or none"),
+                            "mesh (jit + shard_map over the [data, model] mesh) or none "
+                            "(one device); pmap was removed: mesh computes its numbers"),
             "num_devices": Key(0, Int(0), "devices per process; 0: all local devices"),
             "coordinator_address": Key("", Text(), "multi-host: process 0's host:port; "
                                        "empty: JAX_COORDINATOR_ADDRESS, else one process; "

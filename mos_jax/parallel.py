@@ -17,7 +17,7 @@ strategy:
 - `for_batch` / `one_device`: the plan itself, or its first local device alone for work
   whose columns do not split over the devices (with a note, once).
 
-Three strategies, chosen by `config.parallel.strategy`:
+Two strategies, chosen by `config.parallel.strategy`:
 
 - `OneDevice` ("none", and any single-device run): `map` is `jax.jit` itself, values
   stay where they are; exactly the plain single-device program.
@@ -27,15 +27,16 @@ Three strategies, chosen by `config.parallel.strategy`:
   batch columns and the carry's rows over `data`, vocabulary rows over `model`, the
   rest replicated. The train step computes gradients in `shard_map` and updates on
   the global arrays (`MeshStep`).
-- `PmapPlan` ("pmap"): `jax.pmap` over the same devices (split values reshaped to a
-  leading device block on their column axis, the rest broadcast).
+
+There is no `pmap` strategy: the mesh computes what it computed (the same numbers; the
+2-process and dropout tests compared them until it was removed), and it splits the
+vocabulary, which `pmap` could not.
 
 Gradient averaging. A data-parallel body computes the gradient of its own columns'
 mean loss and `lax.pmean`s it over `AXIS` before the update, so every device applies
 the same update, equal to the single-device update of the whole batch (every device
-holds the same number of columns). Both strategies run the body with no varying-axis
-checking (`shard_map(..., check_vma=False)`, which is also how `jax.pmap` is built on
-`shard_map`): with the check on, `grad` with respect to replicated (axis-invariant)
+holds the same number of columns). The mesh runs the body with no varying-axis
+checking (`shard_map(..., check_vma=False)`): with the check on, `grad` with respect to replicated (axis-invariant)
 parameters returns the gradient already *summed* over the axis, and the explicit
 `pmean` would then give `n_devices` times the mean gradient.
 
@@ -696,52 +697,6 @@ class MeshPlan(Plan):
         return MeshStep(self, step)
 
 
-class PmapPlan(Plan):
-    """`jax.pmap` over the devices: split values reshaped to `[..., n, B / n, ...]`."""
-
-    strategy = "pmap"
-
-    @functools.lru_cache(maxsize=None)
-    def _reshaper(self, axis: int, stack: bool):
-        """A jitted reshape of a global array between `[..., B, ...]` (split by
-        `axis`) and `[..., n, B / n, ...]` (split by its device block)."""
-        n = self.n_devices
-
-        def f(x):
-            if stack:
-                return x.reshape(*x.shape[:axis], n, x.shape[axis] // n, *x.shape[axis + 1:])
-            return x.reshape(*x.shape[:axis], n * x.shape[axis + 1], *x.shape[axis + 2:])
-        return jax.jit(f, out_shardings=self.sharding(axis))
-
-    def map(self, body, in_axes, out_axes, donate_argnums=()):
-        out_axes = jax.tree_util.tree_map(  # one layout: Like is replicated
-            lambda ax: None if isinstance(ax, Like) else ax, out_axes, is_leaf=_is_axis)
-        mapped = jax.pmap(body, axis_name=AXIS, in_axes=in_axes, out_axes=out_axes,
-                          devices=self.devices, donate_argnums=donate_argnums)
-        n_local = self.n_local
-
-        def feed(x, axis):
-            if axis is None:
-                return x
-            if isinstance(x, jax.Array):
-                return self._reshaper(axis, True)(self._put(x, self.sharding(axis)))
-            x = np.asarray(x)
-            return x.reshape(*x.shape[:axis], n_local, x.shape[axis] // n_local,
-                             *x.shape[axis + 1:])
-
-        def unstack(x, axis):
-            return x if axis is None else self._reshaper(axis, False)(x)
-
-        def run(*args):
-            out = mapped(*(_each(ax, a, feed) for ax, a in zip(in_axes, args)))
-            if self.process_count > 1:  # pmap returns this process's part
-                from jax.experimental import multihost_utils
-                out = multihost_utils.host_local_array_to_global_array(
-                    out, self.mesh, jax.tree_util.tree_map(_spec, out_axes, is_leaf=_is_axis))
-            return _each(out_axes, out, unstack)
-        return run
-
-
 class MappedStep:
     """A train step over several devices: `(state, inputs, targets, length, seq_len,
     lr) -> (state, metrics)` with `state` in the global layout and `inputs`, `targets`
@@ -803,10 +758,14 @@ class MeshStep(MappedStep):
 
 
 # The placement strategies, `parallel.strategy` -> its Plan (config.py lists these names).
-STRATEGIES: dict[str, type[Plan]] = {"mesh": MeshPlan, "pmap": PmapPlan, "none": OneDevice}
+STRATEGIES: dict[str, type[Plan]] = {"mesh": MeshPlan, "none": OneDevice}
 
 
 def _check_strategy(strategy: str) -> None:
+    if strategy == "pmap":
+        raise ConfigError("parallel.strategy=pmap was removed: the mesh strategy (the "
+                          "default) computes the same numbers with jit + shard_map; "
+                          "use --config.parallel.strategy=mesh")
     if strategy not in STRATEGIES:
         raise ConfigError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got "
                           f"{strategy!r}")
@@ -863,10 +822,7 @@ def make_plan(strategy: str, devices, model_size: int = 1, rules=None) -> Plan:
         return OneDevice(devices, 1, rules)
     if strategy == "none":
         raise ConfigError("parallel.strategy=none runs on one device: give one device, or "
-                          "use mesh or pmap")
-    if model_size > 1 and strategy != "mesh":
-        raise ConfigError(f"parallel.strategy={strategy} splits only batch columns: use "
-                          f"the mesh strategy for parallel.mesh.model={model_size}")
+                          "use mesh")
     return STRATEGIES[strategy](devices, model_size, rules)
 
 
@@ -889,7 +845,7 @@ def _plan(strategy: str, num_devices: int, address: str, num_processes: int,
     if strategy == "none":
         if multi and jax.process_count() > 1:
             raise ConfigError("parallel.strategy=none runs on one device, but this is a "
-                              f"{jax.process_count()}-process run: use mesh or pmap")
+                              f"{jax.process_count()}-process run: use mesh")
         return OneDevice((_default_device(),), 1, _rules(rules))
     if not multi or jax.process_count() == 1:
         mesh_sizes(n_local, *mesh)

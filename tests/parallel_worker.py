@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from mos_jax import config as config_lib  # noqa: E402
 from mos_jax import dynamic_eval, evaluate, model, parallel, train  # noqa: E402
 
-STRATEGIES_2P = ("mesh",)  # references of the 2-process test (pmap's are the same)
+STRATEGIES_2P = ("mesh",)  # references of the 2-process test
 NO_DROPOUT = dict(dropout=0.0, dropouth=0.0, dropouti=0.0, dropoute=0.0, dropoutl=0.0,
                   wdrop=0.0)
 
@@ -81,9 +81,9 @@ def task_step(workdir):
     grad_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(grads))))
     out["single"] = {"grad_norm": grad_norm, "metric_grad_norm": float(ref_m["grad_norm"])}
 
-    for strategy in ("mesh", "pmap"):
+    for strategy in ("mesh",):
         plan = parallel.make_plan(strategy, jax.devices())
-        for small in ((-1, 1) if strategy == "mesh" else (-1,)):
+        for small in (-1, 1):
             step = train.build_train_step(step_config(B, T, small), cfg, plan)
             state = train.init_state(cfg, fresh(params), B, step.tx).replace(
                 carry=fresh(carry0))
@@ -134,7 +134,7 @@ def task_step(workdir):
     block = seq[:, :2]
     same = np.tile(block, (1, n))
     dropout = {}
-    for strategy in ("mesh", "pmap"):
+    for strategy in ("mesh",):
         plan = parallel.make_plan(strategy, jax.devices())
         step = train.build_train_step(step_config(B, T, -1), cfg_d, plan)
         runs = []
@@ -150,14 +150,11 @@ def task_step(workdir):
             "min_block_diff": min((float(np.max(np.abs(blocks[i] - blocks[j])))
                                    for i in range(n) for j in range(i + 1, n)),
                                   default=float("inf")),  # one device: no pairs
-            "params": a.params, "loss": float(ma["loss"])}
+            "loss": float(ma["loss"])}
     out["dropout"] = {
         "mesh_repeat": dropout["mesh"]["repeat_diff"],
-        "pmap_repeat": dropout["pmap"]["repeat_diff"],
         "mesh_min_block_diff": dropout["mesh"]["min_block_diff"],
-        "pmap_min_block_diff": dropout["pmap"]["min_block_diff"],
-        "mesh_vs_pmap": tree_max_diff(dropout["mesh"]["params"], dropout["pmap"]["params"]),
-        "loss_diff": abs(dropout["mesh"]["loss"] - dropout["pmap"]["loss"]),
+        "mesh_loss": dropout["mesh"]["loss"],
     }
     return out
 
@@ -211,7 +208,7 @@ def task_train(workdir):
     workdir = Path(workdir)
     out = {"devices": jax.device_count()}
     results = {}
-    for strategy in ("none", "mesh", "pmap"):
+    for strategy in ("none", "mesh"):
         c = no_dropout(tiny(parallel__strategy=strategy))
         result, logs = run(c, workdir / f"nodrop-{strategy}")
         results[strategy] = result
@@ -222,7 +219,7 @@ def task_train(workdir):
     run(c, workdir / "switch")
     c = no_dropout(tiny(parallel__strategy="mesh"))
     out["switch"], _ = run(c, workdir / "switch")
-    c = no_dropout(tiny(parallel__strategy="pmap", train__stop_at_step=5))
+    c = no_dropout(tiny(parallel__strategy="mesh", train__stop_at_step=5))
     run(c, workdir / "switch-back")
     c = no_dropout(tiny(parallel__strategy="none"))
     out["switch_back"], _ = run(c, workdir / "switch-back")
@@ -251,7 +248,7 @@ def task_eval(workdir):
     stats_ref = dynamic_eval.gradient_statistics(cfg, params, ids, batch_size=2 * n,
                                                  bptt=5, max_batches=40)
     notes = []
-    for strategy in ("mesh", "pmap"):
+    for strategy in ("mesh",):
         plan = parallel.make_plan(strategy, jax.devices())
         logp = evaluate.token_logprobs(cfg, params, ids, 2 * n, 7, plan=plan)
         stats = dynamic_eval.gradient_statistics(cfg, params, ids, batch_size=2 * n,

@@ -63,7 +63,7 @@ def test_rehearsal_numeric_checks_report_real_results(rehearsal):
     assert num["passed"] == len(helper.REHEARSAL_TESTS) and num["failures"] == 0
     assert num["matmul_precision"] == "highest"
     plan = steps["plan_of_one"]
-    assert plan["devices"] == 1 and set(plan["strategies"]) == {"mesh_-1", "mesh_1", "pmap_-1"}
+    assert plan["devices"] == 1 and set(plan["strategies"]) == {"mesh_-1", "mesh_1"}
     for r in plan["strategies"].values():
         assert 0 <= r["max_abs_diff"] < 1e-5 and abs(r["grad_norm_ratio"] - 1) < 1e-5
     # auto on the CPU: float32; tiny shapes (V 50, E 4, D 16, B 4 x T 8 = 32 rows): the

@@ -168,7 +168,7 @@ def test_out_of_range_values_are_one_line_before_any_work(name, value, tmp_path,
     ("model.head", "sofmax", ["softmax", "mos", "moc"]),
     ("model.encoder", "gru", ["lstm", "transformer"]),
     ("optim.name", "lamb", ["sgd", "adam"]),
-    ("parallel.strategy", "fsdp", ["mesh", "pmap", "none"]),
+    ("parallel.strategy", "fsdp", ["mesh", "none"]),
     ("model.compute_dtype", "float8", ["float32", "bfloat16"]),
     ("model.vocab_chunk", "big", ["auto", "fused"]),
 ])
