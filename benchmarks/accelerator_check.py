@@ -232,7 +232,7 @@ WORKER_RUNNER = r"""
 import runpy, sys
 sys.path.insert(0, "benchmarks")
 import accel_float32  # noqa: F401  compute_dtype auto -> float32
-sys.argv = ["tests/parallel_worker.py", "step", sys.argv[1]]
+sys.argv = ["tests/parallel_worker.py", "step", sys.argv[1], "core"]
 runpy.run_path("tests/parallel_worker.py", run_name="__main__")
 """
 

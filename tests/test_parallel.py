@@ -288,14 +288,15 @@ def run_two_processes(workdir: Path, strategy: str, timeout: float = 150) -> lis
     return [last_json((logs / f"p{i}.out").read_text()) for i in range(2)]
 
 
-@pytest.mark.parametrize("strategy", ["mesh", "mesh-model2"])
+@pytest.mark.parametrize("strategy", ["mesh-model2"])
 def test_two_processes_train_checkpoint_restore_like_one(workers, tmp_path, strategy):
     """2 processes x 2 devices = the single-process run on 4 devices (dropout on: the
-    same masks); mesh-model2:
-    the vocabulary split over each process's 2 devices (MoS, data 2 x model 2)."""
+    same masks), the vocabulary split over each process's 2 devices (MoS, data 2 x
+    model 2: the data axis crosses the processes, the model axis lies within each).
+    (A data-only variant, model 1, ran beside it until the suite's time was trimmed:
+    the split run goes through every step of it.)"""
     reports = run_two_processes(tmp_path / "run", strategy)
-    ref = (worker_result(workers, "vocab")["ref_model2"] if strategy == "mesh-model2"
-           else worker_result(workers, "train")["ref_mesh"])
+    ref = worker_result(workers, "vocab")["ref_model2"]
     for i, r in enumerate(reports):
         assert (r["process"], r["processes"], r["devices"], r["local_devices"]) == (i, 2, 4, 2)
         assert r["first"]["stopped"].startswith("reached") and r["first"]["step"] == 6
