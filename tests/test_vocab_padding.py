@@ -5,15 +5,19 @@ chunks, fused), and the padded rows get no gradient; full distributions are cut 
 and agree with NumPy from the parameters."""
 
 import functools
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mos_jax import adaptive, bench, convert, heads, model, parallel
+from mos_jax import adaptive, bench, convert, heads, model, parallel, runcompat
+from mos_jax import config as config_lib
 from mos_jax.errors import ConfigError
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 V, V_PAD, D, E, T, B = 10, 16, 6, 3, 3, 2  # chunks of 4: one partial, one all padding
 CHUNK = 4
 
@@ -227,3 +231,22 @@ def test_check_vocab_uses_the_padded_size_and_says_how_to_pad():
         _plan(8, m).check_vocab(_mc(vocab_multiple=4).padded_vocab_size, words=V)
     with pytest.raises(ConfigError, match="without a word"):  # 5 words in 8 blocks of 1
         plan.check_vocab(8, words=5)
+
+
+def test_the_key_is_checked_and_a_run_from_before_it_resumes_unpadded(tmp_path):
+    """model.vocab_multiple is a config key checked with the others; a run whose
+    config.json predates it ran unpadded, so it resumes with 1 and refuses 8."""
+    c = config_lib.load_config_file(CONFIGS / "tiny.py")
+    config_lib.set_value(c, "model.vocab_multiple", "0")
+    with pytest.raises(ConfigError, match="model.vocab_multiple"):
+        config_lib.validate(c)
+    c = config_lib.load_config_file(CONFIGS / "tiny.py")
+    saved = runcompat.saved_config(c)
+    del saved["model"]["vocab_multiple"]
+    work = tmp_path / "run"
+    (work / "checkpoints" / "12").mkdir(parents=True)
+    (work / "config.json").write_text(json.dumps(saved))
+    assert runcompat.config_changes(c, work, print) == {}
+    c.model.vocab_multiple = 8
+    with pytest.raises(ConfigError, match="model.vocab_multiple=1, not 8"):
+        runcompat.config_changes(c, work, print)
