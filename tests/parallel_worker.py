@@ -381,7 +381,8 @@ def task_vocab(workdir):
 
     # A vocabulary the model size does not divide, padded (model.vocab_multiple): MoS
     # with V = 37 words in 40 rows over data 2 x model 4 (blocks of 10, the last with 3
-    # padded rows) against one device's unpadded model with the same first 37 rows.
+    # padded rows) against one device's unpadded model with the same first 37 rows,
+    # streamed over chunks of 4 rows (on the last block: 7 words, then a chunk of none).
     # (No other parameter has an axis of 40.)
     def padded_body(cfg, p, x, y, carry, axis=None):
         def loss_fn(p):
@@ -394,10 +395,12 @@ def task_vocab(workdir):
 
     words = 37
     pad_cfg = model.ModelConfig(vocab_size=words, emsize=6, nhid=8, nlayers=1, nhidlast=6,
-                                n_experts=3, head="mos", vocab_multiple=4, **NO_DROPOUT)
+                                n_experts=3, head="mos", vocab_multiple=4, vocab_chunk=4,
+                                **NO_DROPOUT)
     rows_pad = pad_cfg.padded_vocab_size
     params = host(model.init_params(pad_cfg, jax.random.key(3)))
-    params["head"]["decoder_bias"] = rng.normal(size=rows_pad).astype(np.float32)
+    params["head"]["decoder_bias"] = (  # its own draws: the later parts' as before
+        np.random.default_rng(3).normal(size=rows_pad).astype(np.float32))
 
     def cut(tree):  # the vocabulary-sized leaves' first `words` rows
         return {**tree, "embedding": tree["embedding"][:words],
