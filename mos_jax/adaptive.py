@@ -314,7 +314,9 @@ class AdaptiveSoftmax(Head):
 
     # The input embedding splits over `model` like every head's; this head's own
     # parameters (shortlist, clusters, tails: none of them [V, ...]) stay whole on each
-    # device, which computes the head in full.
+    # device, which computes the head in full. With a padded vocabulary
+    # (`model.vocab_multiple`) only the embedding has the padded rows (never looked up:
+    # ids are words); the shortlist and the clusters are over the words V.
     shards_vocab = True
 
     cutoffs: Any = "auto"
@@ -349,6 +351,13 @@ class AdaptiveSoftmax(Head):
         tails = sum(f * 2 * hsz * (h + osz) for f, (hsz, osz) in zip(fractions, sizes))
         return int(round(2 * h * (cut[0] + len(cut)) + tails))
 
+    def words(self, embedding) -> int:
+        """The words V: `vocab_size` when set (a padded vocabulary's embedding has
+        more rows, which these heads never score), else the whole embedding's rows."""
+        if self.vocab_size is not None:
+            return int(self.vocab_size)
+        return embedding.shape[0] * collectives.shard_count()
+
     def build_tails(self, width: int, cut, v: int, per_component: int = 0):
         sizes = tail_sizes(width, float(self.div_value), cut, v)
         tails = []
@@ -379,9 +388,10 @@ class AdaptiveSoftmax(Head):
     @nn.compact
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False) -> HeadOutput:
-        # the whole vocabulary's size, also where the (unused) embedding is split
+        # the words V: the whole (unused) embedding's rows, also where it is split,
+        # less a padded vocabulary's padding (the clusters are over the words)
         lead, width = hidden.shape[:-1], hidden.shape[-1]
-        v = embedding.shape[0] * collectives.shard_count()
+        v = self.words(embedding)
         cut = resolve_cutoffs(self.cutoffs, v)
         x = hidden.reshape(-1, width)
         head_lp = self.head_logprobs(x, cut, width)
@@ -476,7 +486,7 @@ class AdaptiveMixture(AdaptiveSoftmax):
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False, target_weights=None) -> HeadOutput:
         lead, n_in = hidden.shape[:-1], hidden.shape[-1]
-        v, d = embedding.shape[0] * collectives.shard_count(), embedding.shape[1]
+        v, d = self.words(embedding), embedding.shape[1]
         k = self.n_experts
         if self.tails not in TAIL_MODES:
             raise ConfigError(f"model.heads.adaptive_mos.tails={self.tails!r}: use one "

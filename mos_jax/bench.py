@@ -60,7 +60,9 @@ def model_flops_per_token(mc: model_lib.ModelConfig, context: int = 70
     The encoder's as it declares them (keyed by its name, `lstm` or `transformer`;
     the Transformer's attention depends on the window, `context` tokens); the head's as
     the head declares it (`mos_jax.heads.Head.flops_per_token`), so a head of your own
-    is counted too.
+    is counted too. The head's count is over the rows it computes: a vocabulary padded
+    by `model.vocab_multiple` counts its padded size V_pad (`heads.vocab_rows`; the
+    result's `vocab_rows` in `run_bench`).
     """
     encoder = int(mc.encoder_cls.flops_per_token(mc, context))
     head = int(heads.get_head(mc.head).flops_per_token(mc))
@@ -280,6 +282,10 @@ def run_bench(c, settings: BenchSettings, log: Callable[[str], None] = print) ->
         "device": dev.device_kind, "platform": dev.platform,
         "devices_visible": jax.device_count(), "jax": jax.__version__,
         "head": mc.head, "experts": mc.n_experts, "vocab": mc.vocab_size,
+        # the rows of the vocabulary-sized parameters, what the head computes and
+        # what params and FLOPs count: V, or V padded by model.vocab_multiple
+        **({"vocab_rows": mc.padded_vocab_size}
+           if mc.padded_vocab_size != mc.vocab_size else {}),
         "compute_dtype": str(mc.dtype), "vocab_chunk": mc.vocab_chunk,
         "params": model_lib.param_count(jax.eval_shape(
             lambda: model_lib.init_params(mc, jax.random.key(0)))),

@@ -29,8 +29,16 @@ transposes collectives):
   `g exp(lse_i - lse)` on each shard (no collective).
 - `local_ids(ids, rows)`: ids as rows of this shard's block and the mask of those it
   holds; `lookup(table, ids)`: rows of a split table, gathered from their shards.
-- `gather_vocab(x)`: a `[..., V / M]` result made whole `[..., V]` (full
-  distributions only: rank and generation need them on the host anyway).
+- `gather_vocab(x, words)`: a `[..., V / M]` result made whole `[..., V]` (full
+  distributions only: rank and generation need them on the host anyway), cut to its
+  first `words` columns.
+
+Padded vocabularies (`model.vocab_multiple`): the vocabulary-sized parameters may have
+more rows than there are words (V rounded up to a multiple, so that any model size
+can split it). The rows past the last word are never a word: `valid_rows(rows, words)`
+is the mask of this block's rows that are words (None when every row is one, as
+without padding), and `mask_rows(logits, valid)` sets the others' (finite) logits to
+-inf, so they carry no probability and get no gradient.
 """
 
 from __future__ import annotations
@@ -177,10 +185,31 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     return shard_sum(masked(jnp.take(table, index, axis=0), mask))
 
 
-def gather_vocab(x: jax.Array) -> jax.Array:
-    """`[..., V / M]` blocks of every shard as the whole `[..., V]`."""
+def gather_vocab(x: jax.Array, words: int | None = None) -> jax.Array:
+    """`[..., V / M]` blocks of every shard as the whole `[..., V]`, then its first
+    `words` columns (all for None): a padded vocabulary's rows past the last word cut."""
     axis = vocab_axis()
-    if axis is None:
-        return x
-    return jax.lax.all_gather(x, axis, axis=x.ndim - 1, tiled=True)
+    if axis is not None:
+        x = jax.lax.all_gather(x, axis, axis=x.ndim - 1, tiled=True)
+    return x if words is None or words >= x.shape[-1] else x[..., :words]
+
+
+def valid_rows(rows: int, words: int | None) -> jax.Array | None:
+    """Which of this shard's `rows` rows of a vocabulary-sized parameter are words
+    (global row < `words`): a bool [rows], or None when all of them are (`words` None
+    or at least the whole vocabulary's rows, `rows` times the shards)."""
+    if words is None or words >= rows * shard_count():
+        return None
+    axis = vocab_axis()
+    start = 0 if axis is None else jax.lax.axis_index(axis) * rows
+    return start + jnp.arange(rows) < words
+
+
+def mask_rows(logits: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """`logits` [..., rows] with the columns that are not words (`valid_rows`) at
+    -inf; `logits` itself for None. Apply it to finite logits: the -inf is a constant
+    of `jnp.where`, so no gradient reaches (or comes from) the masked columns."""
+    if valid is None:
+        return logits
+    return jnp.where(valid, logits, -jnp.inf)
 

@@ -526,6 +526,11 @@ def declarations() -> dict:
             "vocab_chunk": Key("auto", VocabChunk(),
                                "the head's path: 0 whole logits, N streamed over N-word "
                                "chunks, fused, or auto (by size)"),
+            "vocab_multiple": Key(1, _COUNT,
+                                  "pad the vocabulary-sized parameters to V rounded up "
+                                  "to a multiple of this (the padded rows are never a "
+                                  "word), so any model size dividing it can split them: "
+                                  "e.g. parallel.mesh.model or 128; 1: none"),
             "encoder": Key("lstm", OneOf(names=_encoders, what="an encoder "
                                          "(mos_jax.model.ENCODERS)"),
                            "`lstm` (AWD-LSTM) or `transformer` (the keys below, with "

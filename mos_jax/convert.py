@@ -6,6 +6,12 @@ accepted too: `rnns.{l}.module.weight_hh_l0_raw` (weight-dropped LSTM),
 `rnns.{l}.weight_ih_l0`, `latent.0.weight` (a Sequential), a leading `module.`
 (DataParallel), and `decoder.weight` (tied, so ignored). PyTorch weights are the
 transposes of Flax kernels; gate blocks are in the same order (i, f, g, o).
+
+A padded vocabulary (`model.vocab_multiple`, passed as a config override): the
+reference's weights are over the V words; importing them into a padded model appends
+zero rows to the embedding and the decoder bias (the heads mask those rows, so any
+value would do), and exporting keeps only the first V rows. The vocabulary size
+recorded (ModelConfig.vocab_size) is always V.
 """
 
 from __future__ import annotations
@@ -111,7 +117,7 @@ def from_reference_state(state: Mapping[str, Any], head: str | None = None,
     config = ModelConfig(vocab_size=vocab_size, emsize=emsize, nhid=nhid,
                          nhidlast=nhidlast, nlayers=nlayers, head=head,
                          n_experts=n_experts, **config_overrides)
-    params: dict[str, Any] = {"embedding": emb}
+    params: dict[str, Any] = {"embedding": _pad_rows(emb, config.padded_vocab_size)}
     for l, (h, i) in enumerate(zip(config.hidden_sizes, config.input_sizes)):
         shapes = {"weight_ih": (4 * h, i), "weight_hh": (4 * h, h),
                   "bias_ih": (4 * h,), "bias_hh": (4 * h,)}
@@ -120,7 +126,8 @@ def from_reference_state(state: Mapping[str, Any], head: str | None = None,
             value = _require(state, f"rnns.{l}.{ref}", shapes[ref])
             layer[flax_name] = value.T if ref.startswith("weight") else value
         params[f"lstm_{l}"] = layer
-    head_params = {"decoder_bias": _require(state, "decoder.bias", (vocab_size,))}
+    head_params = {"decoder_bias": _pad_rows(
+        _require(state, "decoder.bias", (vocab_size,)), config.padded_vocab_size)}
     if has_prior:
         e, d = n_experts, emsize
         head_params["prior_kernel"] = _require(state, "prior.weight", (e, nhidlast)).T
@@ -128,6 +135,14 @@ def from_reference_state(state: Mapping[str, Any], head: str | None = None,
         head_params["latent_bias"] = _require(state, "latent.bias", (e * d,))
     params["head"] = head_params
     return config, _to_jax(params)
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """`x` [V, ...] with zero rows appended up to `rows` (a padded vocabulary's rows,
+    never a word: the heads mask them)."""
+    if x.shape[0] >= rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
 
 
 def import_layout(head: str) -> str:
@@ -157,7 +172,8 @@ def to_reference_state(model_config: ModelConfig, params: Params,
     if style not in ("spec", "reference"):
         raise ValueError(f"style must be 'spec' or 'reference', got {style!r}")
     p = params
-    out = {"encoder.weight": np.asarray(p["embedding"])}
+    v = model_config.vocab_size  # the words: a padded vocabulary's padding is dropped
+    out = {"encoder.weight": np.asarray(p["embedding"])[:v]}
     for l in range(model_config.nlayers):
         layer = p[f"lstm_{l}"]
         for ref, flax_name in _LSTM_PARTS.items():
@@ -175,7 +191,7 @@ def to_reference_state(model_config: ModelConfig, params: Params,
         out["prior.weight"] = np.asarray(head["prior_kernel"]).T
         out[f"{lat}.weight"] = np.asarray(head["latent_kernel"]).T
         out[f"{lat}.bias"] = np.asarray(head["latent_bias"])
-    out["decoder.bias"] = np.asarray(head["decoder_bias"])
+    out["decoder.bias"] = np.asarray(head["decoder_bias"])[:v]
     if style == "reference":
         out["decoder.weight"] = out["encoder.weight"]
     return out
@@ -324,7 +340,8 @@ def load_weights(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
                               "`mos-jax import`?")
     config = ModelConfig.from_dict(json.loads(meta.read_text()))
     not_in_weights = {k: getattr(config, k) for k in (
-        "dropout", "dropouth", "dropouti", "dropoute", "dropoutl", "wdrop", "compute_dtype")}
+        "dropout", "dropouth", "dropouti", "dropoute", "dropoutl", "wdrop", "compute_dtype",
+        "vocab_multiple")}
     loaded, params = load_reference_npz(directory / "weights.npz", head=config.head,
                                         **not_in_weights)
     if loaded != config:

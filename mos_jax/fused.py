@@ -15,6 +15,10 @@ is three matmuls per logit, as the plain path, but on cache-sized tensors and wi
 [N, E, V] tensor ever alive: the streaming path (`mos_jax.streaming`) needs a fourth
 matmul, to recompute logits in its backward pass.
 
+`words` (static; None: every row): only the first `words` rows of the embedding are
+words (a padded vocabulary, `model.vocab_multiple`); the logits of the others are set
+to -inf once computed, so they carry no probability and get no gradient.
+
 The backward pass scales the saved gradients by the loss's cotangent, which is exact
 because the loss is a scalar. The target log-probabilities are returned beside the loss
 with their gradient stopped (they are for metrics); differentiate the loss, not them.
@@ -36,7 +40,7 @@ def _pad_rows(x, rows):
 
 
 def _chunk_pass(latent, log_prior, embedding, bias, targets, weights, row_chunk, dtype,
-                with_grads):
+                with_grads, words=None):
     n, e, d = latent.shape
     c = -(-n // row_chunk)
     rows = c * row_chunk
@@ -47,11 +51,14 @@ def _chunk_pass(latent, log_prior, embedding, bias, targets, weights, row_chunk,
     wts = _pad_rows(weights, rows).reshape(c, row_chunk)
     emb_d = embedding.astype(dtype)
     v = embedding.shape[0]
+    valid = None if words is None or words >= v else jnp.arange(v) < words
 
     def body(acc, xs):
         x, lp_e, t, w = xs
         flat = x.reshape(row_chunk * e, d).astype(dtype)
         z = jnp.matmul(flat, emb_d.T, preferred_element_type=jnp.float32) + bias
+        if valid is not None:  # the rows past the last word: no probability
+            z = jnp.where(valid, z, -jnp.inf)
         m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
         p = jnp.exp(z - m)
         s = jnp.sum(p, axis=-1, keepdims=True)
@@ -91,28 +98,28 @@ def _chunk_pass(latent, log_prior, embedding, bias, targets, weights, row_chunk,
     return loss, lp, grads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def mixture_nll(latent, log_prior, embedding, bias, targets, weights, row_chunk: int,
-                dtype=jnp.float32):
+                dtype=jnp.float32, words: int | None = None):
     """`(loss, target_logprobs)`: loss = -sum(weights * target_logprobs), a scalar.
 
     latent [N, E, D], log_prior [N, E] (log-softmaxed), embedding [V, D], bias [V],
     targets [N] int, weights [N] float32; `row_chunk` rows (of E components each) per
-    chunk; `dtype` the matmul operand type. Differentiable in every float argument
-    through the loss only.
+    chunk; `dtype` the matmul operand type; `words` the rows of `embedding` that are
+    words (None: all). Differentiable in every float argument through the loss only.
     """
     loss, lp, _ = _chunk_pass(latent, log_prior, embedding, bias, targets, weights,
-                              row_chunk, dtype, with_grads=False)
+                              row_chunk, dtype, with_grads=False, words=words)
     return loss, jax.lax.stop_gradient(lp)
 
 
-def _fwd(latent, log_prior, embedding, bias, targets, weights, row_chunk, dtype):
+def _fwd(latent, log_prior, embedding, bias, targets, weights, row_chunk, dtype, words):
     loss, lp, grads = _chunk_pass(latent, log_prior, embedding, bias, targets, weights,
-                                  row_chunk, dtype, with_grads=True)
+                                  row_chunk, dtype, with_grads=True, words=words)
     return (loss, jax.lax.stop_gradient(lp)), grads
 
 
-def _bwd(row_chunk, dtype, residuals, cotangents):
+def _bwd(row_chunk, dtype, words, residuals, cotangents):
     dlatent, dprior, demb, dbias, dweights = residuals
     g, _ = cotangents  # the target log-probabilities carry no gradient (see above)
     scale = lambda x: (g * x).astype(x.dtype)  # noqa: E731

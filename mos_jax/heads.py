@@ -29,6 +29,15 @@ Full distributions (`return_logprobs`) always take the plain path. The softmax, 
 and MoC heads also take `target_weights` [T, B] (the model passes them for a training
 loss): with `vocab_chunk` "auto" or "fused" they then return the weighted NLL with its
 gradients computed in the same pass over row chunks (`mos_jax.fused`), as `nll`.
+
+A padded vocabulary (`model.vocab_multiple` > 1): the embedding and every
+vocabulary-sized head parameter have V_pad >= V rows (V rounded up to the multiple),
+the head attribute `vocab_size` is V, and the rows past V are never a word. The heads
+that split the vocabulary (`shards_vocab`) compute their logits on every row and then
+set those of the padded rows to -inf (`collectives.valid_rows`, `mask_rows`), so they
+carry no probability and get no gradient, on every path; full distributions are cut
+to their first V columns. A head that does not split the vocabulary is handed the
+embedding's first V rows (`Head.output_with_nll`) and never sees the padding.
 """
 
 from __future__ import annotations
@@ -76,9 +85,12 @@ class HeadOption(NamedTuple):
 class Head(nn.Module):
     """Base class of every head: its build attributes and the facts it declares.
 
-    Attributes (the model sets all four; a head may ignore any): `n_experts`
+    Attributes (the model sets all five; a head may ignore any): `n_experts`
     (model.n_experts), `dropoutl` (dropout on the head's latent vectors), `dtype` (the
-    matmul operand type) and `vocab_chunk` (see the module docstring).
+    matmul operand type), `vocab_chunk` (see the module docstring) and `vocab_size`
+    (the words V; None: every row of the embedding is one; fewer than the embedding's
+    rows (whole, over every shard) where the vocabulary is padded, see the module
+    docstring).
 
     Facts, as class attributes and class methods (`mc` is a `mos_jax.model.ModelConfig`;
     H = mc.nhidlast, D = mc.emsize, V = mc.vocab_size, E = mc.n_experts). What a head
@@ -90,7 +102,9 @@ class Head(nn.Module):
         the weighted NLL in `HeadOutput.nll` (`fused_output`).
       flops_per_token(mc) = 2 D V: forward matmul FLOPs per token (2 per
         multiply-add), by default one decoder product of a D-vector, a tied softmax's
-        cost; a head that does more adds its own (`mos-jax bench` reports this).
+        cost; a head that does more adds its own (`mos-jax bench` reports this). V
+        there is `vocab_rows(mc)`: the padded rows, which are computed, where
+        `model.vocab_multiple` pads the vocabulary.
       rank_bound(mc) = None: an upper bound on the rank of the head's [N, V]
         log-probability matrix when the head has one (a softmax over a D-vector:
         D + 2), else None.
@@ -107,6 +121,8 @@ class Head(nn.Module):
         the embedding and its block of every vocabulary-sized parameter, combining
         log-normalisers and target logits with collectives). A head that does not
         runs only where `parallel.mesh.model` is 1 (refused in one line otherwise).
+        A head that does must also mask the padded rows of a padded vocabulary
+        (`vocab_size`; the module docstring).
       reference_layout = None: the reference's (PyTorch AWD-LSTM) head weights this
         head's parameters are, so that `mos-jax import` can read them into it:
         "softmax" (decoder.bias) or "mixture" (prior, latent and decoder.bias, in
@@ -117,6 +133,7 @@ class Head(nn.Module):
     dropoutl: float = 0.0
     dtype: Any = jnp.float32
     vocab_chunk: int | str = 0
+    vocab_size: int | None = None
 
     tied = False
     fuses_loss = False
@@ -127,7 +144,7 @@ class Head(nn.Module):
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
-        return 2 * mc.emsize * mc.vocab_size
+        return 2 * mc.emsize * vocab_rows(mc)
 
     @classmethod
     def option_values(cls, mc) -> dict[str, Any]:
@@ -179,6 +196,9 @@ class Head(nn.Module):
             raise ConfigError(problem)
         if collectives.vocab_axis() and not self.shards_vocab:
             raise ConfigError(sharding_refusal(type(self).__name__))
+        if (not self.shards_vocab and self.vocab_size is not None
+                and self.vocab_size < embedding.shape[0]):
+            embedding = embedding[:self.vocab_size]  # a padded vocabulary's words only
         extra = {}
         if target_weights is not None and self.fuses_loss:
             extra["target_weights"] = target_weights
@@ -188,6 +208,13 @@ class Head(nn.Module):
                 out.target_logprobs is not None:
             out = out._replace(nll=-jnp.sum(out.target_logprobs * target_weights))
         return out
+
+
+def vocab_rows(mc) -> int:
+    """The rows of the vocabulary-sized parameters of model config `mc`: its padded
+    size where it has one (`ModelConfig.padded_vocab_size`), else V. What a head
+    computes on, so what its FLOPs and memory count."""
+    return int(getattr(mc, "padded_vocab_size", mc.vocab_size))
 
 
 HEADS: dict[str, type[Head]] = {}
@@ -298,32 +325,36 @@ def decoder_logits(context: jax.Array, embedding: jax.Array, bias: jax.Array,
 
 
 def log_normalisers(context: jax.Array, embedding: jax.Array, bias: jax.Array,
-                    dtype, vocab_chunk=0) -> tuple[jax.Array, jax.Array | None]:
+                    dtype, vocab_chunk=0, valid=None) -> tuple[jax.Array, jax.Array | None]:
     """`(lse, logits)` of `context @ embedding^T + bias` for context [..., D].
 
-    `lse` [...] float32; `logits` [..., V] on the plain path, None when streamed.
+    `lse` [...] float32 over the rows that are words (`valid`, `collectives.valid_rows`;
+    None: all); `logits` [..., V] on the plain path (unmasked: mask what is made of
+    them with `collectives.mask_rows`), None when streamed.
     """
     rows = int(np.prod(context.shape[:-1]))
     chunk = resolve_chunk(vocab_chunk, rows, embedding.shape[0])
     if chunk:
         flat = context.reshape(rows, context.shape[-1])
-        lse = chunked_logsumexp(flat, embedding, bias, chunk, jnp.dtype(dtype))
+        lse = chunked_logsumexp(flat, embedding, bias, chunk, jnp.dtype(dtype),
+                                "identity", valid)
         return lse.reshape(context.shape[:-1]), None
     logits = decoder_logits(context, embedding, bias, dtype)
-    return logsumexp(logits), logits
+    return logsumexp(collectives.mask_rows(logits, valid)), logits
 
 
 def fused_output(latent: jax.Array, log_prior: jax.Array | None, embedding: jax.Array,
                  bias: jax.Array, targets: jax.Array | None,
-                 target_weights: jax.Array | None, dtype, vocab_chunk
-                 ) -> HeadOutput | None:
+                 target_weights: jax.Array | None, dtype, vocab_chunk,
+                 words: int | None = None) -> HeadOutput | None:
     """The fused training loss of a mixture of tied softmaxes, or None where not asked.
 
     latent [..., E, D], log_prior [..., E] (None: one component), targets and
     target_weights [...]. Taken when `target_weights` is given (a training loss) and
     `vocab_chunk` is "auto" or "fused" (`mos_jax.fused`: loss and gradients in one
     pass over row chunks); returns target log-probabilities (gradient stopped) and
-    `nll = -sum(target_weights * target_logprobs)`.
+    `nll = -sum(target_weights * target_logprobs)`. `words`: the embedding's rows
+    that are words (a padded vocabulary on one device; None: all).
     """
     if targets is None or target_weights is None:
         return None
@@ -337,23 +368,26 @@ def fused_output(latent: jax.Array, log_prior: jax.Array | None, embedding: jax.
     nll, lp = mixture_nll(latent.reshape(n, e, d), log_prior.reshape(n, e), embedding,
                           bias, targets.reshape(n),
                           target_weights.reshape(n).astype(jnp.float32), rows,
-                          jnp.dtype(dtype))
+                          jnp.dtype(dtype), words)
     return HeadOutput(lp.reshape(lead), None, nll)
 
 
 def _softmax_output(context: jax.Array, embedding: jax.Array, bias: jax.Array,
                     targets: jax.Array | None, return_logprobs: bool,
-                    dtype, vocab_chunk=0, target_weights=None) -> HeadOutput:
+                    dtype, vocab_chunk=0, target_weights=None,
+                    words: int | None = None) -> HeadOutput:
     """log softmax(context @ embedding^T + bias) for context [..., D]; on a vocabulary
-    split over devices (`collectives`), the embedding's and bias's block of rows."""
+    split over devices (`collectives`), the embedding's and bias's block of rows;
+    `words`: the words V of a padded vocabulary (None: every row is one)."""
     if not return_logprobs and not collectives.vocab_axis():  # split: streamed/plain
         fused = fused_output(context[..., None, :], None, embedding, bias, targets,
-                             target_weights, dtype, vocab_chunk)
+                             target_weights, dtype, vocab_chunk, words)
         if fused is not None:
             return fused
+    valid = collectives.valid_rows(embedding.shape[0], words)
     context = collectives.enter(context)  # each vocabulary shard adds its gradient
     lse, logits = log_normalisers(context, embedding, bias, dtype,
-                                  0 if return_logprobs else vocab_chunk)
+                                  0 if return_logprobs else vocab_chunk, valid)
     lse = collectives.combine_lse(lse)
     target_lp = None
     if targets is not None:
@@ -363,8 +397,9 @@ def _softmax_output(context: jax.Array, embedding: jax.Array, bias: jax.Array,
         target_logit = collectives.shard_sum(
             collectives.masked(target_logit + jnp.take(bias, index), mask))
         target_lp = target_logit - lse
-    return HeadOutput(target_lp, collectives.gather_vocab(logits - lse[..., None])
-                      if return_logprobs else None)
+    return HeadOutput(target_lp, collectives.gather_vocab(
+        collectives.mask_rows(logits - lse[..., None], valid), words)
+        if return_logprobs else None)
 
 
 @register_head("softmax")
@@ -388,7 +423,8 @@ class Softmax(Head):
                  return_logprobs=False, target_weights=None) -> HeadOutput:
         bias = self.param("decoder_bias", nn.initializers.zeros, (embedding.shape[0],))
         return _softmax_output(hidden, embedding, bias, targets, return_logprobs,
-                               self.dtype, self.vocab_chunk, target_weights)
+                               self.dtype, self.vocab_chunk, target_weights,
+                               self.vocab_size)
 
 
 class _Mixture(Head):
@@ -409,7 +445,7 @@ class _Mixture(Head):
     @classmethod
     def flops_per_token(cls, mc) -> int:
         return (cls.mixture_flops_per_token(mc)
-                + 2 * mc.n_experts * mc.emsize * mc.vocab_size)
+                + 2 * mc.n_experts * mc.emsize * vocab_rows(mc))
 
     def mixture(self, hidden, embedding, deterministic):
         """Log prior [T, B, E], latent [T, B, E, D] (after dropout), decoder bias."""
@@ -445,13 +481,15 @@ class MixtureOfSoftmaxes(_Mixture):
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
         if not return_logprobs and not collectives.vocab_axis():  # split: streamed/plain
             fused = fused_output(latent, log_prior, embedding, bias, targets,
-                                 target_weights, self.dtype, self.vocab_chunk)
+                                 target_weights, self.dtype, self.vocab_chunk,
+                                 self.vocab_size)
             if fused is not None:
                 return fused
+        valid = collectives.valid_rows(embedding.shape[0], self.vocab_size)
         latent = collectives.enter(latent)  # each vocabulary shard adds its gradient
         # [T, B, E] normalisers; logits [T, B, E, V] unless streamed
         lse, logits = log_normalisers(latent, embedding, bias, self.dtype,
-                                      0 if return_logprobs else self.vocab_chunk)
+                                      0 if return_logprobs else self.vocab_chunk, valid)
         lse = collectives.combine_lse(lse)
         target_lp = None
         if targets is not None:
@@ -463,8 +501,8 @@ class MixtureOfSoftmaxes(_Mixture):
             target_lp = jax.nn.logsumexp(log_prior + target_logit - lse, axis=-1)
         logprobs = None
         if return_logprobs:
-            logprobs = collectives.gather_vocab(jax.nn.logsumexp(
-                (log_prior - lse)[..., None] + logits, axis=-2))
+            logprobs = collectives.gather_vocab(collectives.mask_rows(jax.nn.logsumexp(
+                (log_prior - lse)[..., None] + logits, axis=-2), valid), self.vocab_size)
         return HeadOutput(target_lp, logprobs)
 
 
@@ -482,7 +520,7 @@ class MixtureOfContexts(_Mixture):
 
     @classmethod
     def flops_per_token(cls, mc) -> int:
-        return cls.mixture_flops_per_token(mc) + 2 * mc.emsize * mc.vocab_size
+        return cls.mixture_flops_per_token(mc) + 2 * mc.emsize * vocab_rows(mc)
 
     @classmethod
     def rank_bound(cls, mc) -> int:
@@ -494,7 +532,8 @@ class MixtureOfContexts(_Mixture):
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
         context = jnp.einsum("tbe,tbed->tbd", jnp.exp(log_prior), latent)
         return _softmax_output(context, embedding, bias, targets, return_logprobs,
-                               self.dtype, self.vocab_chunk, target_weights)
+                               self.dtype, self.vocab_chunk, target_weights,
+                               self.vocab_size)
 
 
 # Sigsoftmax (Kanai et al., NeurIPS 2018), mixture of sigsoftmaxes (same paper) and
@@ -502,22 +541,24 @@ class MixtureOfContexts(_Mixture):
 
 
 def sig_log_normalisers(context: jax.Array, embedding: jax.Array, bias: jax.Array,
-                        dtype, vocab_chunk=0) -> tuple[jax.Array, jax.Array | None]:
+                        dtype, vocab_chunk=0, valid=None
+                        ) -> tuple[jax.Array, jax.Array | None]:
     """`(lse, g)` of the sigsoftmax logits of context [..., D].
 
     `z = context @ embedding^T + bias`, `g = z + log_sigmoid(z)` (so `exp(g) = exp(z)
     sigmoid(z)`), `lse = logsumexp_v g_v` [...] float32; `g` [..., V] on the plain path,
-    None when streamed (`chunked_logsumexp(..., transform="sigsoftmax")`).
+    None when streamed (`chunked_logsumexp(..., transform="sigsoftmax")`). As
+    `log_normalisers`: `lse` over the rows that are words (`valid`), `g` unmasked.
     """
     rows = int(np.prod(context.shape[:-1]))
     chunk = resolve_chunk(vocab_chunk, rows, embedding.shape[0])
     if chunk:
         flat = context.reshape(rows, context.shape[-1])
         lse = chunked_logsumexp(flat, embedding, bias, chunk, jnp.dtype(dtype),
-                                "sigsoftmax")
+                                "sigsoftmax", valid)
         return lse.reshape(context.shape[:-1]), None
     g = transform_logits(decoder_logits(context, embedding, bias, dtype), "sigsoftmax")
-    return logsumexp(g), g
+    return logsumexp(collectives.mask_rows(g, valid)), g
 
 
 @register_head("sigsoftmax")
@@ -539,9 +580,10 @@ class Sigsoftmax(Head):
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False) -> HeadOutput:
         bias = self.param("decoder_bias", nn.initializers.zeros, (embedding.shape[0],))
+        valid = collectives.valid_rows(embedding.shape[0], self.vocab_size)
         hidden = collectives.enter(hidden)  # each vocabulary shard adds its gradient
         lse, g = sig_log_normalisers(hidden, embedding, bias, self.dtype,
-                                     0 if return_logprobs else self.vocab_chunk)
+                                     0 if return_logprobs else self.vocab_chunk, valid)
         lse = collectives.combine_lse(lse)
         target_lp = None
         if targets is not None:
@@ -550,8 +592,9 @@ class Sigsoftmax(Head):
                            jnp.take(embedding, index, axis=0)) + jnp.take(bias, index)
             target_lp = collectives.shard_sum(collectives.masked(
                 transform_logits(z, "sigsoftmax"), mask)) - lse
-        return HeadOutput(target_lp, collectives.gather_vocab(g - lse[..., None])
-                          if return_logprobs else None)
+        return HeadOutput(target_lp, collectives.gather_vocab(
+            collectives.mask_rows(g - lse[..., None], valid), self.vocab_size)
+            if return_logprobs else None)
 
 
 @register_head("moss")
@@ -572,10 +615,11 @@ class MixtureOfSigsoftmaxes(_Mixture):
     def __call__(self, hidden, embedding, targets=None, *, deterministic=True,
                  return_logprobs=False) -> HeadOutput:
         log_prior, latent, bias = self.mixture(hidden, embedding, deterministic)
+        valid = collectives.valid_rows(embedding.shape[0], self.vocab_size)
         latent = collectives.enter(latent)  # each vocabulary shard adds its gradient
         # [T, B, E] normalisers; g [T, B, E, V] unless streamed
         lse, g = sig_log_normalisers(latent, embedding, bias, self.dtype,
-                                     0 if return_logprobs else self.vocab_chunk)
+                                     0 if return_logprobs else self.vocab_chunk, valid)
         lse = collectives.combine_lse(lse)
         target_lp = None
         if targets is not None:
@@ -588,8 +632,9 @@ class MixtureOfSigsoftmaxes(_Mixture):
             target_lp = jax.nn.logsumexp(log_prior + z - lse, axis=-1)
         logprobs = None
         if return_logprobs:
-            logprobs = collectives.gather_vocab(
-                jax.nn.logsumexp((log_prior - lse)[..., None] + g, axis=-2))
+            logprobs = collectives.gather_vocab(collectives.mask_rows(
+                jax.nn.logsumexp((log_prior - lse)[..., None] + g, axis=-2), valid),
+                self.vocab_size)
         return HeadOutput(target_lp, logprobs)
 
 

@@ -7,7 +7,8 @@ dropout -> L weight-dropped LSTM layers, locked dropout between them -> locked
 dropout) or a causal Transformer (`transformer`, `mos_jax.transformer`). Parameters (Flax names; docs/reference.md section 2 gives the
 reference's):
 
-    embedding            [V, D]    U(-0.1, 0.1), also the decoder weight
+    embedding            [V, D]    U(-0.1, 0.1), also the decoder weight (V_pad rows:
+                                   V rounded up to `vocab_multiple`, see ModelConfig)
     lstm_{l}/ih_kernel   [I_l, 4H_l], hh_kernel [H_l, 4H_l], ih_bias, hh_bias [4H_l]
                          (the LSTM; the Transformer's are in mos_jax.transformer)
     head/...             see `mos_jax.heads`
@@ -72,6 +73,11 @@ class ModelConfig:
     # The selected head's options (config `model.heads.<head>`, `Head.options`) as
     # sorted (name, value) pairs, passed to the head module as attributes.
     head_options: tuple[tuple[str, Any], ...] = ()
+    # The vocabulary-sized parameters (the embedding, each head's [V, ...] ones) get
+    # V rounded up to a multiple of this many rows (`padded_vocab_size`), so that any
+    # model size dividing it can split them; the padded rows are never a word (the
+    # heads mask them: `mos_jax.heads`). 1: no padding.
+    vocab_multiple: int = 1
 
     def __post_init__(self):
         head_cls = heads_lib.get_head(self.head)  # raises on an unknown name
@@ -92,6 +98,10 @@ class ModelConfig:
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"model.{f} is a dropout rate in [0, 1), got "
                                   f"{getattr(self, f)}")
+        if (not isinstance(self.vocab_multiple, int) or isinstance(self.vocab_multiple, bool)
+                or self.vocab_multiple < 1):
+            raise ConfigError(f"model.vocab_multiple must be a whole number >= 1 (1: no "
+                              f"padding), got {self.vocab_multiple!r}")
         problem = tied_width_problem(self)
         if problem:
             raise ConfigError(problem)
@@ -112,6 +122,19 @@ class ModelConfig:
                     f"model.vocab_chunk {self.vocab_chunk!r}: use 0 (whole logits), a "
                     "positive chunk size in words, fused, or auto") from None
         object.__setattr__(self, "vocab_chunk", chunk)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """V_pad: the rows of the vocabulary-sized parameters, V rounded up to a
+        multiple of `vocab_multiple` (V itself for 1). Fixed by the config, not by
+        the mesh, so a checkpoint's shapes do not depend on where it was written."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def head_vocab_size(self) -> int | None:
+        """The head attribute `vocab_size`: V where the vocabulary is padded, else None
+        (every row is a word)."""
+        return self.vocab_size if self.padded_vocab_size != self.vocab_size else None
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -276,9 +299,11 @@ class LanguageModel(nn.Module):
         def rng():
             return None if deterministic else self.make_rng("dropout")
 
-        # [V, D]; [V / M, D] rows on each of M shards where placement splits the vocabulary
+        # [V_pad, D] (V_pad = V unless vocab_multiple pads it); [V_pad / M, D] rows on
+        # each of M shards where placement splits the vocabulary
         embedding = self.param("embedding", uniform_init(0.1),
-                               (cfg.vocab_size // collectives.shard_count(), cfg.emsize))
+                               (cfg.padded_vocab_size // collectives.shard_count(),
+                                cfg.emsize))
         valid = None
         if length is not None:
             valid = jnp.arange(inputs.shape[0]) < length
@@ -287,7 +312,8 @@ class LanguageModel(nn.Module):
             valid=valid)
         head = heads_lib.get_head(cfg.head)(
             n_experts=cfg.n_experts, dropoutl=cfg.dropoutl, dtype=dtype,
-            vocab_chunk=cfg.vocab_chunk, name="head", **dict(cfg.head_options))
+            vocab_chunk=cfg.vocab_chunk, vocab_size=cfg.head_vocab_size, name="head",
+            **dict(cfg.head_options))
         out = head.output_with_nll(output, embedding, targets, deterministic=deterministic,
                                    return_logprobs=return_logprobs,
                                    target_weights=target_weights)

@@ -310,13 +310,19 @@ class Plan:
         """The mesh axis splitting the vocabulary inside mapped bodies, or None."""
         return self.mesh_axis("vocab")
 
-    def check_vocab(self, vocab_size: int, head: str | None = None) -> None:
-        """ConfigError unless a vocabulary of `vocab_size` (and `head`) can be split
-        over this plan's `vocab` axis."""
+    def check_vocab(self, vocab_size: int, head: str | None = None,
+                    words: int | None = None) -> None:
+        """ConfigError unless a vocabulary of `vocab_size` rows (and `head`) can be split
+        over this plan's `vocab` axis. `vocab_size` is the rows of the vocabulary-sized
+        parameters, the padded size where `model.vocab_multiple` pads the vocabulary
+        (`ModelConfig.padded_vocab_size`); `words` the words V when it does, so that
+        every block holds at least one word."""
         axis = self.vocab_axis
         if axis is None:
             return
         m = self.axis_sizes[axis]
+        what = (f"{vocab_size:,}" if words is None or words == vocab_size else
+                f"{vocab_size:,} rows ({words:,} words, padded)")
         if vocab_size % m:
             # a model size must divide the vocabulary and the devices of each process
             # (`mesh_sizes`; a model group lies within one host)
@@ -324,9 +330,16 @@ class Plan:
             per_host = self.n_devices // len(hosts)
             sizes = _divisors(math.gcd(vocab_size, per_host), per_host)
             raise ConfigError(
-                f"a vocabulary of {vocab_size:,} does not split into {m} equal blocks "
-                f"(parallel.mesh.model={m}): use a model size that divides it and the "
-                f"{per_host} devices ({', '.join(map(str, sizes))})")
+                f"a vocabulary of {what} does not split into {m} equal blocks "
+                f"(parallel.mesh.model={m}): pad it with --config.model.vocab_multiple="
+                f"{m} (or a multiple of {m}, e.g. {m * -(-128 // m)} as GPU/TPU codebases "
+                f"do), or use a model size that divides it and the {per_host} devices "
+                f"({', '.join(map(str, sizes))})")
+        if words is not None and (m - 1) * (vocab_size // m) >= words:
+            raise ConfigError(
+                f"a vocabulary of {what} split into {m} blocks of {vocab_size // m:,} "
+                f"rows leaves the last block without a word: lower model.vocab_multiple "
+                f"or parallel.mesh.model={m}")
 
     def spec(self, path, leaf) -> P:
         """A leaf's PartitionSpec by its logical axes: a `carry` leaf's rows are batch

@@ -105,6 +105,10 @@ def finetune_data(config, workdir: Path, data_given: Sequence[str],
     return new
 
 
+# Model keys added after runs were saved: what a config.json without them ran with.
+_SINCE = {("model", "vocab_multiple"): 1}  # no padding
+
+
 def config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
     """Check `config` against the `config.json` of a run that has checkpoints.
 
@@ -157,10 +161,11 @@ def config_changes(config, workdir: Path, log: Callable[[str], None]) -> dict:
                         f"{value.get(head)!r}: resume it with its own config (omit "
                         "--config), or use a new --workdir")
                 continue
-            if old.get(section, {}).get(key) != value:
+            was = old.get(section, {}).get(key, _SINCE.get((section, key)))
+            if was != value:
                 raise ConfigError(
                     f"{workdir} was started with {section}.{key}="
-                    f"{old.get(section, {}).get(key)!r}, not {value!r}: resume it "
+                    f"{was!r}, not {value!r}: resume it "
                     "with its own config (omit --config), or use a new --workdir")
     old_flat = config_lib.flat_values(old)
     new_flat = config_lib.flat_values(saved_config(config))

@@ -11,6 +11,10 @@ the logsumexp: "sigsoftmax" is g(z) = z + log_sigmoid(z) (Kanai et al., 2018), w
 normaliser is logsumexp_v(g(z_v)); the backward pass multiplies softmax(g) by
 g'(z) = 2 - sigmoid(z).
 
+`valid` (a bool [V], or None: every row) marks the rows that are words: the others (a
+padded vocabulary's last rows, `collectives.valid_rows`) get logit -inf after their
+finite logits are computed, so they add nothing to the normaliser and get no gradient.
+
 A head that needs only target log-probabilities (training, scoring) gets everything from
 these normalisers and the target logits, which are a gather. The plain path (whole
 logits) stays for full distributions and for comparison; `resolve_chunk` decides.
@@ -27,15 +31,24 @@ import jax.numpy as jnp
 _PAD = -1e30
 
 
-def _chunks(embedding: jax.Array, bias: jax.Array, chunk: int):
-    """[V, D], [V] -> [C, chunk, D], [C, chunk], padding V up to a multiple of chunk."""
+def _chunks(embedding: jax.Array, bias: jax.Array, chunk: int, valid=None):
+    """[V, D], [V] (and `valid` [V] or None) -> [C, chunk, D], [C, chunk] (and
+    [C, chunk] or None), padding V up to a multiple of chunk."""
     v, d = embedding.shape
     n = -(-v // chunk)
     pad = n * chunk - v
     if pad:
         embedding = jnp.concatenate([embedding, jnp.zeros((pad, d), embedding.dtype)])
         bias = jnp.concatenate([bias, jnp.full((pad,), _PAD, bias.dtype)])
-    return embedding.reshape(n, chunk, d), bias.reshape(n, chunk)
+        if valid is not None:
+            valid = jnp.concatenate([valid, jnp.zeros((pad,), bool)])
+    valid = None if valid is None else valid.reshape(n, chunk)
+    return embedding.reshape(n, chunk, d), bias.reshape(n, chunk), valid
+
+
+def _masked(logits, valid_c):
+    """Logits of the rows that are not words (`valid_c` False) at -inf."""
+    return logits if valid_c is None else jnp.where(valid_c, logits, -jnp.inf)
 
 
 def _chunk_logits(x, emb_c, bias_c, dtype):
@@ -64,42 +77,45 @@ def _transform_grad(z, transform):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def chunked_logsumexp(x: jax.Array, embedding: jax.Array, bias: jax.Array,
-                      chunk: int, dtype=jnp.float32, transform: str = "identity"
-                      ) -> jax.Array:
+                      chunk: int, dtype=jnp.float32, transform: str = "identity",
+                      valid: jax.Array | None = None) -> jax.Array:
     """`logsumexp(g(x @ embedding^T + bias), axis=-1)` for x [N, D]: [N] float32.
 
     g is `transform_logits(., transform)` (the identity by default). Matmul operands
     are cast to `dtype` (accumulation in float32); the running max/sum and the result
     are float32. Padding words of a last partial chunk get logit -1e30, so g(z) is
-    about -2e30 for the sigsoftmax transform: still no contribution.
+    about -2e30 for the sigsoftmax transform: still no contribution. `valid` (bool
+    [V] or None): the rows that are words (the module docstring); the first row must
+    be one (else the normaliser is -inf).
     """
-    return _forward(x, embedding, bias, chunk, dtype, transform)
+    return _forward(x, embedding, bias, chunk, dtype, transform, valid)
 
 
-def _forward(x, embedding, bias, chunk, dtype, transform="identity"):
-    emb_c, bias_c = _chunks(embedding, bias, chunk)
+def _forward(x, embedding, bias, chunk, dtype, transform="identity", valid=None):
+    emb_c, bias_c, valid_c = _chunks(embedding, bias, chunk, valid)
     n = x.shape[0]
 
     def body(state, c):
         m, s = state
-        logits = transform_logits(_chunk_logits(x, c[0], c[1], dtype), transform)
+        logits = _masked(transform_logits(_chunk_logits(x, c[0], c[1], dtype), transform),
+                         c[2])
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=-1)
         return (m_new, s), None
 
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
-    (m, s), _ = jax.lax.scan(body, init, (emb_c, bias_c))
+    (m, s), _ = jax.lax.scan(body, init, (emb_c, bias_c, valid_c))
     return m + jnp.log(s)
 
 
-def _fwd(x, embedding, bias, chunk, dtype, transform):
-    lse = _forward(x, embedding, bias, chunk, dtype, transform)
-    return lse, (x, embedding, bias, lse)
+def _fwd(x, embedding, bias, chunk, dtype, transform, valid):
+    lse = _forward(x, embedding, bias, chunk, dtype, transform, valid)
+    return lse, (x, embedding, bias, lse, valid)
 
 
 def _bwd(chunk, dtype, transform, residuals, g):
-    x, embedding, bias, lse = residuals
-    emb_c, bias_c = _chunks(embedding, bias, chunk)
+    x, embedding, bias, lse, valid = residuals
+    emb_c, bias_c, valid_c = _chunks(embedding, bias, chunk, valid)
     xd = x.astype(dtype)
 
     def body(dx, c):
@@ -111,17 +127,19 @@ def _bwd(chunk, dtype, transform, residuals, g):
         dg = _transform_grad(logits, transform)
         if dg is not None:
             dlogits = dlogits * dg
+        if c[2] is not None:  # the rows that are not words: no gradient
+            dlogits = jnp.where(c[2], dlogits, 0.0)
         dx = dx + jnp.matmul(dlogits.astype(dtype), c[0].astype(dtype),
                              preferred_element_type=jnp.float32)
         demb = jnp.matmul(dlogits.astype(dtype).T, xd, preferred_element_type=jnp.float32)
         return dx, (demb, jnp.sum(dlogits, axis=0))
 
     dx, (demb, dbias) = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32),
-                                     (emb_c, bias_c))
+                                     (emb_c, bias_c, valid_c))
     v = embedding.shape[0]
     demb = demb.reshape(-1, embedding.shape[1])[:v].astype(embedding.dtype)
     dbias = dbias.reshape(-1)[:v].astype(bias.dtype)
-    return dx.astype(x.dtype), demb, dbias
+    return dx.astype(x.dtype), demb, dbias, None
 
 
 chunked_logsumexp.defvjp(_fwd, _bwd)

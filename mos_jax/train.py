@@ -246,7 +246,7 @@ def check_placement(plan: parallel.Plan, model_config: model_lib.ModelConfig) ->
         return
     if not heads.get_head(model_config.head).shards_vocab:
         raise ConfigError(heads.sharding_refusal(model_config.head))
-    plan.check_vocab(model_config.vocab_size)
+    plan.check_vocab(model_config.padded_vocab_size, words=model_config.vocab_size)
 
 
 def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel.Plan,

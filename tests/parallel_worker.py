@@ -9,6 +9,7 @@ one-device and a mesh plan), `multihost PROCESS_ID PORT STRATEGY` (one process o
 2-process run; the environment sets the device count).
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -367,6 +368,51 @@ def task_vocab(workdir):
                 "grad_rows": biggest_shard_rows(got[2], V)}
         out[head] = rows
         lap(head)
+
+    # A vocabulary the model size does not divide, padded (model.vocab_multiple): MoS
+    # with V = 37 words in 40 rows over data 2 x model 4 (blocks of 10, the last with 3
+    # padded rows) against one device's unpadded model with the same first 37 rows,
+    # streamed over chunks of 4 rows (on the last block: 7 words, then a chunk of none).
+    # (No other parameter has an axis of 40.)
+    def padded_body(cfg, p, x, y, carry, axis=None):
+        def loss_fn(p):
+            lp = model.apply(cfg, p, x, carry, y).target_logprobs
+            return -jnp.mean(lp), lp
+        (loss, lp), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        if axis is not None:
+            loss, g = jax.lax.pmean((loss, g), axis)
+        return loss, lp, g
+
+    words = 37
+    pad_cfg = model.ModelConfig(vocab_size=words, emsize=6, nhid=8, nlayers=1, nhidlast=6,
+                                n_experts=3, head="mos", vocab_multiple=4, vocab_chunk=4,
+                                **NO_DROPOUT)
+    rows_pad = pad_cfg.padded_vocab_size
+    params = host(model.init_params(pad_cfg, jax.random.key(3)))
+    params["head"]["decoder_bias"] = (  # its own draws: the later parts' as before
+        np.random.default_rng(3).normal(size=rows_pad).astype(np.float32))
+
+    def cut(tree):  # the vocabulary-sized leaves' first `words` rows
+        return {**tree, "embedding": tree["embedding"][:words],
+                "head": {**tree["head"], "decoder_bias": tree["head"]["decoder_bias"][:words]}}
+
+    y_pad = np.minimum(targets, words - 1)  # words only (the last one among them)
+    x_pad = np.minimum(inputs, words - 1)
+    carry = host(model.init_carry(pad_cfg, B))
+    ref = host(jax.jit(functools.partial(padded_body, pad_cfg.replace(vocab_multiple=1)))(
+        fresh(cut(params)), x_pad, y_pad, fresh(carry)))
+    plan = mesh_plan(2, 4)
+    fn = plan.map(lambda *a: padded_body(pad_cfg, *a, axis=plan.axis_name),
+                  in_axes=(None, 1, 1, 0), out_axes=(None, 1, parallel.Like(0)))
+    got = fn(plan.place_params(fresh(params)), x_pad, y_pad, plan.place_carry(fresh(carry)))
+    grads = host(got[2])
+    out["padded"] = {
+        "rows": rows_pad, "loss": abs(float(got[0]) - float(ref[0])) / abs(float(ref[0])),
+        "logprobs": rel_diff(host(got[1]), ref[1]), "grads": rel_diff(cut(grads), ref[2]),
+        "padded_grad": max(float(np.abs(grads["embedding"][words:]).max()),
+                           float(np.abs(grads["head"]["decoder_bias"][words:]).max())),
+        "grad_rows": biggest_shard_rows(got[2], rows_pad)}
+    lap("padded vocabulary")
 
     # Train steps (clipping on) on every mesh against one device; the state's
     # vocabulary-sized arrays split by rows.

@@ -356,6 +356,17 @@ def test_split_vocabulary_heads_equal_one_device(vocab_report, head):
         assert r["grad_rows"] == 64 // model_size, (mesh, r)
 
 
+def test_a_padded_vocabulary_splits_where_the_model_size_does_not_divide_it(vocab_report):
+    """V = 37 words over model 4 with model.vocab_multiple 4 (40 rows, blocks of 10):
+    MoS's loss, target log-probabilities and gradients on data 2 x model 4 equal one
+    device's unpadded model with the same first 37 rows; the padded rows get no
+    gradient and no device holds more than its 10 rows."""
+    r = vocab_report["padded"]
+    assert r["rows"] == 40
+    assert r["loss"] < TOL and r["logprobs"] < TOL and r["grads"] < TOL, r
+    assert r["padded_grad"] == 0.0 and r["grad_rows"] == 10, r
+
+
 def test_split_vocabulary_train_steps_equal_one_device(vocab_report):
     """Three MoS train steps with clipping active (the norm over split parameters) and
     weight decay: parameters and metrics as on one device; the state's
