@@ -395,9 +395,11 @@ def sha256_files(paths: Sequence[str | os.PathLike], prefix: bytes = b"",
     return h.hexdigest()
 
 
-def files_digest(paths: Sequence[Path]) -> str:
-    """SHA-256 over the contents of `paths` (in order) and the cache format."""
-    return sha256_files(paths, _CACHE_FORMAT.encode(), b"\0")
+def files_digest(paths: Sequence[Path], label: str = "") -> str:
+    """SHA-256 over the cache format, `label` (what else determines the ids, for a
+    source other than a text directory) and the contents of `paths` (in order): the
+    key of an id cache entry."""
+    return sha256_files(paths, (_CACHE_FORMAT + label).encode(), b"\0")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -616,6 +618,12 @@ def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
                       words=words, **streams)
     except Exception:  # a damaged cache is rebuilt, never trusted
         return None
+
+
+def load_cache_entry(path: Path, name: str) -> Corpus | None:
+    """The word-level corpus cached at `path` (`stream_word_cache` writes one), its
+    splits memory-mapped; None when absent or damaged."""
+    return _load_cache(path, name) if path.is_dir() else None
 
 
 class _FirstSeen(dict):

@@ -169,7 +169,7 @@ def _plain(section) -> dict:
 
 
 def _tfds_options(d: Mapping, order: str) -> dict:
-    kwargs = {}
+    kwargs = {} if order == "first" else {"order": order}
     if d.get("tfds_data_dir"):
         kwargs["data_dir"] = d.get("tfds_data_dir")
     if d.get("tfds_manual_dir"):
@@ -199,7 +199,7 @@ register_source(
     lambda d, order: _plain(d.get("synthetic")))
 register_source(
     "tfds:", "tfds:NAME[:FEATURE], a prepared TensorFlow Datasets text dataset "
-    "(data.tfds_data_dir, data.tfds_manual_dir)", _load_tfds, _tfds_options)
+    "(data.tfds_data_dir, data.tfds_manual_dir)", _load_tfds, _tfds_options, orders=True)
 register_source(
     DIRECTORY, "a directory holding train.txt, valid.txt, test.txt (`mos-jax download` "
     "fills one), ids cached memory-mapped", data.read_corpus, _directory_options,
