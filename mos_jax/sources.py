@@ -6,8 +6,9 @@ corpus comes from. The registry maps each name or prefix to a reader:
 - `synthetic`: the built-in Markov chain (`mos_jax.data.synthetic_corpus`), with the
   parameters of `data.synthetic`;
 - `tfds:NAME[:FEATURE]`: a TensorFlow Datasets text dataset (`mos_jax.tfds_corpus`,
-  imported only for such a source, since it imports `tensorflow_datasets`), with
-  `data.tfds_data_dir` and `data.tfds_manual_dir`;
+  imported only for such a source, since it imports `tensorflow_datasets`; its ids
+  cached memory-mapped, in `data.vocab_order`), with `data.tfds_data_dir` and
+  `data.tfds_manual_dir`;
 - anything else: a directory with train.txt, valid.txt and test.txt
   (`mos_jax.data.read_corpus`, its ids cached in a memory-mapped file), with
   `data.tokenizer`, `data.vocab_size` and `data.vocab_order`. `mos-jax download`
