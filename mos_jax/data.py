@@ -826,12 +826,13 @@ def _stream_subword_ids(paths: Sequence[Path], path: Path, subwords, order: str)
                     n_words += subword.count_words(block)
                     ids = subwords.encode_lines(block)
                     out.write(ids)
-                    if s == "train":
-                        counts += np.bincount(ids, minlength=size)
-                    met, at = np.unique(ids, return_index=True)
-                    new = first_at[met] == never
-                    first_at[met[new]] = offset + at[new]
-                    offset += len(ids)
+                    if order == "frequency":
+                        if s == "train":
+                            counts += np.bincount(ids, minlength=size)
+                        met, at = np.unique(ids, return_index=True)
+                        new = first_at[met] == never
+                        first_at[met[new]] = offset + at[new]
+                        offset += len(ids)
             words.append(n_words)
             sizes[s], digests[s] = out.count, out.sha256
         vocab = subwords.pieces
