@@ -169,6 +169,7 @@ def test_subword_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatc
         np.testing.assert_array_equal(got.split(s), memory.split(s))
         assert got.words_in(s) == memory.words_in(s) == len(_words(lines[s]))
     calls = []
+    real = subword.train, subword.Subwords.encode_lines
     monkeypatch.setattr(subword, "train", lambda *a: calls.append("train"))
     monkeypatch.setattr(subword.Subwords, "encode_lines",
                         lambda *a: calls.append("encode"))
@@ -177,8 +178,8 @@ def test_subword_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatc
     for s in data.SPLITS:
         assert isinstance(again.split(s), np.memmap)
         np.testing.assert_array_equal(again.split(s), got.split(s))
-    monkeypatch.undo()
-    monkeypatch.setattr(data, "_BLOCK_TOKENS", 7)
+    monkeypatch.setattr(subword, "train", real[0])
+    monkeypatch.setattr(subword.Subwords, "encode_lines", real[1])
     (folder / "valid.txt").write_text(" kato rime \n")  # other text: another key
     other = data.read_corpus(folder, tokenizer=kind, vocab_size=n, cache_dir=cache)
     np.testing.assert_array_equal(other.valid, _library_ids(other.subwords.spec,
@@ -187,10 +188,17 @@ def test_subword_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatc
 
 
 @needs_tokenizers
+@pytest.mark.parametrize("killed", [False, True])
 def test_an_interrupted_subword_cache_write_leaves_nothing_trusted(tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, killed):
     """An exception (here a KeyboardInterrupt) in the middle of writing the blocks
-    publishes no entry and leaves no partial file; the next load writes it whole."""
+    publishes no entry and leaves no partial file; the next load writes it whole. A
+    process killed there (its clean-up never run: the partial directory stays) leaves
+    nothing a later load reads either."""
+    import shutil
+    real_rmtree = shutil.rmtree
+    if killed:
+        monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)
     monkeypatch.setattr(data, "_BLOCK_TOKENS", 7)
     folder = _write_corpus(tmp_path / "c", seed=4)
     cache = tmp_path / "cache"
@@ -207,9 +215,12 @@ def test_an_interrupted_subword_cache_write_leaves_nothing_trusted(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         data.read_corpus(folder, tokenizer="bpe", vocab_size=100, order="frequency",
                          cache_dir=cache)
-    left = [p.name for p in cache.iterdir()]
-    assert len(left) == 1 and left[0].endswith(".tokenizer.json")  # no ids, no .part
+    left = sorted(p.name for p in cache.iterdir())
+    assert left[-1].endswith(".tokenizer.json") and not any(n.endswith(".ids")
+                                                             for n in left)
+    assert len(left) == 1 + killed and (not killed or left[0].endswith(".part"))
     monkeypatch.setattr(subword.Subwords, "encode_lines", real)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     got = data.read_corpus(folder, tokenizer="bpe", vocab_size=100, order="frequency",
                            cache_dir=cache)
     want = data.order_vocab(data.read_corpus(folder, tokenizer="bpe", vocab_size=100,

@@ -118,9 +118,9 @@ def test_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatch, order
     path's of the same files), memory-mapped; a second load reads no example."""
     from mos_jax import data, sources, tfds_corpus
     monkeypatch.setattr(data, "_BLOCK_TOKENS", 5)
-    src = _write_corpus(tmp_path / "src", {"train.txt": _many_lines(0, 80),
-                                           "valid.txt": _many_lines(1, 20),
-                                           "test.txt": _many_lines(2, 20)})
+    src_files = {"train.txt": _many_lines(0, 80), "valid.txt": _many_lines(1, 20),
+                 "test.txt": _many_lines(2, 20)}
+    src = _write_corpus(tmp_path / "src", src_files)
     data_dir, cache = tmp_path / "tfds", tmp_path / "cache"
     got = load_tfds_corpus("mos_jax_ptb", data_dir=data_dir, manual_dir=src,
                            order=order, cache_dir=cache)
@@ -153,6 +153,13 @@ def test_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatch, order
     assert read == []
     _assert_same_corpus(through, want)
     assert isinstance(through.train, np.memmap)
+    # the same dataset prepared from other text elsewhere: another key, its own ids
+    other = _write_corpus(tmp_path / "other", {**src_files, "valid.txt": "w1 w2\n"})
+    monkeypatch.setattr(tfds_corpus, "_iter_lines", real)
+    changed = load_tfds_corpus("mos_jax_ptb", data_dir=tmp_path / "tfds2",
+                               manual_dir=other, order=order, cache_dir=cache)
+    _assert_same_corpus(changed, data.order_vocab(read_corpus(other, cache=False), order))
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_the_cache_key_holds_the_feature_and_the_dataset(prepared_dir, tmp_path):
