@@ -952,8 +952,9 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
     nor trains. A cached corpus's splits are memory-mapped (read-only arrays, their
     pages read when touched); a corpus is tokenised into the cache a block of lines at
     a time (a subword tokenizer trained from the training file read a line at a time),
-    so a corpus larger than memory can be read. A fixed `vocab` bypasses the cache; with `subwords` (a run's tokenizer) the text is encoded with it into `vocab`
-    (the run's pieces in its order). `min_count` (word tokenizer, no fixed `vocab`):
+    so a corpus larger than memory can be read. A fixed `vocab` bypasses the cache;
+    with `subwords` (a run's tokenizer) the text is encoded with it into `vocab` (the
+    run's pieces in its order). `min_count` (word tokenizer, no fixed `vocab`):
     words seen fewer times in training are `<unk>` (`apply_min_count`; 0: every word).
     """
     directory = Path(directory)
