@@ -11,6 +11,7 @@ Other corpus sources live beside this module and return the same `Corpus`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -394,9 +395,11 @@ def sha256_files(paths: Sequence[str | os.PathLike], prefix: bytes = b"",
     return h.hexdigest()
 
 
-def files_digest(paths: Sequence[Path]) -> str:
-    """SHA-256 over the contents of `paths` (in order) and the cache format."""
-    return sha256_files(paths, _CACHE_FORMAT.encode(), b"\0")
+def files_digest(paths: Sequence[Path], label: str = "") -> str:
+    """SHA-256 over the cache format, `label` (what else determines the ids, for a
+    source other than a text directory) and the contents of `paths` (in order): the
+    key of an id cache entry."""
+    return sha256_files(paths, (_CACHE_FORMAT + label).encode(), b"\0")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -539,23 +542,36 @@ def _entry_dir(path: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
 
 
-def _save_cache(path: Path, corpus: Corpus) -> None:
-    """Write `corpus` (its arrays in memory) as the cache entry `path`."""
+@contextlib.contextmanager
+def _new_entry(path: Path):
+    """A temporary directory beside the cache entry `path`, to write its splits and
+    meta into; renamed to `path` when the block completes, removed (nothing published,
+    nothing a later load could trust) when it raises or is interrupted."""
     import shutil
     tmp = _entry_dir(path)
     try:
+        yield tmp
+        _publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_meta(tmp: Path, record: dict) -> None:
+    atomic_write_bytes(tmp / _META, json.dumps(record, ensure_ascii=False).encode())
+
+
+def _save_cache(path: Path, corpus: Corpus) -> None:
+    """Write `corpus` (its arrays in memory) as the cache entry `path`."""
+    with _new_entry(path) as tmp:
         digests = {}
         for s in SPLITS:
             with IdWriter(tmp / f"{s}.npy") as w:
                 w.write(corpus.split(s))
             digests[s] = w.sha256
-        meta = _meta_record(corpus.vocab, {s: len(corpus.split(s)) for s in SPLITS},
-                            digests, corpus.words, corpus.subwords)
-        atomic_write_bytes(tmp / _META, json.dumps(meta, ensure_ascii=False).encode())
-        _publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _write_meta(tmp, _meta_record(corpus.vocab,
+                                      {s: len(corpus.split(s)) for s in SPLITS},
+                                      digests, corpus.words, corpus.subwords))
 
 
 def _read_meta(path: Path) -> dict | None:
@@ -602,6 +618,12 @@ def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
                       words=words, **streams)
     except Exception:  # a damaged cache is rebuilt, never trusted
         return None
+
+
+def load_cache_entry(path: Path, name: str) -> Corpus | None:
+    """The word-level corpus cached at `path` (`stream_word_cache` writes one), its
+    splits memory-mapped; None when absent or damaged."""
+    return _load_cache(path, name) if path.is_dir() else None
 
 
 class _FirstSeen(dict):
@@ -671,22 +693,49 @@ def apply_min_count(corpus: Corpus, min_count: int) -> Corpus:
                                **{s: mapping[corpus.split(s)] for s in SPLITS})
 
 
-def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str,
-                     min_count: int = 0) -> None:
-    """Tokenise the three files of a word-level corpus a block of lines at a time into
-    the cache entry `path` (the ids of `build_corpus`, `apply_min_count` and
-    `order_vocab`, never all in memory): ids in order of first occurrence over train,
-    valid, test; with `min_count`, rare words as `<unk>`; for `frequency` order,
-    renumbered by training count, ties by first occurrence (for first-seen ids, the
-    smallest id of the words a new id gathers), in a second pass over the written
-    files."""
-    import shutil
-    tmp = _entry_dir(path)
-    try:
+def _frequency_ids(counts: np.ndarray, first_at: np.ndarray) -> np.ndarray:
+    """old id -> new id numbering the ids by `counts` (descending), ties by `first_at`
+    (where each first occurs), then by id: `frequency_permutation`'s order."""
+    perm = np.lexsort((np.arange(len(counts)), first_at, -counts))
+    new_id = np.empty(len(perm), np.int32)
+    new_id[perm] = np.arange(len(perm), dtype=np.int32)
+    return new_id
+
+
+def _finish_splits(tmp: Path, new_id: np.ndarray | None, digests: dict) -> None:
+    """Turn each split's `<split>.first.npy` in `tmp` into `<split>.npy`: renumbered
+    through `new_id` a block at a time in a second pass over the written file (its
+    digest updated), or (None) renamed as it is."""
+    for s in SPLITS:
+        first_path = tmp / f"{s}.first.npy"
+        if new_id is None:
+            os.replace(first_path, tmp / f"{s}.npy")
+            continue
+        first = np.load(first_path, mmap_mode="r")
+        with IdWriter(tmp / f"{s}.npy") as out:
+            for i in range(0, len(first), _BLOCK_TOKENS):
+                out.write(new_id[first[i:i + _BLOCK_TOKENS]])
+        digests[s] = out.sha256
+        del first
+        first_path.unlink()
+
+
+def stream_word_cache(splits: Sequence[tuple[Iterable[str], str]], path: Path,
+                      order: str = "first", min_count: int = 0) -> None:
+    """Tokenise the lines of a word-level corpus a block of lines at a time into the
+    cache entry `path` (the ids of `build_corpus`, `apply_min_count` and
+    `order_vocab`, never all in memory). `splits`: for train, valid and test, the
+    split's lines (an iterable read once) and the message of the DataError raised when
+    they hold no word. Ids in order of first occurrence over train, valid, test; with
+    `min_count`, rare words as `<unk>`; for `frequency` order, renumbered by training
+    count, ties by first occurrence (for first-seen ids, the smallest id of the words
+    a new id gathers), in a second pass over the written files. The entry is published
+    only when complete (`_new_entry`). Text directories, TFDS datasets."""
+    with _new_entry(path) as tmp:
         w2i = _FirstSeen()
         counts = np.zeros(0, np.int64)
         sizes, digests = {}, {}
-        for s, p in zip(SPLITS, paths):
+        for s, (lines, empty) in zip(SPLITS, splits):
             words_seen = False
             with IdWriter(tmp / f"{s}.first.npy") as out:
                 tokens: list[str] = []
@@ -702,7 +751,7 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str,
                         counts = c
                     tokens.clear()
 
-                for line in iter_lines(p):
+                for line in lines:
                     words = line.split()
                     words_seen = words_seen or bool(words)
                     tokens.extend(words)
@@ -711,7 +760,7 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str,
                         flush()
                 flush()
             if not words_seen:
-                raise DataError(f"{p} is empty: it holds no words")
+                raise DataError(empty)
             sizes[s], digests[s] = out.count, out.sha256
         vocab = tuple(w2i)
         w2i.clear()
@@ -726,30 +775,89 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str,
         else:
             first_at = np.arange(len(vocab))
         if order == "frequency":
-            perm = np.lexsort((np.arange(len(vocab)), first_at, -counts))
-            new_id = np.empty(len(perm), np.int32)
-            new_id[perm] = np.arange(len(perm), dtype=np.int32)
+            new_id = _frequency_ids(counts, first_at)
+            perm = np.argsort(new_id)
             vocab = tuple(vocab[int(i)] for i in perm)
             remap = new_id if remap is None else new_id[remap]
-        if remap is not None:
-            new_id = remap
-            for s in SPLITS:
-                first = np.load(tmp / f"{s}.first.npy", mmap_mode="r")
-                with IdWriter(tmp / f"{s}.npy") as out:
-                    for i in range(0, len(first), _BLOCK_TOKENS):
-                        out.write(new_id[first[i:i + _BLOCK_TOKENS]])
-                digests[s] = out.sha256
-                del first
-                (tmp / f"{s}.first.npy").unlink()
-        else:
-            for s in SPLITS:
-                os.replace(tmp / f"{s}.first.npy", tmp / f"{s}.npy")
-        atomic_write_bytes(tmp / _META, json.dumps(_meta_record(vocab, sizes, digests),
-                                                   ensure_ascii=False).encode())
-        _publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _finish_splits(tmp, remap, digests)
+        _write_meta(tmp, _meta_record(vocab, sizes, digests))
+
+
+def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str,
+                     min_count: int = 0) -> None:
+    """`stream_word_cache` of the three files of a text directory (read a line at a
+    time, `iter_lines`)."""
+    stream_word_cache([(iter_lines(p), f"{p} is empty: it holds no words") for p in paths],
+                      path, order, min_count)
+
+
+def _line_blocks(lines: Iterable[str]):
+    """`lines` in lists of about `_BLOCK_TOKENS` word-tokenizer tokens."""
+    block: list[str] = []
+    tokens = 0
+    for line in lines:
+        block.append(line)
+        tokens += len(line.split()) + 1
+        if tokens >= _BLOCK_TOKENS:
+            yield block
+            block, tokens = [], 0
+    if block:
+        yield block
+
+
+def _stream_subword_ids(paths: Sequence[Path], path: Path, subwords, order: str) -> None:
+    """Encode the three files of a text directory with `subwords` a block of lines at a
+    time into the cache entry `path` (the ids of `_subword_corpus` then `order_vocab`,
+    never all in memory): the tokenizer's ids, or (`frequency`) renumbered by training
+    count, ties by first occurrence over train, valid, test, then by tokenizer id, in a
+    second pass over the written files. The word counts of each split go to the meta."""
+    from mos_jax import subword
+    with _new_entry(path) as tmp:
+        size = len(subwords.pieces)
+        counts = np.zeros(size, np.int64)
+        never = np.iinfo(np.int64).max
+        first_at = np.full(size, never, np.int64)
+        offset = 0
+        sizes, digests, words = {}, {}, []
+        for s, p in zip(SPLITS, paths):
+            n_words = 0
+            with IdWriter(tmp / f"{s}.first.npy") as out:
+                for block in _line_blocks(iter_lines(p)):
+                    n_words += subword.count_words(block)
+                    ids = subwords.encode_lines(block)
+                    out.write(ids)
+                    if order == "frequency":
+                        if s == "train":
+                            counts += np.bincount(ids, minlength=size)
+                        met, at = np.unique(ids, return_index=True)
+                        new = first_at[met] == never
+                        first_at[met[new]] = offset + at[new]
+                        offset += len(ids)
+            words.append(n_words)
+            sizes[s], digests[s] = out.count, out.sha256
+        vocab = subwords.pieces
+        new_id = None
+        if order == "frequency":
+            new_id = _frequency_ids(counts, first_at)
+            vocab = tuple(vocab[int(i)] for i in np.argsort(new_id))
+        _finish_splits(tmp, new_id, digests)
+        _write_meta(tmp, _meta_record(vocab, sizes, digests, words, subwords))
+
+
+class _Lines:
+    """The lines of a text file, read again (`iter_lines`) on each iteration: a
+    re-iterable that never holds the file (a tokenizer's training reads it twice)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __iter__(self):
+        return iter_lines(self.path)
+
+
+def _has_words(path: Path) -> bool:
+    """Whether the text file `path` holds a word (read up to its first one)."""
+    return any(line.split() for line in iter_lines(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -812,6 +920,23 @@ def _cached_subwords(path: Path):
         return None
 
 
+def _subword_tokenizer(kind: str, size: int, train_lines: Iterable[str], name: str,
+                       path: Path | None):
+    """The `kind` tokenizer of `size` pieces cached at `path`, else one trained on
+    `train_lines` (a re-iterable: a list, or `_Lines` of the training file) and cached
+    there."""
+    from mos_jax import subword
+    subwords = None if path is None else _cached_subwords(path)
+    if subwords is None or (subwords.kind, subwords.size) != (kind, size):
+        subwords = subword.train(kind, size, train_lines, name)
+        if path is not None:
+            try:
+                atomic_write_bytes(path, subwords.to_json().encode())
+            except OSError as e:
+                warnings.warn(f"could not write the tokenizer cache {path}: {e}")
+    return subwords
+
+
 def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = None,
                 cache: bool = True, cache_dir: str | os.PathLike | None = None,
                 tokenizer: str = "word", vocab_size: int = 0, order: str = "first",
@@ -825,10 +950,11 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
     keyed by a SHA-256 of the three files (and, for other tokenizers or orders, by
     them), a subword tokenizer beside them as JSON, so a second load neither tokenises
     nor trains. A cached corpus's splits are memory-mapped (read-only arrays, their
-    pages read when touched); a word-level corpus is tokenised into the cache a block
-    of lines at a time, so a corpus larger than memory can be read. A fixed `vocab` bypasses the
-    cache; with `subwords` (a run's tokenizer) the text is encoded with it into `vocab`
-    (the run's pieces in its order). `min_count` (word tokenizer, no fixed `vocab`):
+    pages read when touched); a corpus is tokenised into the cache a block of lines at
+    a time (a subword tokenizer trained from the training file read a line at a time),
+    so a corpus larger than memory can be read. A fixed `vocab` bypasses the cache;
+    with `subwords` (a run's tokenizer) the text is encoded with it into `vocab` (the
+    run's pieces in its order). `min_count` (word tokenizer, no fixed `vocab`):
     words seen fewer times in training are `<unk>` (`apply_min_count`; 0: every word).
     """
     directory = Path(directory)
@@ -867,35 +993,38 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
                 cached = _load_cache(cache_path, name, subwords)
                 if cached is not None:
                     return cached
-        if tokenizer == "word":  # streamed to the cache, never all in memory
-            try:
+        # streamed to the cache (a subword tokenizer trained from the training file
+        # read a line at a time), never all in memory
+        subwords = None
+        try:
+            if tokenizer == "word":
                 _stream_word_ids(paths, cache_path, name, order, min_count)
-            except OSError as e:
-                warnings.warn(f"could not write the corpus cache {cache_path}: {e}; "
-                              "reading the corpus into memory")
             else:
-                cached = _load_cache(cache_path, name)
-                if cached is not None:
-                    return cached
+                for p in paths:  # the errors reading every file in memory would give
+                    if not _has_words(p):
+                        raise DataError(f"{p} is empty: it holds no words")
+                subwords = _subword_tokenizer(tokenizer, vocab_size, _Lines(paths[0]),
+                                              name, tokenizer_path)
+                _stream_subword_ids(paths, cache_path, subwords, order)
+        except OSError as e:
+            warnings.warn(f"could not write the corpus cache {cache_path}: {e}; "
+                          "reading the corpus into memory")
+        else:
+            cached = _load_cache(cache_path, name, subwords)
+            if cached is not None:
+                return cached
     lines = {s: read_lines(p) for s, p in zip(SPLITS, paths)}
     if tokenizer == "word":
         corpus = build_corpus(lines, name, vocab)
         if vocab is None:
             corpus = apply_min_count(corpus, min_count)
     else:
-        from mos_jax import subword
         if vocab is not None:
             raise ValueError("a subword corpus takes a run's tokenizer (subwords=), "
                              "not a fixed vocabulary")
-        subwords = None if tokenizer_path is None else _cached_subwords(tokenizer_path)
-        if subwords is None or (subwords.kind, subwords.size) != (tokenizer, vocab_size):
-            subwords = subword.train(tokenizer, vocab_size, lines["train"], name)
-            if tokenizer_path is not None:
-                try:
-                    atomic_write_bytes(tokenizer_path, subwords.to_json().encode())
-                except OSError as e:
-                    warnings.warn(f"could not write the tokenizer cache "
-                                  f"{tokenizer_path}: {e}")
+        if subwords is None:  # else trained (or read) before the cache failed
+            subwords = _subword_tokenizer(tokenizer, vocab_size, lines["train"], name,
+                                          tokenizer_path)
         corpus = _subword_corpus(lines, name, subwords)
     corpus = order_vocab(corpus, order)
     if cache_path is not None:

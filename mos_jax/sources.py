@@ -6,8 +6,9 @@ corpus comes from. The registry maps each name or prefix to a reader:
 - `synthetic`: the built-in Markov chain (`mos_jax.data.synthetic_corpus`), with the
   parameters of `data.synthetic`;
 - `tfds:NAME[:FEATURE]`: a TensorFlow Datasets text dataset (`mos_jax.tfds_corpus`,
-  imported only for such a source, since it imports `tensorflow_datasets`), with
-  `data.tfds_data_dir` and `data.tfds_manual_dir`;
+  imported only for such a source, since it imports `tensorflow_datasets`; its ids
+  cached memory-mapped, in `data.vocab_order`), with `data.tfds_data_dir` and
+  `data.tfds_manual_dir`;
 - anything else: a directory with train.txt, valid.txt and test.txt
   (`mos_jax.data.read_corpus`, its ids cached in a memory-mapped file), with
   `data.tokenizer`, `data.vocab_size` and `data.vocab_order`. `mos-jax download`
@@ -169,7 +170,7 @@ def _plain(section) -> dict:
 
 
 def _tfds_options(d: Mapping, order: str) -> dict:
-    kwargs = {}
+    kwargs = {} if order == "first" else {"order": order}
     if d.get("tfds_data_dir"):
         kwargs["data_dir"] = d.get("tfds_data_dir")
     if d.get("tfds_manual_dir"):
@@ -199,7 +200,7 @@ register_source(
     lambda d, order: _plain(d.get("synthetic")))
 register_source(
     "tfds:", "tfds:NAME[:FEATURE], a prepared TensorFlow Datasets text dataset "
-    "(data.tfds_data_dir, data.tfds_manual_dir)", _load_tfds, _tfds_options)
+    "(data.tfds_data_dir, data.tfds_manual_dir)", _load_tfds, _tfds_options, orders=True)
 register_source(
     DIRECTORY, "a directory holding train.txt, valid.txt, test.txt (`mos-jax download` "
     "fills one), ids cached memory-mapped", data.read_corpus, _directory_options,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -173,11 +173,12 @@ def count_words(lines: Iterable[str]) -> int:
     return sum(len(line.split()) + 1 for line in lines)
 
 
-def _training_text(lines: Sequence[str]) -> list[str]:
-    return [" ".join(w for w in line.split() if w not in SPECIALS) for line in lines]
+def _training_text(lines: Iterable[str]) -> Iterator[str]:
+    """The text the tokenizer learns from, a line at a time (`<eos>`, `<unk>` removed)."""
+    return (" ".join(w for w in line.split() if w not in SPECIALS) for line in lines)
 
 
-def smallest_size(lines: Sequence[str]) -> int:
+def smallest_size(lines: Iterable[str]) -> int:
     """The smallest N a tokenizer of `lines` can have: the two special tokens, `▁` and
     every distinct character of the words."""
     chars = set()
@@ -188,8 +189,10 @@ def smallest_size(lines: Sequence[str]) -> int:
     return len(SPECIALS) + len(chars)
 
 
-def train(kind: str, size: int, train_lines: Sequence[str], name: str) -> Subwords:
-    """Train a `kind` tokenizer of `size` pieces on `train_lines` (the training split).
+def train(kind: str, size: int, train_lines: Iterable[str], name: str) -> Subwords:
+    """Train a `kind` tokenizer of `size` pieces on `train_lines` (the training split:
+    a list, or any iterable that can be read twice, e.g. the lines of a file read
+    again on each pass; the trainer takes it a line at a time, never all in memory).
 
     Raises a ConfigError when `size` is below `smallest_size` or above what the text
     allows (the trainer's result, named in the message)."""

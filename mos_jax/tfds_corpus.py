@@ -26,14 +26,18 @@ for a source `tfds:NAME[:FEATURE]`.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from mos_jax.data import SPLITS, Corpus, build_corpus, iter_lines, sha256_files
+from mos_jax.data import (CACHE_SUFFIX, ORDERS, SPLITS, Corpus, build_corpus,
+                          default_cache_dir, files_digest, iter_lines, load_cache_entry,
+                          order_vocab, sha256_files, stream_word_cache)
 from mos_jax.errors import DataError
 
 FILE_FORMAT = "array_record"
@@ -276,16 +280,40 @@ def _as_line(value: Any, name: str, feature: str) -> str:
         "choose a text feature as tfds:NAME:FEATURE")
 
 
-def _read_lines(builder, split: str, feature: str) -> list[str]:
+def _iter_lines(builder, split: str, feature: str) -> Iterator[str]:
+    """The text of `feature` in each example of `split`, in stored order, read a batch
+    of examples at a time."""
     source = builder.as_data_source(split=split)
     name = builder.info.full_name
-    lines: list[str] = []
     # Batched reads: ArrayRecord fetches the records of a batch in parallel.
     for start in range(0, len(source), _READ_CHUNK):
         keys = range(start, min(start + _READ_CHUNK, len(source)))
-        lines.extend(_as_line(ex[feature], name, feature)
-                     for ex in source.__getitems__(keys))
-    return lines
+        for ex in source.__getitems__(keys):
+            yield _as_line(ex[feature], name, feature)
+
+
+def _read_lines(builder, split: str, feature: str) -> list[str]:
+    return list(_iter_lines(builder, split, feature))
+
+
+def _cache_path(builder, splits: dict[str, str], feature: str, order: str,
+                cache_dir: str | os.PathLike | None) -> Path | None:
+    """The id cache entry of a dataset's text (None: its data_dir is not a local
+    directory, read into memory as before): keyed by the dataset's full name
+    (name/config/version), the TFDS split of each of ours, the feature, the files
+    the dataset is stored in (names and contents), and the vocabulary order."""
+    root = Path(os.fspath(builder.data_dir))
+    if not root.is_dir():
+        return None
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    label = json.dumps({"source": "tfds", "dataset": builder.info.full_name,
+                        "splits": splits, "feature": feature,
+                        "files": [p.relative_to(root).as_posix() for p in files]},
+                       sort_keys=True, ensure_ascii=False)
+    stem = f"{files_digest(files, label)}-tfds"
+    if order != "first":
+        stem += f"-{order}"
+    return Path(cache_dir or default_cache_dir()) / f"{stem}{CACHE_SUFFIX}"
 
 
 def _open_for_reading(builder) -> None:
@@ -310,7 +338,9 @@ def _open_for_reading(builder) -> None:
 def load_tfds_corpus(spec: str, *, data_dir: str | os.PathLike | None = None,
                      manual_dir: str | os.PathLike | None = None,
                      vocab: Sequence[str] | None = None,
-                     feature: str | None = None) -> Corpus:
+                     feature: str | None = None, order: str = "first",
+                     cache: bool = True,
+                     cache_dir: str | os.PathLike | None = None) -> Corpus:
     """A corpus from a TFDS text dataset.
 
     Args:
@@ -324,6 +354,12 @@ def load_tfds_corpus(spec: str, *, data_dir: str | os.PathLike | None = None,
       vocab: a fixed vocabulary, as for `mos_jax.data.build_corpus`.
       feature: the text feature to read; also settable as `NAME:FEATURE`. Default: the
         dataset's only `Text` feature.
+      order: the vocabulary order, one of `mos_jax.data.ORDERS`.
+      cache, cache_dir: as for `mos_jax.data.read_corpus`: the ids are written a block
+        of examples at a time into the id cache (default
+        `mos_jax.data.default_cache_dir()`) and the splits opened memory-mapped, so a
+        second load reads neither the dataset nor tokenises. A fixed `vocab` bypasses
+        the cache.
 
     Returns:
       The corpus named `tfds:SPEC`: train from split `train`, valid from `validation`
@@ -353,5 +389,27 @@ def load_tfds_corpus(spec: str, *, data_dir: str | os.PathLike | None = None,
     _open_for_reading(builder)
     splits = {ours: _pick_split(builder, ours) for ours in SPLITS}
     feature = _pick_feature(builder, feature)
+    if order not in ORDERS:
+        raise DataError(f"unknown vocabulary order {order!r}: choose one of "
+                        f"{', '.join(ORDERS)}")
+    label = f"tfds:{spec}"
+    path = (_cache_path(builder, splits, feature, order, cache_dir)
+            if cache and vocab is None else None)
+    if path is not None:
+        cached = load_cache_entry(path, label)
+        if cached is not None:
+            return cached
+        try:  # streamed into the cache, a block of examples at a time
+            stream_word_cache(
+                [(_iter_lines(builder, split, feature),
+                  f"the {ours} split of {label} is empty: it holds no words")
+                 for ours, split in splits.items()], path, order)
+        except OSError as e:
+            warnings.warn(f"could not write the corpus cache {path}: {e}; reading the "
+                          "corpus into memory")
+        else:
+            cached = load_cache_entry(path, label)
+            if cached is not None:
+                return cached
     lines = {ours: _read_lines(builder, split, feature) for ours, split in splits.items()}
-    return build_corpus(lines, name=f"tfds:{spec}", vocab=vocab)
+    return order_vocab(build_corpus(lines, name=label, vocab=vocab), order)

@@ -132,6 +132,105 @@ def test_the_cache_keeps_tokenizer_and_ids(corpus_dir, tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def _library_ids(spec, lines):
+    """The ids of `lines` by the `tokenizers` library itself: each line's whitespace
+    words encoded (pre-tokenised, no special tokens added), then `<eos>`."""
+    import tokenizers
+    tok = tokenizers.Tokenizer.from_str(spec)
+    eos = tok.token_to_id("<eos>")
+    ids = []
+    for line in lines:
+        ids.extend(tok.encode(line.split(), is_pretokenized=True,
+                              add_special_tokens=False).ids)
+        ids.append(eos)
+    return ids
+
+
+@needs_tokenizers
+@pytest.mark.parametrize("kind,n", [("bpe", 100), ("unigram", 80)])
+def test_subword_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatch,
+                                                            kind, n):
+    """The subword ids are written a block of lines at a time (blocks of 7 tokens
+    here) into the id cache: the tokenizer of training on the lines in memory, the ids
+    of the `tokenizers` library's own encoding, memory-mapped; a second load neither
+    trains nor encodes; other text is another entry."""
+    monkeypatch.setattr(data, "_BLOCK_TOKENS", 7)
+    folder = _write_corpus(tmp_path / "c", seed=0)
+    cache = tmp_path / "cache"
+    got = data.read_corpus(folder, tokenizer=kind, vocab_size=n, cache_dir=cache)
+    lines = {s: _lines(folder, s) for s in data.SPLITS}
+    assert got.subwords.spec == subword.train(kind, n, lines["train"], "c").spec
+    memory = data.read_corpus(folder, tokenizer=kind, vocab_size=n, cache=False)
+    assert memory.vocab == got.vocab
+    for s in data.SPLITS:
+        assert isinstance(got.split(s), np.memmap) and got.split(s).dtype == np.int32
+        np.testing.assert_array_equal(got.split(s), _library_ids(got.subwords.spec,
+                                                                 lines[s]))
+        np.testing.assert_array_equal(got.split(s), memory.split(s))
+        assert got.words_in(s) == memory.words_in(s) == len(_words(lines[s]))
+    calls = []
+    real = subword.train, subword.Subwords.encode_lines
+    monkeypatch.setattr(subword, "train", lambda *a: calls.append("train"))
+    monkeypatch.setattr(subword.Subwords, "encode_lines",
+                        lambda *a: calls.append("encode"))
+    again = data.read_corpus(folder, tokenizer=kind, vocab_size=n, cache_dir=cache)
+    assert calls == [] and again.vocab == got.vocab
+    for s in data.SPLITS:
+        assert isinstance(again.split(s), np.memmap)
+        np.testing.assert_array_equal(again.split(s), got.split(s))
+    monkeypatch.setattr(subword, "train", real[0])
+    monkeypatch.setattr(subword.Subwords, "encode_lines", real[1])
+    (folder / "valid.txt").write_text(" kato rime \n")  # other text: another key
+    other = data.read_corpus(folder, tokenizer=kind, vocab_size=n, cache_dir=cache)
+    np.testing.assert_array_equal(other.valid, _library_ids(other.subwords.spec,
+                                                            [" kato rime "]))
+    assert len(list(cache.glob("*.ids"))) == 2
+
+
+@needs_tokenizers
+@pytest.mark.parametrize("killed", [False, True])
+def test_an_interrupted_subword_cache_write_leaves_nothing_trusted(tmp_path,
+                                                                   monkeypatch, killed):
+    """An exception (here a KeyboardInterrupt) in the middle of writing the blocks
+    publishes no entry and leaves no partial file; the next load writes it whole. A
+    process killed there (its clean-up never run: the partial directory stays) leaves
+    nothing a later load reads either."""
+    import shutil
+    real_rmtree = shutil.rmtree
+    if killed:
+        monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(data, "_BLOCK_TOKENS", 7)
+    folder = _write_corpus(tmp_path / "c", seed=4)
+    cache = tmp_path / "cache"
+    real = subword.Subwords.encode_lines
+    calls = []
+
+    def interrupted(self, lines):
+        calls.append(1)
+        if len(calls) == 40:
+            raise KeyboardInterrupt
+        return real(self, lines)
+
+    monkeypatch.setattr(subword.Subwords, "encode_lines", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.read_corpus(folder, tokenizer="bpe", vocab_size=100, order="frequency",
+                         cache_dir=cache)
+    left = sorted(p.name for p in cache.iterdir())
+    assert left[-1].endswith(".tokenizer.json") and not any(n.endswith(".ids")
+                                                             for n in left)
+    assert len(left) == 1 + killed and (not killed or left[0].endswith(".part"))
+    monkeypatch.setattr(subword.Subwords, "encode_lines", real)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    got = data.read_corpus(folder, tokenizer="bpe", vocab_size=100, order="frequency",
+                           cache_dir=cache)
+    want = data.order_vocab(data.read_corpus(folder, tokenizer="bpe", vocab_size=100,
+                                             cache=False), "frequency")
+    assert got.vocab == want.vocab
+    for s in data.SPLITS:
+        assert isinstance(got.split(s), np.memmap)
+        np.testing.assert_array_equal(got.split(s), want.split(s))
+
+
 def _check_frequency_order(vocab, base_tokens):
     """`vocab` must list the tokens by training count (descending), ties by first
     occurrence over train, valid, test; `base_tokens` the tokens of each split."""

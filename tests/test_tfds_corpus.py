@@ -102,6 +102,113 @@ def test_load_corpus_dispatches_tfds_sources(tmp_path):
     assert corpus.decode(corpus.train) == want.decode(want.train)
 
 
+# Lines of made-up words, more than the few of SMALL_CORPUS, so that the cache is written
+# in many blocks; blank and whitespace-only lines kept.
+def _many_lines(seed: int, n: int) -> str:
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(30)] + ["caf\u00e9", "\u6771"]
+    return "".join(" ".join(rng.choice(words, size=rng.integers(0, 8))) + "\n"
+                   for _ in range(n)) + " \n\nlast\n"
+
+
+@pytest.mark.parametrize("order", ["first", "frequency"])
+def test_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatch, order):
+    """A TFDS corpus is written into the id cache a block of examples at a time (blocks
+    of 5 tokens here): the ids of reading it into memory (today's result, and the word
+    path's of the same files), memory-mapped; a second load reads no example."""
+    from mos_jax import data, sources, tfds_corpus
+    monkeypatch.setattr(data, "_BLOCK_TOKENS", 5)
+    src_files = {"train.txt": _many_lines(0, 80), "valid.txt": _many_lines(1, 20),
+                 "test.txt": _many_lines(2, 20)}
+    src = _write_corpus(tmp_path / "src", src_files)
+    data_dir, cache = tmp_path / "tfds", tmp_path / "cache"
+    got = load_tfds_corpus("mos_jax_ptb", data_dir=data_dir, manual_dir=src,
+                           order=order, cache_dir=cache)
+    memory = load_tfds_corpus("mos_jax_ptb", data_dir=data_dir, order=order,
+                              cache=False)
+    want = data.order_vocab(read_corpus(src, cache=False), order)
+    _assert_same_corpus(got, want)
+    _assert_same_corpus(memory, want)
+    assert got.name == memory.name == "tfds:mos_jax_ptb"
+    for s in SPLITS:
+        assert isinstance(got.split(s), np.memmap)
+        assert not isinstance(memory.split(s), np.memmap)
+    assert [p.name.endswith(f"-tfds{'' if order == 'first' else '-' + order}.ids")
+            for p in cache.iterdir()] == [True]
+    read = []
+    real = tfds_corpus._iter_lines
+    monkeypatch.setattr(tfds_corpus, "_iter_lines", lambda *a: read.append(a) or real(*a))
+    again = load_tfds_corpus("mos_jax_ptb", data_dir=data_dir, order=order,
+                             cache_dir=cache)
+    assert read == []
+    _assert_same_corpus(again, want)
+    assert all(isinstance(again.split(s), np.memmap) for s in SPLITS)
+    # the config path passes the order on: the mapped cache of this order again
+    monkeypatch.setenv("MOS_JAX_CACHE", str(cache))
+    from mos_jax import config as config_lib
+    config = config_lib.default_config()
+    config.data.dir, config.data.tfds_data_dir = "tfds:mos_jax_ptb", str(data_dir)
+    config.data.vocab_order = order
+    through = sources.load_corpus_from(config)
+    assert read == []
+    _assert_same_corpus(through, want)
+    assert isinstance(through.train, np.memmap)
+    # the same dataset prepared from other text elsewhere: another key, its own ids
+    other = _write_corpus(tmp_path / "other", {**src_files, "valid.txt": "w1 w2\n"})
+    monkeypatch.setattr(tfds_corpus, "_iter_lines", real)
+    changed = load_tfds_corpus("mos_jax_ptb", data_dir=tmp_path / "tfds2",
+                               manual_dir=other, order=order, cache_dir=cache)
+    _assert_same_corpus(changed, data.order_vocab(read_corpus(other, cache=False), order))
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_the_cache_key_holds_the_feature_and_the_dataset(prepared_dir, tmp_path):
+    cache = tmp_path / "cache"
+    title = load_tfds_corpus("mos_jax_test_two_texts:title", data_dir=prepared_dir,
+                             cache_dir=cache)
+    body = load_tfds_corpus("mos_jax_test_two_texts:body", data_dir=prepared_dir,
+                            cache_dir=cache)
+    assert title.decode(title.valid) == ["dev", "title", "<eos>"]
+    assert body.decode(body.valid) == ["dev", "body", "<eos>"]
+    sentences = load_tfds_corpus("mos_jax_test_sentences", data_dir=prepared_dir,
+                                 cache_dir=cache)
+    _assert_same_corpus(sentences, load_tfds_corpus("mos_jax_test_sentences",
+                                                    data_dir=prepared_dir, cache=False))
+    assert len(list(cache.glob("*.ids"))) == 3
+    assert isinstance(sentences.train, np.memmap)
+
+
+def test_an_interrupted_cache_write_leaves_nothing_trusted(tmp_path, monkeypatch):
+    """An exception raised part-way through the examples publishes no entry and leaves
+    no partial file; the next load writes the whole entry, with the right ids."""
+    from mos_jax import data, tfds_corpus
+    monkeypatch.setattr(data, "_BLOCK_TOKENS", 5)
+    src = _write_corpus(tmp_path / "src", {"train.txt": _many_lines(3, 60),
+                                           "valid.txt": _many_lines(4, 10),
+                                           "test.txt": _many_lines(5, 10)})
+    data_dir, cache = tmp_path / "tfds", tmp_path / "cache"
+    prepare_builder("mos_jax_ptb", src, data_dir)
+    real = tfds_corpus._iter_lines
+
+    def broken(builder, split, feature):
+        for i, line in enumerate(real(builder, split, feature)):
+            if split == "validation" and i == 4:
+                raise RuntimeError("the disk went away")
+            yield line
+
+    monkeypatch.setattr(tfds_corpus, "_iter_lines", broken)
+    with pytest.raises(RuntimeError, match="went away"):
+        load_tfds_corpus("mos_jax_ptb", data_dir=data_dir, order="frequency",
+                         cache_dir=cache)
+    assert list(cache.iterdir()) == []  # no entry, no .part directory
+    monkeypatch.setattr(tfds_corpus, "_iter_lines", real)
+    got = load_tfds_corpus("mos_jax_ptb", data_dir=data_dir, order="frequency",
+                           cache_dir=cache)
+    _assert_same_corpus(got, data.order_vocab(read_corpus(src, cache=False),
+                                              "frequency"))
+    assert isinstance(got.train, np.memmap)
+
+
 @pytest.mark.parametrize("corpus, sizes, vocab_size", [
     ("ptb", (929_589, 73_760, 82_430), 10_000),
     ("wikitext-2", (2_088_628, 217_646, 245_569), 33_278),
