@@ -5,7 +5,9 @@ dropout, the carry starting from zeros), then draws `n_words` words one after th
 each from `softmax(log p(. | history) / temperature)` over the full vocabulary, the
 drawn word fed back as the next input. The whole loop is one jitted `jax.lax.scan`, so
 a sample costs one compiled program per (model, prompt length, length) and no Python
-work per word. The Transformer generates with a key/value cache
+work per word. With a placement plan (`mos_jax.parallel`) the loop is one mapped
+program: samples split over the data axis, the vocabulary over the model axis, the
+same words on every layout. The Transformer generates with a key/value cache
 (`Transformer.generation_state`): each word costs one position, not the whole prefix.
 
 Words and ids convert through the corpus (`Corpus.encode` splits a prompt on whitespace
@@ -51,8 +53,8 @@ def _draw(key: jax.Array, logp: jax.Array, temperature: jax.Array, columns: int,
     `jax.random.categorical` itself, column by column of a `[columns, V]` batch whose
     columns `first .. first + B` these are: the Gumbel noise of the whole batch is
     drawn from `key` (every device of a mapped body draws the same) and this block's
-    rows of it taken, so that each column's word depends on the seed and its global
-    index only, never on how the columns are split over devices."""
+    rows of it taken, so that each column's word depends on the key, `columns` and
+    its global index, never on how the columns are split over devices."""
     noise = jax.random.gumbel(key, (columns, logp.shape[-1]), logp.dtype)
     if logp.shape[0] != columns:
         noise = jax.lax.dynamic_slice_in_dim(noise, first, logp.shape[0], axis=0)
