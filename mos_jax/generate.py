@@ -64,10 +64,11 @@ def _draw(key: jax.Array, logp: jax.Array, temperature: jax.Array, columns: int,
 
 def _sample_body(config: ModelConfig, n_words: int, columns: int, data_axis: str | None,
                  params: Params, prompt: jax.Array, temperature: jax.Array,
-                 key: jax.Array):
+                 key_data: jax.Array):
     """Words [n_words, B] after `prompt` [P, B] (this device's B of `columns` columns,
-    split over `data_axis`), and their log-probabilities at T = 1."""
-    keys = jax.random.split(key, n_words)
+    split over `data_axis`), and their log-probabilities at T = 1. `key_data`: the
+    seed's key as `jax.random.key_data` (a plain array, placed like any other)."""
+    keys = jax.random.split(jax.random.wrap_key_data(key_data), n_words)
     first = 0 if data_axis is None else jax.lax.axis_index(data_axis) * prompt.shape[1]
     draw = functools.partial(_draw, temperature=temperature, columns=columns, first=first)
 
@@ -92,7 +93,7 @@ def _sample_body(config: ModelConfig, n_words: int, columns: int, data_axis: str
 
 @functools.lru_cache(maxsize=16)
 def _sampler(plan: parallel.Plan, config: ModelConfig, n_words: int, columns: int):
-    """`_sample_body` mapped by `plan`: `(params, prompt [P, B], temperature, key) ->
+    """`_sample_body` mapped by `plan`: `(params, prompt [P, B], temperature, key_data) ->
     (words, logprobs)` `[n_words, B]`, the columns split over the data axis; one
     program per (plan, model, prompt length, length, columns)."""
     data_axis = plan.axis_name if plan.n_data > 1 else None
@@ -158,7 +159,7 @@ def sample(model_config: ModelConfig, params: Params, prompt_ids: Sequence[int],
     run = _sampler(plan, model_config, int(n_words), batch)
     args = (plan.place_params(params), inputs,
             plan.place(jnp.float32(temperature), plan.replicated),
-            plan.place(jax.random.key(seed), plan.replicated))
+            plan.place(jax.random.key_data(jax.random.key(seed)), plan.replicated))
     if timings is None:
         words, logp = run(*args)
     else:  # compile apart, to time the sampling alone
