@@ -20,6 +20,7 @@
                  [--contexts N] [--max-memory-gb 4] [--plot FILE.png] [--out FILE]
     mos-jax generate --workdir DIR | --weights DIR --data CORPUS [--prompt "words ..."]
                      [--words 100] [--temperature 1.0] [--seed 0] [--out FILE]
+                     [--model-shards 1] [--num-devices M]
     mos-jax plot --workdir DIR [--workdir DIR ...] [--out curves.png]
     mos-jax download ptb|wikitext-2 --dest DIR
     mos-jax import FILE.pt|FILE.npz --out DIR [--head HEAD] [--data CORPUS]
@@ -77,7 +78,7 @@ def _at_least(flag: str, value, low: int = 1) -> None:
 
 
 def _shards_plan(args, model_config):
-    """The plan of --num-devices and --model-shards (evaluate, dynamic-eval), checked
+    """The plan of --num-devices and --model-shards (evaluate, dynamic-eval, generate), checked
     against the model; its refusals name those flags (the placement's own messages
     name the config keys of training, which these commands do not take)."""
     from mos_jax import parallel, train
@@ -491,10 +492,15 @@ def _cmd_generate(args) -> None:
     else:  # no sentence ends (a synthetic corpus): the first word of the train split
         prompt = corpus.train[:1]
         shown = decode(prompt)
+    if args.num_devices is None:  # one sample is one column: one group of M devices
+        import jax  # (more than there are: all of them, for the refusal to name M)
+        args.num_devices = (args.model_shards if args.model_shards <= jax.local_device_count()
+                            else 0)
+    plan = _shards_plan(args, config)
     timings: dict = {}
     ids, logp = generate.sample(config, params, prompt, args.words,
                                 temperature=args.temperature, seed=args.seed,
-                                return_logprobs=True, timings=timings)
+                                return_logprobs=True, timings=timings, plan=plan, log=note)
     pieces = shown + decode(ids)
     if subwords is not None:  # pieces back to words
         from mos_jax import subword
@@ -808,6 +814,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "flatter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the text here")
+    p.add_argument("--num-devices", type=int, default=None,
+                   help="devices to sample on (0: all local devices; default: the "
+                   "--model-shards devices, as one sample is one column)")
+    p.add_argument("--model-shards", type=int, default=1, metavar="M",
+                   help="devices splitting the vocabulary (the mesh's model axis; "
+                   "default 1: none); the same words as one device")
     p.set_defaults(func=_cmd_generate)
 
     for name, text in (("train", "train a model (or continue the run in --workdir)"),

@@ -690,7 +690,7 @@ class MeshPlan(Plan):
                 return x
             return self.global_batch(np.asarray(x), axis)
 
-        def run(*args):
+        def program(args):
             args = tuple(_each(ax, a, feed) for ax, a in zip(in_axes, args))
             key = jax.tree_util.tree_structure(args)
             if key not in programs:
@@ -703,7 +703,18 @@ class MeshPlan(Plan):
                 programs[key] = jax.jit(self.shard(body, in_specs, out_specs),
                                         donate_argnums=donate_argnums,
                                         out_shardings=out_shardings)
-            return programs[key](*args)
+            return programs[key], args
+
+        def run(*args):
+            jitted, args = program(args)
+            return jitted(*args)
+
+        def lower(*args):
+            """`jax.jit(...).lower` of the program, as on one device; its `.compile()`
+            takes global arrays (host batches placed first: `feed_batch`)."""
+            jitted, args = program(args)
+            return jitted.lower(*args)
+        run.lower = lower
         return run
 
     def map_step(self, step):

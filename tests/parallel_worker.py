@@ -4,7 +4,7 @@ before JAX starts), does one task, prints one JSON line on stdout.
     python tests/parallel_worker.py TASK WORKDIR [ARGS...]
 
 Tasks: `step [core]` (one train step, 1 vs N devices), `train` (short runs, every strategy),
-`eval` (evaluation and gradient statistics), `plans` (one evaluation code path under a
+`eval` (evaluation, gradient statistics and sampling), `plans` (one evaluation code path under a
 one-device and a mesh plan), `multihost PROCESS_ID PORT STRATEGY` (one process of a
 2-process run; the environment sets the device count).
 """
@@ -12,6 +12,7 @@ one-device and a mesh plan), `multihost PROCESS_ID PORT STRATEGY` (one process o
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mos_jax import config as config_lib  # noqa: E402
-from mos_jax import dynamic_eval, evaluate, model, parallel, train  # noqa: E402
+from mos_jax import dynamic_eval, evaluate, generate, model, parallel, train  # noqa: E402
 
 NO_DROPOUT = dict(dropout=0.0, dropouth=0.0, dropouti=0.0, dropoute=0.0, dropoutl=0.0,
                   wdrop=0.0)
@@ -256,6 +257,32 @@ def task_eval(workdir):
             one - evaluate.token_logprobs(cfg, params, ids, 1, 7))))
         out[strategy]["dyn_note"] = dynamic_eval.update_pass_note(plan, 1)
     out["notes"] = notes
+    out["generate"] = generation_layouts()
+    return out
+
+
+def generation_layouts():
+    """`generate.sample` of 4 samples on data 2 x model 2 (39 words padded to 40 rows:
+    blocks of 20) and on data 4 x model 1, against one device: the same words and
+    log-probabilities for the same seed. A tiny model and a one-word prompt: each
+    layout is one compiled program."""
+    start = time.process_time()
+    cfg = model.ModelConfig(vocab_size=39, vocab_multiple=4, emsize=6, nhid=8, nlayers=1,
+                            nhidlast=6, n_experts=2, **NO_DROPOUT)
+    params = model.init_params(cfg, jax.random.key(4))
+    kw = dict(temperature=0.9, seed=11, num_samples=4, return_logprobs=True)
+    ref_words, ref_logp = generate.sample(cfg, params, [5], 6, **kw)
+    devices = sorted(jax.devices(), key=lambda d: d.id)
+    out = {"distinct": len({tuple(w) for w in ref_words})}
+    for data, model_size in ((2, 2), (4, 1)):
+        plan = parallel.make_plan("mesh", devices[:data * model_size], model_size)
+        placed = plan.place_params(params)
+        words, logp = generate.sample(cfg, placed, [5], 6, plan=plan, **kw)
+        out[f"{data}x{model_size}"] = {
+            "words": bool(np.array_equal(words, ref_words)),
+            "logp": float(np.max(np.abs(logp - ref_logp))),
+            "rows": biggest_shard_rows(placed, cfg.padded_vocab_size)}
+    out["cpu_seconds"] = round(time.process_time() - start, 2)
     return out
 
 

@@ -196,3 +196,11 @@ def test_generate_command_errors(tiny_run, capsys):
     assert "--temperature" in capsys.readouterr().err
     assert cli.main(base + ["--words", "0"]) == 2
     assert "--words" in capsys.readouterr().err
+    # The placement: refused in one line naming the flag given, before any compile.
+    for flags, named in ((["--model-shards", "3"], "--model-shards 3 does not divide"),
+                         (["--model-shards", "0"], "--model-shards must be at least 1"),
+                         (["--num-devices", "2"], "asked for 2 devices (--num-devices)")):
+        assert cli.main(base + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1, err
+        assert named in err and "parallel.mesh" not in err, err

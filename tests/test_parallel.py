@@ -247,6 +247,18 @@ def test_evaluation_splits_columns_and_batch_1_stays_on_one_device(workers):
                                "devices: it runs on one device"}
 
 
+def test_sampling_gives_one_devices_words_on_every_layout(workers):
+    """4 samples split over data 2 x model 2 (39 words padded to 40 rows) and over
+    data 4: the words and log-probabilities of one device for the same seed, the
+    vocabulary-sized parameters split over the model axis (20 of 40 rows a device)."""
+    r = worker_result(workers, "eval")["generate"]
+    assert r["distinct"] == 4  # independent samples, not one repeated
+    for layout, rows in (("2x2", 20), ("4x1", 40)):
+        assert r[layout]["words"], layout
+        assert r[layout]["logp"] < 1e-5, layout
+        assert r[layout]["rows"] == rows, layout
+
+
 # ------------------------------------------------------------------ two processes
 
 def free_port() -> int:
