@@ -78,12 +78,17 @@ def _at_least(flag: str, value, low: int = 1) -> None:
 
 
 def _shards_plan(args, model_config):
-    """The plan of --num-devices and --model-shards (evaluate, dynamic-eval, generate), checked
+    """The plan of --num-devices and --model-shards (evaluate, dynamic-eval, rank,
+    generate), checked
     against the model; its refusals name those flags (the placement's own messages
     name the config keys of training, which these commands do not take)."""
     from mos_jax import parallel, train
     from mos_jax.errors import ConfigError
     _at_least("--model-shards", args.model_shards)
+    if args.num_devices is None:  # (rank, generate: few columns) one group of M devices
+        import jax  # (more than there are: all of them, for the refusal to name M)
+        args.num_devices = (args.model_shards if args.model_shards <= jax.local_device_count()
+                            else 0)
     try:
         plan = parallel.local_plan(args.num_devices, model=args.model_shards)
         train.check_placement(plan, model_config)
@@ -437,9 +442,10 @@ def _cmd_rank(args) -> None:
     _output_file("--plot", plot, suffixes=_image_formats())
     _output_file("--out", args.out)
     config, params, corpus, _, _ = _load_model(args, (args.split,))
+    plan = _shards_plan(args, config)
     result = rank.analyse(config, params, corpus.split(args.split), args.contexts,
                           max_memory_gb=args.max_memory_gb, batch_size=args.batch_size,
-                          bptt=args.bptt, log=note)
+                          bptt=args.bptt, log=note, plan=plan)
     s = result.pop("singular_values")
     title = (f"{config.head} head, d={config.output_size}: rank {result['rank']:,} of "
              f"{result['contexts']:,} x {result['vocab_size']:,} ({args.split})")
@@ -492,11 +498,7 @@ def _cmd_generate(args) -> None:
     else:  # no sentence ends (a synthetic corpus): the first word of the train split
         prompt = corpus.train[:1]
         shown = decode(prompt)
-    if args.num_devices is None:  # one sample is one column: one group of M devices
-        import jax  # (more than there are: all of them, for the refusal to name M)
-        args.num_devices = (args.model_shards if args.model_shards <= jax.local_device_count()
-                            else 0)
-    plan = _shards_plan(args, config)
+    plan = _shards_plan(args, config)  # one sample is one column: one group of M devices
     timings: dict = {}
     ids, logp = generate.sample(config, params, prompt, args.words,
                                 temperature=args.temperature, seed=args.seed,
@@ -796,6 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1,
                    help="parallel columns (1: every context sees its whole prefix)")
     p.add_argument("--bptt", type=int, default=70, help="window length")
+    p.add_argument("--num-devices", type=int, default=None,
+                   help="devices to split the columns over (0: all local devices; "
+                   "default: the --model-shards devices, one group)")
+    p.add_argument("--model-shards", type=int, default=1, metavar="M",
+                   help="of those devices, M in each group splitting the vocabulary "
+                   "(the mesh's model axis; default 1: none)")
     p.add_argument("--plot", type=Path, default=None, help="the spectrum as a PNG "
                    "(default: rank_spectrum.png in --workdir, or here with --weights)")
     p.add_argument("--out", type=Path, help="also write the JSON result here")

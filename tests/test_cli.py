@@ -237,3 +237,20 @@ def test_model_shards_refusals_name_the_flag(tiny_run, capsys, command):
         err = capsys.readouterr().err
         assert err.startswith("error:") and "Traceback" not in err, err
         assert "--model-shards" in err and "parallel.mesh" not in err, err
+
+
+def test_rank_takes_the_placement_flags(tiny_run, capsys):
+    """rank --model-shards: refused in one line naming the flag where it cannot split;
+    --model-shards 1 (one group of one device) gives the rank of the plain command."""
+    for shards in ("3", "0"):
+        assert cli.main(["rank", "--workdir", str(tiny_run), "--contexts", "20",
+                         "--model-shards", shards]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "--model-shards" in err, err
+        assert "parallel.mesh" not in err and "Traceback" not in err, err
+    results = []
+    for extra in ([], ["--model-shards", "1", "--num-devices", "1"]):
+        assert cli.main(["rank", "--workdir", str(tiny_run), "--contexts", "20",
+                         "--plot", str(tiny_run.parent / "r.png"), *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["rank"] == results[1]["rank"] and results[0]["contexts"] == 20
