@@ -91,7 +91,7 @@ def _shards_plan(args, model_config):
                             else 0)
     try:
         plan = parallel.local_plan(args.num_devices, model=args.model_shards)
-        train.check_placement(plan, model_config)
+        train.check_placement(plan, model_config, trained=True)
     except ConfigError as e:
         text = str(e)
         for key, flag in (("--config.parallel.mesh.model=", "--model-shards "),

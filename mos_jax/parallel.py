@@ -179,14 +179,6 @@ def _is_sharded(path) -> bool:
     return any(getattr(k, "key", getattr(k, "name", None)) == "carry" for k in path)
 
 
-def _state_prefix(state, carry_leaf, other_leaf):
-    """A prefix of a TrainState-like struct: `carry_leaf` for `carry`, `other_leaf` for
-    every other field."""
-    fields = {f.name: other_leaf for f in dataclasses.fields(state)}
-    fields["carry"] = carry_leaf
-    return state.replace(**fields)
-
-
 @dataclasses.dataclass(frozen=True)
 class Like:
     """An `out_axes` entry: the output is laid out like input argument `index` (a
@@ -311,18 +303,29 @@ class Plan:
         return self.mesh_axis("vocab")
 
     def check_vocab(self, vocab_size: int, head: str | None = None,
-                    words: int | None = None) -> None:
+                    words: int | None = None, trained: bool = False) -> None:
         """ConfigError unless a vocabulary of `vocab_size` rows (and `head`) can be split
         over this plan's `vocab` axis. `vocab_size` is the rows of the vocabulary-sized
         parameters, the padded size where `model.vocab_multiple` pads the vocabulary
         (`ModelConfig.padded_vocab_size`); `words` the words V when it does, so that
-        every block holds at least one word."""
+        every block holds at least one word. `trained`: the rows are a trained model's
+        (evaluate, rank, generate): the advice is a model size, not padding."""
         axis = self.vocab_axis
         if axis is None:
             return
         m = self.axis_sizes[axis]
         what = (f"{vocab_size:,}" if words is None or words == vocab_size else
                 f"{vocab_size:,} rows ({words:,} words, padded)")
+        if vocab_size % m and trained:
+            # trained weights fix their rows: only the model size can change (any
+            # number of this process's devices that it divides)
+            local = jax.local_device_count()
+            sizes = [k for k in range(1, local + 1) if vocab_size % k == 0]
+            raise ConfigError(
+                f"trained weights of {what} do not split into {m} equal blocks "
+                f"(parallel.mesh.model={m}; the rows are fixed when training, by "
+                f"model.vocab_multiple): use a model size that divides {vocab_size:,} "
+                f"({', '.join(map(str, sizes))} on this process's {local} devices)")
         if vocab_size % m:
             # a model size must divide the vocabulary and the devices of each process
             # (`mesh_sizes`; a model group lies within one host)
@@ -338,8 +341,9 @@ class Plan:
         if words is not None and (m - 1) * (vocab_size // m) >= words:
             raise ConfigError(
                 f"a vocabulary of {what} split into {m} blocks of {vocab_size // m:,} "
-                f"rows leaves the last block without a word: lower model.vocab_multiple "
-                f"or parallel.mesh.model={m}")
+                f"rows leaves the last block without a word: " +
+                ("" if trained else "lower model.vocab_multiple or ") +
+                f"use a smaller parallel.mesh.model than {m}")
 
     def spec(self, path, leaf) -> P:
         """A leaf's PartitionSpec by its logical axes: a `carry` leaf's rows are batch
@@ -597,9 +601,10 @@ class Plan:
         raise NotImplementedError
 
     def map_step(self, step):
-        """`step` (`(state, inputs, targets, length, seq_len, lr) -> (state, metrics)`
-        with a `per_device_step` body) over the plan's devices."""
-        return MappedStep(self, step)
+        """`step` (`(state, inputs, targets, length, seq_len, lr) -> (state, metrics)`,
+        a `train.TrainStep` with `gradients` and `update`) over the plan's devices: each
+        strategy says how (`OneDevice`: the step itself; `MeshPlan`: `MeshStep`)."""
+        raise NotImplementedError
 
 
 class OneDevice(Plan):
@@ -725,7 +730,7 @@ class MappedStep:
     """A train step over several devices: `(state, inputs, targets, length, seq_len,
     lr) -> (state, metrics)` with `state` in the global layout and `inputs`, `targets`
     this process's columns `[T, B_local]`. `tx`, `traces` and `n_groups` are the
-    wrapped step's."""
+    wrapped step's; a subclass defines `__call__` (`MeshStep`)."""
 
     def __init__(self, plan: Plan, step):
         if step.axis_name != plan.axis_name:
@@ -744,15 +749,6 @@ class MappedStep:
     @property
     def n_groups(self) -> int:
         return self.step.n_groups
-
-    def __call__(self, state, inputs, targets, length, seq_len, lr):
-        state = self.plan.place_state(state)
-        if self._run is None:
-            axes = _state_prefix(state, 0, None)
-            self._run = self.plan.map(self.step.per_device_step,
-                                      in_axes=(axes, 1, 1, None, None, None),
-                                      out_axes=(axes, None), donate_argnums=0)
-        return self._run(state, inputs, targets, length, seq_len, lr)
 
 
 class MeshStep(MappedStep):

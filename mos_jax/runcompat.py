@@ -216,11 +216,12 @@ def matching_configs(model: dict, pattern: str = "*_finetune.py") -> list[str]:
     return names
 
 
-def param_shapes(model: dict):
-    """The parameter shapes of a model section (a small vocabulary: only the shapes that
-    do not depend on the corpus decide)."""
+def param_shapes(model: dict, vocab_size: int = 7):
+    """The parameter shapes of a model section (by default a small vocabulary: only the
+    shapes that do not depend on the corpus decide; give the run's own size where
+    `model.vocab_multiple` may pad it)."""
     try:
-        mc = model_lib.ModelConfig.from_dict({**model, "vocab_size": 7})
+        mc = model_lib.ModelConfig.from_dict({**model, "vocab_size": vocab_size})
     except (MosJaxError, TypeError, ValueError):
         return None
     return jax.tree_util.tree_map(lambda x: x.shape, jax.eval_shape(
@@ -241,8 +242,14 @@ def check_finetune_source(config) -> None:
     if not path.is_file():
         return  # the checkpoint's shapes are checked when it is restored
     trained = json.loads(path.read_text()).get("model", {})
+    trained.setdefault("vocab_multiple", 1)  # a run from before the key: unpadded
     wanted = config.model.to_dict()
-    theirs, ours = param_shapes({**wanted, **trained}), param_shapes(wanted)
+    # the run's own vocabulary size where it recorded one, so that a padding the two
+    # configs do differently shows in the embedding's rows
+    recorded = data_lib.load_vocab(source)
+    size = len(recorded) if recorded else 7
+    theirs = param_shapes({**wanted, **trained}, size)
+    ours = param_shapes(wanted, size)
     if theirs is None or ours is None or theirs == ours:
         return  # the same weights (other rates, perhaps), or for the restore to check
     differ = [k for k in wanted if k in trained and trained[k] != wanted[k]

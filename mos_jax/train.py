@@ -135,10 +135,11 @@ class TrainStep:
     (`lr`). `length`, `seq_len` and `lr` are traced, so only a new bucket T compiles a
     new program; `traces` counts the programs compiled. `state` is donated.
 
-    With `axis_name`, `per_device_step` is the body of a data-parallel step (mapped
-    by a placement plan over that axis; see `mos_jax.parallel` and `build_train_step`):
-    each device's dropout keys fold in its axis index, and gradients and metrics are
-    averaged over the axis before the (then identical) update.
+    With `axis_name`, `gradients` is the body of a data-parallel step (mapped by a
+    placement plan over that axis, `update` then run on the global arrays; see
+    `mos_jax.parallel.MeshStep` and `build_train_step`): each device's dropout keys
+    fold in its axis index, and gradients and metrics are averaged over the axis
+    before the (then identical) update.
     """
 
     def __init__(self, model_config: model_lib.ModelConfig, *, alpha: float, beta: float,
@@ -152,10 +153,6 @@ class TrainStep:
         self.axis_name = axis_name
         self._jitted = jax.jit(self._step, donate_argnums=0)
         self._compiled: dict = {}
-
-    @property
-    def per_device_step(self):
-        return self._step
 
     def __call__(self, state, inputs, targets, length, seq_len, lr):
         # Compiled ahead of time, one program per window shape, so that the heap the
@@ -238,7 +235,8 @@ class TrainStep:
         return TrainState(state.step + 1, params, opt_state, carry), metrics
 
 
-def check_placement(plan: parallel.Plan, model_config: model_lib.ModelConfig) -> None:
+def check_placement(plan: parallel.Plan, model_config: model_lib.ModelConfig,
+                    trained: bool = False) -> None:
     """ConfigError (one line, before any compile) when `plan` splits the vocabulary
     and the model cannot: a head without `shards_vocab`, or a vocabulary that does not
     divide into the model axis's blocks."""
@@ -246,7 +244,8 @@ def check_placement(plan: parallel.Plan, model_config: model_lib.ModelConfig) ->
         return
     if not heads.get_head(model_config.head).shards_vocab:
         raise ConfigError(heads.sharding_refusal(model_config.head))
-    plan.check_vocab(model_config.padded_vocab_size, words=model_config.vocab_size)
+    plan.check_vocab(model_config.padded_vocab_size, words=model_config.vocab_size,
+                     trained=trained)
 
 
 def build_train_step(config, model_config: model_lib.ModelConfig, plan: parallel.Plan,

@@ -81,6 +81,15 @@ def test_a_finetune_source_must_have_best_weights_of_the_same_model(tmp_path):
         runcompat.check_finetune_source(tiny(finetune__init_from=str(source),
                                              model__emsize=32, model__nhidlast=32))
     assert "--config configs/tiny_finetune.py" in str(refused.value)
+    # model.vocab_multiple changes the embedding's rows of the run's own vocabulary
+    # (50 words: 52 rows at 4, 56 at 8, 50 unpadded), so it is a model change too
+    from mos_jax import data
+    data.save_vocab(source, [f"w{i}" for i in range(50)])
+    with pytest.raises(ConfigError, match="model.vocab_multiple 1 vs 4"):
+        runcompat.check_finetune_source(tiny(finetune__init_from=str(source),
+                                             model__vocab_multiple=4))
+    runcompat.check_finetune_source(tiny(finetune__init_from=str(source),
+                                         model__vocab_multiple=5))  # 50 rows either way
 
 
 def test_the_old_names_in_train_are_runcompats():

@@ -235,6 +235,24 @@ def test_check_vocab_uses_the_padded_size_and_says_how_to_pad():
         plan.check_vocab(8, words=5)
 
 
+
+def test_trained_weights_are_told_a_model_size_not_padding():
+    """evaluate, rank, generate and dynamic-eval load weights whose rows are fixed:
+    their refusal names a model size that divides the rows (of this process's devices),
+    never a padding key those commands do not take."""
+    import jax
+    with pytest.raises(ConfigError) as e:
+        _plan(4, 4).check_vocab(10, trained=True)
+    message = str(e.value)
+    assert "vocab_multiple=" not in message and "--config" not in message
+    local = jax.local_device_count()
+    want = [k for k in range(1, local + 1) if 10 % k == 0]
+    assert f"({', '.join(map(str, want))} on this process's {local} devices)" in message
+    with pytest.raises(ConfigError) as e:
+        _plan(8, 8).check_vocab(8, words=5, trained=True)
+    assert "without a word" in str(e.value) and "vocab_multiple" not in str(e.value)
+
+
 def test_the_key_is_checked_and_a_run_from_before_it_resumes_unpadded(tmp_path):
     """model.vocab_multiple is a config key checked with the others; a run whose
     config.json predates it ran unpadded, so it resumes with 1 and refuses 8."""
