@@ -718,6 +718,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "later --data is mapped through it by string")
     p.set_defaults(func=_cmd_import)
 
+    def placement(p, one_group: bool = False, what: str = ""):
+        """--num-devices and --model-shards (read by `_shards_plan`); `one_group`: by
+        default M devices (commands of few columns), else all local devices."""
+        default = ("default: the --model-shards devices, one group" if one_group
+                   else "default 0: all local devices")
+        p.add_argument("--num-devices", type=int, default=None if one_group else 0,
+                       help=f"devices to split the columns over{what} (0: all local "
+                       f"devices; {default})")
+        p.add_argument("--model-shards", type=int, default=1, metavar="M",
+                       help="of those devices, M in each group splitting the vocabulary "
+                       "(the mesh's model axis; default 1: none)")
+
     def model_source(p):
         p.add_argument("--workdir", type=Path, help="a training run's work directory")
         p.add_argument("--weights", type=Path, help="a directory written by `mos-jax import`")
@@ -740,11 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--bptt", type=int, default=70)
     p.add_argument("--dump", type=Path, help="save per-token log-probs [rows, batch] as .npy")
-    p.add_argument("--num-devices", type=int, default=0,
-                   help="devices to split the columns over (default 0: all local devices)")
-    p.add_argument("--model-shards", type=int, default=1, metavar="M",
-                   help="of those devices, M in each group splitting the vocabulary "
-                   "(the mesh's model axis; default 1: none)")
+    placement(p)
     p.add_argument("--by-frequency", action="store_true",
                    help="print a table of perplexity by training-set word count (the "
                    "most frequent words, count buckets, <unk>) instead of the JSON line")
@@ -777,12 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rms", action="store_true", help="MS = sqrt(mean g^2), not sum")
     p.add_argument("--dump", type=Path, help="save per-token log-probs as .npy")
     p.add_argument("--out", type=Path, help="also write the JSON result here")
-    p.add_argument("--num-devices", type=int, default=0,
-                   help="devices for the gradient statistics (default 0: all local "
-                   "devices); the update pass runs on one")
-    p.add_argument("--model-shards", type=int, default=1, metavar="M",
-                   help="of those devices, M in each group splitting the vocabulary "
-                   "for the statistics (default 1: none)")
+    placement(p, what=" for the gradient statistics (the update pass runs on one)")
     p.set_defaults(func=_cmd_dynamic_eval)
 
     p = sub.add_parser("rank", help="empirical rank of the log-probability matrix "
@@ -798,12 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1,
                    help="parallel columns (1: every context sees its whole prefix)")
     p.add_argument("--bptt", type=int, default=70, help="window length")
-    p.add_argument("--num-devices", type=int, default=None,
-                   help="devices to split the columns over (0: all local devices; "
-                   "default: the --model-shards devices, one group)")
-    p.add_argument("--model-shards", type=int, default=1, metavar="M",
-                   help="of those devices, M in each group splitting the vocabulary "
-                   "(the mesh's model axis; default 1: none)")
+    placement(p, one_group=True)
     p.add_argument("--plot", type=Path, default=None, help="the spectrum as a PNG "
                    "(default: rank_spectrum.png in --workdir, or here with --weights)")
     p.add_argument("--out", type=Path, help="also write the JSON result here")
@@ -822,12 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "flatter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the text here")
-    p.add_argument("--num-devices", type=int, default=None,
-                   help="devices to sample on (0: all local devices; default: the "
-                   "--model-shards devices, as one sample is one column)")
-    p.add_argument("--model-shards", type=int, default=1, metavar="M",
-                   help="devices splitting the vocabulary (the mesh's model axis; "
-                   "default 1: none); the same words as one device")
+    placement(p, one_group=True, what=" (one sample is one column)")
     p.set_defaults(func=_cmd_generate)
 
     for name, text in (("train", "train a model (or continue the run in --workdir)"),

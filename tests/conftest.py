@@ -100,3 +100,14 @@ def tiny_run(tmp_path_factory):
                      "--config.train.max_epochs=1", "--config.train.test=false",
                      "--config.data.synthetic.train_tokens=4000"]) == 0
     return w
+
+
+def fake_mesh_plan(n_devices: int, model_size: int):
+    """A `MeshPlan` over `n_devices` placeholder devices, for its checks and specs
+    (no mesh is built, so any device count works in this one-device process)."""
+    from mos_jax import parallel
+    plan = parallel.Plan.__new__(parallel.MeshPlan)
+    object.__setattr__(plan, "devices", tuple(range(n_devices)))
+    object.__setattr__(plan, "model_size", model_size)
+    object.__setattr__(plan, "rules", parallel.DEFAULT_RULES)
+    return plan

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import fake_mesh_plan
 from mos_jax import config as config_lib, dynamic_eval, parallel, train
 from mos_jax.errors import ConfigError
 
@@ -462,19 +463,11 @@ def test_leaves_place_by_their_logical_axes():
     assert plan.specs(tree)["params"]["embedding"] == P()
 
 
-def _fake_mesh_plan(n_devices, model_size):
-    plan = parallel.Plan.__new__(parallel.MeshPlan)
-    object.__setattr__(plan, "devices", tuple(range(n_devices)))
-    object.__setattr__(plan, "model_size", model_size)
-    object.__setattr__(plan, "rules", parallel.DEFAULT_RULES)
-    return plan
-
-
 @pytest.mark.parametrize("vocab, sizes", [(60, [1, 2, 4]), (63, [1]), (90, [1, 2])])
 def test_an_indivisible_vocabulary_is_told_model_sizes_that_run(vocab, sizes):
     """The sizes the refusal suggests divide both the vocabulary and the devices
     (`mesh_sizes` refuses any other): V = 60 on 8 devices is 1, 2 or 4, not 3, 5, 6."""
-    plan = _fake_mesh_plan(8, 8 if vocab == 60 else 4)
+    plan = fake_mesh_plan(8, 8 if vocab == 60 else 4)
     with pytest.raises(parallel.ConfigError) as e:
         plan.check_vocab(vocab)
     suggested = [int(k) for k in re.search(r"\(([\d, ]+)\)$", str(e.value)).group(1)
@@ -496,7 +489,7 @@ def test_one_device_notes_count_the_data_groups_not_the_devices():
     """On a data 2 x model 4 mesh a batch of 3 does not split over the 2 data groups
     (a batch of 4 would): the notes say so, not "over 8 devices"."""
     from mos_jax import dynamic_eval, model
-    plan = _fake_mesh_plan(8, 4)
+    plan = fake_mesh_plan(8, 4)
     plan.__dict__.update(process_index=0, process_count=1)  # without real devices
     cfg = model.ModelConfig(vocab_size=8, emsize=4, nhid=4, nlayers=1, nhidlast=4)
     with pytest.raises(_Noted) as e:
@@ -526,7 +519,7 @@ def test_batch_refusals_on_a_model_axis_count_the_data_groups():
     """data.batch_size and small_batch_size refusals on data 2 x model 4 (8 devices)
     say the columns split over 2 groups of 4 devices, not "over 2 devices"."""
     from mos_jax import train
-    plan = _fake_mesh_plan(8, 4)
+    plan = fake_mesh_plan(8, 4)
     plan.__dict__.update(process_index=0, process_count=1)
     with pytest.raises(parallel.ConfigError) as e:
         plan.per_device(3)
@@ -544,7 +537,7 @@ def test_describe_says_whether_the_vocabulary_is_split():
     """The run's placement line on a model axis with `parallel.rules.vocab=""` says
     the vocabulary is replicated, not that it is split over model."""
     import types
-    plan = _fake_mesh_plan(8, 4)
+    plan = fake_mesh_plan(8, 4)
     object.__setattr__(plan, "devices", tuple(types.SimpleNamespace(platform="cpu")
                                               for _ in range(8)))
     plan.__dict__.update(process_index=0, process_count=1)
@@ -559,7 +552,7 @@ def test_a_flat_optimiser_leaf_shaped_like_the_carry_stays_replicated():
     """A checkpoint's flat optimiser leaf takes the split spec of a *parameter* of its
     shape; a carry of the same shape (rows over data) is no parameter: replicated."""
     from jax.sharding import PartitionSpec as P
-    plan = _fake_mesh_plan(8, 4)
+    plan = fake_mesh_plan(8, 4)
     kernel, carry = np.zeros((4, 3)), np.zeros((4, 3))  # [emsize, 4H] like [B, H]
     tree = {"params": {"embedding": np.zeros((16, 3)), "ih_kernel": kernel},
             "opt_state": [np.zeros((16, 3)), kernel], "carry": ((carry, carry),)}

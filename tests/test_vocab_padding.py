@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mos_jax import adaptive, bench, convert, heads, model, parallel, runcompat
+from conftest import fake_mesh_plan
+from mos_jax import adaptive, bench, convert, heads, model, runcompat
 from mos_jax import config as config_lib
 from mos_jax.errors import ConfigError
 
@@ -211,16 +212,8 @@ def test_reference_weights_import_into_a_padded_model_and_export_the_words():
     assert not np.any(np.asarray(grads["head"]["decoder_bias"][V:]))
 
 
-def _plan(n_devices, model_size):
-    plan = parallel.Plan.__new__(parallel.MeshPlan)
-    object.__setattr__(plan, "devices", tuple(range(n_devices)))
-    object.__setattr__(plan, "model_size", model_size)
-    object.__setattr__(plan, "rules", parallel.DEFAULT_RULES)
-    return plan
-
-
 def test_check_vocab_uses_the_padded_size_and_says_how_to_pad():
-    plan = _plan(8, 8)
+    plan = fake_mesh_plan(8, 8)
     with pytest.raises(ConfigError) as e:
         plan.check_vocab(793_471)  # the One Billion Word benchmark: 7 x 263 x 431
     message = str(e.value)
@@ -230,7 +223,7 @@ def test_check_vocab_uses_the_padded_size_and_says_how_to_pad():
                            head="mos", n_experts=2, vocab_multiple=128)
     plan.check_vocab(mc.padded_vocab_size, words=mc.vocab_size)  # 793,472 rows: splits
     for m in (1, 2, 4):
-        _plan(8, m).check_vocab(_mc(vocab_multiple=4).padded_vocab_size, words=V)
+        fake_mesh_plan(8, m).check_vocab(_mc(vocab_multiple=4).padded_vocab_size, words=V)
     with pytest.raises(ConfigError, match="without a word"):  # 5 words in 8 blocks of 1
         plan.check_vocab(8, words=5)
 
@@ -242,14 +235,14 @@ def test_trained_weights_are_told_a_model_size_not_padding():
     never a padding key those commands do not take."""
     import jax
     with pytest.raises(ConfigError) as e:
-        _plan(4, 4).check_vocab(10, trained=True)
+        fake_mesh_plan(4, 4).check_vocab(10, trained=True)
     message = str(e.value)
     assert "vocab_multiple=" not in message and "--config" not in message
     local = jax.local_device_count()
     want = [k for k in range(1, local + 1) if 10 % k == 0]
     assert f"({', '.join(map(str, want))} on this process's {local} devices)" in message
     with pytest.raises(ConfigError) as e:
-        _plan(8, 8).check_vocab(8, words=5, trained=True)
+        fake_mesh_plan(8, 8).check_vocab(8, words=5, trained=True)
     assert "without a word" in str(e.value) and "vocab_multiple" not in str(e.value)
 
 
