@@ -696,7 +696,16 @@ def apply_min_count(corpus: Corpus, min_count: int) -> Corpus:
 def _frequency_ids(counts: np.ndarray, first_at: np.ndarray) -> np.ndarray:
     """old id -> new id numbering the ids by `counts` (descending), ties by `first_at`
     (where each first occurs), then by id: `frequency_permutation`'s order."""
-    perm = np.lexsort((np.arange(len(counts)), first_at, -counts))
+    return _inverse(_frequency_order(counts, first_at))
+
+
+def _frequency_order(counts: np.ndarray, first_at: np.ndarray) -> np.ndarray:
+    """The ids by `counts` (descending), ties by `first_at`, then by id."""
+    return np.lexsort((np.arange(len(counts)), first_at, -counts))
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    """new id -> old id (`perm`) as old id -> new id."""
     new_id = np.empty(len(perm), np.int32)
     new_id[perm] = np.arange(len(perm), dtype=np.int32)
     return new_id
@@ -877,7 +886,7 @@ def frequency_permutation(streams: Sequence[np.ndarray], size: int) -> np.ndarra
     first = np.full(size, every.size, dtype=np.int64)
     met, at = np.unique(every, return_index=True)
     first[met] = at
-    return np.lexsort((np.arange(size), first, -counts))
+    return _frequency_order(counts, first)
 
 
 def order_vocab(corpus: Corpus, order: str) -> Corpus:
@@ -889,8 +898,7 @@ def order_vocab(corpus: Corpus, order: str) -> Corpus:
         return corpus
     perm = frequency_permutation([corpus.train, corpus.valid, corpus.test],
                                  corpus.vocab_size)
-    new_id = np.empty(len(perm), np.int32)
-    new_id[perm] = np.arange(len(perm), dtype=np.int32)
+    new_id = _inverse(perm)
     return dataclasses.replace(corpus, vocab=tuple(corpus.vocab[int(i)] for i in perm),
                                **{s: new_id[corpus.split(s)] for s in SPLITS})
 
