@@ -60,9 +60,10 @@ def model_flops_per_token(mc: model_lib.ModelConfig, context: int = 70
     The encoder's as it declares them (keyed by its name, `lstm` or `transformer`;
     the Transformer's attention depends on the window, `context` tokens); the head's as
     the head declares it (`mos_jax.heads.Head.flops_per_token`), so a head of your own
-    is counted too. The head's count is over the rows it computes: a vocabulary padded
-    by `model.vocab_multiple` counts its padded size V_pad (`heads.vocab_rows`; the
-    result's `vocab_rows` in `run_bench`).
+    is counted too. The head's count is over the rows it computes: the tied heads over
+    a vocabulary padded by `model.vocab_multiple` count its padded size V_pad
+    (`heads.vocab_rows`; the result's `vocab_rows` in `run_bench`); mixtape and the
+    adaptive heads, which compute over the V words, count V.
     """
     encoder = int(mc.encoder_cls.flops_per_token(mc, context))
     head = int(heads.get_head(mc.head).flops_per_token(mc))
