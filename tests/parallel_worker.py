@@ -11,6 +11,7 @@ one-device and a mesh plan), `multihost PROCESS_ID PORT STRATEGY` (one process o
 
 import functools
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -309,7 +310,7 @@ def task_plans(workdir):
 
 # (data, model) over 8 devices. A 1 x 1 mesh is a one-device plan (`OneDevice`: the
 # plain jitted program, the reference itself), so it is not run again here.
-MESHES = ((2, 4), (1, 8), (8, 1))
+MESHES = ((1, 1), (2, 4), (1, 8), (8, 1))  # (data, model); 1 x 1 is a OneDevice plan
 SPLIT_MESHES = ((2, 4),)
 SHARDING_HEADS = ("softmax", "mos", "moc", "sigsoftmax", "moss", "adaptive", "adaptive_mos")
 
@@ -377,9 +378,7 @@ def task_vocab(workdir):
         carry = host(model.init_carry(cfg, B))
         ref = host(jax.jit(body)(fresh(params), inputs, targets, fresh(carry)))
         rows = {}
-        # every mesh for two heads; data 2 x model 4 for the others (8 x 1 splits only
-        # columns, 1 x 8 splits the vocabulary as 2 x 4 does)
-        for data, model_size in (MESHES if head in ("softmax", "mos") else SPLIT_MESHES):
+        for data, model_size in MESHES:
             plan = mesh_plan(data, model_size)
             fn = plan.map(lambda *a, plan=plan: body(*a, axis=plan.axis_name),
                           in_axes=(None, 1, 1, 0),
@@ -516,8 +515,14 @@ def task_vocab(workdir):
     sums, history = checksums(ref, t)
     out["ref_model2"] = {"result": result, "sums": sums, "history": history}
     lap("restores and 2-process reference")
-    out["resumed"] = {"8x1": run(cfg_for(1), work)[0]}
-    lap("resumed run")
+    # each resumes from the same checkpoint, in a copy of the work directory; the
+    # uninterrupted run on (2, 4) is where they should end
+    out["resumed"] = {"2x4 uninterrupted": run(cfg_for(4), workdir / "straight")[0]}
+    for name, t in (("8x1", cfg_for(1)), ("one", cfg_for(1, "none"))):
+        copy = workdir / f"resumed-{name}"
+        shutil.copytree(work, copy)
+        out["resumed"][name] = run(t, copy)[0]
+    lap("resumed runs")
     return out
 
 
