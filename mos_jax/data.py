@@ -889,11 +889,22 @@ def frequency_permutation(streams: Sequence[np.ndarray], size: int) -> np.ndarra
     return _frequency_order(counts, first)
 
 
-def order_vocab(corpus: Corpus, order: str) -> Corpus:
-    """`corpus` with its ids renumbered in `order` (one of ORDERS)."""
+def check_order(order: str, vocab: Sequence[str] | None = None) -> None:
+    """Refuse an unknown `order`, and any order but `first` with a fixed `vocab`: a
+    fixed vocabulary (a run's) keeps its own ids, which renumbering would move."""
     if order not in ORDERS:
         raise DataError(f"unknown vocabulary order {order!r}: choose one of "
                         f"{', '.join(ORDERS)}")
+    if vocab is not None and order != "first":
+        raise DataError(
+            f"order={order!r} would renumber the fixed vocabulary given (vocab=), whose "
+            "ids the model was trained on: a fixed vocabulary keeps its order; leave "
+            "order at 'first'")
+
+
+def order_vocab(corpus: Corpus, order: str) -> Corpus:
+    """`corpus` with its ids renumbered in `order` (one of ORDERS)."""
+    check_order(order)
     if order == "first":
         return corpus
     perm = frequency_permutation([corpus.train, corpus.valid, corpus.test],
@@ -977,11 +988,10 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
     if subwords is not None:
         if vocab is None:
             raise ValueError("a run's tokenizer needs the run's vocabulary")
+        check_order(order, vocab)
         return _subword_corpus({s: read_lines(p) for s, p in zip(SPLITS, paths)}, name,
                                subwords, vocab)
-    if order not in ORDERS:
-        raise DataError(f"unknown vocabulary order {order!r}: choose one of "
-                        f"{', '.join(ORDERS)}")
+    check_order(order, vocab)
     cache_path = tokenizer_path = None
     if cache and vocab is None:
         folder = Path(cache_dir or default_cache_dir())

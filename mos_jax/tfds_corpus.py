@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from mos_jax.data import (CACHE_SUFFIX, ORDERS, SPLITS, Corpus, build_corpus,
+from mos_jax.data import (CACHE_SUFFIX, SPLITS, Corpus, build_corpus, check_order,
                           default_cache_dir, files_digest, iter_lines, load_cache_entry,
                           order_vocab, sha256_files, stream_word_cache)
 from mos_jax.errors import DataError
@@ -354,7 +354,8 @@ def load_tfds_corpus(spec: str, *, data_dir: str | os.PathLike | None = None,
       vocab: a fixed vocabulary, as for `mos_jax.data.build_corpus`.
       feature: the text feature to read; also settable as `NAME:FEATURE`. Default: the
         dataset's only `Text` feature.
-      order: the vocabulary order, one of `mos_jax.data.ORDERS`.
+      order: the vocabulary order, one of `mos_jax.data.ORDERS` (`first` with a fixed
+        `vocab`, which keeps its ids).
       cache, cache_dir: as for `mos_jax.data.read_corpus`: the ids are written a block
         of examples at a time into the id cache (default
         `mos_jax.data.default_cache_dir()`) and the splits opened memory-mapped, so a
@@ -389,9 +390,7 @@ def load_tfds_corpus(spec: str, *, data_dir: str | os.PathLike | None = None,
     _open_for_reading(builder)
     splits = {ours: _pick_split(builder, ours) for ours in SPLITS}
     feature = _pick_feature(builder, feature)
-    if order not in ORDERS:
-        raise DataError(f"unknown vocabulary order {order!r}: choose one of "
-                        f"{', '.join(ORDERS)}")
+    check_order(order, vocab)
     label = f"tfds:{spec}"
     path = (_cache_path(builder, splits, feature, order, cache_dir)
             if cache and vocab is None else None)

@@ -29,6 +29,19 @@ def test_vocabulary_order_and_eos_by_hand(tmp_path):
     assert c.decode(c.encode(["e", "a"])) == ["e", "a"]
 
 
+def test_a_fixed_vocabulary_keeps_its_ids_and_refuses_renumbering(tmp_path):
+    """A run's vocabulary fixes the ids: given in an order unlike the corpus's own,
+    the words get exactly those ids; asking for frequency order with it is refused
+    (it would renumber the ids the model was trained on)."""
+    d = write_corpus(tmp_path / "c", "a b a a\n", "b a\n", "a\n")
+    vocab = ("<eos>", "b", "a")  # not the corpus's first-occurrence order
+    c = data.read_corpus(d, vocab=vocab)
+    assert c.vocab == vocab
+    assert c.train.tolist() == [2, 1, 2, 2, 0] and c.valid.tolist() == [1, 2, 0]
+    with pytest.raises(DataError, match="renumber the fixed vocabulary"):
+        data.read_corpus(d, vocab=vocab, order="frequency")
+
+
 def test_sha256_files_hashes_prefix_files_and_separators(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.bin"
     a.write_bytes(b"hello\n")

@@ -100,6 +100,10 @@ def test_load_corpus_dispatches_tfds_sources(tmp_path):
                          manual_dir=src, vocab=want.vocab[::-1])
     assert corpus.vocab == want.vocab[::-1]
     assert corpus.decode(corpus.train) == want.decode(want.train)
+    # a fixed vocabulary keeps its ids: renumbering it by frequency is refused
+    with pytest.raises(DataError, match="renumber the fixed vocabulary"):
+        load_tfds_corpus("mos_jax_wikitext2", data_dir=tmp_path / "tfds",
+                         vocab=want.vocab, order="frequency")
 
 
 # Lines of made-up words, more than the few of SMALL_CORPUS, so that the cache is written
