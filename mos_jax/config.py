@@ -343,9 +343,9 @@ class OneOf(Check):
     asked at check time, so heads and optimisers registered later count too)."""
 
     def __init__(self, *choices: str, names: Callable[[], Sequence[str]] | None = None,
-                 what: str = ""):
-        self.choices, self.names = choices, names
-        self.text = ("one of " + ", ".join(choices)) if choices else f"a name of {what}"
+                 what: str = "", listed: bool = False):
+        self.choices, self.names, self.listed = choices, names, listed
+        self.text = (self.describe_now() if choices else f"a name of {what}")
 
     def allowed(self) -> list[str]:
         return list(self.choices) if self.names is None else sorted(self.names())
@@ -354,7 +354,7 @@ class OneOf(Check):
         return isinstance(value, str) and value in self.allowed()
 
     def describe_now(self) -> str:
-        return "one of " + ", ".join(self.allowed())
+        return "one of " + ", ".join(c or '""' for c in self.allowed())
 
 
 class VocabChunk(Check):
@@ -382,6 +382,15 @@ def _heads() -> list[str]:
     from mos_jax import heads
     heads.load_plugins()
     return list(heads.HEADS)
+
+
+def _rule(logical: str) -> OneOf:
+    """The check of `parallel.rules.<logical>`: the mesh axes are `mos_jax.parallel`'s
+    (asked at check time, so this schema names none of its own)."""
+    def names() -> list[str]:
+        from mos_jax import parallel
+        return list(parallel.rule_axes(logical))
+    return OneOf(names=names, what=f"the mesh axes a {logical} rule may name", listed=True)
 
 
 class _HeadOptionCheck(Check):
@@ -615,8 +624,8 @@ def declarations() -> dict:
                              "vocabulary-sized parameters) into blocks of rows"),
             },
             "rules": {
-                "batch": Key("data", OneOf("data"), "mesh axis of batch columns"),
-                "vocab": Key("model", OneOf("model", ""), "mesh axis of vocabulary rows "
+                "batch": Key("data", _rule("batch"), "mesh axis of batch columns"),
+                "vocab": Key("model", _rule("vocab"), "mesh axis of vocabulary rows "
                              "(the embedding's, the head's decoder bias); \"\": "
                              "replicated"),
             },
@@ -748,8 +757,8 @@ def reference_markdown() -> str:
             lines.extend(["| key | default | allowed | meaning |", "|---|---|---|---|"])
         for name, key in rows:
             allowed = str(key.check)
-            if isinstance(key.check, OneOf) and key.check.names is not None:
-                allowed = f"{key.check.text}"
+            if isinstance(key.check, OneOf) and key.check.listed:
+                allowed = key.check.describe_now()  # names fixed by code, not plugins
             default = json.dumps(key.default)
             lines.append(f"| `{prefix}{name}` | `{default}` | {allowed} | "
                          f"{key.doc.replace('|', '/')} |")

@@ -810,6 +810,13 @@ def mesh_sizes(n_devices: int, data: int = -1, model: int = 1) -> tuple[int, int
     return data, model
 
 
+def rule_axes(logical: str) -> tuple[str, ...]:
+    """The values `parallel.rules.<logical>` may take ("" replicated): batch columns
+    only on the data axis; the vocabulary on `model` or replicated (never on the data
+    axis, whose shards hold different columns); any other name on any mesh axis."""
+    return {"batch": (AXIS,), "vocab": (MODEL_AXIS, "")}.get(logical, ("", *MESH_AXES))
+
+
 def _rules(rules) -> tuple:
     """`parallel.rules` (a mapping or pairs) as checked `(logical, mesh axis)` pairs."""
     pairs = tuple(sorted(dict(rules).items())) if rules is not None else DEFAULT_RULES

@@ -429,6 +429,24 @@ def test_a_head_that_cannot_split_says_so_in_one_line():
     train.check_placement(plan, model.ModelConfig(vocab_size=64, head="moc"))  # fine
 
 
+def test_the_configs_rule_values_are_the_plans():
+    """The config accepts for each rule exactly the mesh axes the plan takes: every
+    value it allows builds a plan's rules, and the data axis for the vocabulary (or the
+    model axis for batch columns) is refused at the config, naming what is allowed."""
+    for logical in ("batch", "vocab"):
+        check = config_lib.schema()[f"parallel.rules.{logical}"].check
+        for axis in check.allowed():
+            assert dict(parallel._rules({logical: axis}))[logical] == axis
+    c = config_lib.default_config()
+    for logical, bad, allowed in (("vocab", "data", 'one of "", model'),
+                                  ("batch", "model", "one of data")):
+        c.parallel.rules[logical] = bad
+        with pytest.raises(ConfigError, match=f"parallel.rules.{logical} must be {allowed}"):
+            config_lib.validate(c)
+        c.parallel.rules[logical] = parallel.DEFAULT_RULES[0 if logical == "batch" else 1][1]
+    config_lib.validate(c)
+
+
 def test_mesh_sizes_and_rules_are_checked():
     assert parallel.mesh_sizes(8, -1, 4) == (2, 4)
     assert parallel.mesh_sizes(8, 8, 1) == (8, 1)
