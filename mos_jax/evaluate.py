@@ -170,8 +170,8 @@ def sliding_token_logprobs(model_config: ModelConfig, params: Params, ids: np.nd
     score = window_scorer(plan, model_config)
     total = int(len(ids) // batch_size - 1)
     pieces = []
-    zero = model_lib.init_carry(model_config, batch_size)
     for k, (length, first) in enumerate(zip(w.lengths, w.first)):
+        zero = model_lib.init_carry(model_config, batch_size)  # a new one: donated
         logp, _ = score(params, plan.place_carry(zero),
                         w.inputs[k], w.targets[k], int(length))
         pieces.append((logp, int(first), int(length)))

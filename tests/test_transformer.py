@@ -223,13 +223,25 @@ def test_sliding_windows_score_every_target_once(n_tokens, context, stride):
     assert scored == list(range(n))
 
 
-def test_sliding_token_logprobs_match_a_brute_force_loop():
+@pytest.mark.parametrize("encoder", ["transformer", "lstm"])
+def test_sliding_token_logprobs_match_a_brute_force_loop(encoder):
+    """Every target scored once, from the window that leaves it among its last
+    `stride` rows, against each target's own window prefix run alone. The Transformer
+    through `token_logprobs` (its evaluation); the LSTM (a carry, restarted from zeros
+    in every window, and donated: a new one each window) called directly."""
     from mos_jax import evaluate
-    cfg = tiny_config("mos", eval_stride=3)
+    context, stride, batch = 7, 3, 2
+    if encoder == "transformer":
+        cfg = tiny_config("mos", eval_stride=3)
+    else:
+        cfg = model.ModelConfig(vocab_size=13, emsize=8, nhid=10, nhidlast=8, nlayers=2,
+                                head="mos", n_experts=3, vocab_chunk=0)
     params = random_params(cfg, 10)
     ids = np.random.default_rng(11).integers(0, cfg.vocab_size, size=43)
-    context, stride, batch = 7, 3, 2
-    got = evaluate.token_logprobs(cfg, params, ids, batch, context)
+    if encoder == "transformer":
+        got = evaluate.token_logprobs(cfg, params, ids, batch, context)
+    else:
+        got = evaluate.sliding_token_logprobs(cfg, params, ids, batch, context, stride)
     rows = ids[: len(ids) // batch * batch].reshape(batch, -1).T
     inputs, targets = rows[:-1], rows[1:]
     n = len(targets)
@@ -244,8 +256,8 @@ def test_sliding_token_logprobs_match_a_brute_force_loop():
         x[: t - s + 1, t] = inputs[s:t + 1]
         y[: t - s + 1, t] = targets[s:t + 1]
         offsets.append(t - s)
-    out = jit_apply(cfg, params, jnp.asarray(x.reshape(context, -1)), (),
-                    jnp.asarray(y.reshape(context, -1)))
+    out = jit_apply(cfg, params, jnp.asarray(x.reshape(context, -1)),
+                    model.init_carry(cfg, n * batch), jnp.asarray(y.reshape(context, -1)))
     lp = np.asarray(out.target_logprobs).reshape(context, n, batch)
     want = lp[offsets, np.arange(n)]
     assert got.shape == want.shape == (20, 2)
