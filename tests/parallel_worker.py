@@ -11,6 +11,7 @@ one-device and a mesh plan), `multihost PROCESS_ID PORT STRATEGY` (one process o
 
 import functools
 import json
+import os
 import shutil
 import sys
 import time
@@ -188,8 +189,9 @@ def no_dropout(c):
 def checksums(workdir, c):
     """Per-leaf sums of the final checkpoint (params, averaging, carry)."""
     from mos_jax.checkpoint import CheckpointStore
+    from mos_jax import data
     plan = parallel.from_config(c)
-    mc = train.model_config_from(c, c.data.synthetic.vocab_size)
+    mc = train.model_config_from(c, len(data.load_vocab(workdir)))  # the run's vocabulary
     tx = train.optim.from_config(c.optim).transform(averaging=True)
     abstract = jax.eval_shape(lambda: train._state_tree(train.init_state(
         mc, model.init_params(mc, jax.random.key(0)), c.data.batch_size, tx)))
@@ -510,7 +512,8 @@ def task_vocab(workdir):
     # (each process one model group): 4 devices, dropout on, stopped and resumed.
     # (Uninterrupted: resume is exact, which the 2-process run checks by stopping.)
     ref = workdir / "ref-model2"
-    t = two_process_config(tiny(parallel__num_devices=4))
+    os.environ["MOS_JAX_CACHE"] = str(workdir / "id-cache")  # not the user's
+    t = two_process_config(tiny(parallel__num_devices=4), text_corpus(workdir / "corpus"))
     result, _ = run(t, ref)
     sums, history = checksums(ref, t)
     out["ref_model2"] = {"result": result, "sums": sums, "history": history}
@@ -528,12 +531,30 @@ def task_vocab(workdir):
 
 # ------------------------------------------------------------------------- multihost
 
-def two_process_config(c):
+def text_corpus(folder: Path) -> Path:
+    """A small text corpus in `folder`: 63 made-up words and `<eos>` (a vocabulary of
+    64, every word in training), the same bytes on every call. Each file is written
+    whole and renamed into place, so processes writing it at once leave the same files."""
+    rng = np.random.default_rng(5)
+    words = [f"w{i}" for i in range(63)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n_lines in (("train", 300), ("valid", 100), ("test", 100)):
+        lines = [" ".join(rng.choice(words, size=rng.integers(3, 15))) for _ in range(n_lines)]
+        if split == "train":
+            lines.insert(0, " ".join(words))
+        tmp = folder / f".{split}.{os.getpid()}.tmp"
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, folder / f"{split}.txt")
+    return folder
+
+
+def two_process_config(c, corpus: Path):
     """The 2-process test's run with the vocabulary split over `model` = 2 (MoS, a
-    vocabulary of 64)."""
+    vocabulary of 64): a text corpus, read through the memory-mapped id cache (each
+    process reading its own columns' windows)."""
     c.parallel.strategy = "mesh"
     c.parallel.mesh.model = 2
-    c.data.synthetic.vocab_size = 64
+    c.data.dir = str(corpus)
     return c
 
 
@@ -543,13 +564,21 @@ def task_multihost(workdir, process_id, port, strategy):
     launch = dict(parallel__strategy=strategy,
                   parallel__coordinator_address=f"127.0.0.1:{port}",
                   parallel__num_processes=2, parallel__process_id=int(process_id))
-    prepare = two_process_config if split else (lambda c: c)
+    # both processes write the corpus and, at once, its id cache (shared, as hosts on
+    # one file system share theirs); each maps the ids and reads its own columns
+    shared = Path(workdir).parent
+    os.environ["MOS_JAX_CACHE"] = str(shared / "id-cache")
+    corpus = text_corpus(shared / "corpus")
+    prepare = (lambda c: two_process_config(c, corpus)) if split else (lambda c: c)
     c = prepare(tiny(**launch, train__stop_at_step=6))
     first, logs1 = run(c, workdir)  # joins the run, trains 6 steps, checkpoints
     c = prepare(tiny(**launch))
     result, logs2 = run(c, workdir)  # restores, trains to the end
     sums, history = checksums(workdir, c)
-    return {"process": jax.process_index(), "processes": jax.process_count(),
+    from mos_jax import sources
+    mapped = isinstance(sources.load_corpus_from(c).train, np.memmap)
+    return {"mapped": mapped, "cache": sorted(p.name for p in (shared / "id-cache").iterdir()),
+            "process": jax.process_index(), "processes": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count(),
             "first": first, "result": result, "sums": sums, "history": history,
             "logs": len(logs1) + len(logs2)}

@@ -305,12 +305,16 @@ def test_two_processes_train_checkpoint_restore_like_one(workers, tmp_path, stra
     """2 processes x 2 devices = the single-process run on 4 devices (dropout on: the
     same masks), the vocabulary split over each process's 2 devices (MoS, data 2 x
     model 2: the data axis crosses the processes, the model axis lies within each).
-    (A data-only variant, model 1, ran beside it until the suite's time was trimmed:
-    the split run goes through every step of it.)"""
+    The corpus is a text directory: both processes write its id cache at once (one
+    cache directory, as hosts on one file system share theirs), leaving one entry,
+    and train on the memory-mapped ids. (A data-only variant, model 1, ran beside it
+    until the suite's time was trimmed: the split run goes through every step of it.)"""
     reports = run_two_processes(tmp_path / "run", strategy)
     ref = worker_result(workers, "vocab")["ref_model2"]
     for i, r in enumerate(reports):
         assert (r["process"], r["processes"], r["devices"], r["local_devices"]) == (i, 2, 4, 2)
+        assert r["mapped"] and len(r["cache"]) == 1 and r["cache"][0].endswith(".ids"), r
+        assert r["cache"] == reports[0]["cache"]
         assert r["first"]["stopped"].startswith("reached") and r["first"]["step"] == 6
         assert r["result"]["valid_ppl"] == pytest.approx(ref["result"]["valid_ppl"], rel=1e-5)
         assert r["result"]["test_ppl"] == pytest.approx(ref["result"]["test_ppl"], rel=1e-5)
