@@ -132,8 +132,9 @@ def gradient_statistics(model_config: ModelConfig, params: Params, train_ids: np
                      columns=plan.host_slice(batch_size))
     n_real = int((w.lengths > 0).sum())
     params = plan.place_params(params)
-    sq_sum = plan.place_params(jax.tree_util.tree_map(jnp.zeros_like,
-                                                      plan.local_copy(params)))
+    # zeros made where each leaf lives (no split parameter gathered to build them)
+    sq_sum = jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), params)
     chunk = statistics_chunk(plan, model_config)
 
     def fn(state, inputs, targets, lengths):
