@@ -111,8 +111,10 @@ def from_reference_state(state: Mapping[str, Any], head: str | None = None,
     if import_layout(head) != layout:
         what = ("a mixture head (prior.weight)" if has_prior else
                 "a softmax head (no prior.weight and latent.weight)")
-        raise CheckpointError(f"these weights have {what}, which the {head} head cannot "
-                              f"hold: import them with head= one of {', '.join(readers)}")
+        raise CheckpointError(
+            f"these weights have {what}, which the {head} head cannot hold: import them "
+            f"with one of the heads {', '.join(readers)} (`mos-jax import --head`, or "
+            "head= in `convert`)")
     n_experts = state["prior.weight"].shape[0] if has_prior else 1
     config = ModelConfig(vocab_size=vocab_size, emsize=emsize, nhid=nhid,
                          nhidlast=nhidlast, nlayers=nlayers, head=head,
