@@ -522,19 +522,33 @@ def _meta_record(vocab: Sequence[str], sizes: Mapping[str, int],
 
 
 def _publish(tmp: Path, path: Path) -> None:
-    """Move the finished entry `tmp` to `path`, replacing the entry there (damaged,
-    or stale: a subword corpus of another tokenizer); when another process publishes
-    one in between, theirs is kept. A process that has the old files mapped keeps
-    reading them (they are unlinked, not overwritten)."""
+    """Move the finished entry `tmp` to `path`. An entry already there that another
+    process published (the same record, its ids intact) is kept and ours dropped, so
+    a process that has just published and is opening its entry never loses it; a
+    damaged or stale one (a subword corpus of another tokenizer) is first moved aside,
+    then removed. A process that has old files mapped keeps reading them (they are
+    unlinked, not overwritten)."""
     import shutil
-    if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        if _read_meta(path) is None:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process published it first
+    ours = _read_meta(tmp)
+    for _ in range(3):
+        try:
+            os.replace(tmp, path)  # where no entry is (or an empty directory)
+            return
+        except OSError:
+            if not path.exists():
+                raise
+        if ours is not None and _read_meta(path) == ours and _entry_intact(path, ours):
+            shutil.rmtree(tmp, ignore_errors=True)  # another process published it
+            return
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".stale.part",
+                                      dir=path.parent))
+        try:
+            os.replace(path, aside / "entry")
+        except FileNotFoundError:
+            pass  # another process moved it
+        shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(f"could not publish the corpus cache entry {path}: other processes "
+                  "kept replacing it")
 
 
 def _entry_dir(path: Path) -> Path:
@@ -593,6 +607,22 @@ def _ids_digest(path: Path, offset: int) -> str:
     return h.hexdigest()
 
 
+def _entry_intact(path: Path, meta: dict) -> dict[str, np.ndarray] | None:
+    """The splits of the entry at `path`, memory-mapped, if each holds the ids its
+    record `meta` describes (size and SHA-256); else None."""
+    streams = {}
+    try:
+        for s in SPLITS:
+            ids = open_ids(path / f"{s}.npy")
+            if (ids.shape != (meta["sizes"][s],)
+                    or _ids_digest(path / f"{s}.npy", ids.offset) != meta["sha256"][s]):
+                return None
+            streams[s] = ids
+    except Exception:  # a damaged entry is never trusted
+        return None
+    return streams
+
+
 def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
     """The corpus cached at `path`, its splits memory-mapped; or None: damaged (each
     split's ids are checked against the SHA-256 recorded when they were written), or
@@ -607,13 +637,9 @@ def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
             return None
         if subwords is not None and meta["tokenizer"] != _tokenizer_digest(subwords):
             return None
-        streams = {}
-        for s in SPLITS:
-            ids = open_ids(path / f"{s}.npy")
-            if (ids.shape != (meta["sizes"][s],)
-                    or _ids_digest(path / f"{s}.npy", ids.offset) != meta["sha256"][s]):
-                return None
-            streams[s] = ids
+        streams = _entry_intact(path, meta)
+        if not streams:
+            return None
         return Corpus(name=name, vocab=tuple(meta["vocab"]), subwords=subwords,
                       words=words, **streams)
     except Exception:  # a damaged cache is rebuilt, never trusted

@@ -9,6 +9,7 @@ one-device and a mesh plan), `multihost PROCESS_ID PORT STRATEGY` (one process o
 2-process run; the environment sets the device count).
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -569,15 +570,23 @@ def task_multihost(workdir, process_id, port, strategy):
     shared = Path(workdir).parent
     os.environ["MOS_JAX_CACHE"] = str(shared / "id-cache")
     corpus = text_corpus(shared / "corpus")
+    from mos_jax import sources
+    reader, mapped = sources.SOURCES[sources.DIRECTORY], []
+
+    def load(*a, **kw):  # every corpus the runs read: memory-mapped?
+        got = reader.load(*a, **kw)
+        mapped.append(isinstance(got.train, np.memmap))
+        return got
+    sources.SOURCES[sources.DIRECTORY] = dataclasses.replace(reader, load=load)
     prepare = (lambda c: two_process_config(c, corpus)) if split else (lambda c: c)
     c = prepare(tiny(**launch, train__stop_at_step=6))
     first, logs1 = run(c, workdir)  # joins the run, trains 6 steps, checkpoints
     c = prepare(tiny(**launch))
     result, logs2 = run(c, workdir)  # restores, trains to the end
     sums, history = checksums(workdir, c)
-    from mos_jax import sources
-    mapped = isinstance(sources.load_corpus_from(c).train, np.memmap)
-    return {"mapped": mapped, "cache": sorted(p.name for p in (shared / "id-cache").iterdir()),
+    cache = shared / "id-cache"
+    return {"mapped": mapped, "cache": sorted(p.name for p in cache.iterdir())
+            if cache.is_dir() else [],
             "process": jax.process_index(), "processes": jax.process_count(),
             "devices": jax.device_count(), "local_devices": jax.local_device_count(),
             "first": first, "result": result, "sums": sums, "history": history,

@@ -123,6 +123,33 @@ def test_a_cache_whose_ids_were_damaged_is_rebuilt(tmp_path):
         assert again.split(s).tolist() == want.split(s).tolist(), s
 
 
+def test_an_entry_another_process_published_first_is_kept(tmp_path):
+    """Processes that stream one corpus into a shared cache at once publish the same
+    entry: the later one keeps the entry already there (the same record, its ids
+    intact) and drops its own, so the earlier one, mapping its entry, keeps it; an
+    entry whose ids are damaged is replaced, and nothing is left beside it."""
+    import shutil
+    d = write_corpus(tmp_path / "c", "a b a\n", "b\n", "a\n")
+    cache = tmp_path / "cache"
+    first = data.read_corpus(d, cache_dir=cache)
+    (entry,) = cache.glob("*.ids")
+    inode = (entry / "train.npy").stat().st_ino
+    theirs = tmp_path / "theirs.part"  # the other process's finished entry: the same
+    shutil.copytree(entry, theirs)
+    good = tmp_path / "good"
+    shutil.copytree(entry, good)
+    data._publish(theirs, entry)
+    assert not theirs.exists() and (entry / "train.npy").stat().st_ino == inode
+    assert first.train.tolist() == [0, 1, 0, 2]  # still mapped, still there
+    raw = bytearray((entry / "train.npy").read_bytes())  # damaged in place
+    raw[-4:] = np.array([7], "<i4").tobytes()
+    (entry / "train.npy").write_bytes(bytes(raw))
+    data._publish(good, entry)
+    assert not good.exists() and (entry / "train.npy").stat().st_ino != inode
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+    assert data.read_corpus(d, cache_dir=cache).train.tolist() == [0, 1, 0, 2]
+
+
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="does not exist") as e:
         data.read_corpus(tmp_path / "nowhere")
