@@ -151,13 +151,16 @@ def corpus_of(source: str, config=None) -> Corpus:
     """The corpus of `source` (a `--data` string) read with the source options of
     `config` (a run's config: its synthetic chain, its TFDS directories; None: the
     defaults), word by word with ids in order of first occurrence (the commands map
-    its words into a run's vocabulary by string)."""
+    its words into a run's vocabulary by string). Every word is kept: the run's
+    `data.min_count` made its own vocabulary, and is not applied to another corpus
+    (its rare words are mapped to the run's `<unk>` only if the run lacks them)."""
     config = (config_lib.default_config() if config is None
               else copy.deepcopy(config))
     with config.unlocked():  # a run's config from before the tokenizer keys lacks them
         config.data.dir = source
         config.data.tokenizer, config.data.vocab_size = "word", 0
         config.data.vocab_order = "first"
+        config.data.min_count = 0
     return load_corpus_from(config)
 
 

@@ -70,3 +70,21 @@ def test_corpus_of_takes_a_runs_source_options():
     assert np.array_equal(got.valid, want.valid)
     assert run.data.vocab_order == "frequency"  # the run's config is left as it was
     assert sources.corpus_of("synthetic").vocab_size == data.synthetic_corpus().vocab_size
+
+
+def test_corpus_of_keeps_every_word_of_another_corpus(tmp_path):
+    """A run trained with data.min_count 2 reads another corpus (`--data`) word for
+    word: its words known to the run keep their ids, whatever their count there, and
+    only words the run lacks become the run's <unk> (and are counted)."""
+    d = tmp_path / "other"
+    d.mkdir()
+    for s, text in zip(data.SPLITS, ("the cat the cat\n", "the dog\n", "a dog sat\n")):
+        (d / f"{s}.txt").write_text(text)
+    run = _config(dir=str(d), min_count=2)
+    got = sources.corpus_of(str(d), run)
+    assert got.decode(got.test) == ["a", "dog", "sat", "<eos>"]
+    vocab = ("the", "cat", "dog", "<eos>", "<unk>")  # the run's: no "a", no "sat"
+    mapped, unknown = data.map_to_vocab(got, vocab, ["test"])
+    assert [vocab[i] for i in mapped.test] == ["<unk>", "dog", "<unk>", "<eos>"]
+    assert unknown  # reported, not silent
+    assert run.data.min_count == 2  # the run's config is left as it was
