@@ -440,8 +440,10 @@ class IdWriter:
     """Write an int32 id stream to a `.npy` file in chunks, its length unknown ahead.
 
     The header is written with room for any length and rewritten on `close`, so the
-    ids go straight to disk, never all in memory. `np.load(path, mmap_mode="r")`
-    reads the file back.
+    ids go straight to disk, never all in memory. They go to a temporary file beside
+    `path`, renamed to `path` by `close`: an interrupted writer (an exception in its
+    `with` block, a killed process) leaves no file at `path` that would read as a
+    short or empty stream. `np.load(path, mmap_mode="r")` reads the file back.
 
         with IdWriter(path) as w:
             for chunk in chunks:
@@ -452,7 +454,10 @@ class IdWriter:
         self.path = Path(path)
         self.count = 0
         self._digest = hashlib.sha256()  # of the ids' bytes (the header excluded)
-        self._file = open(self.path, "wb")
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part",
+                                   dir=self.path.parent)
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "wb")
         self._file.write(self._header(0))
 
     @staticmethod
@@ -482,13 +487,19 @@ class IdWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        """Stop writing and remove what was written."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "IdWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         if exc[0] is not None:
-            self._file.close()
+            self.discard()
         else:
             self.close()
 

@@ -123,6 +123,28 @@ def test_a_cache_whose_ids_were_damaged_is_rebuilt(tmp_path):
         assert again.split(s).tolist() == want.split(s).tolist(), s
 
 
+def test_id_writer_streams_ids_and_leaves_nothing_when_interrupted(tmp_path):
+    """Ids written in chunks read back (memory-mapped) as one int32 stream whose
+    SHA-256 is that of their bytes; a writer interrupted mid-way leaves no file that
+    would read as a short or empty stream, and no temporary beside it."""
+    path = tmp_path / "ids.npy"
+    chunks = [np.arange(5), np.array([7, 1 << 30]), np.arange(0)]
+    with data.IdWriter(path) as w:
+        for c in chunks:
+            w.write(c)
+    want = np.concatenate(chunks).astype("<i4")
+    got = data.open_ids(path)
+    assert isinstance(got, np.memmap) and got.tolist() == want.tolist()
+    assert w.sha256 == hashlib.sha256(want.tobytes()).hexdigest()
+    assert np.load(path).tolist() == want.tolist()
+    broken = tmp_path / "broken.npy"
+    with pytest.raises(KeyboardInterrupt):
+        with data.IdWriter(broken) as w:
+            w.write(np.arange(5))
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy"]
+
+
 def test_an_entry_another_process_published_first_is_kept(tmp_path):
     """Processes that stream one corpus into a shared cache at once publish the same
     entry: the later one keeps the entry already there (the same record, its ids
