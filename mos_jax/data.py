@@ -521,6 +521,14 @@ def open_ids(path: str | os.PathLike) -> np.ndarray:
     return ids
 
 
+def _record_digest(record: Mapping) -> str:
+    """SHA-256 of an entry's record without its own digest (checked on load, so a
+    damaged record cannot give the ids other words, sizes or word counts)."""
+    rest = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, ensure_ascii=False)
+                          .encode()).hexdigest()
+
+
 def _meta_record(vocab: Sequence[str], sizes: Mapping[str, int],
                  digests: Mapping[str, str], words=None, subwords=None) -> dict:
     record = {"format": _CACHE_FORMAT, "vocab": list(vocab),
@@ -529,6 +537,7 @@ def _meta_record(vocab: Sequence[str], sizes: Mapping[str, int],
     if words is not None:
         record["words"] = [int(w) for w in words]
         record["tokenizer"] = _tokenizer_digest(subwords)
+    record["record_sha256"] = _record_digest(record)
     return record
 
 
@@ -643,6 +652,8 @@ def _load_cache(path: Path, name: str, subwords=None) -> Corpus | None:
     if meta is None:
         return None
     try:
+        if meta.get("record_sha256") != _record_digest(meta):
+            return None  # a damaged record (or one written before it held the digest)
         words = tuple(int(w) for w in meta["words"]) if "words" in meta else None
         if (words is None) != (subwords is None):
             return None

@@ -172,6 +172,23 @@ def test_an_entry_another_process_published_first_is_kept(tmp_path):
     assert data.read_corpus(d, cache_dir=cache).train.tolist() == [0, 1, 0, 2]
 
 
+def test_a_cache_whose_record_was_damaged_is_rebuilt(tmp_path):
+    """The entry's record (vocabulary, sizes, digests) is itself checked: a record
+    that still parses but lost words is refused and the entry rebuilt, so ids are
+    never given other words."""
+    import json
+    d = write_corpus(tmp_path / "c", "a b c\n", "b\n", "c a\n")
+    cache = tmp_path / "cache"
+    data.read_corpus(d, cache_dir=cache)
+    (entry,) = cache.glob("*.ids")
+    record = json.loads((entry / "meta.json").read_text())
+    record["vocab"] = record["vocab"][:2]  # ids 2 and 3 would point past it
+    (entry / "meta.json").write_text(json.dumps(record))
+    again = data.read_corpus(d, cache_dir=cache)
+    assert again.vocab == ("a", "b", "c", "<eos>")
+    assert again.decode(again.test) == ["c", "a", "<eos>"]
+
+
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="does not exist") as e:
         data.read_corpus(tmp_path / "nowhere")
