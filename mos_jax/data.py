@@ -381,13 +381,17 @@ def default_cache_dir() -> Path:
 
 
 def sha256_files(paths: Sequence[str | os.PathLike], prefix: bytes = b"",
-                 separator: bytes = b"") -> str:
+                 separator: bytes = b"", sized: bool = False) -> str:
     """Hex SHA-256 of `prefix`, then of each file's bytes (in order, read in 1 MiB
-    chunks) followed by `separator`. One file with no prefix or separator: the digest
+    chunks) followed by `separator`; `sized`: each file's bytes preceded by their
+    length (8 bytes, little-endian), so no byte can move between two files without
+    changing the digest. One file with no prefix, separator or size: the digest
     `sha256sum` prints. The one file-hashing helper of the package (the id cache,
     `mos_jax.download`, `mos_jax.tfds_corpus`)."""
     h = hashlib.sha256(prefix)
     for path in paths:
+        if sized:
+            h.update(os.path.getsize(path).to_bytes(8, "little"))
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -397,9 +401,9 @@ def sha256_files(paths: Sequence[str | os.PathLike], prefix: bytes = b"",
 
 def files_digest(paths: Sequence[Path], label: str = "") -> str:
     """SHA-256 over the cache format, `label` (what else determines the ids, for a
-    source other than a text directory) and the contents of `paths` (in order): the
-    key of an id cache entry."""
-    return sha256_files(paths, (_CACHE_FORMAT + label).encode(), b"\0")
+    source other than a text directory) and the contents of `paths` (in order, each
+    with its length): the key of an id cache entry."""
+    return sha256_files(paths, (_CACHE_FORMAT + label).encode(), sized=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -49,10 +49,25 @@ def test_sha256_files_hashes_prefix_files_and_separators(tmp_path):
     assert data.sha256_files([a]) == hashlib.sha256(b"hello\n").hexdigest()
     whole = b"pre" + b"hello\n" + b"\0" + bytes(range(256)) * 5000 + b"\0"
     assert data.sha256_files([a, b], b"pre", b"\0") == hashlib.sha256(whole).hexdigest()
-    # the id cache's key: the cache format, then each file and a NUL
+    # the id cache's key: the cache format, then each file's length and bytes
     fmt = data._CACHE_FORMAT.encode()
     assert data.files_digest([b, a]) == hashlib.sha256(
-        fmt + bytes(range(256)) * 5000 + b"\0" + b"hello\n\0").hexdigest()
+        fmt + (256 * 5000).to_bytes(8, "little") + bytes(range(256)) * 5000
+        + (6).to_bytes(8, "little") + b"hello\n").hexdigest()
+
+
+def test_corpora_that_differ_only_in_where_a_byte_lies_have_their_own_entries(tmp_path):
+    """A byte moved from the end of train.txt to the start of valid.txt makes
+    another corpus, with another cache key: each gets its own ids, as read without
+    the cache."""
+    one = write_corpus(tmp_path / "one", "a b\0", "c\n", "a\n")
+    two = write_corpus(tmp_path / "two", "a b", "\0c\n", "a\n")
+    cache = tmp_path / "cache"
+    for d in (one, two):
+        got = data.read_corpus(d, cache_dir=cache)
+        want = data.read_corpus(d, cache=False)
+        assert got.vocab == want.vocab and got.train.tolist() == want.train.tolist()
+    assert len(list(cache.glob("*.ids"))) == 2
 
 
 def test_ptb_counts_and_ids():
