@@ -20,7 +20,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -710,6 +710,67 @@ def iter_lines(path: str | os.PathLike):
             offset += len(raw)
 
 
+_RUN_BYTES = 1 << 20  # bytes of a line read at a time by `file_word_runs`
+
+
+def _utf8_boundary(data: bytes) -> int:
+    """The length of the longest prefix of `data` that does not end inside a UTF-8
+    character (invalid bytes are left for the decoder to report)."""
+    for back in range(1, min(4, len(data) + 1)):
+        byte = data[-back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: look further back
+            continue
+        if byte >= 0xC0:  # a lead byte: is its character complete?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) - back if back < need else len(data)
+        return len(data)  # ASCII
+    return len(data)
+
+
+def word_runs(lines: Iterable[str]) -> Iterator[tuple[list[str], bool]]:
+    """Each line's words as `stream_word_cache` takes them: `(words, True)`."""
+    for line in lines:
+        yield line.split(), True
+
+
+def file_word_runs(path: str | os.PathLike) -> Iterator[tuple[list[str], bool]]:
+    """The words of a UTF-8 text file as `read_lines` and `str.split` give them, as
+    `(words, ends_line)` runs read `_RUN_BYTES` at a time: a longer line (a corpus
+    written as one line, say) comes in several runs, the last with True, so neither
+    the line nor its words are ever all in memory. Errors as `iter_lines`'s."""
+    path = Path(path)
+    if not path.is_file():
+        read_lines(path)  # raises the missing-file error
+    offset, number, mid_line = 0, 1, False  # where the next read starts; its line
+    pending, word = b"", ""  # an unfinished character; an unfinished word
+    with open(path, "rb") as f:
+        while True:
+            raw = f.readline(_RUN_BYTES)
+            if not raw and not mid_line:
+                return  # the file ended where a line did (or is empty)
+            ends = not raw or raw.endswith(b"\n")  # the file's end ends its last line
+            data = pending + (raw[:-1] if raw.endswith(b"\n") else raw)
+            start = offset - len(pending)
+            cut = len(data) if ends else _utf8_boundary(data)
+            data, pending = data[:cut], data[cut:]
+            try:
+                text = word + data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path} is not UTF-8 text: byte {start + e.start} (line {number}) is "
+                    f"{data[e.start:e.start + 1]!r}. Convert it first, e.g. "
+                    f"`iconv -f latin1 -t utf-8`.") from None
+            words = text.split()
+            word = words.pop() if not ends and words and not text[-1].isspace() else ""
+            offset += len(raw)
+            mid_line = not ends
+            yield words, ends
+            if not raw:
+                return
+            if ends:
+                number += 1
+
+
 def min_count_mapping(vocab: Sequence[str], counts: np.ndarray, min_count: int
                       ) -> tuple[tuple[str, ...], np.ndarray]:
     """`(new_vocab, mapping)` keeping the words of `vocab` that occur at least
@@ -781,13 +842,14 @@ def _finish_splits(tmp: Path, new_id: np.ndarray | None, digests: dict) -> None:
         first_path.unlink()
 
 
-def stream_word_cache(splits: Sequence[tuple[Iterable[str], str]], path: Path,
-                      order: str = "first", min_count: int = 0) -> None:
-    """Tokenise the lines of a word-level corpus a block of lines at a time into the
+def stream_word_cache(splits: Sequence[tuple[Iterable[tuple[list[str], bool]], str]],
+                      path: Path, order: str = "first", min_count: int = 0) -> None:
+    """Tokenise the lines of a word-level corpus a block of words at a time into the
     cache entry `path` (the ids of `build_corpus`, `apply_min_count` and
     `order_vocab`, never all in memory). `splits`: for train, valid and test, the
-    split's lines (an iterable read once) and the message of the DataError raised when
-    they hold no word. Ids in order of first occurrence over train, valid, test; with
+    split's words as `(words, ends_line)` runs (an iterable read once: `word_runs` of
+    its lines, or `file_word_runs` of a file) and the message of the DataError raised
+    when they hold no word. Ids in order of first occurrence over train, valid, test; with
     `min_count`, rare words as `<unk>`; for `frequency` order, renumbered by training
     count, ties by first occurrence (for first-seen ids, the smallest id of the words
     a new id gathers), in a second pass over the written files. The entry is published
@@ -796,7 +858,7 @@ def stream_word_cache(splits: Sequence[tuple[Iterable[str], str]], path: Path,
         w2i = _FirstSeen()
         counts = np.zeros(0, np.int64)
         sizes, digests = {}, {}
-        for s, (lines, empty) in zip(SPLITS, splits):
+        for s, (runs, empty) in zip(SPLITS, splits):
             words_seen = False
             with IdWriter(tmp / f"{s}.first.npy") as out:
                 tokens: list[str] = []
@@ -812,11 +874,11 @@ def stream_word_cache(splits: Sequence[tuple[Iterable[str], str]], path: Path,
                         counts = c
                     tokens.clear()
 
-                for line in lines:
-                    words = line.split()
+                for words, ends in runs:
                     words_seen = words_seen or bool(words)
                     tokens.extend(words)
-                    tokens.append(EOS)
+                    if ends:
+                        tokens.append(EOS)
                     if len(tokens) >= _BLOCK_TOKENS:
                         flush()
                 flush()
@@ -846,10 +908,10 @@ def stream_word_cache(splits: Sequence[tuple[Iterable[str], str]], path: Path,
 
 def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str,
                      min_count: int = 0) -> None:
-    """`stream_word_cache` of the three files of a text directory (read a line at a
-    time, `iter_lines`)."""
-    stream_word_cache([(iter_lines(p), f"{p} is empty: it holds no words") for p in paths],
-                      path, order, min_count)
+    """`stream_word_cache` of the three files of a text directory (read a run of
+    words at a time, `file_word_runs`)."""
+    stream_word_cache([(file_word_runs(p), f"{p} is empty: it holds no words")
+                       for p in paths], path, order, min_count)
 
 
 def _line_blocks(lines: Iterable[str]):
@@ -918,7 +980,7 @@ class _Lines:
 
 def _has_words(path: Path) -> bool:
     """Whether the text file `path` holds a word (read up to its first one)."""
-    return any(line.split() for line in iter_lines(path))
+    return any(words for words, _ in file_word_runs(path))
 
 
 # --------------------------------------------------------------------------------------

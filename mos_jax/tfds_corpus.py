@@ -37,7 +37,7 @@ import tensorflow_datasets as tfds
 
 from mos_jax.data import (CACHE_SUFFIX, SPLITS, Corpus, build_corpus, check_order,
                           default_cache_dir, files_digest, iter_lines, load_cache_entry,
-                          order_vocab, sha256_files, stream_word_cache)
+                          order_vocab, sha256_files, stream_word_cache, word_runs)
 from mos_jax.errors import DataError
 
 FILE_FORMAT = "array_record"
@@ -400,7 +400,7 @@ def load_tfds_corpus(spec: str, *, data_dir: str | os.PathLike | None = None,
             return cached
         try:  # streamed into the cache, a block of examples at a time
             stream_word_cache(
-                [(_iter_lines(builder, split, feature),
+                [(word_runs(_iter_lines(builder, split, feature)),
                   f"the {ours} split of {label} is empty: it holds no words")
                  for ours, split in splits.items()], path, order)
         except OSError as e:

@@ -261,16 +261,22 @@ def test_synthetic_corpus_samples_the_chain():
 
 
 @pytest.mark.parametrize("order", ["first", "frequency"])
-def test_streamed_cache_equals_reading_in_memory(tmp_path, monkeypatch, order):
-    """The cache is written a block of lines at a time (blocks of 7 tokens here): the
-    same vocabulary and ids as tokenising the whole text in memory (`build_corpus`,
-    then `order_vocab`), whitespace of every kind, blank lines and a last line
-    without its newline included; the cached splits are memory-mapped."""
+@pytest.mark.parametrize("run_bytes", [1 << 20, 1, 3, 5])
+def test_streamed_cache_equals_reading_in_memory(tmp_path, monkeypatch, order, run_bytes):
+    """The cache is written a block of words at a time (blocks of 7 tokens here), the
+    files read `run_bytes` of a line at a time (words and UTF-8 characters of 2, 3
+    and 4 bytes cut between reads; one line of 400 words): the same vocabulary and
+    ids as tokenising the whole text in memory (`build_corpus`, then `order_vocab`),
+    whitespace of every kind, blank lines and a last line without its newline
+    included; the cached splits are memory-mapped."""
     monkeypatch.setattr(data, "_BLOCK_TOKENS", 7)
+    monkeypatch.setattr(data, "_RUN_BYTES", run_bytes)
     rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(40)] + ["caf\u00e9", "x\ry"]
+    words = [f"w{i}" for i in range(40)] + ["caf\u00e9", "x\ry", "\u6771\u4eac",
+                                             "\U0001f600z", "a\u3000b", "c\x85d"]
     def text(n):
         lines = [" ".join(rng.choice(words, size=rng.integers(0, 9))) for _ in range(n)]
+        lines.append(" ".join(rng.choice(words, size=400)))  # a long line
         return "\n".join(lines) + "\n \u2028 z\x0bq \n\n" + "tail without newline"
     d = write_corpus(tmp_path / "c", text(60), text(15), text(15))
     got = data.read_corpus(d, cache_dir=tmp_path / "cache", order=order)
@@ -283,9 +289,15 @@ def test_streamed_cache_equals_reading_in_memory(tmp_path, monkeypatch, order):
         np.testing.assert_array_equal(got.split(s), want.split(s))
 
 
-def test_streamed_cache_refuses_bad_text_like_reading_in_memory(tmp_path):
+@pytest.mark.parametrize("run_bytes", [1 << 20, 2])
+def test_streamed_cache_refuses_bad_text_like_reading_in_memory(tmp_path, monkeypatch,
+                                                                run_bytes):
+    monkeypatch.setattr(data, "_RUN_BYTES", run_bytes)
     d = write_corpus(tmp_path / "c", "a\n", "a\n", "a\n")
     (d / "test.txt").write_bytes(b"ok\nfine\ncaf\xe9\n")
+    with pytest.raises(DataError, match=r"not UTF-8 text: byte 11 \(line 3\)"):
+        data.read_corpus(d, cache_dir=tmp_path / "cache")
+    (d / "test.txt").write_bytes(b"ok\nfine\ncaf\xc3")  # cut inside its last character
     with pytest.raises(DataError, match=r"not UTF-8 text: byte 11 \(line 3\)"):
         data.read_corpus(d, cache_dir=tmp_path / "cache")
     write_corpus(d, "a\n", " \n\n", "a\n")
