@@ -914,13 +914,14 @@ def _stream_word_ids(paths: Sequence[Path], path: Path, name: str, order: str,
                        for p in paths], path, order, min_count)
 
 
-def _line_blocks(lines: Iterable[str]):
-    """`lines` in lists of about `_BLOCK_TOKENS` word-tokenizer tokens."""
-    block: list[str] = []
+def _run_blocks(runs: Iterable[tuple[list[str], bool]]):
+    """`(words, ends_line)` runs in lists of about `_BLOCK_TOKENS` word-tokenizer
+    tokens."""
+    block: list[tuple[list[str], bool]] = []
     tokens = 0
-    for line in lines:
-        block.append(line)
-        tokens += len(line.split()) + 1
+    for run in runs:
+        block.append(run)
+        tokens += len(run[0]) + run[1]
         if tokens >= _BLOCK_TOKENS:
             yield block
             block, tokens = [], 0
@@ -929,12 +930,12 @@ def _line_blocks(lines: Iterable[str]):
 
 
 def _stream_subword_ids(paths: Sequence[Path], path: Path, subwords, order: str) -> None:
-    """Encode the three files of a text directory with `subwords` a block of lines at a
+    """Encode the three files of a text directory with `subwords` a block of words at a
     time into the cache entry `path` (the ids of `_subword_corpus` then `order_vocab`,
     never all in memory): the tokenizer's ids, or (`frequency`) renumbered by training
     count, ties by first occurrence over train, valid, test, then by tokenizer id, in a
-    second pass over the written files. The word counts of each split go to the meta."""
-    from mos_jax import subword
+    second pass over the written files. The word counts of each split go to the meta.
+    The files are read a run of words at a time (`file_word_runs`)."""
     with _new_entry(path) as tmp:
         size = len(subwords.pieces)
         counts = np.zeros(size, np.int64)
@@ -945,9 +946,9 @@ def _stream_subword_ids(paths: Sequence[Path], path: Path, subwords, order: str)
         for s, p in zip(SPLITS, paths):
             n_words = 0
             with IdWriter(tmp / f"{s}.first.npy") as out:
-                for block in _line_blocks(iter_lines(p)):
-                    n_words += subword.count_words(block)
-                    ids = subwords.encode_lines(block)
+                for block in _run_blocks(file_word_runs(p)):
+                    n_words += sum(len(words) + ends for words, ends in block)
+                    ids = subwords.encode_runs(block)
                     out.write(ids)
                     if order == "frequency":
                         if s == "train":
@@ -968,14 +969,26 @@ def _stream_subword_ids(paths: Sequence[Path], path: Path, subwords, order: str)
 
 
 class _Lines:
-    """The lines of a text file, read again (`iter_lines`) on each iteration: a
-    re-iterable that never holds the file (a tokenizer's training reads it twice)."""
+    """The lines of a text file as a tokenizer trains on them, read again on each
+    iteration: a re-iterable that never holds the file (a tokenizer's training reads
+    it twice). A long line comes in parts of at most `WORDS` whole words
+    (`file_word_runs`): the trainers count words, each on its own, so the parts
+    train what the line would, and the batches of texts a trainer buffers stay
+    small."""
+
+    WORDS = 1000
 
     def __init__(self, path: Path):
         self.path = path
 
     def __iter__(self):
-        return iter_lines(self.path)
+        for words, ends in file_word_runs(self.path):
+            if not words:
+                if ends:
+                    yield ""
+                continue
+            for i in range(0, len(words), self.WORDS):
+                yield " ".join(words[i:i + self.WORDS])
 
 
 def _has_words(path: Path) -> bool:

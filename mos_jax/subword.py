@@ -97,17 +97,20 @@ class Subwords:
             pieces[i] = piece
         return tuple(pieces)
 
-    def _distinct(self, lines: Iterable[str]):
-        """The distinct words of `lines` (`<eos>` first), each one's tokenizer ids, and
-        the stream as indices into them (each line's whitespace words, then `<eos>`).
+    def _distinct(self, runs: Iterable[tuple[list[str], bool]]):
+        """The distinct words of `runs` (`<eos>` first), each one's tokenizer ids, and
+        the stream as indices into them (each run's words, then `<eos>` where the run
+        ends a line).
 
         Every word is encoded on its own (pre-tokenised input: the tokenizer never
-        looks across words), so each distinct word is encoded once."""
+        looks across words), so each distinct word is encoded once, and a line may
+        come in several runs (a line read in parts) with the same ids."""
         index: dict[str, int] = {EOS: 0}
         stream: list[int] = []
-        for line in lines:
-            stream.extend(index.setdefault(w, len(index)) for w in line.split())
-            stream.append(0)
+        for words, ends in runs:
+            stream.extend(index.setdefault(w, len(index)) for w in words)
+            if ends:
+                stream.append(0)
         encoded = self.tokenizer.encode_batch([[w] for w in index], is_pretokenized=True,
                                               add_special_tokens=False)
         return list(index), [e.ids for e in encoded], np.asarray(stream, dtype=np.int64)
@@ -115,7 +118,12 @@ class Subwords:
     def encode_lines(self, lines: Iterable[str]) -> np.ndarray:
         """int32 tokenizer ids of `lines`: each line's whitespace words, then `<eos>`
         (each distinct word encoded once, the stream gathered from those pieces)."""
-        _, ids, words = self._distinct(lines)
+        return self.encode_runs(_line_runs(lines))
+
+    def encode_runs(self, runs: Iterable[tuple[list[str], bool]]) -> np.ndarray:
+        """`encode_lines` of lines given as `(words, ends_line)` runs
+        (`mos_jax.data.file_word_runs`)."""
+        _, ids, words = self._distinct(runs)
         lengths = np.asarray([len(i) for i in ids], dtype=np.int64)
         flat = np.asarray([i for word in ids for i in word], dtype=np.int32)
         starts = np.cumsum(lengths) - lengths
@@ -128,7 +136,7 @@ class Subwords:
         """`(tokens, total, words)`: the `<unk>` pieces of `lines` that stand for
         characters the tokenizer lacks (a `<unk>` word of the text aside), of `total`
         pieces, and the distinct words that hold them, in order of first appearance."""
-        words, ids, stream = self._distinct(lines)
+        words, ids, stream = self._distinct(_line_runs(lines))
         unk = SPECIALS.index(UNK)
         per_word = np.asarray([0 if w in SPECIALS else i.count(unk)
                                for w, i in zip(words, ids)], dtype=np.int64)
@@ -148,6 +156,10 @@ class Subwords:
                 "the tokenizer.json recorded beside that vocabulary")
         table = np.asarray([index[p] for p in self.pieces], dtype=np.int32)
         return table[self.encode_lines(lines)]
+
+
+def _line_runs(lines: Iterable[str]) -> Iterator[tuple[list[str], bool]]:
+    return ((line.split(), True) for line in lines)
 
 
 def decode_words(pieces: Iterable[str]) -> list[str]:

@@ -147,14 +147,18 @@ def _library_ids(spec, lines):
 
 
 @needs_tokenizers
-@pytest.mark.parametrize("kind,n", [("bpe", 100), ("unigram", 80)])
+@pytest.mark.parametrize("kind,n,run_bytes", [("bpe", 100, 1 << 20),
+                                              ("unigram", 80, 1 << 20),
+                                              ("bpe", 100, 3), ("unigram", 80, 5)])
 def test_subword_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatch,
-                                                            kind, n):
-    """The subword ids are written a block of lines at a time (blocks of 7 tokens
-    here) into the id cache: the tokenizer of training on the lines in memory, the ids
-    of the `tokenizers` library's own encoding, memory-mapped; a second load neither
+                                                            kind, n, run_bytes):
+    """The subword ids are written a block of words at a time (blocks of 7 tokens
+    here; the files read `run_bytes` of a line at a time, words cut between reads)
+    into the id cache: the tokenizer of training on the lines in memory, the ids of
+    the `tokenizers` library's own encoding, memory-mapped; a second load neither
     trains nor encodes; other text is another entry."""
     monkeypatch.setattr(data, "_BLOCK_TOKENS", 7)
+    monkeypatch.setattr(data, "_RUN_BYTES", run_bytes)
     folder = _write_corpus(tmp_path / "c", seed=0)
     cache = tmp_path / "cache"
     got = data.read_corpus(folder, tokenizer=kind, vocab_size=n, cache_dir=cache)
@@ -169,9 +173,9 @@ def test_subword_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatc
         np.testing.assert_array_equal(got.split(s), memory.split(s))
         assert got.words_in(s) == memory.words_in(s) == len(_words(lines[s]))
     calls = []
-    real = subword.train, subword.Subwords.encode_lines
+    real = subword.train, subword.Subwords.encode_runs
     monkeypatch.setattr(subword, "train", lambda *a: calls.append("train"))
-    monkeypatch.setattr(subword.Subwords, "encode_lines",
+    monkeypatch.setattr(subword.Subwords, "encode_runs",
                         lambda *a: calls.append("encode"))
     again = data.read_corpus(folder, tokenizer=kind, vocab_size=n, cache_dir=cache)
     assert calls == [] and again.vocab == got.vocab
@@ -179,7 +183,7 @@ def test_subword_ids_are_streamed_into_the_cache_and_mapped(tmp_path, monkeypatc
         assert isinstance(again.split(s), np.memmap)
         np.testing.assert_array_equal(again.split(s), got.split(s))
     monkeypatch.setattr(subword, "train", real[0])
-    monkeypatch.setattr(subword.Subwords, "encode_lines", real[1])
+    monkeypatch.setattr(subword.Subwords, "encode_runs", real[1])
     (folder / "valid.txt").write_text(" kato rime \n")  # other text: another key
     other = data.read_corpus(folder, tokenizer=kind, vocab_size=n, cache_dir=cache)
     np.testing.assert_array_equal(other.valid, _library_ids(other.subwords.spec,
@@ -202,16 +206,16 @@ def test_an_interrupted_subword_cache_write_leaves_nothing_trusted(tmp_path,
     monkeypatch.setattr(data, "_BLOCK_TOKENS", 7)
     folder = _write_corpus(tmp_path / "c", seed=4)
     cache = tmp_path / "cache"
-    real = subword.Subwords.encode_lines
+    real = subword.Subwords.encode_runs
     calls = []
 
-    def interrupted(self, lines):
+    def interrupted(self, runs):
         calls.append(1)
         if len(calls) == 40:
             raise KeyboardInterrupt
-        return real(self, lines)
+        return real(self, runs)
 
-    monkeypatch.setattr(subword.Subwords, "encode_lines", interrupted)
+    monkeypatch.setattr(subword.Subwords, "encode_runs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         data.read_corpus(folder, tokenizer="bpe", vocab_size=100, order="frequency",
                          cache_dir=cache)
@@ -219,7 +223,7 @@ def test_an_interrupted_subword_cache_write_leaves_nothing_trusted(tmp_path,
     assert left[-1].endswith(".tokenizer.json") and not any(n.endswith(".ids")
                                                              for n in left)
     assert len(left) == 1 + killed and (not killed or left[0].endswith(".part"))
-    monkeypatch.setattr(subword.Subwords, "encode_lines", real)
+    monkeypatch.setattr(subword.Subwords, "encode_runs", real)
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     got = data.read_corpus(folder, tokenizer="bpe", vocab_size=100, order="frequency",
                            cache_dir=cache)
