@@ -184,11 +184,7 @@ def read_lines(path: Path) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path} is not UTF-8 text: byte {e.start} (line {line}) is "
-            f"{raw[e.start:e.start + 1]!r}. Convert it first, e.g. "
-            f"`iconv -f latin1 -t utf-8`.") from None
+        raise _not_utf8(path, 0, raw[:e.start].count(b"\n") + 1, raw, e) from None
     if not text.strip():
         raise DataError(f"{path} is empty: it holds no words")
     # splitlines would also break on \x0b, \x1c.. and \u2028; the reference reads lines
@@ -702,12 +698,17 @@ def iter_lines(path: str | os.PathLike):
             try:
                 yield (raw[:-1] if raw.endswith(b"\n") else raw).decode("utf-8")
             except UnicodeDecodeError as e:
-                at = offset + e.start
-                raise DataError(
-                    f"{path} is not UTF-8 text: byte {at} (line {number}) is "
-                    f"{raw[e.start:e.start + 1]!r}. Convert it first, e.g. "
-                    f"`iconv -f latin1 -t utf-8`.") from None
+                raise _not_utf8(path, offset, number, raw, e) from None
             offset += len(raw)
+
+
+def _not_utf8(path: Path, offset: int, number: int, data: bytes,
+              e: UnicodeDecodeError) -> DataError:
+    """The error for bytes `data` of `path`, read from byte `offset` of line `number`,
+    that are not UTF-8 (`e`, from decoding them)."""
+    return DataError(f"{path} is not UTF-8 text: byte {offset + e.start} (line {number}) "
+                     f"is {data[e.start:e.start + 1]!r}. Convert it first, e.g. "
+                     "`iconv -f latin1 -t utf-8`.")
 
 
 _RUN_BYTES = 1 << 20  # bytes of a line read at a time by `file_word_runs`
@@ -756,10 +757,7 @@ def file_word_runs(path: str | os.PathLike) -> Iterator[tuple[list[str], bool]]:
             try:
                 text = word + data.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path} is not UTF-8 text: byte {start + e.start} (line {number}) is "
-                    f"{data[e.start:e.start + 1]!r}. Convert it first, e.g. "
-                    f"`iconv -f latin1 -t utf-8`.") from None
+                raise _not_utf8(path, start, number, data, e) from None
             words = text.split()
             word = words.pop() if not ends and words and not text[-1].isspace() else ""
             offset += len(raw)
@@ -1096,9 +1094,10 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
     keyed by a SHA-256 of the three files (and, for other tokenizers or orders, by
     them), a subword tokenizer beside them as JSON, so a second load neither tokenises
     nor trains. A cached corpus's splits are memory-mapped (read-only arrays, their
-    pages read when touched); a corpus is tokenised into the cache a block of lines at
-    a time (a subword tokenizer trained from the training file read a line at a time),
-    so a corpus larger than memory can be read. A fixed `vocab` bypasses the cache;
+    pages read when touched); a corpus is tokenised into the cache a block of words at
+    a time, its files read a run of words at a time (`file_word_runs`: a subword
+    tokenizer trained from those runs too), so a corpus larger than memory, or written
+    as one long line, can be read. A fixed `vocab` bypasses the cache;
     with `subwords` (a run's tokenizer) the text is encoded with it into `vocab` (the
     run's pieces in its order). `min_count` (word tokenizer, no fixed `vocab`):
     words seen fewer times in training are `<unk>` (`apply_min_count`; 0: every word).
@@ -1123,7 +1122,7 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
     if cache and vocab is None:
         folder = Path(cache_dir or default_cache_dir())
         digest = files_digest(paths)
-        if tokenizer == "word":  # the first-occurrence key is the one of earlier versions
+        if tokenizer == "word":  # the first-occurrence key has no suffix
             stem = digest if order == "first" else f"{digest}-word-{order}"
             if min_count > 1:
                 stem += f"-min{min_count}"
@@ -1139,7 +1138,7 @@ def read_corpus(directory: str | os.PathLike, *, vocab: Sequence[str] | None = N
                 if cached is not None:
                     return cached
         # streamed to the cache (a subword tokenizer trained from the training file
-        # read a line at a time), never all in memory
+        # read a run of words at a time), never all in memory
         subwords = None
         try:
             if tokenizer == "word":

@@ -375,7 +375,7 @@ def task_vocab(workdir):
         head_params.append(params)
         head_carries.append(host(model.init_carry(cfg, B)))
 
-    def one_head(cfg, p, x, y, carry, axis):
+    def one_head(cfg, p, x, y, carry, axis=None):  # -> (loss, logprobs, grads)
         def loss_fn(p):
             lp = model.apply(cfg, p, x, carry, y).target_logprobs
             return -jnp.mean(lp), lp
@@ -412,15 +412,6 @@ def task_vocab(workdir):
     # padded rows) against one device's unpadded model with the same first 37 rows,
     # streamed over chunks of 4 rows (on the last block: 7 words, then a chunk of none).
     # (No other parameter has an axis of 40.)
-    def padded_body(cfg, p, x, y, carry, axis=None):
-        def loss_fn(p):
-            lp = model.apply(cfg, p, x, carry, y).target_logprobs
-            return -jnp.mean(lp), lp
-        (loss, lp), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
-        if axis is not None:
-            loss, g = jax.lax.pmean((loss, g), axis)
-        return loss, lp, g
-
     words = 37
     pad_cfg = model.ModelConfig(vocab_size=words, emsize=6, nhid=8, nlayers=1, nhidlast=6,
                                 n_experts=3, head="mos", vocab_multiple=4, vocab_chunk=4,
@@ -437,10 +428,10 @@ def task_vocab(workdir):
     y_pad = np.minimum(targets, words - 1)  # words only (the last one among them)
     x_pad = np.minimum(inputs, words - 1)
     carry = host(model.init_carry(pad_cfg, B))
-    ref = host(jax.jit(functools.partial(padded_body, pad_cfg.replace(vocab_multiple=1)))(
+    ref = host(jax.jit(functools.partial(one_head, pad_cfg.replace(vocab_multiple=1)))(
         fresh(cut(params)), x_pad, y_pad, fresh(carry)))
     plan = mesh_plan(2, 4)
-    fn = plan.map(lambda *a: padded_body(pad_cfg, *a, axis=plan.axis_name),
+    fn = plan.map(lambda *a: one_head(pad_cfg, *a, axis=plan.axis_name),
                   in_axes=(None, 1, 1, 0), out_axes=(None, 1, parallel.Like(0)))
     got = fn(plan.place_params(fresh(params)), x_pad, y_pad, plan.place_carry(fresh(carry)))
     grads = host(got[2])

@@ -261,7 +261,7 @@ def test_frequency_order_of_words(corpus_dir, tmp_path):
     want = list(dict.fromkeys(tokens["train"] + tokens["valid"] + tokens["test"]))
     assert list(default.vocab) == want
     np.testing.assert_array_equal(default.train, [want.index(t) for t in tokens["train"]])
-    # the first-occurrence cache keeps the key of earlier versions (in a .ids entry)
+    # the first-occurrence cache's key has no suffix (in a .ids entry)
     names = {p.name for p in tmp_path.iterdir()}
     digest = data.files_digest([corpus_dir / f"{s}.txt" for s in data.SPLITS])
     assert names == {f"{digest}.ids", f"{digest}-word-frequency.ids"}
